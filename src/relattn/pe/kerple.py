@@ -1,0 +1,71 @@
+"""KERPLE: conditionally positive definite kernels on distance (Chi et al., 2022)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import PositionEncoding, check_num_heads, offsets
+
+
+def _inv_softplus(x: float) -> float:
+    return x + math.log(-math.expm1(-x))
+
+
+class Kerple(PositionEncoding):
+    """KERPLE's kernels, per head, with learnable ``r1, r2 > 0``.
+
+    - ``kind="log"``: ``PE = -r1 · log(1 + r2 · |Δ|)``
+    - ``kind="power"``: ``PE = -r1 · |Δ|^r2`` with ``0 < r2 <= 2``
+
+    Positivity is kept by the parametrisation (softplus, and ``2·sigmoid`` for the power
+    kernel's exponent), so any optimizer step leaves a valid kernel.
+
+    Args:
+        num_heads: H.
+        kind: ``"log"`` or ``"power"``.
+        r1, r2: initial values (same for every head).
+    """
+
+    def __init__(self, num_heads: int, kind: str = "log", r1: float = 1.0, r2: float = 1.0):
+        super().__init__()
+        self.num_heads = check_num_heads(num_heads)
+        if kind not in ("log", "power"):
+            raise ValueError(f"kind must be 'log' or 'power'; got {kind!r}")
+        if not r1 > 0:
+            raise ValueError(f"r1 must be > 0; got {r1!r}")
+        if kind == "power" and not 0 < r2 < 2:
+            raise ValueError(f"r2 must be in (0, 2) for the power kernel; got {r2!r}")
+        if kind == "log" and not r2 > 0:
+            raise ValueError(f"r2 must be > 0; got {r2!r}")
+        self.kind = kind
+        self.raw_r1 = nn.Parameter(torch.full((num_heads,), _inv_softplus(r1)))
+        raw2 = math.log(r2 / (2 - r2)) if kind == "power" else _inv_softplus(r2)
+        self.raw_r2 = nn.Parameter(torch.full((num_heads,), raw2))
+
+    @property
+    def r1(self) -> Tensor:
+        """Per-head ``r1 > 0``, shape ``(H,)``."""
+        return F.softplus(self.raw_r1)
+
+    @property
+    def r2(self) -> Tensor:
+        """Per-head ``r2`` (``> 0``; ``<= 2`` for the power kernel), shape ``(H,)``."""
+        if self.kind == "power":
+            return 2.0 * torch.sigmoid(self.raw_r2)
+        return F.softplus(self.raw_r2)
+
+    def table(self, lo: int, hi: int) -> Tensor:
+        d = offsets(lo, hi, device=self.raw_r1.device).abs().to(self.raw_r1.dtype).unsqueeze(0)
+        r1, r2 = self.r1.unsqueeze(1), self.r2.unsqueeze(1)
+        if self.kind == "log":
+            return -r1 * torch.log1p(r2 * d)
+        # |Δ|^r2 with a safe base: d**r2 has an infinite log-derivative at d = 0.
+        safe = torch.where(d > 0, d, torch.ones_like(d))
+        return -r1 * torch.where(d > 0, safe**r2, torch.zeros_like(safe))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, kind={self.kind!r}"

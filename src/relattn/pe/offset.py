@@ -1,0 +1,49 @@
+"""A free learnable scalar per head per offset (Shaw et al., 2018, scalar form)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import PositionEncoding, check_num_heads, offsets
+
+
+class OffsetBias(PositionEncoding):
+    """``PE(i, j) = u_h[clip(i - j, 0, max_offset)]``: one parameter per head per offset.
+
+    Offsets beyond ``max_offset`` share the last parameter. Negative offsets (keys after the
+    query, only seen with ``causal=False``) use ``u_h[|Δ|]`` (symmetric) unless
+    ``bidirectional=True``, which gives them their own ``max_offset`` parameters.
+
+    Args:
+        num_heads: H.
+        max_offset: the largest offset with a parameter of its own.
+        bidirectional: separate parameters for negative offsets.
+    """
+
+    def __init__(self, num_heads: int, max_offset: int, bidirectional: bool = False) -> None:
+        super().__init__()
+        self.num_heads = check_num_heads(num_heads)
+        if isinstance(max_offset, bool) or not isinstance(max_offset, int) or max_offset < 0:
+            raise ValueError(f"max_offset must be an int >= 0; got {max_offset!r}")
+        self.max_offset = max_offset
+        self.bidirectional = bool(bidirectional)
+        n = 2 * max_offset + 1 if bidirectional else max_offset + 1
+        self.weight = nn.Parameter(torch.zeros(num_heads, n))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def index(self, delta: Tensor) -> Tensor:
+        """Column of ``weight`` used by each offset."""
+        m = self.max_offset
+        if self.bidirectional:
+            return delta.clamp(-m, m) + m
+        return delta.abs().clamp(max=m)
+
+    def table(self, lo: int, hi: int) -> Tensor:
+        return self.weight[:, self.index(offsets(lo, hi, device=self.weight.device))]
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, max_offset={self.max_offset}, "
+            f"bidirectional={self.bidirectional}"
+        )

@@ -1,0 +1,96 @@
+"""T5's bucketed relative bias (Raffel et al., 2020)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import PositionEncoding, check_num_heads, offsets
+
+
+class T5Bias(PositionEncoding):
+    """One learnable scalar per head per bucket of offsets.
+
+    Bucketing is T5's, offset for offset: the first ``num_buckets // 2`` buckets (of each
+    direction, when bidirectional) hold one offset each, the rest grow logarithmically up to
+    ``max_distance``, and the last bucket takes every offset beyond. The logarithm is taken in
+    float32 as in the original, so boundary offsets land in the same bucket.
+
+    Args:
+        num_heads: H.
+        num_buckets: total number of buckets (both directions together when bidirectional).
+        max_distance: offsets at or beyond this share the last bucket.
+        bidirectional: give negative offsets (keys after the query) their own buckets; when
+            False, negative offsets fall into bucket 0, as in T5's decoder.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_buckets: int = 32,
+        max_distance: int = 128,
+        bidirectional: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_heads = check_num_heads(num_heads)
+        min_buckets = 4 if bidirectional else 2
+        if isinstance(num_buckets, bool) or not isinstance(num_buckets, int):
+            raise TypeError(f"num_buckets must be an int; got {num_buckets!r}")
+        if num_buckets < min_buckets:
+            raise ValueError(
+                f"num_buckets must be >= {min_buckets} (bidirectional={bidirectional}); "
+                f"got {num_buckets}"
+            )
+        exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+        if not isinstance(max_distance, int) or max_distance <= exact:
+            raise ValueError(
+                f"max_distance must be an int > {exact} (the exact-bucket range); "
+                f"got {max_distance!r}"
+            )
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bool(bidirectional)
+        self.weight = nn.Parameter(torch.zeros(num_heads, num_buckets))
+        nn.init.normal_(self.weight, std=0.02)
+
+    @classmethod
+    def from_textbook(cls, num_heads: int, n_b: int, dist_max: int) -> T5Bias:
+        """The textbook parametrisation: ``n_b + 1`` buckets; offsets ``0 .. (n_b+1)/2 - 1``
+        one to one, larger ones logarithmically up to ``dist_max``, bucket ``n_b`` for the rest.
+        """
+        return cls(num_heads, num_buckets=n_b + 1, max_distance=dist_max, bidirectional=False)
+
+    def buckets(self, offsets: Tensor | int) -> Tensor:
+        """Bucket index (int64) of each offset ``Δ = i - j``; same shape as ``offsets``."""
+        n = torch.as_tensor(offsets, dtype=torch.long)
+        num_buckets = self.num_buckets
+        ret = torch.zeros_like(n)
+        if self.bidirectional:
+            num_buckets //= 2
+            ret = ret + (n < 0).long() * num_buckets
+            n = n.abs()
+        else:
+            n = n.clamp(min=0)
+        max_exact = num_buckets // 2
+        is_small = n < max_exact
+        # float32 exactly as T5: log(n / max_exact) / log(max_distance / max_exact) * (nb - me)
+        n_f = n.to(torch.float32).clamp(min=1.0)
+        val_if_large = max_exact + (
+            torch.log(n_f / max_exact)
+            / math.log(self.max_distance / max_exact)
+            * (num_buckets - max_exact)
+        ).to(torch.long)
+        val_if_large = val_if_large.clamp(max=num_buckets - 1)
+        return ret + torch.where(is_small, n, val_if_large)
+
+    def table(self, lo: int, hi: int) -> Tensor:
+        idx = self.buckets(offsets(lo, hi)).to(self.weight.device)
+        return self.weight[:, idx]
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, num_buckets={self.num_buckets}, "
+            f"max_distance={self.max_distance}, bidirectional={self.bidirectional}"
+        )
