@@ -1,0 +1,26 @@
+# Two entry points, each self-sufficient on a brand-new machine: a local virtual environment with
+# exactly what pyproject.toml declares (torch pinned to the CPU wheel this machine kind carries;
+# an unpinned torch would pull several GB of CUDA wheels).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: demo test explain
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/relattn demo
+
+explain: $(STAMP)
+	$(BIN)/relattn explain "The quick brown fox" --query 2
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -n 2 -q
