@@ -1,0 +1,352 @@
+"""KV cache for incremental decoding: preallocated keys and values per layer.
+
+A layer at step t holds keys for the absolute positions it has seen. New tokens append their keys
+and attend with ``q_offset`` = the number of keys kept before the append, so the encoding sees the
+true offsets ``Δ = i - j`` exactly as in one full forward pass.
+
+With a sliding window W, a query at position p sees keys ``p - W + 1 .. p``, so only the last
+``W - 1`` keys can ever be read again; the cache keeps exactly those (shifted to the front of the
+buffer, so column order stays position order, which the offset tables rely on). The sequence may
+then grow past the stored size; ``capacity`` still bounds the total length unless it is None.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class CacheView(NamedTuple):
+    """What a layer attends over after appending to its cache.
+
+    k, v: ``(B, Hkv, Nk, D)`` kept keys followed by the new ones.
+    q_offset: number of keys kept before the append (position of the first new query minus that
+        of key column 0).
+    doc_ids: ``(B, Nk)`` or None. key_padding_mask: ``(B, Nk)`` bool or None.
+    """
+
+    k: Tensor
+    v: Tensor
+    q_offset: int
+    doc_ids: Tensor | None
+    key_padding_mask: Tensor | None
+
+
+def within_doc_positions(
+    doc_ids: Tensor,
+    offset: int = 0,
+    last_doc: Tensor | None = None,
+    doc_start: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Position of each token inside its document (RoPE restarts at 0 on every new document).
+
+    Args:
+        doc_ids: ``(B, N)`` document id of tokens at absolute positions ``offset .. offset+N-1``.
+        offset: absolute position of column 0.
+        last_doc, doc_start: ``(B,)`` document of the token before column 0 and the absolute
+            position where that document started (None when column 0 starts the sequence).
+
+    Returns:
+        ``(positions (B, N), starts (B, N))``: position within the document, and the absolute
+        position where each token's document started.
+    """
+    b, n = doc_ids.shape
+    t = offset + torch.arange(n, device=doc_ids.device).expand(b, n)
+    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
+    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    base = torch.zeros(b, dtype=torch.long, device=doc_ids.device)
+    if last_doc is not None and doc_start is not None:
+        is_start[:, 0] = doc_ids[:, 0] != last_doc
+        base = doc_start
+    # Starts only grow, so the running max of "start here, else the previous start" is the start.
+    starts = torch.where(is_start, t, base[:, None]).cummax(dim=1).values
+    return t - starts, starts
+
+
+class LayerCache:
+    """One layer's keys and values. Obtain it from :meth:`KVCache.layer`; don't build it directly.
+
+    Storage: ``k``, ``v`` of shape ``(B, Hkv, S, D)`` with ``S = capacity`` (no window) or
+    ``min(W - 1, capacity)`` (window W); the first ``kept`` columns are valid.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        window: int | None,
+    ) -> None:
+        self.index = index
+        self.batch_size = batch_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.capacity = capacity
+        self.window = window
+        self.dtype = dtype
+        self.device = device
+        slots = capacity if window is None else window - 1
+        if window is not None and capacity is not None:
+            slots = min(slots, capacity)
+        shape = (batch_size, num_kv_heads, slots, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._doc_ids = torch.zeros((batch_size, slots), dtype=torch.long, device=device)
+        self._padding = torch.ones((batch_size, slots), dtype=torch.bool, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every position (storage is kept and overwritten)."""
+        self.length = 0  # absolute positions seen
+        self.kept = 0  # positions still stored
+        self.has_doc_ids: bool | None = None
+        self.has_padding = False
+        self.last_doc: Tensor | None = None
+        self.doc_start: Tensor | None = None
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+    def positions(self, doc_ids: Tensor | None, n: int) -> Tensor | int:
+        """RoPE positions of ``n`` new tokens: absolute, or within their document with doc_ids.
+
+        Returns an int (the position of the first new token) or a ``(B, n)`` tensor.
+        """
+        if doc_ids is None:
+            return self.length
+        return within_doc_positions(doc_ids, self.length, self.last_doc, self.doc_start)[0]
+
+    def update(
+        self,
+        k: Tensor,
+        v: Tensor,
+        doc_ids: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+    ) -> CacheView:
+        """Append new keys and values and return everything the new queries attend over.
+
+        Args:
+            k, v: ``(B, Hkv, n, D)`` the new tokens' keys (RoPE already applied) and values.
+            doc_ids: ``(B, n)`` integer document ids of the new tokens, or None. Give it in every
+                call on a cache or in none.
+            key_padding_mask: ``(B, n)`` bool, True for real tokens, or None (all real).
+
+        Returns:
+            A :class:`CacheView`. Stored keys are detached; the new keys in the view keep their
+            graph, so gradients reach the new tokens (never the cached ones).
+        """
+        self._check(k, v, doc_ids, key_padding_mask)
+        n = k.shape[2]
+        m = self.kept
+        if doc_ids is None:
+            doc_ids_new = torch.zeros((self.batch_size, n), dtype=torch.long, device=self.device)
+        else:
+            doc_ids_new = doc_ids.to(torch.long)
+            _, starts = within_doc_positions(
+                doc_ids_new, self.length, self.last_doc, self.doc_start
+            )
+            self.last_doc, self.doc_start = doc_ids_new[:, -1].clone(), starts[:, -1].clone()
+            self.has_doc_ids = True
+        if doc_ids is None:
+            self.has_doc_ids = False
+        if key_padding_mask is None:
+            padding_new = torch.ones((self.batch_size, n), dtype=torch.bool, device=self.device)
+        else:
+            padding_new = key_padding_mask
+            self.has_padding = True
+
+        grad = torch.is_grad_enabled() and (k.requires_grad or v.requires_grad)
+        if self.window is None:
+            # Write in place; attend over a view of the buffer (no copy) unless autograd needs
+            # the new keys' graph.
+            self.k[:, :, m : m + n] = k.detach()
+            self.v[:, :, m : m + n] = v.detach()
+            self._doc_ids[:, m : m + n] = doc_ids_new
+            self._padding[:, m : m + n] = padding_new
+            if grad:
+                k_all = torch.cat([self.k[:, :, :m], k], dim=2)
+                v_all = torch.cat([self.v[:, :, :m], v], dim=2)
+            else:
+                k_all, v_all = self.k[:, :, : m + n], self.v[:, :, : m + n]
+            doc_all, pad_all = self._doc_ids[:, : m + n], self._padding[:, : m + n]
+            self.kept = m + n
+        else:
+            # Attend over kept + new, then keep the last W - 1 (shifted to the front).
+            k_all = torch.cat([self.k[:, :, :m], k], dim=2)
+            v_all = torch.cat([self.v[:, :, :m], v], dim=2)
+            doc_all = torch.cat([self._doc_ids[:, :m], doc_ids_new], dim=1)
+            pad_all = torch.cat([self._padding[:, :m], padding_new], dim=1)
+            keep = min(self.slots, m + n)
+            self.k[:, :, :keep] = k_all[:, :, m + n - keep :].detach()
+            self.v[:, :, :keep] = v_all[:, :, m + n - keep :].detach()
+            self._doc_ids[:, :keep] = doc_all[:, m + n - keep :]
+            self._padding[:, :keep] = pad_all[:, m + n - keep :]
+            self.kept = keep
+        self.length += n
+        return CacheView(
+            k_all,
+            v_all,
+            m,
+            doc_all if self.has_doc_ids else None,
+            pad_all if self.has_padding else None,
+        )
+
+    def _check(self, k, v, doc_ids, key_padding_mask) -> None:
+        expected = (self.batch_size, self.num_kv_heads, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, Tensor) or t.dim() != 4:
+                raise ValueError(f"{name} must be a 4-D tensor (B, Hkv, n, D)")
+            if (t.shape[0], t.shape[1], t.shape[3]) != expected:
+                raise ValueError(
+                    f"{name} must have shape (B, Hkv, n, D) with (B, Hkv, D) = {expected} as "
+                    f"the cache was built; got {tuple(t.shape)}"
+                )
+            if t.dtype != self.dtype or t.device != self.device:
+                raise ValueError(
+                    f"{name} must have the cache's dtype {self.dtype} on {self.device}; "
+                    f"got {t.dtype} on {t.device}"
+                )
+        if k.shape != v.shape:
+            raise ValueError(
+                f"k and v must have the same shape; got {tuple(k.shape)}, {tuple(v.shape)}"
+            )
+        n = k.shape[2]
+        if self.capacity is not None and self.length + n > self.capacity:
+            raise ValueError(
+                f"KVCache overflow in layer {self.index}: it holds {self.length} positions and "
+                f"{n} more would exceed capacity={self.capacity}; build the cache with a larger "
+                "capacity"
+            )
+        for name, t in (("doc_ids", doc_ids), ("key_padding_mask", key_padding_mask)):
+            if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != (k.shape[0], n)):
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(
+                    f"{name} with a cache must cover the new tokens only: shape (B, n) = "
+                    f"({k.shape[0]}, {n}); got {got}"
+                )
+        if self.length > 0 and self.has_doc_ids != (doc_ids is not None):
+            raise ValueError(
+                "doc_ids must be given in every call on a cache or in none; this cache was filled "
+                + ("with" if self.has_doc_ids else "without")
+                + " doc_ids (call reset() to start over)"
+            )
+        if doc_ids is not None and (doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool):
+            raise TypeError(f"doc_ids must be an integer tensor; got dtype {doc_ids.dtype}")
+        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+            raise TypeError(
+                f"key_padding_mask must be a bool tensor; got dtype {key_padding_mask.dtype}"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerCache(index={self.index}, length={self.length}, kept={self.kept}, "
+            f"slots={self.slots}, window={self.window})"
+        )
+
+
+class KVCache:
+    """Preallocated keys and values for every layer of a model, for incremental decoding.
+
+    Each attention layer takes its own view, ``cache.layer(i)``, appends its new keys and values
+    (RoPE keys are stored rotated at their absolute positions) and attends with the true offsets.
+
+    Args:
+        num_layers: number of attention layers.
+        batch_size: B.
+        num_kv_heads: Hkv.
+        head_dim: D.
+        capacity: the most positions the sequence may reach; appending beyond raises. None is
+            allowed only with a window (an unbounded stream in ``W - 1`` slots).
+        dtype, device: of the stored keys and values (must match the model's).
+        window: sliding window W; only the last ``W - 1`` positions are stored.
+
+    Example::
+
+        cache = KVCache(num_layers=2, batch_size=1, num_kv_heads=4, head_dim=32, capacity=512)
+        y = layer(x_prompt, cache=cache.layer(0))   # prefill
+        y = layer(x_next, cache=cache.layer(0))     # one token
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int | None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        window: int | None = None,
+    ) -> None:
+        for name, value in (
+            ("num_layers", num_layers),
+            ("batch_size", batch_size),
+            ("num_kv_heads", num_kv_heads),
+            ("head_dim", head_dim),
+        ):
+            _check_positive(name, value)
+        if window is not None:
+            _check_positive("window", window)
+        if capacity is None:
+            if window is None:
+                raise ValueError("capacity must be a positive int (None only with a window)")
+        else:
+            _check_positive("capacity", capacity)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype!r}")
+        device = torch.device(device if device is not None else "cpu")
+        self.capacity = capacity
+        self.window = window
+        self.dtype = dtype
+        self.device = device
+        self.layers = [
+            LayerCache(i, batch_size, num_kv_heads, head_dim, capacity, dtype, device, window)
+            for i in range(num_layers)
+        ]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].batch_size
+
+    def layer(self, index: int) -> LayerCache:
+        """The cache of layer ``index`` (pass it as the attention layer's ``cache``)."""
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"index must be an int; got {type(index).__name__}")
+        if not 0 <= index < len(self.layers):
+            raise IndexError(f"index must be in [0, {len(self.layers)}); got {index}")
+        return self.layers[index]
+
+    @property
+    def length(self) -> int:
+        """Positions seen by every layer (the absolute position of the next token)."""
+        return min(layer.length for layer in self.layers)
+
+    def reset(self) -> None:
+        """Forget every position in every layer."""
+        for layer in self.layers:
+            layer.reset()
+
+    def __repr__(self) -> str:
+        first = self.layers[0]
+        return (
+            f"KVCache(num_layers={self.num_layers}, batch_size={first.batch_size}, "
+            f"num_kv_heads={first.num_kv_heads}, head_dim={first.head_dim}, "
+            f"capacity={self.capacity}, window={self.window}, length={self.length}, "
+            f"dtype={self.dtype}, device={self.device})"
+        )
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")

@@ -1,0 +1,238 @@
+"""Causal self-attention with a relative position encoding, as a layer.
+
+q, k, v = x·W_qkv           (one fused projection; GQA: Hkv key/value heads)
+q, k    = RoPE(q), RoPE(k)   (optional)
+y       = attention(q, k, v, PE)  — see relattn.attention
+out     = Dropout(y·W_out)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import backends
+from ..cache import KVCache, LayerCache, within_doc_positions
+from ..ops import attention
+from ..pe import ALiBi, Kerple, OffsetBias, PositionEncoding, RoPE, T5Bias
+
+ENCODINGS = ("none", "t5", "alibi", "kerple", "offset")
+
+# OffsetBias needs a largest offset with its own parameter; beyond it offsets share the last one.
+OFFSET_MAX = 128
+
+
+def make_encoding(name: str, num_heads: int) -> PositionEncoding | None:
+    """A fresh additive encoding by name (one of :data:`ENCODINGS`); ``"none"`` gives None.
+
+    Defaults: T5 with 32 buckets up to distance 128, the ALiBi paper's slopes, KERPLE's log
+    kernel, and a per-offset bias up to offset ``OFFSET_MAX``.
+    """
+    if name == "none":
+        return None
+    if name == "t5":
+        return T5Bias(num_heads)
+    if name == "alibi":
+        return ALiBi(num_heads)
+    if name == "kerple":
+        return Kerple(num_heads, kind="log")
+    if name == "offset":
+        return OffsetBias(num_heads, max_offset=OFFSET_MAX)
+    raise ValueError(f"pe must be one of {ENCODINGS} or a relattn.pe encoding; got {name!r}")
+
+
+class RelativeSelfAttention(nn.Module):
+    """Multi-head causal self-attention whose only position signal is a relative encoding.
+
+    Args:
+        d_model: model width; a multiple of ``num_heads``.
+        num_heads: query heads H (head dim ``D = d_model / H``).
+        num_kv_heads: key/value heads Hkv (GQA); must divide H. Default H.
+        pe: an encoding name from :data:`ENCODINGS` or a :class:`relattn.pe.PositionEncoding`
+            instance with ``num_heads == H``.
+        rope: also rotate q and k by RoPE (True, or a :class:`relattn.pe.RoPE` of head dim D).
+        dropout: applied to the output projection. Dropout on the attention weights would need
+            the weights materialized, which the fused kernels never do, so it is not offered.
+        bias: biases in the qkv and output projections.
+        backend: passed to :func:`relattn.attention`.
+
+    Attributes:
+        pe: the additive encoding module, or None. rope: the RoPE module, or None.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        pe: str | PositionEncoding = "t5",
+        rope: bool | RoPE = False,
+        dropout: float = 0.0,
+        bias: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        _positive("d_model", d_model)
+        _positive("num_heads", num_heads)
+        if d_model % num_heads:
+            raise ValueError(
+                f"d_model must be a multiple of num_heads; got d_model={d_model}, "
+                f"num_heads={num_heads}"
+            )
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        _positive("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads must divide num_heads; got num_kv_heads={num_kv_heads}, "
+                f"num_heads={num_heads}"
+            )
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise TypeError(f"dropout must be a float in [0, 1); got {dropout!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        if not isinstance(backend, str) or backend not in backends.names():
+            raise ValueError(f"backend must be one of {backends.names()}; got {backend!r}")
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = d_model // num_heads
+        self.backend = backend
+
+        if isinstance(pe, str):
+            self.pe = make_encoding(pe, num_heads)
+        elif isinstance(pe, PositionEncoding):
+            if pe.num_heads != num_heads:
+                raise ValueError(
+                    f"pe {type(pe).__name__} has num_heads={pe.num_heads}; the layer has "
+                    f"num_heads={num_heads}"
+                )
+            self.pe = pe
+        elif isinstance(pe, RoPE):
+            raise TypeError(
+                "pe must be an additive encoding; pass RoPE as rope=True (or rope=RoPE)"
+            )
+        else:
+            raise TypeError(
+                f"pe must be one of {ENCODINGS} or a relattn.pe encoding; got {type(pe).__name__}"
+            )
+        if isinstance(rope, RoPE):
+            if rope.head_dim != self.head_dim:
+                raise ValueError(
+                    f"rope has head_dim={rope.head_dim}; the layer's head dim is {self.head_dim}"
+                )
+            self.rope = rope
+        elif isinstance(rope, bool):
+            self.rope = RoPE(self.head_dim) if rope else None
+        else:
+            raise TypeError(f"rope must be a bool or a relattn.pe.RoPE; got {type(rope).__name__}")
+
+        self.qkv = nn.Linear(d_model, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        cache: LayerCache | KVCache | None = None,
+        doc_ids: Tensor | None = None,
+        window: int | None = None,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Attend causally over ``x`` (and the cached past).
+
+        Args:
+            x: ``(B, N, d_model)``.
+            cache: this layer's cache, ``kv_cache.layer(i)`` (a one-layer KVCache also works).
+                The new keys are appended; queries sit at the positions after the cached ones.
+            doc_ids: ``(B, N)`` integer document id per token (packed sequences; each document
+                one contiguous run). Tokens attend within their document only, and RoPE
+                positions restart at 0 on each document.
+            window: sliding window W (a token sees the W most recent positions, itself
+                included). With a windowed cache, defaults to the cache's window.
+            key_padding_mask: ``(B, N)`` bool, True for real tokens.
+
+        Returns:
+            ``(B, N, d_model)``. A token that sees no key gets ``out_proj(0)``.
+        """
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (B, N, d_model={self.d_model}); got {got}")
+        if x.shape[1] == 0:
+            raise ValueError(f"x must hold at least one token; got shape {tuple(x.shape)}")
+        b, n, _ = x.shape
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([h * d, hkv * d, hkv * d], dim=-1)
+        q = q.view(b, n, h, d).transpose(1, 2)  # (B, H, N, D)
+        k = k.view(b, n, hkv, d).transpose(1, 2)  # (B, Hkv, N, D)
+        v = v.view(b, n, hkv, d).transpose(1, 2)
+
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or window < 1
+        ):
+            raise ValueError(f"window must be None or an int >= 1; got {window!r}")
+        layer_cache = _layer_cache(cache)
+        if doc_ids is not None and (not isinstance(doc_ids, Tensor) or doc_ids.shape != (b, n)):
+            got = tuple(doc_ids.shape) if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
+            raise ValueError(f"doc_ids must have shape (B, N) = ({b}, {n}); got {got}")
+        if self.rope is not None:
+            if layer_cache is not None:
+                pos = layer_cache.positions(doc_ids, n)
+            elif doc_ids is not None:
+                pos = within_doc_positions(doc_ids.to(torch.long))[0]
+            else:
+                pos = 0
+            q, k = self.rope.rotate(q, pos), self.rope.rotate(k, pos)
+
+        q_offset = 0
+        if layer_cache is not None:
+            if layer_cache.window is not None:
+                if window is None:
+                    window = layer_cache.window
+                elif window > layer_cache.window:
+                    raise ValueError(
+                        f"window={window} is wider than the cache's window={layer_cache.window}, "
+                        "which has dropped the older keys"
+                    )
+            view = layer_cache.update(k, v, doc_ids, key_padding_mask)
+            k, v, q_offset = view.k, view.v, view.q_offset
+            doc_ids, key_padding_mask = view.doc_ids, view.key_padding_mask
+
+        y = attention(
+            q,
+            k,
+            v,
+            self.pe,
+            causal=True,
+            q_offset=q_offset,
+            backend=self.backend,
+            window=window,
+            doc_ids=doc_ids,
+            key_padding_mask=key_padding_mask,
+        )
+        y = y.transpose(1, 2).reshape(b, n, h * d)
+        return self.dropout(self.out_proj(y))
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_heads={self.num_heads}, "
+            f"num_kv_heads={self.num_kv_heads}, backend={self.backend!r}"
+        )
+
+
+def _layer_cache(cache) -> LayerCache | None:
+    if cache is None or isinstance(cache, LayerCache):
+        return cache
+    if isinstance(cache, KVCache):
+        if cache.num_layers != 1:
+            raise ValueError(
+                f"cache is a KVCache of {cache.num_layers} layers; pass this layer's view, "
+                "cache.layer(i)"
+            )
+        return cache.layer(0)
+    raise TypeError(f"cache must be a KVCache layer view or None; got {type(cache).__name__}")
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
