@@ -1,0 +1,259 @@
+"""``backend="triton"``: launch code for the FlashAttention-2 kernels in ``triton_kernels``.
+
+Runs on CUDA tensors, or anywhere with ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by
+the tests). Triton reads that variable when ``@triton.jit`` runs, so the kernel module is loaded
+once per mode, on first use, rather than imported: setting the variable after ``relattn`` was
+imported still works.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import triton  # an ImportError here makes the registry report the backend unavailable
+from torch import Tensor
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 128
+_LOG2E = 1.4426950408889634
+_KERNELS: dict[bool, ModuleType] = {}
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _kernels() -> ModuleType:
+    mode = _interpreting()
+    if mode not in _KERNELS:
+        name = f"relattn.backends._triton_kernels_{'interpreted' if mode else 'compiled'}"
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).with_name("triton_kernels.py")
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        _KERNELS[mode] = module
+    return _KERNELS[mode]
+
+
+def unsupported(q: Tensor, k: Tensor) -> str | None:
+    """None if the kernels can run on these inputs, else the reason.
+
+    Args:
+        q: ``(B, Hq, Nq, D)``; k: ``(B, Hkv, Nk, D)``.
+    """
+    if q.device.type != "cuda" and not _interpreting():
+        return (
+            f"q is on {q.device.type}; Triton kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1 to run them in Triton's CPU interpreter)"
+        )
+    if q.dtype not in _DTYPES:
+        return f"q has dtype {q.dtype}; the triton backend supports float16, bfloat16 and float32"
+    if q.shape[-1] > _MAX_HEAD_DIM:
+        return f"head dim D={q.shape[-1]} is larger than the triton backend's {_MAX_HEAD_DIM}"
+    return None
+
+
+# ----------------------------------------------------------------------------- host-side prep
+
+
+def _rows(x: Tensor) -> Tensor:
+    """Kernels index (b, h, n) by stride and need unit stride along D."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _doc_ranges(doc_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """First and last position of each position's document, ``(B, Nk)`` int32 each.
+
+    Documents are contiguous runs (checked by ops), so "same document" is "inside the run".
+    """
+    b, nk = doc_ids.shape
+    pos = torch.arange(nk, device=doc_ids.device).expand(b, nk)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    first = torch.where(starts, pos, 0).cummax(1).values
+    last = torch.where(ends, pos, nk).flip(1).cummin(1).values.flip(1)
+    return first.to(torch.int32).contiguous(), last.to(torch.int32).contiguous()
+
+
+def _key_bounds(key_padding_mask: Tensor) -> Tensor:
+    """First and last real key of each batch row, ``(B, 2)`` int32 (Nk, -1 when none)."""
+    b, nk = key_padding_mask.shape
+    pos = torch.arange(nk, device=key_padding_mask.device).expand(b, nk)
+    first = torch.where(key_padding_mask, pos, nk).amin(1)
+    last = torch.where(key_padding_mask, pos, -1).amax(1)
+    return torch.stack([first, last], 1).to(torch.int32).contiguous()
+
+
+class _Launch:
+    """Arguments shared by every kernel of one call."""
+
+    def __init__(self, q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal,
+                 q_offset, window):  # fmt: skip
+        self.q, self.k, self.v = _rows(q), _rows(k), _rows(v)
+        self.b, self.hq, self.nq, self.d = q.shape
+        self.hkv, self.nk = k.shape[1], k.shape[2]
+        dev = q.device
+        dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
+        dummy_i = torch.zeros(2, dtype=torch.int32, device=dev)
+        self.table = table.contiguous() if table is not None else dummy_f
+        self.slopes = slopes.contiguous() if slopes is not None else dummy_f
+        self.t = table.shape[1] if table is not None else 1
+        if doc_ids is not None:
+            self.doc_start, self.doc_end = _doc_ranges(doc_ids)
+        else:
+            self.doc_start = self.doc_end = dummy_i
+        if key_padding_mask is not None:
+            self.kpm = key_padding_mask.contiguous().view(torch.uint8)
+            self.kv_bounds = _key_bounds(key_padding_mask)
+        else:
+            self.kpm, self.kv_bounds = dummy_i, dummy_i
+        self.lo, self.scale, self.q_offset, self.window = lo, scale, q_offset, window
+        tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+        self.flags = dict(
+            HEAD_DIM=self.d,
+            BLOCK_D=max(16, triton.next_power_of_2(self.d)),
+            CAUSAL=causal,
+            WINDOW=window > 0,
+            HAS_DOC=doc_ids is not None,
+            HAS_KPM=key_padding_mask is not None,
+            UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+            PRECISION="tf32" if tf32 else "ieee",
+        )
+        self.has_table, self.has_slopes = table is not None, slopes is not None
+
+    def strides(self, *tensors: Tensor) -> list[int]:
+        return [s for t in tensors for s in t.stride()[:3]]
+
+    def masks(self) -> list[Tensor]:
+        return [self.doc_start, self.doc_end, self.kpm]
+
+
+# ----------------------------------------------------------------------------- the contract
+
+
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor | None,
+    slopes: Tensor | None,
+    doc_ids: Tensor | None,
+    key_padding_mask: Tensor | None,
+    lo: int,
+    scale: float,
+    causal: bool,
+    q_offset: int,
+    window: int,
+) -> tuple[Tensor, Tensor]:
+    """``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32)``; see ``backends``."""
+    K = _kernels()
+    a = _Launch(q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal,
+                q_offset, window)  # fmt: skip
+    out = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(a.nq, meta["BLOCK_M"]), a.b * a.hq)
+    K.attn_fwd[grid](
+        a.q, a.k, a.v, out, lse, a.table, a.slopes, *a.masks(), a.kv_bounds,
+        *a.strides(a.q, a.k, a.v, out), a.table.stride(0),
+        a.hq, a.hq // a.hkv, a.nq, a.nk, a.t, lo, q_offset, window, scale * _LOG2E,
+        HAS_TABLE=a.has_table, HAS_SLOPES=a.has_slopes, **a.flags,
+    )  # fmt: skip
+    return out, lse
+
+
+def backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    table: Tensor | None,
+    slopes: Tensor | None,
+    doc_ids: Tensor | None,
+    key_padding_mask: Tensor | None,
+    lo: int,
+    scale: float,
+    causal: bool,
+    q_offset: int,
+    window: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(dq, dk, dv, dtable)``: dtable ``(Hq, T)`` like table, None without a table.
+
+    Under ``torch.use_deterministic_algorithms(True)`` no kernel uses atomics and the gradients
+    are bit-identical across runs.
+    """
+    K = _kernels()
+    a = _Launch(q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal,
+                q_offset, window)  # fmt: skip
+    out, grad_out, lse = _rows(out), _rows(grad_out), lse.contiguous()
+    dev = q.device
+    delta = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
+    pre = 16 if _interpreting() else 64
+    K.bwd_preprocess[(triton.cdiv(a.nq, pre), a.b * a.hq)](
+        out, grad_out, delta, *a.strides(out, grad_out), a.hq, a.nq,
+        HEAD_DIM=a.d, BLOCK_D=a.flags["BLOCK_D"], BLOCK_M=pre,
+    )  # fmt: skip
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    atomic = a.has_table and not deterministic
+    dtable = torch.zeros((a.hq, a.t), dtype=torch.float32, device=dev) if atomic else a.table
+    dq = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=dev)
+    dk = torch.empty((a.b, a.hkv, a.nk, a.d), dtype=k.dtype, device=dev)
+    dv = torch.empty((a.b, a.hkv, a.nk, a.d), dtype=v.dtype, device=dev)
+    common = [
+        *a.strides(a.q, a.k, a.v, grad_out), a.table.stride(0),
+    ]  # fmt: skip
+    shape = (a.nq, a.nk, a.t, lo, q_offset, window, scale * _LOG2E, scale)
+    grid_kv = lambda meta: (triton.cdiv(a.nk, meta["BLOCK_N"]), a.b * a.hkv)
+    K.attn_bwd_dkdv[grid_kv](
+        a.q, a.k, a.v, grad_out, lse, delta, dk, dv, a.table, dtable, a.slopes,
+        *a.masks(), a.kv_bounds, *common, a.hq, a.hkv, a.hq // a.hkv, *shape,
+        HAS_TABLE=a.has_table, HAS_SLOPES=a.has_slopes, ATOMIC_TABLE=atomic, **a.flags,
+    )  # fmt: skip
+    grid_q = lambda meta: (triton.cdiv(a.nq, meta["BLOCK_M"]), a.b * a.hq)
+    K.attn_bwd_dq[grid_q](
+        a.q, a.k, a.v, grad_out, lse, delta, dq, a.table, a.slopes, *a.masks(), a.kv_bounds,
+        *common, a.hq, a.hq // a.hkv, *shape,
+        HAS_TABLE=a.has_table, HAS_SLOPES=a.has_slopes, **a.flags,
+    )  # fmt: skip
+    if not a.has_table:
+        return dq, dk, dv, None
+    if deterministic:
+        dtable = _table_grad_bands(K, a, grad_out, lse, delta, common)
+    return dq, dk, dv, dtable.to(table.dtype)
+
+
+def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, common) -> Tensor:
+    """The table gradient without atomics: per-band partial sums, added in a fixed order."""
+    block = K.DIAG_BLOCK
+    n_q, n_k = triton.cdiv(a.nq, block), triton.cdiv(a.nk, block)
+    band_min, num_bands = -(n_k - 1), n_q + n_k - 1
+    partial = torch.empty(
+        (a.b * a.hq, num_bands, 2 * block), dtype=torch.float32, device=a.q.device
+    )
+    flags = {f: a.flags[f] for f in a.flags if f not in ("HAS_TABLE", "HAS_SLOPES")}
+    K.attn_bwd_table_bands[(num_bands, a.b * a.hq)](
+        a.q, a.k, a.v, grad_out, lse, delta, a.table, partial, *a.masks(), *common,
+        a.hq, a.hq // a.hkv, a.nq, a.nk, a.t, a.lo, a.q_offset, a.window, a.scale * _LOG2E,
+        num_bands, band_min, BLOCK=block, num_warps=4, **flags,
+    )  # fmt: skip
+    g = partial.view(a.b, a.hq, num_bands, 2 * block).sum(0)
+    # Band d's second half and band d + 1's first half cover the same offsets.
+    zero = g.new_zeros((a.hq, 1, block))
+    slots = torch.cat([g[..., :block], zero], 1) + torch.cat([zero, g[..., block:]], 1)
+    flat = slots.reshape(a.hq, -1)  # flat[:, x] is offset q_offset + (band_min - 1)·block + x
+    start = a.lo - (a.q_offset + (band_min - 1) * block)
+    dtable = flat.new_zeros((a.hq, a.t))
+    x0, x1 = max(start, 0), min(start + a.t, flat.shape[1])
+    if x1 > x0:
+        dtable[:, x0 - start : x1 - start] = flat[:, x0:x1]
+    return dtable

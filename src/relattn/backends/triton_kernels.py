@@ -1,0 +1,668 @@
+"""The Triton kernels of ``backend="triton"``: FlashAttention-2 tiles that read the table by offset.
+
+Every kernel works in tiles of query rows r and key columns c with ``Δ = q_offset + r - c``;
+scores are ``scale·q·k + T[h, Δ - lo]`` (or ``-slope·|Δ|`` for fixed ALiBi), kept in base-2 units
+(``·log2 e``) so the softmax uses ``exp2``. The launch code lives in ``triton_backend``.
+
+Loops over blocks are split into three compile-time stages: masked blocks before the band that
+every row sees, the unmasked blocks inside it, and masked blocks after it. For causal attention
+that is "below the diagonal" (no masking work at all) and "on the diagonal"; a window adds masked
+blocks on its far edge. ``doc_ids`` and ``key_padding_mask`` narrow the block range and still
+mask every tile (they are per-element).
+
+This module reads ``TRITON_INTERPRET`` when its decorators run, so ``triton_backend`` loads one
+copy per mode instead of importing it.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+_INTERPRET = bool(triton.knobs.runtime.interpret)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples; one tiny config on the interpreter."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu
+    ]
+
+
+def _by_head_dim(limit: dict[int, int]):
+    """Keep configs whose tile area ``BLOCK_M·BLOCK_N`` fits the head dim's register budget."""
+
+    def prune(configs, named_args, **kwargs):
+        budget = limit.get(kwargs.get("BLOCK_D", named_args.get("BLOCK_D")), 128 * 64)
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= budget]
+        return kept or configs[-1:]
+
+    return prune
+
+
+# H100 shapes: wide query tiles for the forward and dq passes, wide key tiles for dk/dv (whose
+# table reduction gathers along the key axis and needs BLOCK_M <= BLOCK_N + 1).
+_FWD = _configs([(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4)])
+_DQ = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 4)])
+_DKDV = _configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 4)])
+_PRUNE = {"early_config_prune": _by_head_dim({16: 128 * 128, 32: 128 * 128, 64: 128 * 128})}
+_KEY = ["BLOCK_D", "CAUSAL", "WINDOW", "HAS_TABLE", "HAS_SLOPES", "HAS_DOC", "HAS_KPM"]
+# The table-gradient band kernel of the deterministic path uses square tiles of this size.
+DIAG_BLOCK = 16 if _INTERPRET else 64
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # The interpreter multiplies bfloat16 bit patterns as integers; fp32 operands give the same
+    # products (bf16 x bf16 is exact in fp32) with the same fp32 accumulation.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _load_rows(base, offs, stride, n_rows, offs_d, HEAD_DIM: tl.constexpr, CHECK: tl.constexpr):
+    """A (len(offs), BLOCK_D) tile of rows ``offs``; rows >= n_rows read 0 when CHECK."""
+    ptrs = base + offs[:, None] * stride + offs_d[None, :]
+    mask = offs_d[None, :] < HEAD_DIM
+    if CHECK:
+        mask = mask & (offs[:, None] < n_rows)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, offs, stride, n_rows, offs_d, x, HEAD_DIM: tl.constexpr):
+    ptrs = base + offs[:, None] * stride + offs_d[None, :]
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=(offs[:, None] < n_rows) & (offs_d < HEAD_DIM))
+
+
+@triton.jit
+def _score(qk, r, c, table_row, slope, q_offset, lo, T, qk_scale,
+           HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr):  # fmt: skip
+    """Scores in base-2 units for query indices ``r`` and key indices ``c`` (broadcastable to
+    qk's shape, either orientation), and the offsets Δ."""
+    delta = q_offset + r - c
+    s = qk * qk_scale
+    if HAS_TABLE:
+        # Masked pairs may fall off the table: clamp, they are discarded by the mask.
+        col = tl.minimum(tl.maximum(delta - lo, 0), T - 1)
+        s += tl.load(table_row + col).to(tl.float32) * LOG2E
+    if HAS_SLOPES:
+        s -= slope * tl.abs(delta).to(tl.float32)
+    return s, delta
+
+
+@triton.jit
+def _visible(r, c, delta, Nq, Nk, window, doc_lo, doc_hi, kp,
+             MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+             HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr):  # fmt: skip
+    """Visibility of each pair (see relattn.masks). ``doc_lo/doc_hi`` broadcast like ``r``: the
+    key positions of the query's document (documents are contiguous runs); ``kp`` like ``c``."""
+    vis = (r < Nq) & (c < Nk)
+    if MASKED:
+        if CAUSAL:
+            vis = vis & (delta >= 0)
+        if WINDOW:
+            vis = vis & (delta < window)
+            if not CAUSAL:
+                vis = vis & (delta > -window)
+    if HAS_DOC:
+        vis = vis & (c >= doc_lo) & (c <= doc_hi)
+    if HAS_KPM:
+        vis = vis & (kp != 0)
+    return vis
+
+
+@triton.jit
+def _stages(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Block indices of the three stages for indices ``lo..hi`` (some pair visible) of which
+    ``full_lo..full_hi`` are visible to every pair: returns (begin, mid_begin, mid_end, end);
+    blocks [begin, mid_begin) and [mid_end, end) need masking, [mid_begin, mid_end) do not."""
+    full_lo = tl.maximum(full_lo, lo)
+    full_hi = tl.minimum(full_hi, hi)
+    begin = lo // BLOCK  # lo >= 0
+    end = tl.where(hi >= lo, hi // BLOCK + 1, begin)
+    f_begin = (full_lo + BLOCK - 1) // BLOCK
+    f_end = tl.maximum(full_hi + 1, 0) // BLOCK
+    has_full = f_begin < f_end
+    mid_begin = tl.where(has_full, f_begin, end)
+    mid_end = tl.where(has_full, f_end, end)
+    return begin, mid_begin, mid_end, end
+
+
+@triton.jit
+def _key_range(row_first, row_last, q_offset, Nk, window,
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
+    """Keys seen by some row of ``row_first..row_last`` and keys seen by all of them."""
+    p0 = q_offset + row_first
+    p1 = q_offset + row_last
+    lo = 0
+    hi = Nk - 1
+    full_lo = 0
+    full_hi = Nk - 1
+    if CAUSAL:
+        hi = tl.minimum(hi, p1)
+        full_hi = tl.minimum(full_hi, p0)
+    if WINDOW:
+        lo = tl.maximum(lo, p0 - window + 1)
+        full_lo = tl.maximum(full_lo, p1 - window + 1)
+        if not CAUSAL:
+            hi = tl.minimum(hi, p1 + window - 1)
+            full_hi = tl.minimum(full_hi, p0 + window - 1)
+    return lo, hi, full_lo, full_hi
+
+
+@triton.jit
+def _query_range(col_first, col_last, q_offset, Nq, window,
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
+    """Query rows that see some key of ``col_first..col_last`` and rows that see all of them."""
+    lo = 0
+    hi = Nq - 1
+    full_lo = 0
+    full_hi = Nq - 1
+    if CAUSAL:
+        lo = tl.maximum(lo, col_first - q_offset)
+        full_lo = tl.maximum(full_lo, col_last - q_offset)
+    if WINDOW:
+        hi = tl.minimum(hi, col_last + window - 1 - q_offset)
+        full_hi = tl.minimum(full_hi, col_first + window - 1 - q_offset)
+        if not CAUSAL:
+            lo = tl.maximum(lo, col_first - window + 1 - q_offset)
+            full_lo = tl.maximum(full_lo, col_last - window + 1 - q_offset)
+    return lo, hi, full_lo, full_hi
+
+
+@triton.jit
+def _narrow_keys(lo, hi, b, row_first, row_last, q_offset, Nk, DocStart, DocEnd, KvBounds,
+                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr):  # fmt: skip
+    """Narrow a key range to the documents of the rows and to the real (unpadded) keys."""
+    if HAS_DOC:
+        lo = tl.maximum(lo, tl.load(DocStart + b * Nk + q_offset + row_first))
+        hi = tl.minimum(hi, tl.load(DocEnd + b * Nk + q_offset + row_last))
+    if HAS_KPM:
+        lo = tl.maximum(lo, tl.load(KvBounds + 2 * b))
+        hi = tl.minimum(hi, tl.load(KvBounds + 2 * b + 1))
+    return lo, hi
+
+
+@triton.jit
+def _diagonal_sums(x, R: tl.constexpr, C: tl.constexpr):
+    """Sums of an (R, C) tile along its diagonals, C <= R + 1: ``lower[i]`` sums ``a - b = i``,
+    ``upper[i]`` sums ``a - b = i - R`` (nonzero only for i > R - C).
+
+    Rotating column b up by b puts diagonal a - b in row (a - b) mod R; the wrapped part of each
+    column holds the negative diagonals, so one gather and two row sums separate them.
+    """
+    i = tl.arange(0, R)[:, None]
+    b = tl.arange(0, C)[None, :]
+    wrap = i + b >= R
+    skew = tl.gather(x, tl.where(wrap, i + b - R, i + b), 0)
+    lower = tl.sum(tl.where(wrap, 0.0, skew), 1)
+    upper = tl.sum(tl.where(wrap, skew, 0.0), 1)
+    return lower, upper
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_begin, block_end,
+                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
+                Nq, Nk, T, lo, q_offset, window, qk_scale,
+                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
+    for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
+        qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
+        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
+                          T, qk_scale, HAS_TABLE, HAS_SLOPES)  # fmt: skip
+        if NEED_MASK:
+            kp = offs_n
+            if HAS_KPM:
+                kp = tl.load(Kpm_row + offs_n, mask=offs_n < Nk, other=0)
+            vis = _visible(offs_m[:, None], offs_n[None, :], delta, Nq, Nk, window,
+                           doc_lo[:, None], doc_hi[:, None], kp[None, :],
+                           MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
+            s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; subtracting 0 keeps p = 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, MASKED)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_FWD, key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def attn_fwd(Q, K, V, Out, Lse, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
+             stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+             stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, stride_t,
+             Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+             WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+             HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One program per (query block, batch·head): out (B, Hq, Nq, D) and lse (B, Hq, Nq)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group  # GQA: kv head read in place, never repeated
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, True)
+    K_base = K + b * stride_kb + hk * stride_kh
+    V_base = V + b * stride_vb + hk * stride_vh
+    table_row = Table + h * stride_t
+    slope = 0.0
+    if HAS_SLOPES:
+        slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
+    doc_lo = offs_m
+    doc_hi = offs_m
+    if HAS_DOC:
+        pos = b * Nk + q_offset + offs_m
+        doc_lo = tl.load(DocStart + pos, mask=offs_m < Nq, other=0)
+        doc_hi = tl.load(DocEnd + pos, mask=offs_m < Nq, other=-1)
+    row_first = pid_m * BLOCK_M
+    row_last = tl.minimum(row_first + BLOCK_M, Nq) - 1
+    c_lo, c_hi, f_lo, f_hi = _key_range(row_first, row_last, q_offset, Nk, window, CAUSAL, WINDOW)
+    c_lo, c_hi = _narrow_keys(c_lo, c_hi, b, row_first, row_last, q_offset, Nk,
+                              DocStart, DocEnd, KvBounds, HAS_DOC, HAS_KPM)  # fmt: skip
+    begin, mid_begin, mid_end, end = _stages(c_lo, c_hi, f_lo, f_hi, BLOCK_N)
+    Kpm_row = Kpm + b * Nk
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for stage in tl.static_range(3):
+        # stage 1 is the band every row sees: no causal/window/ragged masking there.
+        if stage == 0:
+            acc, l_i, m_i = _fwd_blocks(
+                acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, begin, mid_begin,
+                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
+                Nq, Nk, T, lo, q_offset, window, qk_scale,
+                HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM,
+                UPCAST, PRECISION, BLOCK_N,
+            )  # fmt: skip
+        elif stage == 1:
+            acc, l_i, m_i = _fwd_blocks(
+                acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, mid_begin, mid_end,
+                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
+                Nq, Nk, T, lo, q_offset, window, qk_scale,
+                HEAD_DIM, False, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM,
+                UPCAST, PRECISION, BLOCK_N,
+            )  # fmt: skip
+        else:
+            acc, l_i, m_i = _fwd_blocks(
+                acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, mid_end, end,
+                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
+                Nq, Nk, T, lo, q_offset, window, qk_scale,
+                HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM,
+                UPCAST, PRECISION, BLOCK_N,
+            )  # fmt: skip
+
+    empty = l_i == 0.0  # no visible key: out 0, lse -inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    _store_rows(Out + b * stride_ob + h * stride_oh, offs_m, stride_on, Nq, offs_d, out, HEAD_DIM)
+    tl.store(Lse + bh * Nq + offs_m, lse, mask=offs_m < Nq)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def bwd_preprocess(Out, dOut, Delta, stride_ob, stride_oh, stride_on,
+                   stride_db, stride_dh, stride_dn, Hq, Nq, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """``Delta = rowsum(dO · O)`` (B, Hq, Nq) in float32."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, stride_on, Nq, offs_d,
+                   HEAD_DIM, True)  # fmt: skip
+    do = _load_rows(dOut + b * stride_db + h * stride_dh, offs_m, stride_dn, Nq, offs_d,
+                    HEAD_DIM, True)  # fmt: skip
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh * Nq + offs_m, delta, mask=offs_m < Nq)
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, Delta_row,
+                 block_begin, block_end, start_n, offs_n, offs_d, kp, table_row, DTable_row, slope,
+                 DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset, window, qk_scale,
+                 HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Tiles are transposed (keys × queries) so dk, dv accumulate along rows."""
+    NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
+    for start_m in tl.range(block_begin * BLOCK_M, block_end * BLOCK_M, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q_base, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, MASKED)
+        do = _load_rows(dO_base, offs_m, stride_dn, Nq, offs_d, HEAD_DIM, MASKED)
+        if MASKED:
+            lse = tl.load(Lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
+            di = tl.load(Delta_row + offs_m, mask=offs_m < Nq, other=0.0)
+        else:
+            lse = tl.load(Lse_row + offs_m)
+            di = tl.load(Delta_row + offs_m)
+        qkT = _dot(k, tl.trans(q), UPCAST, PRECISION)
+        sT, deltaT = _score(qkT, offs_m[None, :], offs_n[:, None], table_row, slope, q_offset,
+                            lo, T, qk_scale, HAS_TABLE, HAS_SLOPES)  # fmt: skip
+        pT = tl.math.exp2(sT - lse[None, :] * LOG2E)
+        if NEED_MASK:
+            doc_lo = offs_m
+            doc_hi = offs_m
+            if HAS_DOC:
+                doc_lo = tl.load(DocStart_row + q_offset + offs_m, mask=offs_m < Nq, other=0)
+                doc_hi = tl.load(DocEnd_row + q_offset + offs_m, mask=offs_m < Nq, other=-1)
+            vis = _visible(offs_m[None, :], offs_n[:, None], deltaT, Nq, Nk, window,
+                           doc_lo[None, :], doc_hi[None, :], kp[:, None],
+                           MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
+            pT = tl.where(vis, pT, 0.0)
+        dv += _dot(pT.to(do.dtype), do, UPCAST, PRECISION)
+        dpT = _dot(v, tl.trans(do), UPCAST, PRECISION)
+        dsT = pT * (dpT - di[None, :])  # ∂L/∂score, transposed
+        dk += _dot(dsT.to(q.dtype), q, UPCAST, PRECISION)
+        if ATOMIC_TABLE:
+            # The tile has BLOCK_M + BLOCK_N - 1 offsets: reduce to them first, then add.
+            lower, upper = _diagonal_sums(dsT, BLOCK_N, BLOCK_M)
+            i = tl.arange(0, BLOCK_N)
+            col0 = q_offset + start_m - start_n - lo  # table column of the tile's corner
+            t_lower = col0 - i  # key - query = i
+            t_upper = col0 + BLOCK_N - i  # key - query = i - BLOCK_N
+            ok_lower = (t_lower >= 0) & (t_lower < T)
+            ok_upper = (i > BLOCK_N - BLOCK_M) & (t_upper >= 0) & (t_upper < T)
+            tl.atomic_add(DTable_row + t_lower, lower, mask=ok_lower, sem="relaxed")
+            tl.atomic_add(DTable_row + t_upper, upper, mask=ok_upper, sem="relaxed")
+    return dk, dv
+
+
+@triton.autotune(configs=_DKDV, key=_KEY, prune_configs_by=_PRUNE, reset_to_zero=["DTable"])
+@triton.jit
+def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, dK, dV, Table, DTable, Slopes,
+                  DocStart, DocEnd, Kpm, KvBounds,
+                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                  stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
+                  Hq, Hkv, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                  WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                  HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One program per (key block, batch·kv head): dk, dv summed over the kv head's query heads
+    (no atomics), and, unless deterministic, the table gradient added per tile diagonal.
+    dK, dV are contiguous (B, Hkv, Nk, D)."""
+    tl.static_assert(BLOCK_M <= BLOCK_N + 1)
+    pid_n = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // Hkv
+    hk = bhk % Hkv
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(
+        K + b * stride_kb + hk * stride_kh, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, True
+    )
+    v = _load_rows(
+        V + b * stride_vb + hk * stride_vh, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, True
+    )
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    col_last = tl.minimum(start_n + BLOCK_N, Nk) - 1
+    r_lo, r_hi, f_lo, f_hi = _query_range(start_n, col_last, q_offset, Nq, window, CAUSAL, WINDOW)
+    kp = offs_n
+    if HAS_DOC:
+        r_lo = tl.maximum(r_lo, tl.load(DocStart + b * Nk + start_n) - q_offset)
+        r_hi = tl.minimum(r_hi, tl.load(DocEnd + b * Nk + col_last) - q_offset)
+    if HAS_KPM:
+        kp = tl.load(Kpm + b * Nk + offs_n, mask=offs_n < Nk, other=0)
+        padded = (col_last < tl.load(KvBounds + 2 * b)) | (start_n > tl.load(KvBounds + 2 * b + 1))
+        r_hi = tl.where(padded, -1, r_hi)
+    # A ragged key block needs its column mask on every tile.
+    f_hi = tl.where(start_n + BLOCK_N > Nk, -1, f_hi)
+    begin, mid_begin, mid_end, end = _stages(tl.maximum(r_lo, 0), r_hi, f_lo, f_hi, BLOCK_M)
+
+    DocStart_row = DocStart + b * Nk
+    DocEnd_row = DocEnd + b * Nk
+    for g in range(group):
+        h = hk * group + g
+        bh = b * Hq + h
+        Q_base = Q + b * stride_qb + h * stride_qh
+        dO_base = dOut + b * stride_db + h * stride_dh
+        table_row = Table + h * stride_t
+        DTable_row = DTable + h * T
+        slope = 0.0
+        if HAS_SLOPES:
+            slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
+        for stage in tl.static_range(3):
+            if stage == 0:
+                dk, dv = _dkdv_blocks(
+                    dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse + bh * Nq,
+                    Delta + bh * Nq, begin, mid_begin, start_n, offs_n, offs_d, kp, table_row,
+                    DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset,
+                    window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
+                    HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
+                )  # fmt: skip
+            elif stage == 1:
+                dk, dv = _dkdv_blocks(
+                    dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse + bh * Nq,
+                    Delta + bh * Nq, mid_begin, mid_end, start_n, offs_n, offs_d, kp, table_row,
+                    DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset,
+                    window, qk_scale, HEAD_DIM, False, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
+                    HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
+                )  # fmt: skip
+            else:
+                dk, dv = _dkdv_blocks(
+                    dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse + bh * Nq,
+                    Delta + bh * Nq, mid_end, end, start_n, offs_n, offs_d, kp, table_row,
+                    DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset,
+                    window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
+                    HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
+                )  # fmt: skip
+
+    kv = bhk * Nk * HEAD_DIM
+    _store_rows(dK + kv, offs_n, HEAD_DIM, Nk, offs_d, dk * scale, HEAD_DIM)
+    _store_rows(dV + kv, offs_n, HEAD_DIM, Nk, offs_d, dv, HEAD_DIM)
+
+
+@triton.jit
+def _dq_blocks(dq, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, block_begin, block_end,
+               offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
+               Nq, Nk, T, lo, q_offset, window, qk_scale,
+               HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+               HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
+    for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
+        v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, MASKED)
+        qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
+        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
+                          T, qk_scale, HAS_TABLE, HAS_SLOPES)  # fmt: skip
+        p = tl.math.exp2(s - lse[:, None] * LOG2E)
+        if NEED_MASK:
+            kp = offs_n
+            if HAS_KPM:
+                kp = tl.load(Kpm_row + offs_n, mask=offs_n < Nk, other=0)
+            vis = _visible(offs_m[:, None], offs_n[None, :], delta, Nq, Nk, window,
+                           doc_lo[:, None], doc_hi[:, None], kp[None, :],
+                           MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
+            p = tl.where(vis, p, 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+        ds = p * (dp - di[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_DQ, key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def attn_bwd_dq(Q, K, V, dOut, Lse, Delta, dQ, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
+                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
+                Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """One program per (query block, batch·head); the key loop mirrors the forward's.
+    dQ is contiguous (B, Hq, Nq, D)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, True)
+    do = _load_rows(dOut + b * stride_db + h * stride_dh, offs_m, stride_dn, Nq, offs_d,
+                    HEAD_DIM, True)  # fmt: skip
+    # Rows past Nq get lse = +inf so their p is 0 in every stage.
+    lse = tl.load(Lse + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
+    di = tl.load(Delta + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    K_base = K + b * stride_kb + hk * stride_kh
+    V_base = V + b * stride_vb + hk * stride_vh
+    table_row = Table + h * stride_t
+    slope = 0.0
+    if HAS_SLOPES:
+        slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
+    doc_lo = offs_m
+    doc_hi = offs_m
+    if HAS_DOC:
+        pos = b * Nk + q_offset + offs_m
+        doc_lo = tl.load(DocStart + pos, mask=offs_m < Nq, other=0)
+        doc_hi = tl.load(DocEnd + pos, mask=offs_m < Nq, other=-1)
+    row_first = pid_m * BLOCK_M
+    row_last = tl.minimum(row_first + BLOCK_M, Nq) - 1
+    c_lo, c_hi, f_lo, f_hi = _key_range(row_first, row_last, q_offset, Nk, window, CAUSAL, WINDOW)
+    c_lo, c_hi = _narrow_keys(c_lo, c_hi, b, row_first, row_last, q_offset, Nk,
+                              DocStart, DocEnd, KvBounds, HAS_DOC, HAS_KPM)  # fmt: skip
+    begin, mid_begin, mid_end, end = _stages(c_lo, c_hi, f_lo, f_hi, BLOCK_N)
+    Kpm_row = Kpm + b * Nk
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for stage in tl.static_range(3):
+        if stage == 0:
+            dq = _dq_blocks(
+                dq, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, begin, mid_begin,
+                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
+                Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW,
+                HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
+            )  # fmt: skip
+        elif stage == 1:
+            dq = _dq_blocks(
+                dq, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, mid_begin, mid_end,
+                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
+                Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, False, CAUSAL, WINDOW,
+                HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
+            )  # fmt: skip
+        else:
+            dq = _dq_blocks(
+                dq, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, mid_end, end,
+                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
+                Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW,
+                HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
+            )  # fmt: skip
+    _store_rows(dQ + bh * Nq * HEAD_DIM, offs_m, HEAD_DIM, Nq, offs_d, dq * scale, HEAD_DIM)
+
+
+@triton.jit
+def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Table, Partial, DocStart, DocEnd, Kpm,
+                         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                         stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+                         stride_t, Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale,
+                         num_bands, band_min,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                         WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr,
+                         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK: tl.constexpr):  # fmt: skip
+    """Deterministic table gradient: one program per (block diagonal d = m - n, batch·head).
+
+    Every tile on a block diagonal covers the same offsets ``q_offset + d·BLOCK + (-BLOCK, BLOCK)``,
+    so the program sums its tiles' diagonal sums in registers, in a fixed order, and writes
+    ``Partial[bh, band, j]`` for ``Δ = q_offset + d·BLOCK + j - BLOCK`` (no atomics). The host adds
+    neighbouring bands and batches in a fixed order. Recomputes p and dp (two extra dots a tile).
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group
+    d = band_min + pid
+    delta0 = q_offset + d * BLOCK
+    n_blocks_q = tl.cdiv(Nq, BLOCK)
+    n_begin = tl.maximum(0, -d)
+    n_end = tl.minimum(tl.cdiv(Nk, BLOCK), n_blocks_q - d)
+    # The band's offsets miss the table's range [lo, lo + T - 1]: nothing visible there.
+    outside = (delta0 + BLOCK - 1 < lo) | (delta0 - BLOCK + 1 > lo + T - 1)
+    n_end = tl.where(outside, n_begin, n_end)
+    offs_d = tl.arange(0, BLOCK_D)
+    Q_base = Q + b * stride_qb + h * stride_qh
+    dO_base = dOut + b * stride_db + h * stride_dh
+    K_base = K + b * stride_kb + hk * stride_kh
+    V_base = V + b * stride_vb + hk * stride_vh
+    table_row = Table + h * stride_t
+    lower_acc = tl.zeros([BLOCK], tl.float32)
+    upper_acc = tl.zeros([BLOCK], tl.float32)
+    for n in range(n_begin, n_end):
+        offs_m = (n + d) * BLOCK + tl.arange(0, BLOCK)
+        offs_n = n * BLOCK + tl.arange(0, BLOCK)
+        q = _load_rows(Q_base, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, True)
+        do = _load_rows(dO_base, offs_m, stride_dn, Nq, offs_d, HEAD_DIM, True)
+        k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, True)
+        v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, True)
+        lse = tl.load(Lse + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
+        di = tl.load(Delta + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+        qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
+        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, 0.0, q_offset, lo, T,
+                          qk_scale, True, False)  # fmt: skip
+        p = tl.math.exp2(s - lse[:, None] * LOG2E)
+        doc_lo = offs_m
+        doc_hi = offs_m
+        if HAS_DOC:
+            pos = b * Nk + q_offset + offs_m
+            doc_lo = tl.load(DocStart + pos, mask=offs_m < Nq, other=0)
+            doc_hi = tl.load(DocEnd + pos, mask=offs_m < Nq, other=-1)
+        kp = offs_n
+        if HAS_KPM:
+            kp = tl.load(Kpm + b * Nk + offs_n, mask=offs_n < Nk, other=0)
+        vis = _visible(offs_m[:, None], offs_n[None, :], delta, Nq, Nk, window,
+                       doc_lo[:, None], doc_hi[:, None], kp[None, :],
+                       True, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
+        p = tl.where(vis, p, 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+        lower, upper = _diagonal_sums(p * (dp - di[:, None]), BLOCK, BLOCK)
+        lower_acc += lower  # query - key = i
+        upper_acc += upper  # query - key = i - BLOCK
+    i = tl.arange(0, BLOCK)
+    row = Partial + (bh * num_bands + pid) * (2 * BLOCK)
+    tl.store(row + i, upper_acc)
+    tl.store(row + BLOCK + i, lower_acc)
