@@ -49,7 +49,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import textwrap
 import zlib
 from dataclasses import dataclass
@@ -203,15 +202,9 @@ def explain(
 
 
 def _error(message: str) -> Exception:
-    """A :class:`relattn.cli.main.CLIError` that the running ``main()`` will catch."""
+    """A :class:`relattn.cli.main.CLIError`: one line on stderr, exit code 2."""
     from .main import CLIError
 
-    # Under ``python -m relattn.cli.main`` the entry point is a second copy of that module,
-    # named ``__main__``, whose main() catches only its own CLIError class.
-    entry = sys.modules.get("__main__")
-    spec = getattr(entry, "__spec__", None)
-    if spec is not None and spec.name == "relattn.cli.main":
-        CLIError = entry.CLIError  # noqa: N806
     return CLIError(message)
 
 

@@ -8,7 +8,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "explain": "show, query by query, which dot products attention computes, the PE and the weights",
+    "explain": "show which dot products each query computes, the PE term and the weights",
     "demo": "train short, test long: perplexity of small models per position encoding",
     "bench": "benchmark relattn's backends against PyTorch's attention on this machine",
 }
@@ -51,4 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as a script this file is a second module, `__main__`, whose CLIError is not the one the
+    # subcommands raise: call the package's copy.
+    from relattn.cli.main import main as _main
+
+    sys.exit(_main())
