@@ -90,13 +90,13 @@ class LayerCache:
         self.capacity = capacity
         self.window = window
         self.dtype = dtype
-        self.device = device
         slots = capacity if window is None else window - 1
         if window is not None and capacity is not None:
             slots = min(slots, capacity)
         shape = (batch_size, num_kv_heads, slots, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.device = self.k.device  # "cuda" -> "cuda:0", to compare with inputs' devices
         self._doc_ids = torch.zeros((batch_size, slots), dtype=torch.long, device=device)
         self._padding = torch.ones((batch_size, slots), dtype=torch.bool, device=device)
         self.reset()
@@ -114,10 +114,14 @@ class LayerCache:
     def slots(self) -> int:
         return self.k.shape[2]
 
-    def positions(self, doc_ids: Tensor | None, n: int) -> Tensor | int:
-        """RoPE positions of ``n`` new tokens: absolute, or within their document with doc_ids.
+    def positions(self, doc_ids: Tensor | None) -> Tensor | int:
+        """RoPE positions of the next tokens: absolute, or within their document with doc_ids.
 
-        Returns an int (the position of the first new token) or a ``(B, n)`` tensor.
+        Args:
+            doc_ids: ``(B, n)`` the new tokens' document ids, or None.
+
+        Returns:
+            An int (the absolute position of the first new token) or a ``(B, n)`` tensor.
         """
         if doc_ids is None:
             return self.length
@@ -141,10 +145,15 @@ class LayerCache:
         Returns:
             A :class:`CacheView`. Stored keys are detached; the new keys in the view keep their
             graph, so gradients reach the new tokens (never the cached ones).
+
+        Bad arguments and overflow raise before anything is stored. An error raised later, by
+        the attention call itself (e.g. a document id reused after another document), leaves
+        the new positions appended: call :meth:`reset` and start over.
         """
         self._check(k, v, doc_ids, key_padding_mask)
         n = k.shape[2]
         m = self.kept
+        self.has_doc_ids = doc_ids is not None
         if doc_ids is None:
             doc_ids_new = torch.zeros((self.batch_size, n), dtype=torch.long, device=self.device)
         else:
@@ -153,9 +162,6 @@ class LayerCache:
                 doc_ids_new, self.length, self.last_doc, self.doc_start
             )
             self.last_doc, self.doc_start = doc_ids_new[:, -1].clone(), starts[:, -1].clone()
-            self.has_doc_ids = True
-        if doc_ids is None:
-            self.has_doc_ids = False
         if key_padding_mask is None:
             padding_new = torch.ones((self.batch_size, n), dtype=torch.bool, device=self.device)
         else:
@@ -210,7 +216,8 @@ class LayerCache:
                 )
             if t.dtype != self.dtype or t.device != self.device:
                 raise ValueError(
-                    f"{name} must have the cache's dtype {self.dtype} on {self.device}; "
+                    f"{name} (the new {'keys' if name == 'k' else 'values'}) must have the "
+                    f"cache's dtype {self.dtype} on {self.device}; "
                     f"got {t.dtype} on {t.device}"
                 )
         if k.shape != v.shape:
@@ -305,11 +312,14 @@ class KVCache:
         self.capacity = capacity
         self.window = window
         self.dtype = dtype
-        self.device = device
         self.layers = [
             LayerCache(i, batch_size, num_kv_heads, head_dim, capacity, dtype, device, window)
             for i in range(num_layers)
         ]
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
 
     @property
     def num_layers(self) -> int:

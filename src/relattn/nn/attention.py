@@ -177,7 +177,7 @@ class RelativeSelfAttention(nn.Module):
             raise ValueError(f"doc_ids must have shape (B, N) = ({b}, {n}); got {got}")
         if self.rope is not None:
             if layer_cache is not None:
-                pos = layer_cache.positions(doc_ids, n)
+                pos = layer_cache.positions(doc_ids)
             elif doc_ids is not None:
                 pos = within_doc_positions(doc_ids.to(torch.long))[0]
             else:
