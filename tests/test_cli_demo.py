@@ -1,5 +1,6 @@
 """``relattn demo``: the report it writes, interrupt and resume, and its errors."""
 
+import io
 import json
 import math
 import subprocess
@@ -151,3 +152,28 @@ def test_any_text_file_can_be_the_corpus(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert results["corpus"]["source"] == str(text)
     assert results["corpus"]["heldout_files"] >= 1
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_bar_redraws_on_a_terminal_and_writes_lines_elsewhere(tty):
+    from relattn.demo.progress import Progress
+
+    stream = _Stream(tty)
+    with Progress(50, "model", stream=stream, interval=0.0, line_interval=0.0) as bar:
+        for step in range(50):
+            bar.update(1, loss=1.0 / (step + 1))
+    text = stream.getvalue()
+    assert "50/50" in text and "loss 0.020" in text
+    if tty:
+        assert text.count("\r") >= 50 and text.endswith("\n")
+    else:
+        assert "\r" not in text and len(text.splitlines()) >= 50
