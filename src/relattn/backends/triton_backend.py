@@ -213,26 +213,28 @@ def backward(
         *a.strides(a.q, a.k, a.v, grad_out), a.table.stride(0),
     ]  # fmt: skip
     shape = (a.nq, a.nk, a.t, lo, q_offset, window, scale * _LOG2E, scale)
-    grid_kv = lambda meta: (triton.cdiv(a.nk, meta["BLOCK_N"]), a.b * a.hkv)
-    K.attn_bwd_dkdv[grid_kv](
-        a.q, a.k, a.v, grad_out, lse, delta, dk, dv, a.table, dtable, a.slopes,
-        *a.masks(), a.kv_bounds, *common, a.hq, a.hkv, a.hq // a.hkv, *shape,
-        HAS_TABLE=a.has_table, HAS_SLOPES=a.has_slopes, ATOMIC_TABLE=atomic, **a.flags,
-    )  # fmt: skip
+    # dq first: it sees whole rows and leaves each row's renormalization factor in inv.
+    inv = torch.empty_like(delta)
     grid_q = lambda meta: (triton.cdiv(a.nq, meta["BLOCK_M"]), a.b * a.hq)
     K.attn_bwd_dq[grid_q](
-        a.q, a.k, a.v, grad_out, lse, delta, dq, a.table, a.slopes, *a.masks(), a.kv_bounds,
-        *common, a.hq, a.hq // a.hkv, *shape,
+        a.q, a.k, a.v, grad_out, lse, delta, inv, dq, a.table, a.slopes, *a.masks(),
+        a.kv_bounds, *common, a.hq, a.hq // a.hkv, *shape,
         HAS_TABLE=a.has_table, HAS_SLOPES=a.has_slopes, **a.flags,
+    )  # fmt: skip
+    grid_kv = lambda meta: (triton.cdiv(a.nk, meta["BLOCK_N"]), a.b * a.hkv)
+    K.attn_bwd_dkdv[grid_kv](
+        a.q, a.k, a.v, grad_out, lse, delta, inv, dk, dv, a.table, dtable, a.slopes,
+        *a.masks(), a.kv_bounds, *common, a.hq, a.hkv, a.hq // a.hkv, *shape,
+        HAS_TABLE=a.has_table, HAS_SLOPES=a.has_slopes, ATOMIC_TABLE=atomic, **a.flags,
     )  # fmt: skip
     if not a.has_table:
         return dq, dk, dv, None
     if deterministic:
-        dtable = _table_grad_bands(K, a, grad_out, lse, delta, common)
+        dtable = _table_grad_bands(K, a, grad_out, lse, delta, inv, common)
     return dq, dk, dv, dtable.to(table.dtype)
 
 
-def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, common) -> Tensor:
+def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, inv, common) -> Tensor:
     """The table gradient without atomics: per-band partial sums, added in a fixed order."""
     block = K.DIAG_BLOCK
     n_q, n_k = triton.cdiv(a.nq, block), triton.cdiv(a.nk, block)
@@ -242,7 +244,7 @@ def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, common) -
     )
     flags = {f: a.flags[f] for f in a.flags if f not in ("HAS_TABLE", "HAS_SLOPES")}
     K.attn_bwd_table_bands[(num_bands, a.b * a.hq)](
-        a.q, a.k, a.v, grad_out, lse, delta, a.table, partial, *a.masks(), *common,
+        a.q, a.k, a.v, grad_out, lse, delta, inv, a.table, partial, *a.masks(), *common,
         a.hq, a.hq // a.hkv, a.nq, a.nk, a.t, a.lo, a.q_offset, a.window, a.scale * _LOG2E,
         num_bands, band_min, BLOCK=block, num_warps=4, **flags,
     )  # fmt: skip

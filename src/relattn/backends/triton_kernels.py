@@ -351,7 +351,7 @@ def bwd_preprocess(Out, dOut, Delta, stride_ob, stride_oh, stride_on,
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, Delta_row,
+def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, Delta_row, Inv_row,
                  block_begin, block_end, start_n, offs_n, offs_d, kp, table_row, DTable_row, slope,
                  DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset, window, qk_scale,
                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
@@ -359,7 +359,6 @@ def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, D
                  HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """Tiles are transposed (keys × queries) so dk, dv accumulate along rows."""
     NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
     for start_m in tl.range(block_begin * BLOCK_M, block_end * BLOCK_M, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -367,27 +366,33 @@ def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, D
         do = _load_rows(dO_base, offs_m, stride_dn, Nq, offs_d, HEAD_DIM, MASKED)
         if MASKED:
             lse = tl.load(Lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
             di = tl.load(Delta_row + offs_m, mask=offs_m < Nq, other=0.0)
+            inv = tl.load(Inv_row + offs_m, mask=offs_m < Nq, other=0.0)
         else:
             lse = tl.load(Lse_row + offs_m)
             di = tl.load(Delta_row + offs_m)
-        qkT = _dot(k, tl.trans(q), UPCAST, PRECISION)
-        sT, deltaT = _score(qkT, offs_m[None, :], offs_n[:, None], table_row, slope, q_offset,
-                            lo, T, qk_scale, HAS_TABLE, HAS_SLOPES)  # fmt: skip
-        pT = tl.math.exp2(sT - lse[None, :] * LOG2E)
+            inv = tl.load(Inv_row + offs_m)
+        # Scores in the (queries × keys) orientation of the forward and dq kernels: the same
+        # dot gives the same rounding, so p here matches the p that inv normalizes (with scores
+        # of 1e4 a transposed dot's rounding alone would move p by 1e-3).
+        qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
+        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
+                          T, qk_scale, HAS_TABLE, HAS_SLOPES)  # fmt: skip
         if NEED_MASK:
             doc_lo = offs_m
             doc_hi = offs_m
             if HAS_DOC:
                 doc_lo = tl.load(DocStart_row + q_offset + offs_m, mask=offs_m < Nq, other=0)
                 doc_hi = tl.load(DocEnd_row + q_offset + offs_m, mask=offs_m < Nq, other=-1)
-            vis = _visible(offs_m[None, :], offs_n[:, None], deltaT, Nq, Nk, window,
-                           doc_lo[None, :], doc_hi[None, :], kp[:, None],
+            vis = _visible(offs_m[:, None], offs_n[None, :], delta, Nq, Nk, window,
+                           doc_lo[:, None], doc_hi[:, None], kp[None, :],
                            MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
-            pT = tl.where(vis, pT, 0.0)
-        dv += _dot(pT.to(do.dtype), do, UPCAST, PRECISION)
-        dpT = _dot(v, tl.trans(do), UPCAST, PRECISION)
-        dsT = pT * (dpT - di[None, :])  # ∂L/∂score, transposed
+            s = tl.where(vis, s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
+        dv += _dot(tl.trans(p).to(do.dtype), do, UPCAST, PRECISION)
+        dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+        dsT = tl.trans(p * (dp - di[:, None]))  # ∂L/∂score, keys × queries
         dk += _dot(dsT.to(q.dtype), q, UPCAST, PRECISION)
         if ATOMIC_TABLE:
             # The tile has BLOCK_M + BLOCK_N - 1 offsets: reduce to them first, then add.
@@ -405,7 +410,7 @@ def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, D
 
 @triton.autotune(configs=_DKDV, key=_KEY, prune_configs_by=_PRUNE, reset_to_zero=["DTable"])
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, dK, dV, Table, DTable, Slopes,
+def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
                   DocStart, DocEnd, Kpm, KvBounds,
                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
@@ -465,24 +470,24 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, dK, dV, Table, DTable, Slopes,
             if stage == 0:
                 dk, dv = _dkdv_blocks(
                     dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse + bh * Nq,
-                    Delta + bh * Nq, begin, mid_begin, start_n, offs_n, offs_d, kp, table_row,
-                    DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset,
+                    Delta + bh * Nq, Inv + bh * Nq, begin, mid_begin, start_n, offs_n, offs_d, kp,
+                    table_row, DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset,
                     window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
                     HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
                 )  # fmt: skip
             elif stage == 1:
                 dk, dv = _dkdv_blocks(
                     dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse + bh * Nq,
-                    Delta + bh * Nq, mid_begin, mid_end, start_n, offs_n, offs_d, kp, table_row,
-                    DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset,
+                    Delta + bh * Nq, Inv + bh * Nq, mid_begin, mid_end, start_n, offs_n, offs_d, kp,
+                    table_row, DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset,
                     window, qk_scale, HEAD_DIM, False, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
                     HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
                 )  # fmt: skip
             else:
                 dk, dv = _dkdv_blocks(
                     dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse + bh * Nq,
-                    Delta + bh * Nq, mid_end, end, start_n, offs_n, offs_d, kp, table_row,
-                    DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset,
+                    Delta + bh * Nq, Inv + bh * Nq, mid_end, end, start_n, offs_n, offs_d, kp,
+                    table_row, DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset,
                     window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
                     HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
                 )  # fmt: skip
@@ -493,8 +498,8 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, dK, dV, Table, DTable, Slopes,
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, block_begin, block_end,
-               offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
+def _dq_blocks(dq, l_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, block_begin,
+               block_end, offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
                Nq, Nk, T, lo, q_offset, window, qk_scale,
                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
@@ -508,7 +513,6 @@ def _dq_blocks(dq, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, block_b
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
                           T, qk_scale, HAS_TABLE, HAS_SLOPES)  # fmt: skip
-        p = tl.math.exp2(s - lse[:, None] * LOG2E)
         if NEED_MASK:
             kp = offs_n
             if HAS_KPM:
@@ -516,16 +520,18 @@ def _dq_blocks(dq, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, block_b
             vis = _visible(offs_m[:, None], offs_n[None, :], delta, Nq, Nk, window,
                            doc_lo[:, None], doc_hi[:, None], kp[None, :],
                            MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
-            p = tl.where(vis, p, 0.0)
+            s = tl.where(vis, s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None] * LOG2E)
+        l_i += tl.sum(p, 1)
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
         ds = p * (dp - di[:, None])
         dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
-    return dq
+    return dq, l_i
 
 
 @triton.autotune(configs=_DQ, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def attn_bwd_dq(Q, K, V, dOut, Lse, Delta, dQ, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
+def attn_bwd_dq(Q, K, V, dOut, Lse, Delta, Inv, dQ, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
                 Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale,
@@ -547,6 +553,7 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, Delta, dQ, Table, Slopes, DocStart, DocEnd, 
                     HEAD_DIM, True)  # fmt: skip
     # Rows past Nq get lse = +inf so their p is 0 in every stage.
     lse = tl.load(Lse + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
     di = tl.load(Delta + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
@@ -569,33 +576,40 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, Delta, dQ, Table, Slopes, DocStart, DocEnd, 
     Kpm_row = Kpm + b * Nk
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
     for stage in tl.static_range(3):
         if stage == 0:
-            dq = _dq_blocks(
-                dq, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, begin, mid_begin,
+            dq, l_i = _dq_blocks(
+                dq, l_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, begin, mid_begin,
                 offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
                 Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW,
                 HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
             )  # fmt: skip
         elif stage == 1:
-            dq = _dq_blocks(
-                dq, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, mid_begin, mid_end,
+            dq, l_i = _dq_blocks(
+                dq, l_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, mid_begin, mid_end,
                 offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
                 Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, False, CAUSAL, WINDOW,
                 HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
             )  # fmt: skip
         else:
-            dq = _dq_blocks(
-                dq, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, mid_end, end,
+            dq, l_i = _dq_blocks(
+                dq, l_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, mid_end, end,
                 offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
                 Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW,
                 HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
             )  # fmt: skip
-    _store_rows(dQ + bh * Nq * HEAD_DIM, offs_m, HEAD_DIM, Nq, offs_d, dq * scale, HEAD_DIM)
+    # lse is float32, so exp(s - lse) carries its rounding (|lse|·2^-24, 1e-3 at scores of 1e4)
+    # as a per-row scale error that does not average out: rescale each row of p to sum to 1.
+    # Inv is that factor for the dk/dv and band kernels, which do not see whole rows.
+    inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+    tl.store(Inv + bh * Nq + offs_m, inv, mask=offs_m < Nq)
+    dq = dq * (inv * scale)[:, None]
+    _store_rows(dQ + bh * Nq * HEAD_DIM, offs_m, HEAD_DIM, Nq, offs_d, dq, HEAD_DIM)
 
 
 @triton.jit
-def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Table, Partial, DocStart, DocEnd, Kpm,
+def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStart, DocEnd, Kpm,
                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
                          stride_t, Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale,
@@ -640,11 +654,12 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Table, Partial, DocStart, Do
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, True)
         v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, True)
         lse = tl.load(Lse + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
         di = tl.load(Delta + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+        inv = tl.load(Inv + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, 0.0, q_offset, lo, T,
                           qk_scale, True, False)  # fmt: skip
-        p = tl.math.exp2(s - lse[:, None] * LOG2E)
         doc_lo = offs_m
         doc_hi = offs_m
         if HAS_DOC:
@@ -657,7 +672,7 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Table, Partial, DocStart, Do
         vis = _visible(offs_m[:, None], offs_n[None, :], delta, Nq, Nk, window,
                        doc_lo[:, None], doc_hi[:, None], kp[None, :],
                        True, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
-        p = tl.where(vis, p, 0.0)
+        p = tl.math.exp2(tl.where(vis, s, float("-inf")) - lse[:, None] * LOG2E) * inv[:, None]
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
         lower, upper = _diagonal_sums(p * (dp - di[:, None]), BLOCK, BLOCK)
         lower_acc += lower  # query - key = i
