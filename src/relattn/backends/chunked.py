@@ -2,19 +2,17 @@
 
 A block of up to ``BLOCK_M`` query rows is scored against every key it can see in one matmul
 (``scale·q·kᵀ + bias``), so no online softmax is needed and no N×N tensor ever exists: the live
-scores are ``O(H·BLOCK_M·N)``. Blocks of keys that no row of the block can see (above the
-causal diagonal, outside the window, in another document) are never computed.
+scores are ``O(H·BLOCK_M·N)``. Keys that no row of a block can see (above the causal diagonal,
+outside the window, in another document) are never computed.
 
-The bias of a query block is a Toeplitz slice of one per-call *band*
-
-    band[h, r, u] = E[h, Δ]   with   Δ = e_max - (u - r),
-
-where ``E`` is the table extended over every offset a block can touch, ``-inf`` for offsets that
-causality or the window hide (so those masks cost nothing). Query row ``r0 + r`` against key
-``c`` reads column ``u = e_max - q_offset - r0 + c``: a contiguous column slice of the same band
-for every block, fused into the score matmul with ``baddbmm``. The backward pass accumulates
-``dS`` into a band-shaped buffer through the same slices and takes the diagonal sums once at the
-end (a skewed strided view), giving ``g[h, Δ] = Σ_{b, i - j = Δ} ∂L/∂score``.
+The bias is read straight from the table, without a gather. Extend the table over every offset
+a block touches into ``F[h, x] = PE(Δ = e_max - x)``, with ``-inf`` for offsets that causality or
+the window hide (so those masks cost nothing). A block's rows are processed in *reverse* order:
+reversed row ``r'`` against key ``c`` then reads ``F[h, base + r' + c]``, so the block's bias is
+the overlapping strided view ``F.as_strided((m, L), (1, 1))`` (a Toeplitz matrix costs no
+memory). The backward pass adds ``dS`` into a ``(Hq, BLOCK_M, width)`` buffer through the same
+skew, row ``r'`` at column ``base + r' + c``, so one sum over its rows at the end gives
+``g[h, Δ] = Σ_{b, i - j = Δ} ∂L/∂score``.
 """
 
 from __future__ import annotations
@@ -24,15 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Query rows per block. 256 keeps the matmuls efficient while the band stays O(H·256·N).
+# Query rows per block. 256 keeps the matmuls efficient while live scores stay O(H·256·N).
 BLOCK_M = 256
-# Scores per matmul batch: about 4 MiB of fp32, so a block's scores stay in the L2/L3 cache
+# Scores per matmul batch: about 16 MiB of fp32, so a block's scores stay in the L3 cache
 # between the matmul, the softmax and the product with v.
-_SCORES_PER_STEP = 1 << 20
+_SCORES_PER_STEP = 1 << 22
 
 _NEG_INF = float("-inf")
-# Above this |lse| a float32 lse is off by more than ~1e-6 relative and backward renormalizes.
-_LSE_EXACT = 16.0
 
 
 def unsupported(q: Tensor, k: Tensor) -> str | None:
@@ -129,7 +125,7 @@ def _batch_range(plan: _Plan, blk: _Block, b: int, q_offset: int) -> tuple[int, 
     return c0, c1, need_mask
 
 
-def _band(
+def _extended(
     plan: _Plan,
     table: Tensor | None,
     slopes: Tensor | None,
@@ -137,13 +133,11 @@ def _band(
     causal: bool,
     window: int,
     hq: int,
-    rows: int,
     dtype: torch.dtype,
     device: torch.device,
 ) -> Tensor:
-    """``band[h, r, r + j] = E[h, e_max - j]``: shape ``(Hq, rows, n_e + rows - 1)``."""
-    n_e = plan.e_max - plan.e_min + 1
-    delta = torch.arange(plan.e_max, plan.e_min - 1, -1, device=device)  # column j -> Δ
+    """``F[h, x] = PE_h(Δ = e_max - x)``, ``-inf`` where Δ is hidden: shape ``(Hq, n_e)``."""
+    delta = torch.arange(plan.e_max, plan.e_min - 1, -1, device=device)
     visible = torch.ones_like(delta, dtype=torch.bool)
     if causal:
         visible &= delta >= 0
@@ -158,17 +152,14 @@ def _band(
     elif slopes is not None:
         ext = -slopes.to(dtype)[:, None] * delta.abs().to(dtype)[None, :]
     else:
-        ext = torch.zeros(hq, n_e, dtype=dtype, device=device)
-    ext = ext.masked_fill(~visible, _NEG_INF)
-    band = torch.empty(hq, rows, n_e + rows - 1, dtype=dtype, device=device)
-    _skew(band, n_e).copy_(ext[:, None, :].expand(hq, rows, n_e))
-    return band
+        ext = torch.zeros(hq, delta.numel(), dtype=dtype, device=device)
+    return ext.masked_fill(~visible, _NEG_INF).contiguous()
 
 
-def _skew(band: Tensor, n_e: int) -> Tensor:
-    """The view ``s[h, r, j] = band[h, r, r + j]``: column j of s is the offset ``e_max - j``."""
-    h, rows, width = band.shape
-    return band.as_strided((h, rows, n_e), (rows * width, width + 1, 1))
+def _toeplitz(f: Tensor, heads: slice, m: int, keys: int, base: int) -> Tensor:
+    """The view ``t[h, r', c] = f[h, base + r' + c]`` of shape ``(heads, m, keys)``."""
+    f = f[heads]
+    return f.as_strided((f.shape[0], m, keys), (f.stride(0), 1, 1), f.storage_offset() + base)
 
 
 def _head_step(hkv: int, group: int, m: int, keys: int) -> int:
@@ -208,6 +199,58 @@ def _check(q: Tensor, k: Tensor, table: Tensor | None, slopes: Tensor | None) ->
         raise ValueError(f"q's heads Hq={hq} must be a multiple of k's Hkv={k.shape[1]}")
 
 
+def _workspace(plan: _Plan, hkv: int, group: int, dtype, device) -> Tensor:
+    """One flat buffer for a block's scores, reused by every block: fresh multi-MiB
+    allocations would fault their pages in again on every block."""
+    most = 0
+    for blk in plan.blocks:
+        keys = blk.c1 - blk.c0
+        most = max(most, _head_step(hkv, group, blk.m, keys) * group * blk.m * keys)
+    return torch.empty(most, dtype=dtype, device=device)
+
+
+def _probabilities(
+    work: Tensor,
+    f: Tensor,
+    base: int,
+    qb: Tensor,
+    kt: Tensor,
+    hidden: Tensor | None,
+    group: int,
+    h0: int,
+    m: int,
+) -> tuple[Tensor, Tensor]:
+    """Softmax over the keys of one block (rows reversed), in place in ``work``.
+
+    Args:
+        qb: ``(hs, G·m, D)`` scaled queries, rows reversed; kt: ``(hs, D, L)`` keys transposed.
+        hidden: ``(m, L)`` bool in reversed row order: extra keys to hide, or None.
+
+    Returns:
+        ``p (hs, G·m, L)`` and the row maxima of the scores ``(hs, G·m, 1)``; rows that see no
+        key have max ``-inf`` and NaN in p, which the caller clears.
+    """
+    hs, keys = kt.shape[0], kt.shape[-1]
+    s = work[: hs * group * m * keys].view(hs, group * m, keys)
+    bias = _toeplitz(f, slice(h0 * group, (h0 + hs) * group), m, keys, base)
+    s.view(hs, group, m, keys).copy_(bias.view(hs, group, m, keys))
+    s.baddbmm_(qb, kt)
+    if hidden is not None:
+        s.view(hs, group, m, keys).masked_fill_(hidden, _NEG_INF)
+    row_max = s.amax(dim=-1, keepdim=True)
+    if s.device.type == "cpu":
+        torch.ops.aten._softmax.out(s, -1, False, out=s)  # row-wise kernel: safe in place
+    else:
+        s = torch.softmax(s, dim=-1)
+    return s, row_max
+
+
+def _rows(x: Tensor, b: int, h0: int, h1: int, rs: slice) -> Tensor:
+    """``x[b, h0:h1, :, rs]`` (kv head, group, row, ...) with rows reversed, as (hs, G·m, ...)."""
+    block = x[b, h0:h1, :, rs].flip(2)
+    return block.reshape(block.shape[0], -1, *block.shape[3:])
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -239,49 +282,42 @@ def forward(
     lse = torch.full((bsz, hq, nq), _NEG_INF, dtype=torch.float32, device=q.device)
     if not plan.blocks:
         return out.to(q.dtype), lse
-    rows = max(blk.m for blk in plan.blocks)
-    band = _band(plan, table, slopes, lo, causal, window, hq, rows, compute, q.device)
+    f = _extended(plan, table, slopes, lo, causal, window, hq, compute, q.device)
+    work = _workspace(plan, hkv, group, compute, q.device)
     qs = (q.to(compute) * scale).view(bsz, hkv, group, nq, d)  # scale folded into q once
-    kc, vc = k.to(compute), v.to(compute)
-    lse_c = lse.view(bsz, hkv, group, nq)
+    # kᵀ contiguous once: the score matmul runs much faster on it than on a transposed view.
+    kt = k.to(compute).transpose(-1, -2).contiguous()
+    vc = v.to(compute)
+    lse_g = lse.view(bsz, hkv, group, nq)
     out_g = out.view(bsz, hkv, group, nq, d)
-    in_place_softmax = q.device.type == "cpu"
     for b in range(bsz):
         for blk in plan.blocks:
             c0, c1, need_mask = _batch_range(plan, blk, b, q_offset)
             if c1 <= c0:
                 continue
-            m, rs, keys = blk.m, slice(blk.r0, blk.r0 + blk.m), c1 - c0
-            u0 = plan.e_max - q_offset - blk.r0 + c0
+            m, rs = blk.m, slice(blk.r0, blk.r0 + blk.m)
+            base = plan.e_max - q_offset - blk.r0 - m + 1 + c0
             hidden = None
             if need_mask:
-                hidden = _extra_mask(doc_ids, key_padding_mask, b, q_offset, blk, c0, c1)
-            step = _head_step(hkv, group, m, keys)
+                hidden = _extra_mask(doc_ids, key_padding_mask, b, q_offset, blk, c0, c1).flip(0)
+            step = _head_step(hkv, group, m, c1 - c0)
             for h0 in range(0, hkv, step):
                 h1 = min(hkv, h0 + step)
                 hs = h1 - h0
-                bias = band[h0 * group : h1 * group, :m, u0 : u0 + keys]
-                bias = bias.reshape(hs, group * m, keys)
-                qb = qs[b, h0:h1, :, rs].reshape(hs, group * m, d)
-                s = torch.baddbmm(bias, qb, kc[b, h0:h1, c0:c1].transpose(1, 2))
-                if hidden is not None:
-                    s.view(hs, group, m, keys).masked_fill_(hidden, _NEG_INF)
-                row_max, arg = s.max(dim=-1)
-                if in_place_softmax:
-                    torch.ops.aten._softmax.out(s, -1, False, out=s)
-                else:
-                    s = torch.softmax(s, dim=-1)
-                # softmax at the argmax is exp(0)/Σ = 1/Σ, so lse = max + log Σ needs no
-                # extra pass over the scores.
-                p_max = s.gather(-1, arg[..., None]).squeeze(-1)
-                block_lse = row_max - p_max.log()
+                qb = _rows(qs, b, h0, h1, rs)
+                p, row_max = _probabilities(
+                    work, f, base, qb, kt[b, h0:h1, :, c0:c1], hidden, group, h0, m
+                )
+                # p is exp(s - max)/Σ, so its largest entry is 1/Σ and lse = max + log Σ
+                # costs one cheap reduction instead of another exp pass.
+                block_lse = row_max - p.amax(dim=-1, keepdim=True).log()
                 if blk.maybe_empty:
                     empty = row_max == _NEG_INF
-                    s.masked_fill_(empty[..., None], 0.0)
+                    p.masked_fill_(empty, 0.0)
                     block_lse.masked_fill_(empty, _NEG_INF)
-                o = torch.bmm(s, vc[b, h0:h1, c0:c1])
-                out_g[b, h0:h1, :, rs] = o.view(hs, group, m, d)
-                lse_c[b, h0:h1, :, rs] = block_lse.view(hs, group, m).to(torch.float32)
+                o = torch.bmm(p, vc[b, h0:h1, c0:c1])
+                out_g[b, h0:h1, :, rs] = o.view(hs, group, m, d).flip(2)
+                lse_g[b, h0:h1, :, rs] = block_lse.view(hs, group, m).flip(2)
     return out.to(q.dtype), lse
 
 
@@ -307,7 +343,10 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Returns ``(dq, dk, dv, dtable)`` shaped like q, k, v and table (None without a table).
 
-    The probabilities are recomputed block by block from ``lse``; nothing N×N is stored.
+    The probabilities are recomputed block by block; nothing N×N is stored. They are
+    recomputed with a fresh softmax rather than ``exp(s - lse)``: the same cost, and exactly
+    normalized whatever the float32 rounding of lse (which matters for scores near ±1e4 and
+    for float64 inputs).
     """
     _check(q, k, table, slopes)
     bsz, hq, nq, d = q.shape
@@ -316,81 +355,77 @@ def backward(
     compute = torch.promote_types(q.dtype, torch.float32)
     plan = _plan(nq, nk, causal, q_offset, window, doc_ids, key_padding_mask)
     dq = torch.zeros(bsz, hq, nq, d, dtype=compute, device=q.device)
-    dk = torch.zeros(bsz, hkv, nk, d, dtype=compute, device=q.device)
-    dv = torch.zeros(bsz, hkv, nk, d, dtype=compute, device=q.device)
+    # dk and dv accumulate transposed: (D, L) += (D, m)·(m, L) is the fast matmul layout.
+    dkt = torch.zeros(bsz, hkv, d, nk, dtype=compute, device=q.device)
+    dvt = torch.zeros(bsz, hkv, d, nk, dtype=compute, device=q.device)
     dtable = None
     if table is not None:
         dtable = torch.zeros(table.shape, dtype=compute, device=q.device)
     if not plan.blocks:
-        return _finish(dq, dk, dv, dtable, q, table)
+        return _finish(dq, dkt, dvt, dtable, q, table)
+    f = _extended(plan, table, slopes, lo, causal, window, hq, compute, q.device)
+    n_e = f.shape[1]
     rows = max(blk.m for blk in plan.blocks)
-    band = _band(plan, table, slopes, lo, causal, window, hq, rows, compute, q.device)
-    gband = torch.zeros_like(band) if table is not None else None
+    gacc = None
+    if table is not None:
+        gacc = torch.zeros(hq, rows, n_e, dtype=compute, device=q.device)
+    work_p = _workspace(plan, hkv, group, compute, q.device)
+    work_ds = torch.empty_like(work_p)
     qs = (q.to(compute) * scale).view(bsz, hkv, group, nq, d)
-    kc, vc = k.to(compute), v.to(compute)
+    kc = k.to(compute)
+    kt = kc.transpose(-1, -2).contiguous()
+    vt = v.to(compute).transpose(-1, -2).contiguous()
     do = grad_out.to(compute).view(bsz, hkv, group, nq, d)
-    # D_i = Σ_d dO·O: the softmax backward's row term. Empty rows (lse = -inf) get
-    # lse = +inf so that exp(s - lse) is exactly 0 there.
-    delta = (grad_out.to(compute) * out.to(compute)).sum(-1).view(bsz, hkv, group, nq)
-    lse_c = lse.to(compute).masked_fill(lse == _NEG_INF, float("inf"))
-    lse_c = lse_c.view(bsz, hkv, group, nq)
+    # -D_i = -Σ_d dO·O: the softmax backward's row term, the start value of dP = dO·vᵀ - D.
+    neg_delta = -(grad_out.to(compute) * out.to(compute)).sum(-1)
+    neg_delta = neg_delta.view(bsz, hkv, group, nq, 1)
+    empty_rows = (lse == _NEG_INF).view(bsz, hkv, group, nq, 1)
     dq_g = dq.view(bsz, hkv, group, nq, d)
-    # lse is float32 by contract, so exp(s - lse) carries lse's rounding (|lse|·2^-24) as a
-    # per-row scale error. Where that matters (float64, or rows of very large scores) the
-    # rows are renormalized exactly.
-    finite = lse[lse.isfinite()]
-    renormalize = compute == torch.float64 or (
-        finite.numel() > 0 and finite.abs().max().item() > _LSE_EXACT
-    )
     for b in range(bsz):
         for blk in plan.blocks:
             c0, c1, need_mask = _batch_range(plan, blk, b, q_offset)
             if c1 <= c0:
                 continue
             m, rs, keys = blk.m, slice(blk.r0, blk.r0 + blk.m), c1 - c0
-            u0 = plan.e_max - q_offset - blk.r0 + c0
+            base = plan.e_max - q_offset - blk.r0 - m + 1 + c0
             hidden = None
             if need_mask:
-                hidden = _extra_mask(doc_ids, key_padding_mask, b, q_offset, blk, c0, c1)
+                hidden = _extra_mask(doc_ids, key_padding_mask, b, q_offset, blk, c0, c1).flip(0)
             step = _head_step(hkv, group, m, keys)
             for h0 in range(0, hkv, step):
                 h1 = min(hkv, h0 + step)
                 hs = h1 - h0
-                bias = band[h0 * group : h1 * group, :m, u0 : u0 + keys]
-                bias = bias.reshape(hs, group * m, keys)
-                qb = qs[b, h0:h1, :, rs].reshape(hs, group * m, d)
-                kb, vb = kc[b, h0:h1, c0:c1], vc[b, h0:h1, c0:c1]
-                dob = do[b, h0:h1, :, rs].reshape(hs, group * m, d)
-                p = torch.baddbmm(bias, qb, kb.transpose(1, 2))
-                if hidden is not None:
-                    p.view(hs, group, m, keys).masked_fill_(hidden, _NEG_INF)
-                p.sub_(lse_c[b, h0:h1, :, rs].reshape(hs, group * m, 1)).exp_()
-                row_delta = delta[b, h0:h1, :, rs].reshape(hs, group * m, 1)
-                if renormalize:
-                    # Scaling dO and D by 1/Σ_j p is the same as rescaling each row of p to
-                    # sum to 1, at O(M·D) instead of O(M·N) cost.
-                    total = p.sum(dim=-1, keepdim=True)
-                    inv = total.masked_fill_(total == 0, 1.0).reciprocal_()
-                    dob, row_delta = dob * inv, row_delta * inv
-                ds = torch.bmm(dob, vb.transpose(1, 2))
-                ds.sub_(row_delta).mul_(p)
-                dv[b, h0:h1, c0:c1].baddbmm_(p.transpose(1, 2), dob)
-                dk[b, h0:h1, c0:c1].baddbmm_(ds.transpose(1, 2), qb)
-                dq_g[b, h0:h1, :, rs] = torch.bmm(ds, kb).view(hs, group, m, d)
-                if gband is not None:
-                    gband[h0 * group : h1 * group, :m, u0 : u0 + keys] += ds.view(
-                        hs * group, m, keys
+                qb, dob = _rows(qs, b, h0, h1, rs), _rows(do, b, h0, h1, rs)
+                p, _ = _probabilities(
+                    work_p, f, base, qb, kt[b, h0:h1, :, c0:c1], hidden, group, h0, m
+                )
+                if blk.maybe_empty:
+                    p.masked_fill_(_rows(empty_rows, b, h0, h1, rs), 0.0)
+                ds = work_ds[: p.numel()].view(p.shape)
+                torch.baddbmm(_rows(neg_delta, b, h0, h1, rs), dob, vt[b, h0:h1, :, c0:c1], out=ds)
+                ds.mul_(p)
+                dvt[b, h0:h1, :, c0:c1].baddbmm_(dob.transpose(1, 2), p)
+                dkt[b, h0:h1, :, c0:c1].baddbmm_(qb.transpose(1, 2), ds)
+                dq_rev = torch.bmm(ds, kc[b, h0:h1, c0:c1]).view(hs, group, m, d)
+                dq_g[b, h0:h1, :, rs] = dq_rev.flip(2)
+                if gacc is not None:
+                    # Reversed row r' against key c has offset column base + r' + c.
+                    gview = gacc.as_strided(
+                        (hs * group, m, keys),
+                        (rows * n_e, n_e + 1, 1),
+                        h0 * group * rows * n_e + base,
                     )
+                    gview += ds.view(hs * group, m, keys)
     dq.mul_(scale)
-    if gband is not None:
-        n_e = plan.e_max - plan.e_min + 1
-        g = _skew(gband, n_e).sum(dim=1).flip(-1)  # column i is the offset e_min + i
+    if gacc is not None:
+        g = gacc.sum(dim=1).flip(-1)  # column i is the offset e_min + i
         a, z = max(lo, plan.e_min), min(lo + table.shape[1] - 1, plan.e_max)
         if a <= z:
             dtable[:, a - lo : z - lo + 1] = g[:, a - plan.e_min : z - plan.e_min + 1]
-    return _finish(dq, dk, dv, dtable, q, table)
+    return _finish(dq, dkt, dvt, dtable, q, table)
 
 
-def _finish(dq, dk, dv, dtable, q, table):
+def _finish(dq, dkt, dvt, dtable, q, table):
     dtable = dtable.to(table.dtype) if dtable is not None else None
-    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dtable
+    dk, dv = dkt.transpose(-1, -2), dvt.transpose(-1, -2)
+    return dq.to(q.dtype), dk.to(q.dtype).contiguous(), dv.to(q.dtype).contiguous(), dtable

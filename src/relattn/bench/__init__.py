@@ -1,0 +1,5 @@
+"""Benchmarks: contenders timed side by side in one process (see DESIGN.md, Benchmark protocol).
+
+``common`` holds the device-independent pieces (machine description, interleaved timing, peak
+memory, Markdown); ``cpu`` the CPU comparison.
+"""

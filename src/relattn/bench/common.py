@@ -1,0 +1,169 @@
+"""Device-independent benchmark helpers: the machine, interleaved medians, peak memory, tables."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine and library versions a result was measured with.
+
+    Returns:
+        dict with ``cpu``, ``cores``, ``torch_threads``, ``gpu`` (or None), ``python``,
+        ``torch``, ``triton`` (or None), ``relattn`` and ``loadavg`` (1-minute load at the call;
+        other work on the machine distorts timings).
+    """
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    import relattn
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "relattn": getattr(relattn, "__version__", "unknown"),
+        "loadavg": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for queued GPU work (no-op on CPU) so wall-clock timings are honest."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    contenders: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+) -> dict[str, float | str]:
+    """Median wall time in seconds of each contender, run round-robin so that drifts in the
+    machine's state (clock, other load) hit every contender alike.
+
+    A contender that raises is dropped and reported by its error message instead of a time.
+    """
+    results: dict[str, list[float] | str] = {name: [] for name in contenders}
+    live = dict(contenders)
+    for _ in range(warmup):
+        for name, fn in list(live.items()):
+            try:
+                fn()
+                synchronize(device)
+            except Exception as e:  # noqa: BLE001  (a failing contender is a result)
+                results[name] = f"{type(e).__name__}: {e}"
+                del live[name]
+    for _ in range(repeats):
+        for name, fn in live.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            results[name].append(time.perf_counter() - start)
+    return {n: statistics.median(r) if isinstance(r, list) else r for n, r in results.items()}
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS so RSS reflects live memory (glibc only)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(
+    fn: Callable[[], Any], device: torch.device | str = "cpu", interval: float = 0.0005
+) -> int:
+    """Peak extra memory in bytes while ``fn()`` runs, above what was live before it.
+
+    CUDA: ``torch.cuda.max_memory_allocated``. CPU: a background thread samples the resident
+    set (``/proc/self/statm``) every ``interval`` seconds; freed heap is trimmed first so the
+    baseline is what is really live. Sampling can miss a peak shorter than the interval.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    _release_freed_memory()
+    base = _rss_bytes()
+    peak = base
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    peak = max(peak, _rss_bytes())
+    _release_freed_memory()
+    return peak - base
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """Render ``rows`` as a Markdown table; ``columns`` is ``(key, header)`` pairs. Missing
+    values print as an empty cell; floats keep 3 significant digits."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        return str(value).replace("|", "\\|")
+
+    lines = [
+        "| " + " | ".join(h for _, h in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row.get(k)) for k, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def format_machine(info: dict[str, Any]) -> str:
+    """One Markdown bullet list describing the machine."""
+    keys = ["cpu", "cores", "torch_threads", "gpu", "python", "torch", "triton", "relattn"]
+    keys.append("loadavg")
+    return "\n".join(f"- {k}: {info.get(k)}" for k in keys if k in info)

@@ -1,0 +1,229 @@
+"""The CPU comparison: relattn's chunked and reference backends against torch's SDPA (with the
+bias materialized, and bias-free as the limit) and FlexAttention, fp32, B=1, H=8, D=64, a
+learnable T5 bias, causal."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import relattn
+from relattn.pe import T5Bias
+
+from .common import machine_info, markdown_table, peak_memory, time_interleaved
+
+B, H, D = 1, 8, 64
+# Skip a contender whose N×N tensors would need more than this.
+MEMORY_LIMIT = 16 * 2**30
+# N×N fp32 tensors alive at the peak of fwd+bwd (scores, weights, their grads, the bias...).
+_QUADRATIC_COPIES = {"reference": 5, "sdpa_bias": 4}
+
+CONTENDERS = {
+    "chunked": "relattn chunked",
+    "reference": "relattn reference",
+    "sdpa_bias": "SDPA + materialized bias (attn_mask, requires grad)",
+    "sdpa_causal": "SDPA is_causal, no position term",
+    "flex": "FlexAttention, bias as score_mod (fwd only)",
+}
+
+
+def _inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, T5Bias, torch.Tensor]:
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(B, H, n, D, generator=g).requires_grad_() for _ in range(3))
+    grad = torch.randn(B, H, n, D, generator=g)
+    return q, k, v, T5Bias(H), grad
+
+
+def _too_big(name: str, n: int) -> bool:
+    copies = _QUADRATIC_COPIES.get(name, 0)
+    return copies * B * H * n * n * 4 > MEMORY_LIMIT
+
+
+def _flex(q, k, v, pe, n) -> tuple[Callable[[], Any] | None, float | None, str | None]:
+    """A timed FlexAttention forward, its compile time, or why it cannot run."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        table = pe.table(0, n - 1).detach()
+        q, k, v = q.detach(), k.detach(), v.detach()  # flex has no CPU backward
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + table[h, (q_idx - kv_idx).clamp(min=0)]
+
+        def causal(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+
+        mask = create_block_mask(causal, None, None, n, n, device="cpu")
+        compiled = torch.compile(flex_attention)
+
+        def run():
+            with torch.no_grad():
+                return compiled(q, k, v, score_mod=score_mod, block_mask=mask)
+
+        start = time.perf_counter()
+        run()
+        return run, time.perf_counter() - start, None
+    except Exception as e:  # noqa: BLE001  (the reason is the result)
+        return None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+
+
+def _contenders(n: int, names: list[str]):
+    q, k, v, pe, grad = _inputs(n)
+    causal_mask = None
+
+    def relattn_fn(backend: str, backward: bool):
+        def fn():
+            if backward:
+                out = relattn.attention(q, k, v, pe, backend=backend)
+                out.backward(grad)
+            else:
+                with torch.no_grad():
+                    relattn.attention(q, k, v, pe, backend=backend)
+
+        return fn
+
+    def sdpa_bias(backward: bool):
+        def fn():
+            nonlocal causal_mask
+            if causal_mask is None:
+                causal_mask = torch.ones(n, n, dtype=torch.bool).triu_(1)
+            with torch.set_grad_enabled(backward):
+                bias = pe.bias(n, n).masked_fill(causal_mask, float("-inf"))[None]
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+                if backward:
+                    out.backward(grad)
+
+        return fn
+
+    def sdpa_causal(backward: bool):
+        def fn():
+            with torch.set_grad_enabled(backward):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                if backward:
+                    out.backward(grad)
+
+        return fn
+
+    fwd, fb, notes, extra = {}, {}, {}, {}
+    for name in names:
+        if _too_big(name, n):
+            need = _QUADRATIC_COPIES[name] * B * H * n * n * 4 / 2**30
+            notes[name] = f"skipped: N² tensors need ~{need:.0f} GiB"
+            continue
+        if name in ("chunked", "reference"):
+            fwd[name], fb[name] = relattn_fn(name, False), relattn_fn(name, True)
+        elif name == "sdpa_bias":
+            fwd[name], fb[name] = sdpa_bias(False), sdpa_bias(True)
+        elif name == "sdpa_causal":
+            fwd[name], fb[name] = sdpa_causal(False), sdpa_causal(True)
+        elif name == "flex":
+            run, compile_s, why = _flex(q, k, v, pe, n)
+            if run is None:
+                notes[name] = f"failed on CPU: {why}"
+            else:
+                fwd[name] = run
+                extra[name] = {"compile_s": compile_s}
+                notes[name] = "fwd only: FlexAttention has no CPU backward"
+    return fwd, fb, notes, extra
+
+
+def _names_for(n: int, quick: bool) -> list[str]:
+    if n > 16384:
+        return ["chunked"]  # the others are quadratic in memory or too slow to be useful
+    return list(CONTENDERS)
+
+
+def _repeats_for(n: int, repeats: int) -> int:
+    return max(1, repeats if n <= 4096 else repeats // 2 if n <= 8192 else repeats // 4)
+
+
+def run(
+    ns: list[int],
+    repeats: int,
+    quick: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Time every contender at every N.
+
+    Args:
+        ns: sequence lengths.
+        repeats: timed repetitions at N <= 4096 (fewer at larger N); medians are reported.
+        quick: one repetition, no warm-up and no memory measurement (a smoke run).
+        progress: called with a line of text as each measurement finishes.
+
+    Returns:
+        One dict per (N, contender): ``n``, ``contender``, ``fwd_s``, ``fwdbwd_s``,
+        ``fwd_ratio`` and ``fwdbwd_ratio`` (to SDPA is_causal in the same run),
+        ``peak_fwd_mib``, ``peak_fwdbwd_mib``, ``compile_s`` and ``note``.
+    """
+    say = progress or (lambda line: None)
+    rows = []
+    for n in ns:
+        names = _names_for(n, quick)
+        fwd, fb, notes, extra = _contenders(n, names)
+        reps = 1 if quick else _repeats_for(n, repeats)
+        warmup = 0 if quick else 1
+        t_fwd = time_interleaved(fwd, reps, warmup=warmup)
+        say(f"N={n} fwd: {t_fwd}")
+        t_fb = time_interleaved(fb, reps, warmup=warmup)
+        say(f"N={n} fwd+bwd: {t_fb}")
+        mem_fwd, mem_fb = {}, {}
+        if not quick:
+            for name, fn in fwd.items():
+                if isinstance(t_fwd.get(name), float):
+                    mem_fwd[name] = peak_memory(fn) / 2**20
+            for name, fn in fb.items():
+                if isinstance(t_fb.get(name), float):
+                    mem_fb[name] = peak_memory(fn) / 2**20
+            say(f"N={n} peak MiB fwd {mem_fwd} fwd+bwd {mem_fb}")
+        base_f, base_fb = t_fwd.get("sdpa_causal"), t_fb.get("sdpa_causal")
+        for name in names:
+            row: dict[str, Any] = {"n": n, "contender": CONTENDERS[name], "key": name}
+            note = [notes[name]] if name in notes else []
+            for key, times, base in (("fwd", t_fwd, base_f), ("fwdbwd", t_fb, base_fb)):
+                t = times.get(name)
+                if isinstance(t, str):
+                    note.append(f"{key} failed: {t[:120]}")
+                elif t is not None:
+                    row[f"{key}_s"] = t
+                    if isinstance(base, float):
+                        row[f"{key}_ratio"] = t / base
+            row["peak_fwd_mib"] = mem_fwd.get(name)
+            row["peak_fwdbwd_mib"] = mem_fb.get(name)
+            row.update(extra.get(name, {}))
+            row["note"] = "; ".join(note) or None
+            rows.append(row)
+    return rows
+
+
+COLUMNS = [
+    ("n", "N"),
+    ("contender", "contender"),
+    ("fwd_s", "fwd s"),
+    ("fwd_ratio", "fwd ÷ SDPA causal"),
+    ("fwdbwd_s", "fwd+bwd s"),
+    ("fwdbwd_ratio", "fwd+bwd ÷ SDPA causal"),
+    ("peak_fwd_mib", "peak fwd MiB"),
+    ("peak_fwdbwd_mib", "peak fwd+bwd MiB"),
+    ("compile_s", "compile s"),
+    ("note", "note"),
+]
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    """The results of :func:`run` as a Markdown table."""
+    return markdown_table(rows, COLUMNS)
+
+
+def describe() -> str:
+    """A header line for the results: configuration and machine."""
+    info = machine_info()
+    return (
+        f"fp32, B={B}, H={H}, D={D}, causal, learnable T5Bias; CPU: {info['cpu']}, "
+        f"{info['cores']} cores ({info['torch_threads']} torch threads), torch {info['torch']}, "
+        f"Python {info['python']}, load average {info['loadavg']}"
+    )
