@@ -1,9 +1,10 @@
 """``backend="triton"``: launch code for the FlashAttention-2 kernels in ``triton_kernels``.
 
 Runs on CUDA tensors, or anywhere with ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by
-the tests). Triton reads that variable when ``@triton.jit`` runs, so the kernel module is loaded
-once per mode, on first use, rather than imported: setting the variable after ``relattn`` was
-imported still works.
+the tests). Triton reads that variable whenever ``@triton.jit`` runs: for its own library at
+``import triton``, for our kernels when their module is executed. This module is imported only
+when the backend is first asked for, and it loads the kernels on first use, once per mode, so the
+variable may be set at any time before that.
 """
 
 from __future__ import annotations
@@ -41,12 +42,24 @@ def _kernels() -> ModuleType:
     return _KERNELS[mode]
 
 
+def _library_interpreted() -> bool:
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard.zeros, InterpretedFunction)
+
+
 def unsupported(q: Tensor, k: Tensor) -> str | None:
     """None if the kernels can run on these inputs, else the reason.
 
     Args:
         q: ``(B, Hq, Nq, D)``; k: ``(B, Hkv, Nk, D)``.
     """
+    if _interpreting() and not _library_interpreted():
+        return (
+            "TRITON_INTERPRET=1 was set after triton was imported; triton reads it at import, "
+            "so set it before importing triton"
+        )
     if q.device.type != "cuda" and not _interpreting():
         return (
             f"q is on {q.device.type}; Triton kernels need CUDA tensors "

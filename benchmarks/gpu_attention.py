@@ -1,0 +1,37 @@
+"""GPU benchmark: relattn triton vs FlexAttention (score_mod) vs SDPA with the bias vs SDPA
+flash/cuDNN is_causal. Prints a Markdown table and optionally writes it to ``--out``.
+
+    python benchmarks/gpu_attention.py --out gpu.md --json gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from relattn.bench import gpu
+from relattn.bench.common import format_machine, machine_info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="bf16, two N, no memory")
+    parser.add_argument("--out", help="write the Markdown table here")
+    parser.add_argument("--json", help="write the raw rows here")
+    args = parser.parse_args(argv)
+    rows = gpu.run(quick=args.quick, progress=lambda s: print(s, file=sys.stderr))
+    info = machine_info()
+    text = f"{gpu.describe()}\n\n{format_machine(info)}\n\n{gpu.to_markdown(rows)}\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": info, "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

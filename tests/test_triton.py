@@ -1,0 +1,216 @@
+"""The Triton backend's own suite: every feature of its kernels against the reference backend and
+float64 math (conftest), run on CPU through Triton's interpreter when there is no GPU.
+
+Shapes are tiny (the interpreter runs every tile in numpy) but cross several 16×16 tiles, with
+ragged edges, so the three loop stages, the block skipping and the per-tile table reduction all
+run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+# Triton reads this when a kernel is decorated; the backend also loads its kernels per mode.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from conftest import (  # noqa: E402
+    assert_close_f64,
+    assert_flash_accuracy,
+    run_math,
+    run_relattn,
+    seed_of,
+)
+
+import relattn  # noqa: E402
+from relattn.pe import ALiBi, Kerple, OffsetBias, T5Bias  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _randomized(enc, g: torch.Generator, std: float = 1.0):
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return enc
+
+
+ENCODINGS = {
+    "none": lambda h, g: None,
+    "t5": lambda h, g: _randomized(T5Bias(h, 8, 20), g),
+    "t5_bidir": lambda h, g: _randomized(T5Bias(h, 8, 20, bidirectional=True), g),
+    "offset": lambda h, g: _randomized(OffsetBias(h, max_offset=9), g),
+    "offset_bidir": lambda h, g: _randomized(OffsetBias(h, 6, bidirectional=True), g),
+    "alibi": lambda h, g: ALiBi(h),  # fixed: closed form from slopes, no table
+    "alibi_learnable": lambda h, g: _randomized(ALiBi(h, learnable=True), g, std=0.05),
+    "kerple_log": lambda h, g: _randomized(Kerple(h, "log", r1=0.5, r2=0.7), g, std=0.5),
+    "kerple_power": lambda h, g: _randomized(Kerple(h, "power", r1=0.5, r2=0.7), g, std=0.5),
+}
+
+
+def _doc_ids(b: int, nk: int) -> torch.Tensor:
+    d = torch.zeros(b, nk, dtype=torch.long)
+    d[:, nk // 3 :] = 1
+    d[-1, 2 * nk // 3 :] = 2
+    return d
+
+
+def _padding(b: int, nk: int) -> torch.Tensor:
+    m = torch.ones(b, nk, dtype=torch.bool)
+    m[0, -7:] = False  # right padding
+    m[-1, :5] = False  # left padding, and a hole
+    m[-1, 20] = False
+    return m
+
+
+# name: (encoding, (B, Hq, Hkv, Nq, Nk, D), attention kwargs)
+CASES = {
+    "t5_gqa_ragged": ("t5", (2, 4, 2, 37, 37, 16), {}),
+    "offset_mqa": ("offset", (1, 4, 1, 24, 24, 16), {}),
+    "alibi_fixed": ("alibi", (2, 2, 2, 33, 33, 16), {}),
+    "alibi_learnable": ("alibi_learnable", (1, 2, 1, 33, 33, 16), {}),
+    "kerple_log": ("kerple_log", (1, 2, 2, 29, 29, 16), {}),
+    "kerple_power": ("kerple_power", (1, 2, 2, 29, 29, 16), {}),
+    "none_d32": ("none", (1, 2, 2, 50, 50, 32), {}),
+    "long_n128": ("t5", (1, 1, 1, 128, 128, 16), {}),
+    "decode_q_offset": ("t5", (1, 2, 1, 13, 40, 16), {"q_offset": 27}),
+    "negative_q_offset": ("offset", (2, 2, 2, 20, 30, 16), {"q_offset": -5}),
+    "nq_gt_nk": ("t5", (1, 2, 2, 30, 20, 16), {"q_offset": 3}),
+    "bidirectional": ("t5_bidir", (1, 2, 1, 35, 35, 16), {"causal": False}),
+    "bidir_offset": ("offset_bidir", (1, 2, 2, 20, 33, 16), {"causal": False, "q_offset": 6}),
+    "window": ("alibi_learnable", (1, 2, 2, 45, 45, 16), {"window": 9}),
+    "window_bidir": ("offset_bidir", (1, 2, 2, 40, 40, 16), {"causal": False, "window": 7}),
+    "doc_ids": ("t5", (2, 2, 1, 40, 40, 16), {"doc_ids": _doc_ids}),
+    "key_padding": ("kerple_log", (2, 2, 2, 36, 36, 16), {"key_padding_mask": _padding}),
+    "doc_pad_window": (
+        "alibi",
+        (2, 2, 2, 40, 40, 16),
+        {"doc_ids": _doc_ids, "key_padding_mask": _padding, "window": 12},
+    ),
+}
+
+
+def make_case(name: str, dtype: torch.dtype = torch.float32):
+    enc_name, (b, hq, hkv, nq, nk, d), kw = CASES[name]
+    g = torch.Generator().manual_seed(seed_of("triton", name))
+    kw = {k: (v(b, nk) if callable(v) else v) for k, v in kw.items()}
+    q = torch.randn(b, hq, nq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
+    grad_out = torch.randn(b, hq, nq, d, generator=g).to(dtype)
+    return q, k, v, ENCODINGS[enc_name](hq, g), grad_out, kw
+
+
+def triton_run(q, k, v, pe, grad_out, kw) -> dict[str, torch.Tensor]:
+    """relattn with backend="triton" on DEVICE (the interpreter on CPU); results on the CPU."""
+    move = lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t
+    pe = copy.deepcopy(pe).to(DEVICE) if pe is not None else None
+    kw = {n: move(t) for n, t in kw.items()}
+    res = run_relattn(move(q), move(k), move(v), pe, move(grad_out), "triton", **kw)
+    return {n: t.detach().cpu() for n, t in res.items()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_and_float64(name):
+    q, k, v, pe, grad_out, kw = make_case(name)
+    got = triton_run(q, k, v, pe, grad_out, kw)
+    ref = run_relattn(q, k, v, pe, grad_out, "reference", **kw)
+    truth = run_math(q, k, v, pe, grad_out, torch.float64, **kw)
+    assert_close_f64(got, truth, label="triton vs float64: ")
+    assert_close_f64(got, ref, label="triton vs reference: ")
+
+
+def test_rows_without_keys_are_zero_not_nan():
+    """q_offset < 0 hides every key from the first rows; a fully padded batch row hides all."""
+    q, k, v, pe, grad_out, kw = make_case("negative_q_offset")
+    pad = torch.ones(q.shape[0], k.shape[2], dtype=torch.bool)
+    pad[1] = False
+    got = triton_run(q, k, v, pe, grad_out, {"key_padding_mask": pad, **kw})
+    for name, t in got.items():
+        assert torch.isfinite(t).all(), name
+    assert torch.equal(got["out"][:, :, :5], torch.zeros_like(got["out"][:, :, :5]))
+    assert torch.equal(got["out"][1], torch.zeros_like(got["out"][1]))
+    assert torch.equal(got["q"][1], torch.zeros_like(got["q"][1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["t5_gqa_ragged", "window", "alibi_fixed"])
+def test_low_precision_accuracy(name, dtype):
+    """FlashAttention's criterion: error vs float64 at most 2× naive attention in the dtype."""
+    q, k, v, pe, grad_out, kw = make_case(name, dtype)
+    got = triton_run(q, k, v, pe, grad_out, kw)
+    assert got["out"].dtype == dtype
+    truth = run_math(q, k, v, pe, grad_out, torch.float64, **kw)
+    naive = run_math(q, k, v, pe, grad_out, dtype, **kw)
+    assert_flash_accuracy(got, naive, truth, dtype, label=f"triton {dtype}: ")
+
+
+@pytest.mark.parametrize("name", ["t5_gqa_ragged", "bidir_offset", "doc_pad_window"])
+def test_deterministic_gradients_are_bit_identical(name):
+    q, k, v, pe, grad_out, kw = make_case(name)
+    fast = triton_run(q, k, v, pe, grad_out, kw)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = triton_run(q, k, v, pe, grad_out, kw)
+        second = triton_run(q, k, v, pe, grad_out, kw)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for n in first:
+        assert torch.equal(first[n], second[n]), f"{n} differs between deterministic runs"
+    # The deterministic table gradient (per-band sums) agrees with the atomic one.
+    assert_close_f64(first, fast, label="deterministic vs atomic: ")
+
+
+def test_table_gradient_of_clipped_offsets():
+    """Far offsets share OffsetBias's last column: its gradient sums every far diagonal."""
+    q, k, v, _, grad_out, kw = make_case("long_n128")
+    pe = _randomized(OffsetBias(1, max_offset=3), torch.Generator().manual_seed(3))
+    got = triton_run(q, k, v, pe, grad_out, {})
+    truth = run_math(q, k, v, pe, grad_out, torch.float64)
+    assert_close_f64(got, truth, label="triton vs float64: ")
+
+
+def test_unsupported_reasons(monkeypatch):
+    from relattn.backends import triton_backend
+
+    q = torch.zeros(1, 1, 4, 16)
+    assert triton_backend.unsupported(q.to(DEVICE), q.to(DEVICE)) is None
+    assert "dtype" in triton_backend.unsupported(q.double(), q.double())
+    big = torch.zeros(1, 1, 4, 256)
+    assert "head dim" in triton_backend.unsupported(big, big)
+    monkeypatch.setattr(triton_backend, "_interpreting", lambda: False)
+    assert "CUDA" in triton_backend.unsupported(q, q)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run"):
+        relattn.attention(q, q, q, backend="triton")
+
+
+def test_explicit_backend_error_names_the_reason():
+    q = torch.zeros(1, 1, 4, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(RuntimeError, match="float64"):
+        relattn.attention(q, q, q, backend="triton")
+
+
+def test_kernels_follow_the_interpreter_setting():
+    """The kernel module is loaded per mode, so TRITON_INTERPRET set after import still works."""
+    import triton
+
+    from relattn.backends import triton_backend
+
+    mod = triton_backend._kernels()
+    assert mod._INTERPRET == bool(triton.knobs.runtime.interpret)
+
+
+def test_gpu_benchmark_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the benchmark would run")
+    from relattn.bench import gpu
+
+    with pytest.raises(RuntimeError, match="CUDA"):
+        gpu.run(quick=True)
