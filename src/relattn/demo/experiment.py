@@ -125,7 +125,7 @@ def run(
     log(
         f"corpus: {corpus.source}: {corpus.train_files} training files "
         f"({corpus.train.numel()} bytes), {corpus.heldout_files} held-out files "
-        f"(evaluating on {total} bytes)"
+        f"(evaluating on {total} bytes); torch threads: {torch.get_num_threads()}"
     )
     results["protocol"] = report.PROTOCOL.format(context=settings.context, total=total)
     results["torch_threads"] = torch.get_num_threads()
@@ -187,4 +187,7 @@ def _plots(
     weights = {n: probe.attention_map(m, sample, layer, head) for n, m in models.items()}
     if plots.plot_attention(weights, layer, head, settings.context, out / "attention.png"):
         images["attention"] = "attention.png"
+    for key in ("perplexity", "tables", "attention"):  # no stale figure from an earlier run
+        if key not in images:
+            (out / f"{key}.png").unlink(missing_ok=True)
     return images
