@@ -110,11 +110,6 @@ def test_gradcheck_bidirectional_gqa_docs():
     assert torch.autograd.gradcheck(f, (q, k, v, table), fast_mode=True)
 
 
-@pytest.mark.xfail(
-    reason="ops._why_not imports the backend with importlib, which dynamo will not trace; "
-    "needs the core fix (assume_constant_result on _why_not)",
-    strict=False,
-)
 def test_compile_fullgraph():
     class Block(torch.nn.Module):
         def __init__(self):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 
@@ -17,6 +18,7 @@ PE = PositionEncoding | RoPE | Sequence[PositionEncoding | RoPE] | None
 
 # Below this many scores per head the materializing reference is the fastest path on CPU.
 _TINY = 64 * 64
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def attention(
@@ -130,9 +132,7 @@ def _prepare(q, k, v, pe, causal, scale, q_offset, window, doc_ids, key_padding_
             raise ValueError(f"{name} must be on q's device {q.device}; got {t.device}")
     b, hq, nq, d = q.shape
     if k.shape[0] != b or v.shape[0] != b:
-        raise ValueError(
-            f"k and v must have q's batch size {b}; got k {_shape(k)}, v {_shape(v)}"
-        )
+        raise ValueError(f"k and v must have q's batch size {b}; got k {_shape(k)}, v {_shape(v)}")
     if k.shape[3] != d:
         raise ValueError(f"k must have q's head dim D={d}; got k {_shape(k)}")
     if v.shape[1:3] != k.shape[1:3] or v.shape[3] != d:
@@ -141,9 +141,7 @@ def _prepare(q, k, v, pe, causal, scale, q_offset, window, doc_ids, key_padding_
         )
     hkv, nk = k.shape[1], k.shape[2]
     if hkv == 0 or hq % hkv:
-        raise ValueError(
-            f"q's head count Hq must be a multiple of k's Hkv; got Hq={hq}, Hkv={hkv}"
-        )
+        raise ValueError(f"q's head count Hq must be a multiple of k's Hkv; got Hq={hq}, Hkv={hkv}")
     if nq == 0 or nk == 0 or d == 0:
         raise ValueError(
             f"q and k must be non-empty (Nq, Nk, D >= 1); got q {_shape(q)}, k {_shape(k)}"
@@ -154,9 +152,7 @@ def _prepare(q, k, v, pe, causal, scale, q_offset, window, doc_ids, key_padding_
         raise TypeError(f"q_offset must be an int; got {type(q_offset).__name__} {q_offset!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(
-        scale
-    ):
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None; got {scale!r}")
     scale = float(scale)
     if window is None:
@@ -213,8 +209,7 @@ def _split_pe(pe, hq: int) -> tuple[RoPE | None, list[PositionEncoding]]:
         elif isinstance(item, PositionEncoding):
             if item.num_heads != hq:
                 raise ValueError(
-                    f"pe {type(item).__name__} has num_heads={item.num_heads}; "
-                    f"q has Hq={hq} heads"
+                    f"pe {type(item).__name__} has num_heads={item.num_heads}; q has Hq={hq} heads"
                 )
             additive.append(item)
         else:
@@ -236,6 +231,11 @@ def _table(additive: list[PositionEncoding], lo: int, hi: int) -> Tensor | None:
 def _choose(backend: str, q: Tensor, k: Tensor) -> str:
     if not isinstance(backend, str) or backend not in backends.names():
         raise ValueError(f"backend must be one of {backends.names()}; got {backend!r}")
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace imports: decide from static facts; the custom op itself checks.
+        if backend != "auto":
+            return backend
+        return "triton" if q.device.type == "cuda" and _TRITON_INSTALLED else "chunked"
     if backend != "auto":
         if backend != "reference":
             reason = _why_not(backend, q, k)
