@@ -63,6 +63,38 @@ class _Bar:
         self.bar.close()
 
 
+def _measure(ns: list[int] | None, args: argparse.Namespace) -> tuple[list[tuple], str]:
+    """Run the CPU (and, with CUDA, GPU) benchmarks.
+
+    Returns:
+        ``[(title, description, markdown table), ...]`` and the machine as a Markdown list.
+    """
+    import torch
+
+    from ..bench import common, cpu
+
+    if ns is None:
+        ns = QUICK_NS if args.quick else DEFAULT_NS
+    repeats = args.repeats or (1 if args.quick else DEFAULT_REPEATS)
+    bar = _Bar(len(ns) * (2 if args.quick else 3), "cpu")  # fwd, fwd+bwd (and memory)
+    try:
+        rows = cpu.run(ns, repeats, quick=args.quick, progress=bar)
+    finally:
+        bar.close()
+    sections = [("CPU", cpu.describe(), cpu.to_markdown(rows))]
+    if not args.no_gpu and torch.cuda.is_available():
+        from ..bench import gpu
+
+        steps = len(gpu.HEAD_DIMS) * (2 if args.quick else len(gpu.DTYPES) * len(gpu.NS))
+        bar = _Bar(steps, "gpu")
+        try:
+            rows = gpu.run(quick=args.quick, progress=bar)
+        finally:
+            bar.close()
+        sections.append(("GPU", gpu.describe(), gpu.to_markdown(rows)))
+    return sections, common.format_machine(common.machine_info())
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmarks and print (and optionally write) the tables."""
     import torch
@@ -78,32 +110,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser() if args.out else None
     if out is not None and (out.is_dir() or not out.parent.exists()):
         raise CLIError(f"--out {args.out!r} must be a file in an existing directory")
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or available_cores())
-
-    from ..bench import common, cpu
-
-    if ns is None:
-        ns = QUICK_NS if args.quick else DEFAULT_NS
-    repeats = args.repeats or (1 if args.quick else DEFAULT_REPEATS)
-    sections = []
-    bar = _Bar(len(ns) * (2 if args.quick else 3), "cpu")  # fwd, fwd+bwd (and memory)
     try:
-        rows = cpu.run(ns, repeats, quick=args.quick, progress=bar)
-    finally:
-        bar.close()
-    sections.append(("CPU", cpu.describe(), cpu.to_markdown(rows)))
-    if not args.no_gpu and torch.cuda.is_available():
-        from ..bench import gpu
-
-        steps = len(gpu.HEAD_DIMS) * (2 if args.quick else len(gpu.DTYPES) * len(gpu.NS))
-        bar = _Bar(steps, "gpu")
-        try:
-            rows = gpu.run(quick=args.quick, progress=bar)
-        finally:
-            bar.close()
-        sections.append(("GPU", gpu.describe(), gpu.to_markdown(rows)))
-    machine = common.machine_info()
-    text = "# relattn bench\n\n" + common.format_machine(machine) + "\n"
+        sections, machine = _measure(ns, args)
+    finally:  # in-process callers (tests, notebooks) get their setting back
+        torch.set_num_threads(previous_threads)
+    text = "# relattn bench\n\n" + machine + "\n"
     for title, about, table in sections:
         text += f"\n## {title}\n\n{about}\n\n{table.rstrip()}\n"
     print(text)

@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out {args.out!r} exists and is not a directory")
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or default_threads())
     try:
         results, summary = experiment.run(settings, out, resume=args.resume)
@@ -123,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         raise
+    finally:  # in-process callers (tests, notebooks) get their setting back
+        torch.set_num_threads(previous_threads)
     print(f"\nHeld-out perplexity per byte (trained at N={settings.context}):\n")
     print(_table(results, settings.encodings))
     print(f"\nReport: {out / 'report.md'} (also report.html, results.json, plots, checkpoints/)")
