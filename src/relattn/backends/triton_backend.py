@@ -172,7 +172,7 @@ def forward(
                 q_offset, window)  # fmt: skip
     out = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=q.device)
     lse = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=q.device)
-    grid = lambda meta: (triton.cdiv(a.nq, meta["BLOCK_M"]), a.b * a.hq)
+    grid = lambda meta: (triton.cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
     K.attn_fwd[grid](
         a.q, a.k, a.v, out, lse, a.table, a.slopes, *a.masks(), a.kv_bounds,
         *a.strides(a.q, a.k, a.v, out), a.table.stride(0),
@@ -211,14 +211,15 @@ def backward(
     dev = q.device
     delta = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
     pre = 16 if _interpreting() else 64
-    K.bwd_preprocess[(triton.cdiv(a.nq, pre), a.b * a.hq)](
+    K.bwd_preprocess[(triton.cdiv(a.nq, pre), a.hq, a.b)](
         out, grad_out, delta, *a.strides(out, grad_out), a.hq, a.nq,
         HEAD_DIM=a.d, BLOCK_D=a.flags["BLOCK_D"], BLOCK_M=pre,
     )  # fmt: skip
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     atomic = a.has_table and not deterministic
-    dtable = torch.zeros((a.hq, a.t), dtype=torch.float32, device=dev) if atomic else a.table
+    # Without atomics DTable is a placeholder; it must not alias the table (autotuning zeroes it).
+    dtable = torch.zeros((a.hq, a.t) if atomic else (1,), dtype=torch.float32, device=dev)
     dq = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=dev)
     dk = torch.empty((a.b, a.hkv, a.nk, a.d), dtype=k.dtype, device=dev)
     dv = torch.empty((a.b, a.hkv, a.nk, a.d), dtype=v.dtype, device=dev)
@@ -228,13 +229,13 @@ def backward(
     shape = (a.nq, a.nk, a.t, lo, q_offset, window, scale * _LOG2E, scale)
     # dq first: it sees whole rows and leaves each row's renormalization factor in inv.
     inv = torch.empty_like(delta)
-    grid_q = lambda meta: (triton.cdiv(a.nq, meta["BLOCK_M"]), a.b * a.hq)
+    grid_q = lambda meta: (triton.cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
     K.attn_bwd_dq[grid_q](
         a.q, a.k, a.v, grad_out, lse, delta, inv, dq, a.table, a.slopes, *a.masks(),
         a.kv_bounds, *common, a.hq, a.hq // a.hkv, *shape,
         HAS_TABLE=a.has_table, HAS_SLOPES=a.has_slopes, **a.flags,
     )  # fmt: skip
-    grid_kv = lambda meta: (triton.cdiv(a.nk, meta["BLOCK_N"]), a.b * a.hkv)
+    grid_kv = lambda meta: (triton.cdiv(a.nk, meta["BLOCK_N"]), a.hkv, a.b)
     K.attn_bwd_dkdv[grid_kv](
         a.q, a.k, a.v, grad_out, lse, delta, inv, dk, dv, a.table, dtable, a.slopes,
         *a.masks(), a.kv_bounds, *common, a.hq, a.hkv, a.hq // a.hkv, *shape,
@@ -256,7 +257,7 @@ def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, inv, comm
         (a.b * a.hq, num_bands, 2 * block), dtype=torch.float32, device=a.q.device
     )
     flags = {f: a.flags[f] for f in a.flags if f not in ("HAS_TABLE", "HAS_SLOPES")}
-    K.attn_bwd_table_bands[(num_bands, a.b * a.hq)](
+    K.attn_bwd_table_bands[(num_bands, a.hq, a.b)](
         a.q, a.k, a.v, grad_out, lse, delta, inv, a.table, partial, *a.masks(), *common,
         a.hq, a.hq // a.hkv, a.nq, a.nk, a.t, a.lo, a.q_offset, a.window, a.scale * _LOG2E,
         num_bands, band_min, BLOCK=block, num_warps=4, **flags,

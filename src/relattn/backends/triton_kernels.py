@@ -262,11 +262,11 @@ def attn_fwd(Q, K, V, Out, Lse, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
              WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
              HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """One program per (query block, batch·head): out (B, Hq, Nq, D) and lse (B, Hq, Nq)."""
+    """One program per (query block, head, batch): out (B, Hq, Nq, D) and lse (B, Hq, Nq)."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * Hq + h
     hk = h // group  # GQA: kv head read in place, never repeated
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -337,9 +337,9 @@ def bwd_preprocess(Out, dOut, Delta, stride_ob, stride_oh, stride_on,
                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
     """``Delta = rowsum(dO · O)`` (B, Hq, Nq) in float32."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * Hq + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, stride_on, Nq, offs_d,
@@ -420,14 +420,14 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
                   HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """One program per (key block, batch·kv head): dk, dv summed over the kv head's query heads
+    """One program per (key block, kv head, batch): dk, dv summed over the kv head's query heads
     (no atomics), and, unless deterministic, the table gradient added per tile diagonal.
     dK, dV are contiguous (B, Hkv, Nk, D)."""
     tl.static_assert(BLOCK_M <= BLOCK_N + 1)
     pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = bhk // Hkv
-    hk = bhk % Hkv
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    bhk = b * Hkv + hk
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -539,12 +539,12 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, Delta, Inv, dQ, Table, Slopes, DocStart, Doc
                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """One program per (query block, batch·head); the key loop mirrors the forward's.
+    """One program per (query block, head, batch); the key loop mirrors the forward's.
     dQ is contiguous (B, Hq, Nq, D)."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * Hq + h
     hk = h // group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -618,7 +618,7 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
                          WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr,
                          UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                          BLOCK: tl.constexpr):  # fmt: skip
-    """Deterministic table gradient: one program per (block diagonal d = m - n, batch·head).
+    """Deterministic table gradient: one program per (block diagonal d = m - n, head, batch).
 
     Every tile on a block diagonal covers the same offsets ``q_offset + d·BLOCK + (-BLOCK, BLOCK)``,
     so the program sums its tiles' diagonal sums in registers, in a fixed order, and writes
@@ -626,9 +626,9 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
     neighbouring bands and batches in a fixed order. Recomputes p and dp (two extra dots a tile).
     """
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // Hq
-    h = bh % Hq
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * Hq + h
     hk = h // group
     d = band_min + pid
     delta0 = q_offset + d * BLOCK
