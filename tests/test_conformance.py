@@ -214,6 +214,7 @@ SHAPE_GRID = [
     pytest.param(be, enc, mask, sh, id=f"{be}-{enc}-{mask}-{sh}")
     for be in BACKENDS
     for sh in _shapes(be)
+    if sh != MAIN_SHAPE.get(be, "gqa_odd")  # the main shape is in GRID already
     for enc in ("none", "t5", "alibi", "rope+t5")
     for mask in ("causal", "q_offset", "bidirectional")
 ]
@@ -246,14 +247,19 @@ def test_low_precision_accuracy(backend, enc_name, mask_name, dtype):
 # ----------------------------------------------------------------------------- extra cases
 
 
+# Heads for the 16k-key test; the Triton interpreter walks every key block of every head.
+ALIBI_16K_HEADS = {"triton": 2}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_alibi_16k_decoding_rows(backend):
     """ALiBi at Nk = 16384: the last rows against every key (offsets up to 16383; the largest
-    |PE| is 64 for one head, 8192 for the steepest of 8); checked against float64 math."""
+    |PE| is 64 for the gentlest head, 8192 for the steepest of 8); against float64 math."""
     nk, nq, d = 16384, 3, 16
+    h = ALIBI_16K_HEADS.get(backend, 8)
     g = torch.Generator().manual_seed(7)
-    pe = ALiBi(8)
-    q = torch.randn(1, 8, nq, d, generator=g)
+    pe = ALiBi(h)
+    q = torch.randn(1, h, nq, d, generator=g)
     k = torch.randn(1, 1, nk, d, generator=g)
     v = torch.randn(1, 1, nk, d, generator=g)
     out = relattn.attention(q, k, v, pe, q_offset=nk - nq, backend=backend)

@@ -137,9 +137,12 @@ def test_each_row_reads_exactly_its_keys(backend, window):
         expected = torch.zeros(n, dtype=torch.bool)
         expected[first : i + 1] = True
         assert torch.equal(dv[0, 0].abs().sum(-1) != 0, expected), i
-        # a row with one visible key has weight 1 whatever its score: no gradient to k
-        expected_k = expected if i + 1 - first > 1 else torch.zeros_like(expected)
-        assert torch.equal(dk[0, 0].abs().sum(-1) != 0, expected_k), i
+        # keys the row does not see get exactly zero gradient
+        assert torch.equal(dk[0, 0, ~expected], torch.zeros_like(dk[0, 0, ~expected])), i
+        if i + 1 - first > 1:
+            assert (dk[0, 0, expected].abs().sum(-1) > 0).all(), i
+        else:  # one visible key has weight 1 whatever its score (up to rounding in a backward)
+            assert dk.abs().max() < 1e-5, i
 
 
 # ----------------------------------------------------------------------------- weights

@@ -287,6 +287,7 @@ def _backends_xfail_reference_on_v():
     return out
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the Triton interpreter
 @pytest.mark.parametrize("backend, where", _backends_xfail_reference_on_v())
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_key_reaches_only_rows_that_see_it(backend, where, value):
