@@ -22,6 +22,11 @@ from collections.abc import Callable  # noqa: E402
 import numpy as np  # noqa: E402
 
 import relattn  # noqa: E402
+
+# pytest-xdist runs one worker per core: a worker using every core's threads fights the others
+# (tiny ops become up to 200x slower), so each worker uses one thread.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 from relattn.pe import ALiBi, Kerple, OffsetBias, RoPE, T5Bias  # noqa: E402
 
 # Every backend the suites run. A new backend joins every suite by adding its name here.
@@ -102,12 +107,13 @@ def pe_bias(enc, leaves: dict[str, torch.Tensor], delta: torch.Tensor, dtype) ->
         m = leaves["_slopes"] if enc.learnable else enc.slopes.detach().to(dtype)
         return -per_head(m, d) * d.abs()
     if isinstance(enc, Kerple):
-        r1 = per_head(torch.log1p(torch.exp(leaves["raw_r1"])), d)  # softplus
+        floor = 1e-4  # Kerple keeps r1, r2 >= 1e-4 (see relattn.pe.kerple)
+        r1 = floor + per_head(torch.log1p(torch.exp(leaves["raw_r1"])), d)  # softplus
         raw2 = per_head(leaves["raw_r2"], d)
         a = d.abs()
         if enc.kind == "log":
-            return -r1 * torch.log1p(torch.log1p(torch.exp(raw2)) * a)
-        r2 = 2.0 / (1.0 + torch.exp(-raw2))  # 2·sigmoid
+            return -r1 * torch.log1p((floor + torch.log1p(torch.exp(raw2))) * a)
+        r2 = floor + (2.0 - floor) / (1.0 + torch.exp(-raw2))  # floor + (2 - floor)·sigmoid
         # |Δ|^r2, with 0^r2 = 0 and no NaN gradient at |Δ| = 0
         pos = torch.where(a > 0, a, torch.ones_like(a))
         return -r1 * torch.where(a > 0, torch.exp(r2 * torch.log(pos)), torch.zeros_like(a))

@@ -201,12 +201,6 @@ def test_kerple_parameters_stay_valid_after_a_huge_step(kind, sign):
         assert torch.isfinite(p).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core: Kerple's softplus / 2·sigmoid underflow to exactly 0 in float32 once a large "
-    "step drives raw_r1 / raw_r2 below about -104 (r1 = 0, r2 = 0: the kernel is degenerate "
-    "and its gradient is 0 forever), so positivity is not kept by the parametrisation alone",
-)
 @pytest.mark.parametrize("kind", ["log", "power"])
 def test_kerple_parameters_stay_strictly_positive_after_a_huge_step(kind):
     enc = _huge_step(kind, -1.0)

@@ -10,6 +10,10 @@ from torch import Tensor, nn
 
 from .base import PositionEncoding, check_num_heads, offsets
 
+# A floor under r1 and r2: softplus and sigmoid underflow to exactly 0 in float32 after a large
+# optimizer step, which would leave a degenerate kernel with zero gradient for good.
+_FLOOR = 1e-4
+
 
 def _inv_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
@@ -21,8 +25,9 @@ class Kerple(PositionEncoding):
     - ``kind="log"``: ``PE = -r1 · log(1 + r2 · |Δ|)``
     - ``kind="power"``: ``PE = -r1 · |Δ|^r2`` with ``0 < r2 <= 2``
 
-    Positivity is kept by the parametrisation (softplus, and ``2·sigmoid`` for the power
-    kernel's exponent), so any optimizer step leaves a valid kernel.
+    Positivity is kept by the parametrisation (``1e-4 + softplus``, and
+    ``1e-4 + (2 - 1e-4)·sigmoid`` for the power kernel's exponent), so any optimizer step leaves a
+    valid kernel.
 
     Args:
         num_heads: H.
@@ -42,21 +47,27 @@ class Kerple(PositionEncoding):
         if kind == "log" and not r2 > 0:
             raise ValueError(f"r2 must be > 0; got {r2!r}")
         self.kind = kind
-        self.raw_r1 = nn.Parameter(torch.full((num_heads,), _inv_softplus(r1)))
-        raw2 = math.log(r2 / (2 - r2)) if kind == "power" else _inv_softplus(r2)
+        if r1 <= _FLOOR or r2 <= _FLOOR:
+            raise ValueError(f"r1 and r2 must be > {_FLOOR}; got r1={r1!r}, r2={r2!r}")
+        self.raw_r1 = nn.Parameter(torch.full((num_heads,), _inv_softplus(r1 - _FLOOR)))
+        if kind == "power":
+            unit = (r2 - _FLOOR) / (2 - _FLOOR)
+            raw2 = math.log(unit / (1 - unit))
+        else:
+            raw2 = _inv_softplus(r2 - _FLOOR)
         self.raw_r2 = nn.Parameter(torch.full((num_heads,), raw2))
 
     @property
     def r1(self) -> Tensor:
         """Per-head ``r1 > 0``, shape ``(H,)``."""
-        return F.softplus(self.raw_r1)
+        return _FLOOR + F.softplus(self.raw_r1)
 
     @property
     def r2(self) -> Tensor:
         """Per-head ``r2`` (``> 0``; ``<= 2`` for the power kernel), shape ``(H,)``."""
         if self.kind == "power":
-            return 2.0 * torch.sigmoid(self.raw_r2)
-        return F.softplus(self.raw_r2)
+            return _FLOOR + (2.0 - _FLOOR) * torch.sigmoid(self.raw_r2)
+        return _FLOOR + F.softplus(self.raw_r2)
 
     def table(self, lo: int, hi: int) -> Tensor:
         d = offsets(lo, hi, device=self.raw_r1.device).abs().to(self.raw_r1.dtype).unsqueeze(0)
