@@ -38,8 +38,9 @@ def fused_attention(
 
 
 @fused_attention.register_fake
-def _(q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window,
-      backend):
+def _(
+    q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window, backend
+):
     b, h, n, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.float32)
 
@@ -65,8 +66,21 @@ def fused_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dq, dk, dv, dtable)``; dtable is an empty tensor when table is None."""
     dq, dk, dv, dtable = backends.load(backend).backward(
-        grad_out, q, k, v, out, lse, table, slopes, doc_ids, key_padding_mask,
-        lo, scale, causal, q_offset, window,
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        table,
+        slopes,
+        doc_ids,
+        key_padding_mask,
+        lo,
+        scale,
+        causal,
+        q_offset,
+        window,
     )
     if dtable is None:
         dtable = q.new_empty((0,), dtype=torch.float32)
@@ -74,9 +88,27 @@ def fused_attention_backward(
 
 
 @fused_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, table, slopes, doc_ids, key_padding_mask, lo, scale, causal,
-      q_offset, window, backend):
-    dtable = torch.empty_like(table) if table is not None else q.new_empty((0,), dtype=torch.float32)
+def _(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    table,
+    slopes,
+    doc_ids,
+    key_padding_mask,
+    lo,
+    scale,
+    causal,
+    q_offset,
+    window,
+    backend,
+):
+    dtable = (
+        torch.empty_like(table) if table is not None else q.new_empty((0,), dtype=torch.float32)
+    )
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dtable
 
 

@@ -1,6 +1,7 @@
 """Which keys a query sees, described by positions and ids (never an N×N input tensor).
 
-Query row r sits at position ``q_offset + r``, key column c at position ``c``; ``Δ = q_offset + r - c``.
+Query row r sits at position ``q_offset + r``, key column c at position ``c``;
+``Δ = q_offset + r - c``.
 Key c is visible to row r iff all of:
 
 - causal:            ``Δ >= 0``
@@ -46,9 +47,7 @@ def visible(
     return m
 
 
-def offset_range(
-    nq: int, nk: int, causal: bool, q_offset: int, window: int
-) -> tuple[int, int]:
+def offset_range(nq: int, nk: int, causal: bool, q_offset: int, window: int) -> tuple[int, int]:
     """The smallest and largest offset of any visible pair (``lo <= hi`` always; a range whose
     offsets are all masked is returned as a single column, never read)."""
     lo, hi = q_offset - (nk - 1), q_offset + nq - 1

@@ -35,7 +35,8 @@ def scores_and_weights(
     nq, nk = q.shape[2], k.shape[2]
     dot = q.to(compute) @ k.transpose(-1, -2)  # q_i · k_j
     scores = scale * dot
-    delta = q_offset + torch.arange(nq, device=q.device)[:, None] - torch.arange(nk, device=q.device)
+    rows = torch.arange(nq, device=q.device)[:, None]
+    delta = q_offset + rows - torch.arange(nk, device=q.device)  # Δ = i - j
     if table is not None:
         t = table.to(compute)
         column = (delta - lo).clamp(0, t.shape[1] - 1)  # masked pairs may fall off the table

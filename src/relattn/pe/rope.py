@@ -44,9 +44,7 @@ class RoPE(nn.Module):
             Tensor of the same shape and dtype as ``x``.
         """
         if x.dim() != 4 or x.shape[-1] != self.head_dim:
-            raise ValueError(
-                f"x must have shape (B, H, N, {self.head_dim}); got {tuple(x.shape)}"
-            )
+            raise ValueError(f"x must have shape (B, H, N, {self.head_dim}); got {tuple(x.shape)}")
         n = x.shape[2]
         if isinstance(positions, int):
             pos = torch.arange(positions, positions + n, device=x.device)
