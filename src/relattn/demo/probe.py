@@ -46,11 +46,8 @@ def layer_qk(model: nn.Module, idx: Tensor, layer: int) -> tuple[Tensor, Tensor]
         model.train(was_training)
     finally:
         handle.remove()
-    x = captured[0]
-    b, n, _ = x.shape
-    h, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    q, k, _ = attn.qkv(x).split([h * d, hkv * d, hkv * d], dim=-1)
-    return q.view(b, n, h, d).transpose(1, 2), k.view(b, n, hkv, d).transpose(1, 2)
+    q, k, _ = attn.project(captured[0])
+    return q, k
 
 
 @torch.no_grad()

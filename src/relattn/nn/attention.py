@@ -130,6 +130,23 @@ class RelativeSelfAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The fused projection split into heads, before RoPE.
+
+        Args:
+            x: ``(B, N, d_model)``.
+
+        Returns:
+            ``q: (B, H, N, D)``, ``k: (B, Hkv, N, D)``, ``v: (B, Hkv, N, D)``.
+        """
+        b, n, _ = x.shape
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([h * d, hkv * d, hkv * d], dim=-1)
+        q = q.view(b, n, h, d).transpose(1, 2)
+        k = k.view(b, n, hkv, d).transpose(1, 2)
+        v = v.view(b, n, hkv, d).transpose(1, 2)
+        return q, k, v
+
     def forward(
         self,
         x: Tensor,
@@ -161,11 +178,7 @@ class RelativeSelfAttention(nn.Module):
         if x.shape[1] == 0:
             raise ValueError(f"x must hold at least one token; got shape {tuple(x.shape)}")
         b, n, _ = x.shape
-        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([h * d, hkv * d, hkv * d], dim=-1)
-        q = q.view(b, n, h, d).transpose(1, 2)  # (B, H, N, D)
-        k = k.view(b, n, hkv, d).transpose(1, 2)  # (B, Hkv, N, D)
-        v = v.view(b, n, hkv, d).transpose(1, 2)
+        q, k, v = self.project(x)
 
         if window is not None and (
             isinstance(window, bool) or not isinstance(window, int) or window < 1
@@ -210,7 +223,7 @@ class RelativeSelfAttention(nn.Module):
             doc_ids=doc_ids,
             key_padding_mask=key_padding_mask,
         )
-        y = y.transpose(1, 2).reshape(b, n, h * d)
+        y = y.transpose(1, 2).reshape(b, n, self.d_model)
         return self.dropout(self.out_proj(y))
 
     def extra_repr(self) -> str:
