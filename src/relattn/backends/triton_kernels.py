@@ -126,6 +126,21 @@ def _visible(r, c, delta, Nq, Nk, window, doc_lo, doc_hi, kp,
 
 
 @triton.jit
+def _hide(s, delta, offs_m, offs_n, Kpm_row, doc_lo, doc_hi, Nq, Nk, window,
+          MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+          HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr):  # fmt: skip
+    """Scores of a (queries × keys) tile with the pairs hidden by the masks set to -inf.
+    ``Kpm_row`` points at this batch's key_padding_mask row (read only with HAS_KPM)."""
+    kp = offs_n
+    if HAS_KPM:
+        kp = tl.load(Kpm_row + offs_n, mask=offs_n < Nk, other=0)
+    vis = _visible(offs_m[:, None], offs_n[None, :], delta, Nq, Nk, window,
+                   doc_lo[:, None], doc_hi[:, None], kp[None, :],
+                   MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
+    return tl.where(vis, s, float("-inf"))
+
+
+@triton.jit
 def _stages(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
     """Block indices of the three stages for indices ``lo..hi`` (some pair visible) of which
     ``full_lo..full_hi`` are visible to every pair: returns (begin, mid_begin, mid_end, end);
@@ -233,13 +248,8 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_be
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
                           T, qk_scale, HAS_TABLE, HAS_SLOPES)  # fmt: skip
         if NEED_MASK:
-            kp = offs_n
-            if HAS_KPM:
-                kp = tl.load(Kpm_row + offs_n, mask=offs_n < Nk, other=0)
-            vis = _visible(offs_m[:, None], offs_n[None, :], delta, Nq, Nk, window,
-                           doc_lo[:, None], doc_hi[:, None], kp[None, :],
-                           MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
-            s = tl.where(vis, s, float("-inf"))
+            s = _hide(s, delta, offs_m, offs_n, Kpm_row, doc_lo, doc_hi, Nq, Nk, window,
+                      MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtracting 0 keeps p = 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -514,13 +524,8 @@ def _dq_blocks(dq, l_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, bl
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
                           T, qk_scale, HAS_TABLE, HAS_SLOPES)  # fmt: skip
         if NEED_MASK:
-            kp = offs_n
-            if HAS_KPM:
-                kp = tl.load(Kpm_row + offs_n, mask=offs_n < Nk, other=0)
-            vis = _visible(offs_m[:, None], offs_n[None, :], delta, Nq, Nk, window,
-                           doc_lo[:, None], doc_hi[:, None], kp[None, :],
-                           MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
-            s = tl.where(vis, s, float("-inf"))
+            s = _hide(s, delta, offs_m, offs_n, Kpm_row, doc_lo, doc_hi, Nq, Nk, window,
+                      MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
         p = tl.math.exp2(s - lse[:, None] * LOG2E)
         l_i += tl.sum(p, 1)
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
@@ -666,13 +671,9 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
             pos = b * Nk + q_offset + offs_m
             doc_lo = tl.load(DocStart + pos, mask=offs_m < Nq, other=0)
             doc_hi = tl.load(DocEnd + pos, mask=offs_m < Nq, other=-1)
-        kp = offs_n
-        if HAS_KPM:
-            kp = tl.load(Kpm + b * Nk + offs_n, mask=offs_n < Nk, other=0)
-        vis = _visible(offs_m[:, None], offs_n[None, :], delta, Nq, Nk, window,
-                       doc_lo[:, None], doc_hi[:, None], kp[None, :],
-                       True, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
-        p = tl.math.exp2(tl.where(vis, s, float("-inf")) - lse[:, None] * LOG2E) * inv[:, None]
+        s = _hide(s, delta, offs_m, offs_n, Kpm + b * Nk, doc_lo, doc_hi, Nq, Nk, window,
+                  True, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
+        p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
         lower, upper = _diagonal_sums(p * (dp - di[:, None]), BLOCK, BLOCK)
         lower_acc += lower  # query - key = i
