@@ -213,6 +213,31 @@ def _narrow_keys(lo, hi, b, row_first, row_last, q_offset, Nk, DocStart, DocEnd,
 
 
 @triton.jit
+def _query_block(b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset,
+                 window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):  # fmt: skip
+    """What a program over one block of query rows needs before its key loop: the ALiBi slope
+    (log2 units), each row's document key range, and the key blocks of its three stages."""
+    slope = 0.0
+    if HAS_SLOPES:
+        slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
+    doc_lo = offs_m
+    doc_hi = offs_m
+    if HAS_DOC:
+        pos = b * Nk + q_offset + offs_m
+        doc_lo = tl.load(DocStart + pos, mask=offs_m < Nq, other=0)
+        doc_hi = tl.load(DocEnd + pos, mask=offs_m < Nq, other=-1)
+    row_first = pid_m * BLOCK_M
+    row_last = tl.minimum(row_first + BLOCK_M, Nq) - 1
+    c_lo, c_hi, f_lo, f_hi = _key_range(row_first, row_last, q_offset, Nk, window, CAUSAL, WINDOW)
+    c_lo, c_hi = _narrow_keys(c_lo, c_hi, b, row_first, row_last, q_offset, Nk,
+                              DocStart, DocEnd, KvBounds, HAS_DOC, HAS_KPM)  # fmt: skip
+    begin, mid_begin, mid_end, end = _stages(c_lo, c_hi, f_lo, f_hi, BLOCK_N)
+    return slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end
+
+
+@triton.jit
 def _diagonal_sums(x, R: tl.constexpr, C: tl.constexpr):
     """Sums of an (R, C) tile along its diagonals, C <= R + 1: ``lower[i]`` sums ``a - b = i``,
     ``upper[i]`` sums ``a - b = i - R`` (nonzero only for i > R - C).
@@ -284,21 +309,9 @@ def attn_fwd(Q, K, V, Out, Lse, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
     table_row = Table + h * stride_t
-    slope = 0.0
-    if HAS_SLOPES:
-        slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
-    doc_lo = offs_m
-    doc_hi = offs_m
-    if HAS_DOC:
-        pos = b * Nk + q_offset + offs_m
-        doc_lo = tl.load(DocStart + pos, mask=offs_m < Nq, other=0)
-        doc_hi = tl.load(DocEnd + pos, mask=offs_m < Nq, other=-1)
-    row_first = pid_m * BLOCK_M
-    row_last = tl.minimum(row_first + BLOCK_M, Nq) - 1
-    c_lo, c_hi, f_lo, f_hi = _key_range(row_first, row_last, q_offset, Nk, window, CAUSAL, WINDOW)
-    c_lo, c_hi = _narrow_keys(c_lo, c_hi, b, row_first, row_last, q_offset, Nk,
-                              DocStart, DocEnd, KvBounds, HAS_DOC, HAS_KPM)  # fmt: skip
-    begin, mid_begin, mid_end, end = _stages(c_lo, c_hi, f_lo, f_hi, BLOCK_N)
+    slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end = _query_block(
+        b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
+        CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)  # fmt: skip
     Kpm_row = Kpm + b * Nk
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -563,21 +576,9 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, Delta, Inv, dQ, Table, Slopes, DocStart, Doc
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
     table_row = Table + h * stride_t
-    slope = 0.0
-    if HAS_SLOPES:
-        slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
-    doc_lo = offs_m
-    doc_hi = offs_m
-    if HAS_DOC:
-        pos = b * Nk + q_offset + offs_m
-        doc_lo = tl.load(DocStart + pos, mask=offs_m < Nq, other=0)
-        doc_hi = tl.load(DocEnd + pos, mask=offs_m < Nq, other=-1)
-    row_first = pid_m * BLOCK_M
-    row_last = tl.minimum(row_first + BLOCK_M, Nq) - 1
-    c_lo, c_hi, f_lo, f_hi = _key_range(row_first, row_last, q_offset, Nk, window, CAUSAL, WINDOW)
-    c_lo, c_hi = _narrow_keys(c_lo, c_hi, b, row_first, row_last, q_offset, Nk,
-                              DocStart, DocEnd, KvBounds, HAS_DOC, HAS_KPM)  # fmt: skip
-    begin, mid_begin, mid_end, end = _stages(c_lo, c_hi, f_lo, f_hi, BLOCK_N)
+    slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end = _query_block(
+        b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
+        CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)  # fmt: skip
     Kpm_row = Kpm + b * Nk
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
