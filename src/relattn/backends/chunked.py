@@ -246,6 +246,25 @@ def _probabilities(
     return s, row_max
 
 
+def _steps(plan, bsz, hkv, group, q_offset, doc_ids, key_padding_mask):
+    """Every (batch, query block, kv-head range) a pass visits, as
+    ``(b, blk, c0, c1, base, hidden, h0, h1)``: keys ``[c0, c1)``, the Toeplitz view's first
+    column ``base``, the extra doc/padding mask in reversed row order (or None), and kv heads
+    ``[h0, h1)`` scored in one batched matmul."""
+    for b in range(bsz):
+        for blk in plan.blocks:
+            c0, c1, need_mask = _batch_range(plan, blk, b, q_offset)
+            if c1 <= c0:
+                continue
+            base = plan.e_max - q_offset - blk.r0 - blk.m + 1 + c0
+            hidden = None
+            if need_mask:
+                hidden = _extra_mask(doc_ids, key_padding_mask, b, q_offset, blk, c0, c1).flip(0)
+            step = _head_step(hkv, group, blk.m, c1 - c0)
+            for h0 in range(0, hkv, step):
+                yield b, blk, c0, c1, base, hidden, h0, min(hkv, h0 + step)
+
+
 def _rows(x: Tensor, b: int, h0: int, h1: int, rs: slice) -> Tensor:
     """``x[b, h0:h1, :, rs]`` (kv head, group, row, ...) with rows reversed, as (hs, G·m, ...)."""
     block = x[b, h0:h1, :, rs].flip(2)
@@ -291,34 +310,21 @@ def forward(
     vc = v.to(compute)
     lse_g = lse.view(bsz, hkv, group, nq)
     out_g = out.view(bsz, hkv, group, nq, d)
-    for b in range(bsz):
-        for blk in plan.blocks:
-            c0, c1, need_mask = _batch_range(plan, blk, b, q_offset)
-            if c1 <= c0:
-                continue
-            m, rs = blk.m, slice(blk.r0, blk.r0 + blk.m)
-            base = plan.e_max - q_offset - blk.r0 - m + 1 + c0
-            hidden = None
-            if need_mask:
-                hidden = _extra_mask(doc_ids, key_padding_mask, b, q_offset, blk, c0, c1).flip(0)
-            step = _head_step(hkv, group, m, c1 - c0)
-            for h0 in range(0, hkv, step):
-                h1 = min(hkv, h0 + step)
-                hs = h1 - h0
-                qb = _rows(qs, b, h0, h1, rs)
-                p, row_max = _probabilities(
-                    work, f, base, qb, kt[b, h0:h1, :, c0:c1], hidden, group, h0, m
-                )
-                # p is exp(s - max)/Σ, so its largest entry is 1/Σ and lse = max + log Σ
-                # costs one cheap reduction instead of another exp pass.
-                block_lse = row_max - p.amax(dim=-1, keepdim=True).log()
-                if blk.maybe_empty:
-                    empty = row_max == _NEG_INF
-                    p.masked_fill_(empty, 0.0)
-                    block_lse.masked_fill_(empty, _NEG_INF)
-                o = torch.bmm(p, vc[b, h0:h1, c0:c1])
-                out_g[b, h0:h1, :, rs] = o.view(hs, group, m, d).flip(2)
-                lse_g[b, h0:h1, :, rs] = block_lse.view(hs, group, m).flip(2)
+    steps = _steps(plan, bsz, hkv, group, q_offset, doc_ids, key_padding_mask)
+    for b, blk, c0, c1, base, hidden, h0, h1 in steps:
+        m, rs, hs = blk.m, slice(blk.r0, blk.r0 + blk.m), h1 - h0
+        qb = _rows(qs, b, h0, h1, rs)
+        p, row_max = _probabilities(work, f, base, qb, kt[b, h0:h1, :, c0:c1], hidden, group, h0, m)
+        # p is exp(s - max)/Σ, so its largest entry is 1/Σ and lse = max + log Σ
+        # costs one cheap reduction instead of another exp pass.
+        block_lse = row_max - p.amax(dim=-1, keepdim=True).log()
+        if blk.maybe_empty:
+            empty = row_max == _NEG_INF
+            p.masked_fill_(empty, 0.0)
+            block_lse.masked_fill_(empty, _NEG_INF)
+        o = torch.bmm(p, vc[b, h0:h1, c0:c1])
+        out_g[b, h0:h1, :, rs] = o.view(hs, group, m, d).flip(2)
+        lse_g[b, h0:h1, :, rs] = block_lse.view(hs, group, m).flip(2)
     return out.to(q.dtype), lse
 
 
@@ -382,41 +388,29 @@ def backward(
     neg_delta = neg_delta.view(bsz, hkv, group, nq, 1)
     empty_rows = (lse == _NEG_INF).view(bsz, hkv, group, nq, 1)
     dq_g = dq.view(bsz, hkv, group, nq, d)
-    for b in range(bsz):
-        for blk in plan.blocks:
-            c0, c1, need_mask = _batch_range(plan, blk, b, q_offset)
-            if c1 <= c0:
-                continue
-            m, rs, keys = blk.m, slice(blk.r0, blk.r0 + blk.m), c1 - c0
-            base = plan.e_max - q_offset - blk.r0 - m + 1 + c0
-            hidden = None
-            if need_mask:
-                hidden = _extra_mask(doc_ids, key_padding_mask, b, q_offset, blk, c0, c1).flip(0)
-            step = _head_step(hkv, group, m, keys)
-            for h0 in range(0, hkv, step):
-                h1 = min(hkv, h0 + step)
-                hs = h1 - h0
-                qb, dob = _rows(qs, b, h0, h1, rs), _rows(do, b, h0, h1, rs)
-                p, _ = _probabilities(
-                    work_p, f, base, qb, kt[b, h0:h1, :, c0:c1], hidden, group, h0, m
-                )
-                if blk.maybe_empty:
-                    p.masked_fill_(_rows(empty_rows, b, h0, h1, rs), 0.0)
-                ds = work_ds[: p.numel()].view(p.shape)
-                torch.baddbmm(_rows(neg_delta, b, h0, h1, rs), dob, vt[b, h0:h1, :, c0:c1], out=ds)
-                ds.mul_(p)
-                dvt[b, h0:h1, :, c0:c1].baddbmm_(dob.transpose(1, 2), p)
-                dkt[b, h0:h1, :, c0:c1].baddbmm_(qb.transpose(1, 2), ds)
-                dq_rev = torch.bmm(ds, kc[b, h0:h1, c0:c1]).view(hs, group, m, d)
-                dq_g[b, h0:h1, :, rs] = dq_rev.flip(2)
-                if gacc is not None:
-                    # Reversed row r' against key c has offset column base + r' + c.
-                    gview = gacc.as_strided(
-                        (hs * group, m, keys),
-                        (rows * n_e, n_e + 1, 1),
-                        h0 * group * rows * n_e + base,
-                    )
-                    gview += ds.view(hs * group, m, keys)
+    steps = _steps(plan, bsz, hkv, group, q_offset, doc_ids, key_padding_mask)
+    for b, blk, c0, c1, base, hidden, h0, h1 in steps:
+        m, rs, hs = blk.m, slice(blk.r0, blk.r0 + blk.m), h1 - h0
+        keys = c1 - c0
+        qb, dob = _rows(qs, b, h0, h1, rs), _rows(do, b, h0, h1, rs)
+        p, _ = _probabilities(work_p, f, base, qb, kt[b, h0:h1, :, c0:c1], hidden, group, h0, m)
+        if blk.maybe_empty:
+            p.masked_fill_(_rows(empty_rows, b, h0, h1, rs), 0.0)
+        ds = work_ds[: p.numel()].view(p.shape)
+        torch.baddbmm(_rows(neg_delta, b, h0, h1, rs), dob, vt[b, h0:h1, :, c0:c1], out=ds)
+        ds.mul_(p)
+        dvt[b, h0:h1, :, c0:c1].baddbmm_(dob.transpose(1, 2), p)
+        dkt[b, h0:h1, :, c0:c1].baddbmm_(qb.transpose(1, 2), ds)
+        dq_rev = torch.bmm(ds, kc[b, h0:h1, c0:c1]).view(hs, group, m, d)
+        dq_g[b, h0:h1, :, rs] = dq_rev.flip(2)
+        if gacc is not None:
+            # Reversed row r' against key c has offset column base + r' + c.
+            gview = gacc.as_strided(
+                (hs * group, m, keys),
+                (rows * n_e, n_e + 1, 1),
+                h0 * group * rows * n_e + base,
+            )
+            gview += ds.view(hs * group, m, keys)
     dq.mul_(scale)
     if gacc is not None:
         g = gacc.sum(dim=1).flip(-1)  # column i is the offset e_min + i
