@@ -7,11 +7,10 @@ FlexAttention. Prints a Markdown table and optionally writes it to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from relattn.bench import cpu
-from relattn.bench.common import format_machine, machine_info
+from relattn.bench.common import format_machine, machine_info, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,13 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         args.ns, args.repeats, quick=args.quick, progress=lambda s: print(s, file=sys.stderr)
     )
     text = f"{cpu.describe()}\n\n{format_machine(info)}\n\n{cpu.to_markdown(rows)}\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"machine": info, "rows": rows}, fh, indent=1)
+    write_report(text, info, rows, args.out, args.json)
     return 0
 
 

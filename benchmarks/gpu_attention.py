@@ -7,11 +7,10 @@ flash/cuDNN is_causal. Prints a Markdown table and optionally writes it to ``--o
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from relattn.bench import gpu
-from relattn.bench.common import format_machine, machine_info
+from relattn.bench.common import format_machine, machine_info, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,13 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = gpu.run(quick=args.quick, progress=lambda s: print(s, file=sys.stderr))
     info = machine_info()
     text = f"{gpu.describe()}\n\n{format_machine(info)}\n\n{gpu.to_markdown(rows)}\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"machine": info, "rows": rows}, fh, indent=1)
+    write_report(text, info, rows, args.out, args.json)
     return 0
 
 

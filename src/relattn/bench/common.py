@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import platform
 import statistics
@@ -167,3 +168,21 @@ def format_machine(info: dict[str, Any]) -> str:
     keys = ["cpu", "cores", "torch_threads", "gpu", "python", "torch", "triton", "relattn"]
     keys.append("loadavg")
     return "\n".join(f"- {k}: {info.get(k)}" for k in keys if k in info)
+
+
+def write_report(
+    text: str,
+    info: dict[str, Any],
+    rows: list[dict[str, Any]],
+    out: str | None,
+    json_path: str | None,
+) -> None:
+    """Print a benchmark's Markdown ``text``; also write it to ``out`` and the raw ``rows`` with
+    the machine ``info`` to ``json_path`` when given."""
+    print(text)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump({"machine": info, "rows": rows}, fh, indent=1)
