@@ -10,9 +10,9 @@ a block touches into ``F[h, x] = PE(Δ = e_max - x)``, with ``-inf`` for offsets
 the window hide (so those masks cost nothing). A block's rows are processed in *reverse* order:
 reversed row ``r'`` against key ``c`` then reads ``F[h, base + r' + c]``, so the block's bias is
 the overlapping strided view ``F.as_strided((m, L), (1, 1))`` (a Toeplitz matrix costs no
-memory). The backward pass adds ``dS`` into a ``(Hq, BLOCK_M, width)`` buffer through the same
-skew, row ``r'`` at column ``base + r' + c``, so one sum over its rows at the end gives
-``g[h, Δ] = Σ_{b, i - j = Δ} ∂L/∂score``.
+memory). In the backward pass the same skew sends ``dS[r', c]`` to table column
+``base + r' + c``, so a block's share of ``g[h, Δ] = Σ_{b, i - j = Δ} ∂L/∂score`` is the sums of
+the anti-diagonals of its ``dS``, which are strided views of it (no scatter, no N-wide buffer).
 """
 
 from __future__ import annotations
@@ -220,7 +220,8 @@ def _probabilities(
     group: int,
     h0: int,
     m: int,
-) -> tuple[Tensor, Tensor]:
+    with_max: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """Softmax over the keys of one block (rows reversed), in place in ``work``.
 
     Args:
@@ -228,8 +229,9 @@ def _probabilities(
         hidden: ``(m, L)`` bool in reversed row order: extra keys to hide, or None.
 
     Returns:
-        ``p (hs, G·m, L)`` and the row maxima of the scores ``(hs, G·m, 1)``; rows that see no
-        key have max ``-inf`` and NaN in p, which the caller clears.
+        ``p (hs, G·m, L)`` and the row maxima of the scores ``(hs, G·m, 1)`` (None unless
+        ``with_max``); rows that see no key have max ``-inf`` and NaN in p, which the caller
+        clears.
     """
     hs, keys = kt.shape[0], kt.shape[-1]
     s = work[: hs * group * m * keys].view(hs, group * m, keys)
@@ -238,7 +240,7 @@ def _probabilities(
     s.baddbmm_(qb, kt)
     if hidden is not None:
         s.view(hs, group, m, keys).masked_fill_(hidden, _NEG_INF)
-    row_max = s.amax(dim=-1, keepdim=True)
+    row_max = s.amax(dim=-1, keepdim=True) if with_max else None
     if s.device.type == "cpu":
         torch.ops.aten._softmax.out(s, -1, False, out=s)  # row-wise kernel: safe in place
     else:
@@ -371,11 +373,8 @@ def backward(
     if not plan.blocks:
         return _finish(dq, dkt, dvt, dtable, q, table)
     f = _extended(plan, table, slopes, lo, causal, window, hq, compute, q.device)
-    n_e = f.shape[1]
-    rows = max(blk.m for blk in plan.blocks)
-    gacc = None
-    if table is not None:
-        gacc = torch.zeros(hq, rows, n_e, dtype=compute, device=q.device)
+    # g[h, x]: the table gradient at offset e_max - x, the same columns as f.
+    g = torch.zeros_like(f) if table is not None else None
     work_p = _workspace(plan, hkv, group, compute, q.device)
     work_ds = torch.empty_like(work_p)
     qs = (q.to(compute) * scale).view(bsz, hkv, group, nq, d)
@@ -383,9 +382,6 @@ def backward(
     kt = kc.transpose(-1, -2).contiguous()
     vt = v.to(compute).transpose(-1, -2).contiguous()
     do = grad_out.to(compute).view(bsz, hkv, group, nq, d)
-    # -D_i = -Σ_d dO·O: the softmax backward's row term, the start value of dP = dO·vᵀ - D.
-    neg_delta = -(grad_out.to(compute) * out.to(compute)).sum(-1)
-    neg_delta = neg_delta.view(bsz, hkv, group, nq, 1)
     empty_rows = (lse == _NEG_INF).view(bsz, hkv, group, nq, 1)
     dq_g = dq.view(bsz, hkv, group, nq, d)
     steps = _steps(plan, bsz, hkv, group, q_offset, doc_ids, key_padding_mask)
@@ -393,31 +389,74 @@ def backward(
         m, rs, hs = blk.m, slice(blk.r0, blk.r0 + blk.m), h1 - h0
         keys = c1 - c0
         qb, dob = _rows(qs, b, h0, h1, rs), _rows(do, b, h0, h1, rs)
-        p, _ = _probabilities(work_p, f, base, qb, kt[b, h0:h1, :, c0:c1], hidden, group, h0, m)
+        p, _ = _probabilities(
+            work_p, f, base, qb, kt[b, h0:h1, :, c0:c1], hidden, group, h0, m, with_max=False
+        )
         if blk.maybe_empty:
             p.masked_fill_(_rows(empty_rows, b, h0, h1, rs), 0.0)
         ds = work_ds[: p.numel()].view(p.shape)
-        torch.baddbmm(_rows(neg_delta, b, h0, h1, rs), dob, vt[b, h0:h1, :, c0:c1], out=ds)
-        ds.mul_(p)
+        torch.bmm(dob, vt[b, h0:h1, :, c0:c1], out=ds)  # dP = dO·vᵀ
+        # dS = P∘(dP - Σ_c dP∘P) row by row in one pass; the row sum is the softmax backward's
+        # D_i = dO_i·O_i, taken from the exact probabilities rather than the rounded output.
+        _softmax_backward(ds, p)
         dvt[b, h0:h1, :, c0:c1].baddbmm_(dob.transpose(1, 2), p)
         dkt[b, h0:h1, :, c0:c1].baddbmm_(qb.transpose(1, 2), ds)
         dq_rev = torch.bmm(ds, kc[b, h0:h1, c0:c1]).view(hs, group, m, d)
         dq_g[b, h0:h1, :, rs] = dq_rev.flip(2)
-        if gacc is not None:
-            # Reversed row r' against key c has offset column base + r' + c.
-            gview = gacc.as_strided(
-                (hs * group, m, keys),
-                (rows * n_e, n_e + 1, 1),
-                h0 * group * rows * n_e + base,
-            )
-            gview += ds.view(hs * group, m, keys)
+        if g is not None:
+            # Reversed row r' against key c has offset column base + r' + c: the table
+            # gradient is the sum of each anti-diagonal of dS.
+            sums = _antidiagonal_sums(ds.view(hs * group, m, keys))
+            g[h0 * group : h1 * group, base : base + m + keys - 1] += sums
     dq.mul_(scale)
-    if gacc is not None:
-        g = gacc.sum(dim=1).flip(-1)  # column i is the offset e_min + i
+    if g is not None:
+        g = g.flip(-1)  # column i is the offset e_min + i
         a, z = max(lo, plan.e_min), min(lo + table.shape[1] - 1, plan.e_max)
         if a <= z:
             dtable[:, a - lo : z - lo + 1] = g[:, a - plan.e_min : z - plan.e_min + 1]
     return _finish(dq, dkt, dvt, dtable, q, table)
+
+
+def _softmax_backward(ds: Tensor, p: Tensor) -> None:
+    """``ds ← p∘(ds - Σ_c ds∘p)`` per row, in place (``ds`` holds dP on entry)."""
+    if ds.device.type == "cpu":
+        # The row-wise kernel reads a row's dP and p for the sum before it writes the row.
+        torch.ops.aten._softmax_backward_data.out(ds, p, -1, ds.dtype, grad_input=ds)
+    else:
+        _softmax_backward_generic(ds, p)
+
+
+def _softmax_backward_generic(ds: Tensor, p: Tensor) -> None:
+    """``_softmax_backward`` for any device, in three passes."""
+    ds.sub_((ds * p).sum(dim=-1, keepdim=True)).mul_(p)
+
+
+def _antidiagonal_sums(x: Tensor) -> Tensor:
+    """``out[n, t] = Σ_{r + c = t} x[n, r, c]`` for ``x (n, m, L)``: shape ``(n, m + L - 1)``.
+
+    The anti-diagonal t of a row-major ``(m, L)`` matrix is the arithmetic sequence of flat
+    indices ``t + r·(L - 1)``, so the anti-diagonals that cross every row (``m - 1 <= t <= L - 1``)
+    are one strided view of x, summed without a copy; only the two ``m × (m - 1)`` corner
+    triangles are summed from a zero-padded copy.
+    """
+    n, m, keys = x.shape
+    if keys < m or m == 1:
+        return _antidiagonal_sums_padded(x)
+    x = x.contiguous()
+    full = x.as_strided((n, keys - m + 1, m), (m * keys, 1, keys - 1), x.storage_offset() + m - 1)
+    head = _antidiagonal_sums_padded(x[:, :, : m - 1])[:, : m - 1]
+    tail = _antidiagonal_sums_padded(x[:, :, keys - m + 1 :])[:, m - 1 :]
+    return torch.cat([head, full.sum(dim=-1), tail], dim=1)
+
+
+def _antidiagonal_sums_padded(x: Tensor) -> Tensor:
+    """``_antidiagonal_sums`` through a copy whose rows are padded with m zeros: in a row stride
+    of ``L + m``, the sequence ``t + r·(L + m - 1)`` steps off a row only into padding."""
+    n, m, keys = x.shape
+    width = keys + m
+    z = x.new_zeros(n, m, width)
+    z[:, :, :keys] = x
+    return z.as_strided((n, m + keys - 1, m), (m * width, 1, width - 1)).sum(dim=-1)
 
 
 def _finish(dq, dkt, dvt, dtable, q, table):
