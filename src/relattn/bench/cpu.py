@@ -4,6 +4,9 @@ learnable T5 bias, causal."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,7 +47,12 @@ def _too_big(name: str, n: int) -> bool:
 
 
 def _flex(q, k, v, pe, n) -> tuple[Callable[[], Any] | None, float | None, str | None]:
-    """A timed FlexAttention forward, its compile time, or why it cannot run."""
+    """A timed FlexAttention forward, its compile time, or why it cannot run.
+
+    Compiled with static shapes (``dynamic=False``): left to its default, the second N would
+    recompile it with dynamic shapes, which fails in inductor's C++ build on this CPU. The
+    compile time is cold: dynamo is reset and inductor writes to a fresh cache directory.
+    """
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -58,17 +66,34 @@ def _flex(q, k, v, pe, n) -> tuple[Callable[[], Any] | None, float | None, str |
             return q_idx >= kv_idx
 
         mask = create_block_mask(causal, None, None, n, n, device="cpu")
-        compiled = torch.compile(flex_attention)
+        torch._dynamo.reset()
+        compiled = torch.compile(flex_attention, dynamic=False)
 
         def run():
             with torch.no_grad():
                 return compiled(q, k, v, score_mod=score_mod, block_mask=mask)
 
-        start = time.perf_counter()
-        run()
-        return run, time.perf_counter() - start, None
+        with _fresh_inductor_cache():
+            start = time.perf_counter()
+            run()
+            return run, time.perf_counter() - start, None
     except Exception as e:  # noqa: BLE001  (the reason is the result)
         return None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+
+
+@contextlib.contextmanager
+def _fresh_inductor_cache():
+    """Point inductor's on-disk cache at an empty directory for the duration."""
+    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="relattn-bench-inductor-") as fresh:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = fresh
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
 
 
 def _contenders(n: int, names: list[str]):
