@@ -1,7 +1,7 @@
 """CPU benchmark: relattn chunked vs reference vs SDPA (with and without the bias) vs
 FlexAttention. Prints a Markdown table and optionally writes it to ``--out``.
 
-    python benchmarks/cpu_attention.py --ns 1024 2048 4096 --repeats 5 --out cpu.md
+    python benchmarks/cpu_attention.py --ns 1024 2048 4096 --repeats 11 --out cpu.md
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from relattn.bench.common import format_machine, machine_info, write_report
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ns", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--quick", action="store_true", help="one repetition, no memory")
     parser.add_argument("--out", help="write the Markdown table here")
     parser.add_argument("--json", help="write the raw rows here")

@@ -33,3 +33,39 @@ def test_bad_flags_exit_2_with_one_line(capsys, extra, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("relattn: error:"), err
     assert needle in err[0]
+
+
+def test_rounds_and_paired_ratios():
+    """Times come per round for each contender; a failing contender is reported, not timed;
+    ratios are taken round by round and summarized by quartiles."""
+    from relattn.bench.common import medians, round_ratios, time_rounds
+
+    calls = []
+
+    def boom():
+        raise RuntimeError("no backward")
+
+    rounds = time_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b"),
+                          "bad": boom}, repeats=3, warmup=1)  # fmt: skip
+    assert calls == ["a", "b"] * 4  # warm-up then three rounds, interleaved
+    assert len(rounds["a"]) == len(rounds["b"]) == 3
+    assert rounds["bad"] == "RuntimeError: no backward"
+    assert medians(rounds)["bad"] == "RuntimeError: no backward"
+
+    fake = {"x": [2.0, 4.0, 9.0, 8.0, 2.0], "y": [1.0, 1.0, 3.0, 2.0, 2.0], "err": "boom"}
+    # per-round ratios 2, 4, 3, 4, 1 -> sorted 1, 2, 3, 4, 4
+    assert round_ratios(fake, "x", "y") == (2.0, 3.0, 4.0)
+    assert round_ratios(fake, "x", "err") is None
+    assert round_ratios(fake, "x", "missing") is None
+    assert round_ratios({"x": [3.0], "y": [1.5]}, "x", "y") == (2.0, 2.0, 2.0)
+
+
+def test_cpu_report_has_the_paired_ratio_table():
+    from relattn.bench import cpu
+
+    rows = cpu.run([64], repeats=1, quick=True)
+    chunked = next(r for r in rows if r["key"] == "chunked")
+    assert chunked["rounds"] == 1 and len(chunked["speedup_over_bias"]) == 3
+    text = cpu.to_markdown(rows)
+    assert "Per-round ratios of relattn chunked" in text
+    assert "SDPA + bias fwd+bwd ÷ chunked" in text

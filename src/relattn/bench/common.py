@@ -60,16 +60,16 @@ def synchronize(device: torch.device | str | None = None) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(
+def time_rounds(
     contenders: dict[str, Callable[[], Any]],
     repeats: int,
     warmup: int = 1,
     device: torch.device | str | None = None,
-) -> dict[str, float | str]:
-    """Median wall time in seconds of each contender, run round-robin so that drifts in the
-    machine's state (clock, other load) hit every contender alike.
+) -> dict[str, list[float] | str]:
+    """Wall times in seconds of each contender in each of ``repeats`` rounds, run round-robin
+    so that drifts in the machine's state (clock, other load) hit every contender alike.
 
-    A contender that raises is dropped and reported by its error message instead of a time.
+    A contender that raises is dropped and reported by its error message instead of times.
     """
     results: dict[str, list[float] | str] = {name: [] for name in contenders}
     live = dict(contenders)
@@ -87,7 +87,39 @@ def time_interleaved(
             fn()
             synchronize(device)
             results[name].append(time.perf_counter() - start)
-    return {n: statistics.median(r) if isinstance(r, list) else r for n, r in results.items()}
+    return results
+
+
+def medians(rounds: dict[str, list[float] | str]) -> dict[str, float | str]:
+    """The median of each contender's times from :func:`time_rounds` (errors pass through)."""
+    return {n: statistics.median(r) if isinstance(r, list) else r for n, r in rounds.items()}
+
+
+def time_interleaved(
+    contenders: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+) -> dict[str, float | str]:
+    """Median wall time in seconds of each contender over interleaved rounds
+    (:func:`time_rounds`)."""
+    return medians(time_rounds(contenders, repeats, warmup, device))
+
+
+def round_ratios(
+    rounds: dict[str, list[float] | str], num: str, den: str
+) -> tuple[float, float, float] | None:
+    """Quartiles ``(p25, median, p75)`` of ``time[num] / time[den]`` taken round by round: the
+    two ran back to back in each round, so the ratio sheds most of the machine's drift.
+    None where either contender has no times."""
+    a, b = rounds.get(num), rounds.get(den)
+    if not isinstance(a, list) or not isinstance(b, list) or not a or len(a) != len(b):
+        return None
+    ratios = sorted(x / y for x, y in zip(a, b, strict=True))
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 def _release_freed_memory() -> None:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import relattn
 from relattn.pe import T5Bias
 
-from .common import machine_info, markdown_table, peak_memory, time_interleaved
+from .common import machine_info, markdown_table, medians, peak_memory, round_ratios, time_rounds
 
 B, H, D = 1, 8, 64
 # Skip a contender whose N×N tensors would need more than this.
@@ -185,7 +185,10 @@ def run(
     Returns:
         One dict per (N, contender): ``n``, ``contender``, ``fwd_s``, ``fwdbwd_s``,
         ``fwd_ratio`` and ``fwdbwd_ratio`` (to SDPA is_causal in the same run),
-        ``peak_fwd_mib``, ``peak_fwdbwd_mib``, ``compile_s`` and ``note``.
+        ``peak_fwd_mib``, ``peak_fwdbwd_mib``, ``compile_s`` and ``note``; the chunked rows
+        add ``rounds`` and, as (p25, median, p75) over the rounds, ``fwd_round_ratio`` and
+        ``fwdbwd_round_ratio`` (to SDPA is_causal) and ``speedup_over_bias`` (SDPA with the
+        materialized bias ÷ chunked, fwd+bwd).
     """
     say = progress or (lambda line: None)
     rows = []
@@ -194,9 +197,11 @@ def run(
         fwd, fb, notes, extra = _contenders(n, names)
         reps = 1 if quick else _repeats_for(n, repeats)
         warmup = 0 if quick else 1
-        t_fwd = time_interleaved(fwd, reps, warmup=warmup)
+        r_fwd = time_rounds(fwd, reps, warmup=warmup)
+        t_fwd = medians(r_fwd)
         say(f"N={n} fwd: {t_fwd}")
-        t_fb = time_interleaved(fb, reps, warmup=warmup)
+        r_fb = time_rounds(fb, reps, warmup=warmup)
+        t_fb = medians(r_fb)
         say(f"N={n} fwd+bwd: {t_fb}")
         mem_fwd, mem_fb = {}, {}
         if not quick:
@@ -223,6 +228,11 @@ def run(
             row["peak_fwdbwd_mib"] = mem_fb.get(name)
             row.update(extra.get(name, {}))
             row["note"] = "; ".join(note) or None
+            if name == "chunked":
+                row["rounds"] = reps
+                row["fwd_round_ratio"] = round_ratios(r_fwd, "chunked", "sdpa_causal")
+                row["fwdbwd_round_ratio"] = round_ratios(r_fb, "chunked", "sdpa_causal")
+                row["speedup_over_bias"] = round_ratios(r_fb, "sdpa_bias", "chunked")
             rows.append(row)
     return rows
 
@@ -241,9 +251,36 @@ COLUMNS = [
 ]
 
 
+def _quartiles(q: tuple[float, float, float] | None) -> str:
+    return "" if q is None else f"{q[1]:.3g} ({q[0]:.3g}–{q[2]:.3g})"
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    """The results of :func:`run` as a Markdown table."""
-    return markdown_table(rows, COLUMNS)
+    """The results of :func:`run` as Markdown: the full table, then relattn chunked's ratios
+    taken round by round (median and interquartile range)."""
+    paired = [
+        {
+            "n": r["n"],
+            "rounds": r.get("rounds"),
+            "fwd": _quartiles(r.get("fwd_round_ratio")),
+            "fwdbwd": _quartiles(r.get("fwdbwd_round_ratio")),
+            "bias": _quartiles(r.get("speedup_over_bias")),
+        }
+        for r in rows
+        if r["key"] == "chunked"
+    ]
+    columns = [
+        ("n", "N"),
+        ("rounds", "rounds"),
+        ("fwd", "chunked fwd ÷ SDPA causal"),
+        ("fwdbwd", "chunked fwd+bwd ÷ SDPA causal"),
+        ("bias", "SDPA + bias fwd+bwd ÷ chunked"),
+    ]
+    return (
+        markdown_table(rows, COLUMNS)
+        + "\n\nPer-round ratios of relattn chunked (median, interquartile range in brackets):\n\n"
+        + markdown_table(paired, columns)
+    )
 
 
 def describe() -> str:
