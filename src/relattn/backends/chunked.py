@@ -355,7 +355,8 @@ def backward(
     The probabilities are recomputed block by block; nothing N×N is stored. They are
     recomputed with a fresh softmax rather than ``exp(s - lse)``: the same cost, and exactly
     normalized whatever the float32 rounding of lse (which matters for scores near ±1e4 and
-    for float64 inputs).
+    for float64 inputs). ``out`` is part of the backend contract but not read: the softmax
+    backward's row term ``D_i = dO_i·O_i`` is taken as ``Σ_c dP∘P`` from those probabilities.
     """
     _check(q, k, table, slopes)
     bsz, hq, nq, d = q.shape
