@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKENDS, max_err, seed_of
+from cases import BACKENDS, LAYER_ENCODINGS
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracle import max_err, seed_of
 
 from relattn.cache import KVCache, within_doc_positions
-from relattn.nn import ENCODINGS, RelativeSelfAttention
+from relattn.nn import RelativeSelfAttention
 
 D_MODEL, HEADS, KV_HEADS = 32, 2, 1  # tiny: the triton backend runs in its interpreter on CPU
 
@@ -39,7 +40,7 @@ def decode(layer, x, chunks, window=None, cache_window=None, capacity=None, **ma
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("pe", ENCODINGS)
+@pytest.mark.parametrize("pe", LAYER_ENCODINGS)
 @pytest.mark.parametrize("rope", [False, True], ids=["norope", "rope"])
 @pytest.mark.parametrize("window", [None, 4], ids=["full", "window4"])
 def test_decode_equals_full_forward(backend, pe, rope, window):
@@ -57,7 +58,7 @@ def test_decode_equals_full_forward(backend, pe, rope, window):
 @given(
     chunks=st.lists(st.integers(1, 5), min_size=1, max_size=6),
     window=st.none() | st.integers(1, 8),
-    pe=st.sampled_from(ENCODINGS),
+    pe=st.sampled_from(LAYER_ENCODINGS),
     rope=st.booleans(),
 )
 def test_any_chunking_equals_full_forward(chunks, window, pe, rope):

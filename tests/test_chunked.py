@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
 import relattn
-import relattn._op  # noqa: F401  (registers torch.ops.relattn.attention)
+import relattn._custom_op  # noqa: F401  (registers torch.ops.relattn.attention)
 from relattn.pe import ALiBi, Kerple, T5Bias
 
 

@@ -7,11 +7,12 @@ import sys
 
 import pytest
 import torch
-from conftest import max_err
+from cases import LAYER_ENCODINGS
+from oracle import max_err
 
 from relattn.cache import KVCache
 from relattn.models import TinyLM, TinyLMConfig
-from relattn.nn import ENCODINGS, RelativeSelfAttention
+from relattn.nn import RelativeSelfAttention
 
 
 def tiny(seed: int = 0, **kw) -> TinyLM:
@@ -40,7 +41,7 @@ def test_structure():
     assert sum(p.numel() == 256 * 32 for p in model.parameters()) == 1
 
 
-@pytest.mark.parametrize("pe", ENCODINGS)
+@pytest.mark.parametrize("pe", LAYER_ENCODINGS)
 @pytest.mark.parametrize("rope", [False, True], ids=["norope", "rope"])
 def test_cached_decoding_equals_full_forward(pe, rope):
     """Through the whole model with backend="auto": a 66-token prefill is past the reference's
@@ -191,7 +192,7 @@ def test_cache_and_input_errors():
         ({"vocab_size": 0}, "vocab_size"),
         ({"d_model": 30, "num_heads": 4}, "d_model"),
         ({"num_kv_heads": 3}, "num_kv_heads"),
-        ({"pe": "rope"}, "config.pe"),
+        ({"pe": "rotary"}, "config.pe"),
         ({"rope": 1}, "config.rope"),
         ({"dropout": 1.5}, "dropout"),
         ({"backend": "gpu"}, "backend"),

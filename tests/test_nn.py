@@ -7,11 +7,12 @@ import copy
 
 import pytest
 import torch
-from conftest import BACKENDS, attention_math, max_err, seed_of
+from cases import BACKENDS, LAYER_ENCODINGS
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracle import attention_math, max_err, seed_of
 
-from relattn.nn import ENCODINGS, RelativeSelfAttention
+from relattn.nn import RelativeSelfAttention
 from relattn.pe import ALiBi, RoPE, T5Bias
 
 D_MODEL, HEADS, KV_HEADS = 32, 2, 1  # tiny: the triton backend runs in its interpreter on CPU
@@ -51,7 +52,7 @@ def assert_all_close(got: dict, want: dict, tol: float = 1e-5) -> None:
 # ----------------------------------------------------------------------------- wiring
 
 
-@pytest.mark.parametrize("pe", ENCODINGS)
+@pytest.mark.parametrize("pe", LAYER_ENCODINGS)
 @pytest.mark.parametrize("rope", [False, True], ids=["norope", "rope"])
 @pytest.mark.parametrize("num_kv_heads", [1, 2], ids=["gqa", "mha"])
 def test_layer_matches_float64_math(pe, rope, num_kv_heads):
@@ -112,7 +113,7 @@ def check_packed(layer, lengths: list[int], seed: int) -> None:
 @settings(deadline=None, max_examples=12)
 @given(
     lengths=st.lists(st.integers(1, 7), min_size=1, max_size=4),
-    pe=st.sampled_from(ENCODINGS),
+    pe=st.sampled_from(LAYER_ENCODINGS),
     rope=st.booleans(),
 )
 def test_packed_equals_one_by_one(lengths, pe, rope):

@@ -10,9 +10,10 @@ import math
 
 import pytest
 import torch
-from conftest import BACKENDS, delta_grid, pe_bias, pe_leaves, rope_rotate, visible_mask
+from cases import BACKENDS
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracle import delta_grid, pe_bias, pe_leaves, rope_rotate, visible_mask
 
 import relattn
 from relattn.pe import ALiBi, Kerple, OffsetBias, PositionEncoding, RoPE, T5Bias

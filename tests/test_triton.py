@@ -20,13 +20,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from conftest import (  # noqa: E402
-    assert_close_f64,
-    assert_flash_accuracy,
-    run_math,
-    run_relattn,
-    seed_of,
-)
+from oracle import assert_close_f64, assert_flash_accuracy, run_math, run_relattn, seed_of
 
 import relattn  # noqa: E402
 from relattn.pe import ALiBi, Kerple, OffsetBias, T5Bias  # noqa: E402

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .masks import within_doc_positions
+
 
 class CacheView(NamedTuple):
     """What a layer attends over after appending to its cache.
@@ -32,37 +34,6 @@ class CacheView(NamedTuple):
     q_offset: int
     doc_ids: Tensor | None
     key_padding_mask: Tensor | None
-
-
-def within_doc_positions(
-    doc_ids: Tensor,
-    offset: int = 0,
-    last_doc: Tensor | None = None,
-    doc_start: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Position of each token inside its document (RoPE restarts at 0 on every new document).
-
-    Args:
-        doc_ids: ``(B, N)`` document id of tokens at absolute positions ``offset .. offset+N-1``.
-        offset: absolute position of column 0.
-        last_doc, doc_start: ``(B,)`` document of the token before column 0 and the absolute
-            position where that document started (None when column 0 starts the sequence).
-
-    Returns:
-        ``(positions (B, N), starts (B, N))``: position within the document, and the absolute
-        position where each token's document started.
-    """
-    b, n = doc_ids.shape
-    t = offset + torch.arange(n, device=doc_ids.device).expand(b, n)
-    is_start = torch.ones_like(doc_ids, dtype=torch.bool)
-    is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    base = torch.zeros(b, dtype=torch.long, device=doc_ids.device)
-    if last_doc is not None and doc_start is not None:
-        is_start[:, 0] = doc_ids[:, 0] != last_doc
-        base = doc_start
-    # Starts only grow, so the running max of "start here, else the previous start" is the start.
-    starts = torch.where(is_start, t, base[:, None]).cummax(dim=1).values
-    return t - starts, starts
 
 
 class LayerCache:

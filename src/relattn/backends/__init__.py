@@ -1,38 +1,125 @@
-"""Interchangeable exact attention kernels behind one signature.
+"""Interchangeable exact attention kernels behind one protocol (:class:`Backend`).
 
-A fused backend is a module with
-
-    forward(q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window)
-        -> (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32, -inf for rows with no key)
-    backward(grad_out, q, k, v, out, lse, table, slopes, doc_ids, key_padding_mask,
-             lo, scale, causal, q_offset, window)
-        -> (dq, dk, dv, dtable)        # dtable: (H, T) like table, or None when table is None
-
-``table`` is ``(Hq, hi - lo + 1)`` with column t the PE of offset ``lo + t`` (or None);
-``slopes`` is ``(Hq,)`` for fixed ALiBi computed in closed form ``-slope·|Δ|`` (or None; never
-both). ``window`` is 0 for none. See ``relattn.masks`` for visibility.
+Built in: ``reference`` (the specification, plain autograd), ``chunked`` (block by block in
+PyTorch; CPU, and CUDA without Triton), ``triton`` (FlashAttention-2-style GPU kernels). A new
+backend subclasses :class:`Backend` and calls :func:`register`; ``backend="auto"`` then weighs
+its :meth:`~Backend.priority` with the others'.
 """
 
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
 
-# name -> module path; "reference" is plain autograd and is not called through the custom op.
-BACKENDS: dict[str, str] = {
+import torch
+from torch import Tensor
+
+from ..problem import Problem
+from .base import Backend
+
+__all__ = ["Backend", "choose", "get", "names", "register"]
+
+_REGISTRY: dict[str, Backend] = {}
+# Built-in backends load on first use (triton's module is cheap, triton itself loads later).
+_BUILTIN = {
     "reference": "relattn.backends.reference",
     "chunked": "relattn.backends.chunked",
     "triton": "relattn.backends.triton_backend",
 }
 
 
+def register(backend: Backend) -> Backend:
+    """Make ``backend`` available as ``backend=backend.name`` (replacing an earlier one)."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a relattn.backends.Backend; got {type(backend).__name__}")
+    if (
+        not isinstance(backend.name, str)
+        or not backend.name.isidentifier()
+        or backend.name == "auto"
+    ):
+        raise ValueError(
+            f"backend.name must be an identifier other than 'auto'; got {backend.name!r}"
+        )
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
 def names() -> list[str]:
-    return ["auto", *BACKENDS]
+    """``"auto"`` and every backend name, built in or registered."""
+    return ["auto", *dict.fromkeys([*_BUILTIN, *_REGISTRY])]
 
 
-def load(name: str) -> ModuleType:
-    """Import a backend module, with a clear error when it cannot run here."""
+def get(name: str) -> Backend:
+    """The backend called ``name``; a clear error if there is none or it cannot load here."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if not isinstance(name, str) or name not in _BUILTIN:
+        raise ValueError(f"backend must be one of {names()}; got {name!r}")
     try:
-        return importlib.import_module(BACKENDS[name])
+        module = importlib.import_module(_BUILTIN[name])
     except ImportError as e:
         raise RuntimeError(f"backend={name!r} is not available here: {e}") from e
+    backend = getattr(module, "BACKEND", None)
+    if backend is None:  # a module written to the flat contract (triton, until it moves over)
+        backend = _FlatModule(name, module)
+    return register(backend)
+
+
+class _FlatModule(Backend):
+    """Adapts a module with flat ``forward``/``backward``/``unsupported(q, k)`` functions."""
+
+    def __init__(self, name, module) -> None:
+        self.name, self.module = name, module
+
+    def priority(self, q, k, problem):
+        return 20.0 if q.device.type == "cuda" else None
+
+    def unsupported(self, q, k, problem):
+        return self.module.unsupported(q, k)
+
+    def forward(self, q, k, v, table, slopes, p):
+        return self.module.forward(
+            q, k, v, table, slopes, p.doc_ids, p.key_padding_mask,
+            p.lo, p.scale, p.causal, p.q_offset, p.window,
+        )  # fmt: skip
+
+    def backward(self, grad_out, q, k, v, out, lse, table, slopes, p):
+        return self.module.backward(
+            grad_out, q, k, v, out, lse, table, slopes, p.doc_ids, p.key_padding_mask,
+            p.lo, p.scale, p.causal, p.q_offset, p.window,
+        )  # fmt: skip
+
+
+def _all() -> list[Backend]:
+    out = []
+    for name in names()[1:]:
+        try:
+            out.append(get(name))
+        except RuntimeError:
+            continue
+    return out
+
+
+def choose(name: str, q: Tensor, k: Tensor, problem: Problem) -> Backend:
+    """Resolve ``backend=name`` for these inputs.
+
+    ``"auto"`` takes the highest :meth:`~Backend.priority` among backends that can run the
+    inputs. Under ``torch.compile`` only priorities are weighed (they read static facts), and
+    the custom op reports a backend that cannot run when it does.
+    """
+    if name == "auto":
+        compiling = torch.compiler.is_compiling()
+        ranked = []
+        for backend in _all():
+            p = backend.priority(q, k, problem)
+            if p is not None:
+                ranked.append((p, backend))
+        for _, backend in sorted(ranked, key=lambda pb: -pb[0]):
+            if compiling or backend.unsupported(q, k, problem) is None:
+                return backend
+        return get("reference")
+    backend = get(name)
+    if not torch.compiler.is_compiling():
+        reason = backend.unsupported(q, k, problem)
+        if reason:
+            raise RuntimeError(f"backend={name!r} cannot run this call: {reason}")
+    return backend

@@ -22,6 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..masks import doc_bounds, key_span, offset_visible
+from ..problem import Problem
+from .base import Backend
+
 # Query rows per block: 128 measured fastest on 2 cores at N = 4096 (fwd and fwd+bwd; the
 # diagonal block wastes ~BLOCK_M/N of the work) while live scores stay O(H·128·N).
 BLOCK_M = 128
@@ -30,11 +34,6 @@ BLOCK_M = 128
 _SCORES_PER_STEP = 1 << 22
 
 _NEG_INF = float("-inf")
-
-
-def unsupported(q: Tensor, k: Tensor) -> str | None:
-    """None: pure PyTorch runs on any device and floating dtype."""
-    return None
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -59,18 +58,6 @@ class _Plan:
     pad_prefix: list[list[int]] | None  # per batch: number of padded keys before position c
 
 
-def _key_range(pos_lo: int, pos_hi: int, nk: int, causal: bool, window: int) -> tuple[int, int]:
-    """Keys ``[c0, c1)`` visible (by Δ rules alone) to some query at positions pos_lo..pos_hi."""
-    c0 = max(0, pos_lo - window + 1) if window > 0 else 0
-    if causal:
-        c1 = pos_hi + 1
-    elif window > 0:
-        c1 = pos_hi + window
-    else:
-        c1 = nk
-    return c0, min(max(c1, 0), nk)
-
-
 def _plan(
     nq: int,
     nk: int,
@@ -84,13 +71,13 @@ def _plan(
     e_min, e_max = None, None
     for r0 in range(0, nq, BLOCK_M):
         m = min(BLOCK_M, nq - r0)
-        c0, c1 = _key_range(q_offset + r0, q_offset + r0 + m - 1, nk, causal, window)
+        c0, c1 = key_span(q_offset + r0, q_offset + r0 + m - 1, nk, causal, window)
         if c1 <= c0:
             continue  # every row of the block sees no key: out 0, lse -inf
         # Each row's visible interval moves monotonically with its position, so only the
         # first and last rows of a block can be empty.
-        first = _key_range(q_offset + r0, q_offset + r0, nk, causal, window)
-        last = _key_range(q_offset + r0 + m - 1, q_offset + r0 + m - 1, nk, causal, window)
+        first = key_span(q_offset + r0, q_offset + r0, nk, causal, window)
+        last = key_span(q_offset + r0 + m - 1, q_offset + r0 + m - 1, nk, causal, window)
         maybe_empty = first[1] <= first[0] or last[1] <= last[0] or key_padding_mask is not None
         blocks.append(_Block(r0, m, c0, c1, maybe_empty))
         lo_b, hi_b = q_offset + r0 - (c1 - 1), q_offset + r0 + m - 1 - c0
@@ -98,13 +85,7 @@ def _plan(
         e_max = hi_b if e_max is None else max(e_max, hi_b)
     doc_start = doc_end = pad_prefix = None
     if doc_ids is not None and blocks:
-        pos = torch.arange(nk, device=doc_ids.device).expand_as(doc_ids)
-        new = torch.ones_like(doc_ids, dtype=torch.bool)
-        new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-        start = torch.where(new, pos, 0).cummax(dim=1).values
-        ends = torch.ones_like(new)
-        ends[:, :-1] = new[:, 1:]
-        end = torch.where(ends, pos + 1, nk).flip(1).cummin(dim=1).values.flip(1)
+        start, end = doc_bounds(doc_ids)
         doc_start, doc_end = start.tolist(), end.tolist()
     if key_padding_mask is not None and blocks:
         pad = (~key_padding_mask).to(torch.int64).cumsum(dim=1)
@@ -139,13 +120,7 @@ def _extended(
 ) -> Tensor:
     """``F[h, x] = PE_h(Δ = e_max - x)``, ``-inf`` where Δ is hidden: shape ``(Hq, n_e)``."""
     delta = torch.arange(plan.e_max, plan.e_min - 1, -1, device=device)
-    visible = torch.ones_like(delta, dtype=torch.bool)
-    if causal:
-        visible &= delta >= 0
-    if window > 0:
-        visible &= delta < window
-        if not causal:
-            visible &= delta > -window
+    visible = offset_visible(delta, causal, window)
     if table is not None:
         col = delta - lo
         visible &= (col >= 0) & (col < table.shape[1])
@@ -273,35 +248,35 @@ def _rows(x: Tensor, b: int, h0: int, h1: int, rs: slice) -> Tensor:
     return block.reshape(block.shape[0], -1, *block.shape[3:])
 
 
+def _unpack(p: Problem):
+    return p.lo, p.scale, p.causal, p.q_offset, p.window, p.doc_ids, p.key_padding_mask
+
+
+def _stat_dtype(q: Tensor) -> torch.dtype:
+    """Softmax statistics hold the input's range: float64 for float64, else float32."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 def forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    table: Tensor | None,
-    slopes: Tensor | None,
-    doc_ids: Tensor | None,
-    key_padding_mask: Tensor | None,
-    lo: int,
-    scale: float,
-    causal: bool,
-    q_offset: int,
-    window: int,
+    q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, slopes: Tensor | None, problem: Problem
 ) -> tuple[Tensor, Tensor]:
-    """Returns ``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32)``.
+    """Returns ``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq))``, lse in float32
+    (float64 for float64 inputs).
 
     q: ``(B, Hq, Nq, D)``; k, v: ``(B, Hkv, Nk, D)``; table ``(Hq, T)`` or slopes ``(Hq,)``.
     """
     _check(q, k, table, slopes)
+    lo, scale, causal, q_offset, window, doc_ids, key_padding_mask = _unpack(problem)
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     group = hq // hkv
     compute = torch.promote_types(q.dtype, torch.float32)
     plan = _plan(nq, nk, causal, q_offset, window, doc_ids, key_padding_mask)
     out = torch.zeros(bsz, hq, nq, d, dtype=compute, device=q.device)
-    lse = torch.full((bsz, hq, nq), _NEG_INF, dtype=torch.float32, device=q.device)
+    lse = torch.full((bsz, hq, nq), _NEG_INF, dtype=_stat_dtype(q), device=q.device)
     if not plan.blocks:
         return out.to(q.dtype), lse
     f = _extended(plan, table, slopes, lo, causal, window, hq, compute, q.device)
@@ -342,13 +317,7 @@ def backward(
     lse: Tensor,
     table: Tensor | None,
     slopes: Tensor | None,
-    doc_ids: Tensor | None,
-    key_padding_mask: Tensor | None,
-    lo: int,
-    scale: float,
-    causal: bool,
-    q_offset: int,
-    window: int,
+    problem: Problem,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Returns ``(dq, dk, dv, dtable)`` shaped like q, k, v and table (None without a table).
 
@@ -359,6 +328,7 @@ def backward(
     backward's row term ``D_i = dO_i·O_i`` is taken as ``Σ_c dP∘P`` from those probabilities.
     """
     _check(q, k, table, slopes)
+    lo, scale, causal, q_offset, window, doc_ids, key_padding_mask = _unpack(problem)
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -464,3 +434,21 @@ def _finish(dq, dkt, dvt, dtable, q, table):
     dtable = dtable.to(table.dtype) if dtable is not None else None
     dk, dv = dkt.transpose(-1, -2), dvt.transpose(-1, -2)
     return dq.to(q.dtype), dk.to(q.dtype).contiguous(), dv.to(q.dtype).contiguous(), dtable
+
+
+class ChunkedBackend(Backend):
+    """Block by block in plain PyTorch: any device, any floating dtype."""
+
+    name = "chunked"
+
+    def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
+        return 10.0
+
+    def forward(self, q, k, v, table, slopes, problem):
+        return forward(q, k, v, table, slopes, problem)
+
+    def backward(self, grad_out, q, k, v, out, lse, table, slopes, problem):
+        return backward(grad_out, q, k, v, out, lse, table, slopes, problem)
+
+
+BACKEND = ChunkedBackend()

@@ -1,4 +1,4 @@
-"""The specification: the formula of DESIGN.md, symbol for symbol, materializing scores.
+"""The specification: the formula of docs/design.md, symbol for symbol, materializing scores.
 
     α(i, j) = softmax_j( scale · q_i·k_j + PE(i, j) + Mask(i, j) ),    out_i = Σ_j α(i, j) · v_j
 
@@ -11,19 +11,15 @@ import torch
 from torch import Tensor
 
 from ..masks import visible
+from ..problem import Problem
+from .base import Backend
+
+# Below this many scores per head the materializing reference is the fastest path on CPU.
+TINY = 64 * 64
 
 
 def scores_and_weights(
-    q: Tensor,
-    k: Tensor,
-    table: Tensor | None,
-    lo: int,
-    scale: float,
-    causal: bool,
-    q_offset: int,
-    window: int,
-    doc_ids: Tensor | None,
-    key_padding_mask: Tensor | None,
+    q: Tensor, k: Tensor, table: Tensor | None, slopes: Tensor | None, problem: Problem
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Scores ``scale·q·k + PE`` (B, Hq, Nq, Nk), the visibility mask and the weights α.
 
@@ -34,14 +30,16 @@ def scores_and_weights(
     k = k.to(compute).repeat_interleave(group, dim=1)  # query head h reads kv head h // group
     nq, nk = q.shape[2], k.shape[2]
     dot = q.to(compute) @ k.transpose(-1, -2)  # q_i · k_j
-    scores = scale * dot
+    scores = problem.scale * dot
     rows = torch.arange(nq, device=q.device)[:, None]
-    delta = q_offset + rows - torch.arange(nk, device=q.device)  # Δ = i - j
+    delta = problem.q_offset + rows - torch.arange(nk, device=q.device)  # Δ = i - j
     if table is not None:
         t = table.to(compute)
-        column = (delta - lo).clamp(0, t.shape[1] - 1)  # masked pairs may fall off the table
+        column = (delta - problem.lo).clamp(0, t.shape[1] - 1)  # masked pairs may fall off
         scores = scores + t[:, column]  # PE(i, j) = T[h, i - j]
-    mask = visible(delta, causal, q_offset, window, doc_ids, key_padding_mask)  # (B|1, 1, Nq, Nk)
+    elif slopes is not None:
+        scores = scores - slopes.to(compute)[:, None, None] * delta.abs().to(compute)
+    mask = visible(delta, problem)  # (B|1, 1, Nq, Nk)
     mask = mask.expand(scores.shape)
     scores = scores.masked_fill(~mask, float("-inf"))  # Mask(i, j) = -inf
     # A row that sees no key gives zero weights (not NaN): softmax it over zeros, then drop it.
@@ -52,22 +50,46 @@ def scores_and_weights(
 
 
 def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    table: Tensor | None,
-    lo: int,
-    scale: float,
-    causal: bool,
-    q_offset: int,
-    window: int,
-    doc_ids: Tensor | None,
-    key_padding_mask: Tensor | None,
-) -> Tensor:
-    """``out = α · v`` of shape (B, Hq, Nq, D) in q's dtype; autograd does the backward."""
-    _, _, weights = scores_and_weights(
-        q, k, table, lo, scale, causal, q_offset, window, doc_ids, key_padding_mask
-    )
+    q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, slopes: Tensor | None, problem: Problem
+) -> tuple[Tensor, Tensor]:
+    """``out = α · v`` of shape (B, Hq, Nq, D) in q's dtype and the rows' log-sum-exp
+    (B, Hq, Nq); autograd does the backward."""
+    scores, _, weights = scores_and_weights(q, k, table, slopes, problem)
     group = q.shape[1] // k.shape[1]
     v = v.to(weights.dtype).repeat_interleave(group, dim=1)
-    return (weights @ v).to(q.dtype)
+    lse = torch.logsumexp(scores, dim=-1)  # -inf for rows that see no key
+    return (weights @ v).to(q.dtype), lse
+
+
+class ReferenceBackend(Backend):
+    """The formula, materialized; differentiable by plain autograd (double backward too)."""
+
+    name = "reference"
+    fused = False
+
+    def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
+        tiny = q.device.type == "cpu" and q.shape[2] * k.shape[2] <= TINY
+        return 30.0 if tiny else 0.0
+
+    def attention(self, q, k, v, table, slopes, problem):
+        return attention(q, k, v, table, slopes, problem)
+
+    def forward(self, q, k, v, table, slopes, problem):
+        with torch.no_grad():
+            out, lse = attention(q, k, v, table, slopes, problem)
+        return out.contiguous(), lse
+
+    def backward(self, grad_out, q, k, v, out, lse, table, slopes, problem):
+        inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+        if table is not None:
+            inputs.append(table.detach().requires_grad_())
+        with torch.enable_grad():
+            o, _ = attention(*inputs[:3], inputs[3] if table is not None else None, slopes, problem)
+            grads = torch.autograd.grad(o, inputs, grad_out, allow_unused=True)
+        pairs = zip(inputs, grads, strict=True)
+        grads = [torch.zeros_like(x) if g is None else g for x, g in pairs]
+        dtable = grads[3] if table is not None else None
+        return grads[0], grads[1], grads[2], dtable
+
+
+BACKEND = ReferenceBackend()

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import backends
+from .. import pe as encodings
 from ..cache import KVCache
-from ..nn import ENCODINGS, RelativeSelfAttention
+from ..nn import RelativeSelfAttention
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -35,7 +36,7 @@ class TinyLMConfig:
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int | None = None
-    pe: str = "t5"  # "none" | "t5" | "alibi" | "kerple" | "offset"
+    pe: str = "t5"  # "none" or a name from relattn.pe.names()
     rope: bool = False
     mlp_ratio: int = 4
     dropout: float = 0.0
@@ -64,8 +65,9 @@ class TinyLMConfig:
                 f"config.num_kv_heads must divide config.num_heads; got "
                 f"num_kv_heads={self.num_kv_heads}, num_heads={self.num_heads}"
             )
-        if self.pe not in ENCODINGS:
-            raise ValueError(f"config.pe must be one of {ENCODINGS}; got {self.pe!r}")
+        choices = ["none", *encodings.names()]
+        if not isinstance(self.pe, str) or self.pe not in choices:
+            raise ValueError(f"config.pe must be one of {choices}; got {self.pe!r}")
         if not isinstance(self.rope, bool):
             raise TypeError(f"config.rope must be a bool; got {self.rope!r}")
         if self.rope and (self.d_model // self.num_heads) % 2:

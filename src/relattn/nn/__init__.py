@@ -1,5 +1,5 @@
 """Layers built on :func:`relattn.attention`."""
 
-from .attention import ENCODINGS, RelativeSelfAttention, make_encoding
+from .attention import RelativeSelfAttention
 
-__all__ = ["ENCODINGS", "RelativeSelfAttention", "make_encoding"]
+__all__ = ["RelativeSelfAttention"]

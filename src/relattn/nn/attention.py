@@ -12,45 +12,29 @@ import torch
 from torch import Tensor, nn
 
 from .. import backends
-from ..cache import KVCache, LayerCache, within_doc_positions
-from ..ops import attention
-from ..pe import ALiBi, Kerple, OffsetBias, PositionEncoding, RoPE, T5Bias
+from .. import pe as encodings
+from .._validate import check_bool, check_float, check_int, check_optional_int
+from ..cache import KVCache, LayerCache
+from ..functional import attention
+from ..masks import within_doc_positions
+from ..pe import PositionEncoding, RoPE
 
-ENCODINGS = ("none", "t5", "alibi", "kerple", "offset")
-
-# OffsetBias needs a largest offset with its own parameter; beyond it offsets share the last one.
-OFFSET_MAX = 128
-
-
-def make_encoding(name: str, num_heads: int) -> PositionEncoding | None:
-    """A fresh additive encoding by name (one of :data:`ENCODINGS`); ``"none"`` gives None.
-
-    Defaults: T5 with 32 buckets up to distance 128, the ALiBi paper's slopes, KERPLE's log
-    kernel, and a per-offset bias up to offset ``OFFSET_MAX``.
-    """
-    if name == "none":
-        return None
-    if name == "t5":
-        return T5Bias(num_heads)
-    if name == "alibi":
-        return ALiBi(num_heads)
-    if name == "kerple":
-        return Kerple(num_heads, kind="log")
-    if name == "offset":
-        return OffsetBias(num_heads, max_offset=OFFSET_MAX)
-    raise ValueError(f"pe must be one of {ENCODINGS} or a relattn.pe encoding; got {name!r}")
+__all__ = ["RelativeSelfAttention"]
 
 
 class RelativeSelfAttention(nn.Module):
-    """Multi-head causal self-attention whose only position signal is a relative encoding.
+    """Multi-head self-attention whose only position signal is a relative encoding.
 
     Args:
         d_model: model width; a multiple of ``num_heads``.
         num_heads: query heads H (head dim ``D = d_model / H``).
         num_kv_heads: key/value heads Hkv (GQA); must divide H. Default H.
-        pe: an encoding name from :data:`ENCODINGS` or a :class:`relattn.pe.PositionEncoding`
-            instance with ``num_heads == H``.
+        pe: ``"none"``, a name from :func:`relattn.pe.names` (built with its defaults; the
+            name ``"rope"`` means ``pe="none", rope=True``), or a
+            :class:`relattn.pe.PositionEncoding` instance with ``num_heads == H``.
         rope: also rotate q and k by RoPE (True, or a :class:`relattn.pe.RoPE` of head dim D).
+        scale: multiplies ``q·k``; default ``1/√D`` (T5 uses 1.0).
+        causal: mask keys after the query; False for an encoder layer.
         dropout: applied to the output projection. Dropout on the attention weights would need
             the weights materialized, which the fused kernels never do, so it is not offered.
         bias: biases in the qkv and output projections.
@@ -65,31 +49,31 @@ class RelativeSelfAttention(nn.Module):
         d_model: int,
         num_heads: int,
         num_kv_heads: int | None = None,
-        pe: str | PositionEncoding = "t5",
+        pe: str | PositionEncoding | None = "t5",
         rope: bool | RoPE = False,
         dropout: float = 0.0,
         bias: bool = False,
         backend: str = "auto",
+        scale: float | None = None,
+        causal: bool = True,
     ) -> None:
         super().__init__()
-        _positive("d_model", d_model)
-        _positive("num_heads", num_heads)
+        check_int("d_model", d_model, min=1)
+        check_int("num_heads", num_heads, min=1)
         if d_model % num_heads:
             raise ValueError(
                 f"d_model must be a multiple of num_heads; got d_model={d_model}, "
                 f"num_heads={num_heads}"
             )
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        _positive("num_kv_heads", num_kv_heads)
+        check_int("num_kv_heads", num_kv_heads, min=1)
         if num_heads % num_kv_heads:
             raise ValueError(
                 f"num_kv_heads must divide num_heads; got num_kv_heads={num_kv_heads}, "
                 f"num_heads={num_heads}"
             )
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-            raise TypeError(f"dropout must be a float in [0, 1); got {dropout!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        check_float("dropout", dropout, min=0.0, max=1.0, max_open=True)
+        check_bool("bias", bias)
         if not isinstance(backend, str) or backend not in backends.names():
             raise ValueError(f"backend must be one of {backends.names()}; got {backend!r}")
         self.d_model = d_model
@@ -97,9 +81,14 @@ class RelativeSelfAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = d_model // num_heads
         self.backend = backend
+        self.scale = None if scale is None else check_float("scale", scale)
+        self.causal = check_bool("causal", causal)
 
-        if isinstance(pe, str):
-            self.pe = make_encoding(pe, num_heads)
+        if pe is None or isinstance(pe, str):
+            built = encodings.create(pe or "none", num_heads, self.head_dim)
+            if isinstance(built, RoPE):
+                built, rope = None, rope if isinstance(rope, RoPE) else True
+            self.pe = built
         elif isinstance(pe, PositionEncoding):
             if pe.num_heads != num_heads:
                 raise ValueError(
@@ -113,7 +102,8 @@ class RelativeSelfAttention(nn.Module):
             )
         else:
             raise TypeError(
-                f"pe must be one of {ENCODINGS} or a relattn.pe encoding; got {type(pe).__name__}"
+                f"pe must be 'none', one of {encodings.names()} or a relattn.pe encoding; "
+                f"got {type(pe).__name__}"
             )
         if isinstance(rope, RoPE):
             if rope.head_dim != self.head_dim:
@@ -180,10 +170,7 @@ class RelativeSelfAttention(nn.Module):
         b, n, _ = x.shape
         q, k, v = self.project(x)
 
-        if window is not None and (
-            isinstance(window, bool) or not isinstance(window, int) or window < 1
-        ):
-            raise ValueError(f"window must be None or an int >= 1; got {window!r}")
+        window = check_optional_int("window", window, min=1)
         layer_cache = _layer_cache(cache)
         if doc_ids is not None and (not isinstance(doc_ids, Tensor) or doc_ids.shape != (b, n)):
             got = tuple(doc_ids.shape) if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
@@ -216,7 +203,8 @@ class RelativeSelfAttention(nn.Module):
             k,
             v,
             self.pe,
-            causal=True,
+            causal=self.causal,
+            scale=self.scale,
             q_offset=q_offset,
             backend=self.backend,
             window=window,
@@ -229,7 +217,8 @@ class RelativeSelfAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d_model={self.d_model}, num_heads={self.num_heads}, "
-            f"num_kv_heads={self.num_kv_heads}, backend={self.backend!r}"
+            f"num_kv_heads={self.num_kv_heads}, backend={self.backend!r}, causal={self.causal}"
+            + ("" if self.scale is None else f", scale={self.scale}")
         )
 
 
@@ -244,8 +233,3 @@ def _layer_cache(cache) -> LayerCache | None:
             )
         return cache.layer(0)
     raise TypeError(f"cache must be a KVCache layer view or None; got {type(cache).__name__}")
-
-
-def _positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")

@@ -5,15 +5,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._validate import check_int
+
 
 class PositionEncoding(nn.Module):
-    """An additive relative position term PE(i, j) = f_h(i - j).
+    """An additive relative position term ``PE(i, j) = f_h(i - j)``.
 
-    Subclasses implement :meth:`table`; everything else (the dense bias for inspection, the
-    fused kernels' fast path) is derived from it.
+    Subclasses call ``super().__init__(num_heads)`` and implement :meth:`table`; everything
+    else (the dense bias for inspection, every backend's fast path and the gradient into the
+    module's parameters) is derived from it.
+
+    Args:
+        num_heads: H, the number of query heads the encoding serves (a subclass that passes
+            None must set ``self.num_heads`` itself).
     """
 
     num_heads: int
+
+    def __init__(self, num_heads: int | None = None) -> None:
+        super().__init__()
+        if num_heads is not None:
+            self.num_heads = check_int("num_heads", num_heads, min=1)
 
     def table(self, lo: int, hi: int) -> Tensor:
         """PE for the offsets ``lo .. hi`` (inclusive).
@@ -22,7 +34,13 @@ class PositionEncoding(nn.Module):
             Tensor of shape ``(H, hi - lo + 1)`` whose column ``t`` holds PE for offset
             ``Δ = lo + t``. Gradients flow from it into the module's parameters.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement table(lo, hi)")
+
+    def closed_form_slopes(self) -> Tensor | None:
+        """Per-head slopes ``m_h`` of shape ``(H,)`` when ``PE = -m_h·|Δ|`` exactly and nothing
+        about it is learned; kernels then compute the term in closed form instead of reading a
+        table. None (the default) means: read the table."""
+        return None
 
     def bias(self, nq: int, nk: int, q_offset: int = 0) -> Tensor:
         """The dense bias, for inspection only (kernels never build it).
@@ -51,9 +69,3 @@ def offsets(lo: int, hi: int, device=None) -> Tensor:
     if hi < lo:
         raise ValueError(f"table(lo, hi) needs lo <= hi; got lo={lo}, hi={hi}")
     return torch.arange(lo, hi + 1, device=device)
-
-
-def check_num_heads(num_heads: int) -> int:
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int; got {num_heads!r}")
-    return num_heads

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import PositionEncoding, check_num_heads, offsets
+from .._validate import check_choice, check_float
+from .base import PositionEncoding, offsets
+from .registry import Param, register
 
 # A floor under r1 and r2: softplus and sigmoid underflow to exactly 0 in float32 after a large
 # optimizer step, which would leave a degenerate kernel with zero gradient for good.
@@ -19,6 +21,12 @@ def _inv_softplus(x: float) -> float:
     return x + math.log(-math.expm1(-x))
 
 
+@register(
+    "kerple",
+    description="KERPLE: -r1·log(1+r2·|i-j|) or -r1·|i-j|^r2, learnable r1, r2 (Chi et al. 2022)",
+    learnable=True,
+    params=(Param("kind", str, "log", "the kernel", choices=("log", "power")),),
+)
 class Kerple(PositionEncoding):
     """KERPLE's kernels, per head, with learnable ``r1, r2 > 0``.
 
@@ -36,19 +44,13 @@ class Kerple(PositionEncoding):
     """
 
     def __init__(self, num_heads: int, kind: str = "log", r1: float = 1.0, r2: float = 1.0):
-        super().__init__()
-        self.num_heads = check_num_heads(num_heads)
-        if kind not in ("log", "power"):
-            raise ValueError(f"kind must be 'log' or 'power'; got {kind!r}")
-        if not r1 > 0:
-            raise ValueError(f"r1 must be > 0; got {r1!r}")
-        if kind == "power" and not 0 < r2 < 2:
-            raise ValueError(f"r2 must be in (0, 2) for the power kernel; got {r2!r}")
-        if kind == "log" and not r2 > 0:
-            raise ValueError(f"r2 must be > 0; got {r2!r}")
-        self.kind = kind
-        if r1 <= _FLOOR or r2 <= _FLOOR:
-            raise ValueError(f"r1 and r2 must be > {_FLOOR}; got r1={r1!r}, r2={r2!r}")
+        super().__init__(num_heads)
+        self.kind = check_choice("kind", kind, ("log", "power"))
+        r1 = check_float("r1", r1, min=_FLOOR, min_open=True)
+        if kind == "power":
+            r2 = check_float("r2", r2, min=_FLOOR, max=2.0, min_open=True, max_open=True)
+        else:
+            r2 = check_float("r2", r2, min=_FLOOR, min_open=True)
         self.raw_r1 = nn.Parameter(torch.full((num_heads,), _inv_softplus(r1 - _FLOOR)))
         if kind == "power":
             unit = (r2 - _FLOOR) / (2 - _FLOOR)

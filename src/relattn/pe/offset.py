@@ -5,9 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import PositionEncoding, check_num_heads, offsets
+from .._validate import check_bool, check_int
+from .base import PositionEncoding, offsets
+from .registry import Param, register
 
 
+@register(
+    "offset",
+    description="a free learnable scalar per head per offset, clipped (Shaw et al. 2018)",
+    learnable=True,
+    params=(Param("max_offset", int, 128, "largest offset with its own parameter"),),
+)
 class OffsetBias(PositionEncoding):
     """``PE(i, j) = u_h[clip(i - j, 0, max_offset)]``: one parameter per head per offset.
 
@@ -21,13 +29,11 @@ class OffsetBias(PositionEncoding):
         bidirectional: separate parameters for negative offsets.
     """
 
-    def __init__(self, num_heads: int, max_offset: int, bidirectional: bool = False) -> None:
-        super().__init__()
-        self.num_heads = check_num_heads(num_heads)
-        if isinstance(max_offset, bool) or not isinstance(max_offset, int) or max_offset < 0:
-            raise ValueError(f"max_offset must be an int >= 0; got {max_offset!r}")
-        self.max_offset = max_offset
-        self.bidirectional = bool(bidirectional)
+    def __init__(self, num_heads: int, max_offset: int = 128, bidirectional: bool = False) -> None:
+        super().__init__(num_heads)
+        # Beyond 2^24 parameters per head the table is a model of its own, not a bias.
+        self.max_offset = check_int("max_offset", max_offset, min=0, max=1 << 24)
+        self.bidirectional = check_bool("bidirectional", bidirectional)
         n = 2 * max_offset + 1 if bidirectional else max_offset + 1
         self.weight = nn.Parameter(torch.zeros(num_heads, n))
         nn.init.normal_(self.weight, std=0.02)

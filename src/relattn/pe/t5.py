@@ -7,9 +7,20 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import PositionEncoding, check_num_heads, offsets
+from .._validate import check_bool, check_int
+from .base import PositionEncoding, offsets
+from .registry import Param, register
 
 
+@register(
+    "t5",
+    description="T5: a learnable scalar per head per log-spaced bucket of i-j (Raffel et al. 2020)",
+    learnable=True,
+    params=(
+        Param("num_buckets", int, 32, "number of buckets"),
+        Param("max_distance", int, 128, "offsets at or beyond this share the last bucket"),
+    ),
+)
 class T5Bias(PositionEncoding):
     """One learnable scalar per head per bucket of offsets.
 
@@ -33,25 +44,18 @@ class T5Bias(PositionEncoding):
         max_distance: int = 128,
         bidirectional: bool = False,
     ) -> None:
-        super().__init__()
-        self.num_heads = check_num_heads(num_heads)
+        super().__init__(num_heads)
+        bidirectional = check_bool("bidirectional", bidirectional)
         min_buckets = 4 if bidirectional else 2
-        if isinstance(num_buckets, bool) or not isinstance(num_buckets, int):
-            raise TypeError(f"num_buckets must be an int; got {num_buckets!r}")
-        if num_buckets < min_buckets:
-            raise ValueError(
-                f"num_buckets must be >= {min_buckets} (bidirectional={bidirectional}); "
-                f"got {num_buckets}"
-            )
+        hint = f" (bidirectional={bidirectional})"
+        num_buckets = check_int("num_buckets", num_buckets, min=min_buckets, max=1 << 20, hint=hint)
         exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
-        if not isinstance(max_distance, int) or max_distance <= exact:
-            raise ValueError(
-                f"max_distance must be an int > {exact} (the exact-bucket range); "
-                f"got {max_distance!r}"
-            )
+        max_distance = check_int(
+            "max_distance", max_distance, min=exact + 1, hint=" (beyond the exact-bucket range)"
+        )
         self.num_buckets = num_buckets
         self.max_distance = max_distance
-        self.bidirectional = bool(bidirectional)
+        self.bidirectional = bidirectional
         self.weight = nn.Parameter(torch.zeros(num_heads, num_buckets))
         nn.init.normal_(self.weight, std=0.02)
 

@@ -1,0 +1,167 @@
+"""The one torch.library custom op that every fused backend runs behind.
+
+``relattn::attention`` takes flat arguments (tensors, ints, floats, a backend name) so
+torch.compile keeps it as one graph node; this module is the one place where a
+:class:`~relattn.problem.Problem` is flattened into them and rebuilt. Its fake implementation
+gives shapes and strides for tracing (outputs are contiguous on every backend), and its
+autograd formula calls ``relattn::attention_backward``, which returns dq, dk, dv and the
+table's gradient ``g[h, Δ] = Σ_{b, i - j = Δ} ∂L/∂score[b, h, i, j]``; autograd carries ``g``
+into the encoding's parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .problem import Problem
+
+__all__ = ["fused_attention", "fused_attention_backward"]
+
+
+def _problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask) -> Problem:
+    return Problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
+
+
+def _stat_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("relattn::attention", mutates_args=())
+def _attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor | None,
+    slopes: Tensor | None,
+    doc_ids: Tensor | None,
+    key_padding_mask: Tensor | None,
+    lo: int,
+    scale: float,
+    causal: bool,
+    q_offset: int,
+    window: int,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    problem = _problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
+    impl = backends.get(backend)
+    reason = impl.unsupported(q, k, problem)
+    if reason:
+        raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
+    out, lse = impl.forward(q, k, v, table, slopes, problem)
+    return out.contiguous(), lse.to(_stat_dtype(q)).contiguous()
+
+
+@_attention.register_fake
+def _(q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window, b):
+    bsz, h, n, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((bsz, h, n), dtype=_stat_dtype(q))
+
+
+@torch.library.custom_op("relattn::attention_backward", mutates_args=())
+def _attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    table: Tensor | None,
+    slopes: Tensor | None,
+    doc_ids: Tensor | None,
+    key_padding_mask: Tensor | None,
+    lo: int,
+    scale: float,
+    causal: bool,
+    q_offset: int,
+    window: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(dq, dk, dv, dtable)``; dtable is an empty tensor when table is None."""
+    problem = _problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
+    dq, dk, dv, dtable = backends.get(backend).backward(
+        grad_out, q, k, v, out, lse, table, slopes, problem
+    )
+    if dtable is None:
+        dtable = q.new_empty((0,), dtype=torch.float32)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dtable.contiguous()
+
+
+@_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, table, slopes, doc_ids, kpm, lo, scale, causal, qo, w, b):
+    dtable = table.new_empty(table.shape) if table is not None else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dtable
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, table, slopes, doc_ids, kpm, lo, scale, causal, q_offset, window, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, table, slopes, doc_ids, kpm)
+    ctx.args = (lo, scale, causal, q_offset, window, backend)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, table, slopes, doc_ids, kpm = ctx.saved_tensors
+    dq, dk, dv, dtable = _attention_backward(
+        grad_out.contiguous(), q, k, v, out, lse, table, slopes, doc_ids, kpm, *ctx.args
+    )
+    dtable = dtable if table is not None else None
+    return dq, dk, dv, dtable, None, None, None, None, None, None, None, None, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        f"backend={ctx.backend!r} does not support double backward (create_graph=True through "
+        "attention's gradient); use backend='reference', which is plain autograd"
+    )
+
+
+def _setup_backward_context(ctx, inputs, output):
+    ctx.backend = inputs[-1]
+
+
+_attention_backward.register_autograd(_no_double_backward, setup_context=_setup_backward_context)
+
+
+def fused_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor | None,
+    slopes: Tensor | None,
+    problem: Problem,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``(out (B, Hq, Nq, D), lse (B, Hq, Nq))`` through the custom op, differentiable in q, k,
+    v and table."""
+    p = problem
+    return _attention(
+        q, k, v, table, slopes, p.doc_ids, p.key_padding_mask,
+        p.lo, p.scale, p.causal, p.q_offset, p.window, backend,
+    )  # fmt: skip
+
+
+def fused_attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    table: Tensor | None,
+    slopes: Tensor | None,
+    problem: Problem,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The op's backward as a function (for context parallelism's ring):
+    ``(dq, dk, dv, dtable or None)``."""
+    p = problem
+    dq, dk, dv, dtable = _attention_backward(
+        grad_out, q, k, v, out, lse, table, slopes, p.doc_ids, p.key_padding_mask,
+        p.lo, p.scale, p.causal, p.q_offset, p.window, backend,
+    )  # fmt: skip
+    return dq, dk, dv, (dtable if table is not None else None)
