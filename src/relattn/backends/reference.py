@@ -80,16 +80,29 @@ class ReferenceBackend(Backend):
         return out.contiguous(), lse
 
     def backward(self, grad_out, q, k, v, out, lse, table, slopes, problem):
-        inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+        """The softmax backward written out on the materialized weights (a custom op's kernel
+        runs below autograd, so it cannot differentiate its own forward)."""
+        scores, _, p = scores_and_weights(q, k, table, slopes, problem)
+        compute, group = p.dtype, q.shape[1] // k.shape[1]
+        kk = k.to(compute).repeat_interleave(group, dim=1)
+        vv = v.to(compute).repeat_interleave(group, dim=1)
+        do = grad_out.to(compute)
+        dp = do @ vv.transpose(-1, -2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))  # dS = P∘(dP - Σ dP∘P)
+        dq = problem.scale * ds @ kk
+        dk = (problem.scale * ds.transpose(-1, -2) @ q.to(compute)).unflatten(1, (-1, group))
+        dv = (p.transpose(-1, -2) @ do).unflatten(1, (-1, group))
+        dtable = None
         if table is not None:
-            inputs.append(table.detach().requires_grad_())
-        with torch.enable_grad():
-            o, _ = attention(*inputs[:3], inputs[3] if table is not None else None, slopes, problem)
-            grads = torch.autograd.grad(o, inputs, grad_out, allow_unused=True)
-        pairs = zip(inputs, grads, strict=True)
-        grads = [torch.zeros_like(x) if g is None else g for x, g in pairs]
-        dtable = grads[3] if table is not None else None
-        return grads[0], grads[1], grads[2], dtable
-
+            nq, nk = q.shape[2], k.shape[2]
+            rows = torch.arange(nq, device=q.device)[:, None]
+            delta = problem.q_offset + rows - torch.arange(nk, device=q.device)
+            column = (delta - problem.lo).clamp(0, table.shape[1] - 1).flatten()
+            per_head = ds.sum(0).flatten(1)  # (Hq, Nq·Nk); masked pairs hold exact zeros
+            dtable = torch.zeros(table.shape, dtype=compute, device=q.device)
+            dtable.index_add_(1, column, per_head)
+            dtable = dtable.to(table.dtype)
+        dt = q.dtype
+        return dq.to(dt), dk.sum(2).to(dt), dv.sum(2).to(dt), dtable
 
 BACKEND = ReferenceBackend()
