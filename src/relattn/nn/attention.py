@@ -84,10 +84,16 @@ class RelativeSelfAttention(nn.Module):
         self.scale = None if scale is None else check_float("scale", scale)
         self.causal = check_bool("causal", causal)
 
+        self.pe: PositionEncoding | None
+        self.rope: RoPE | None
         if pe is None or isinstance(pe, str):
             built = encodings.create(pe or "none", num_heads, self.head_dim)
             if isinstance(built, RoPE):
                 built, rope = None, rope if isinstance(rope, RoPE) else True
+            if built is not None and not isinstance(built, PositionEncoding):
+                raise TypeError(
+                    f"pe={pe!r} built a {type(built).__name__}, not a PositionEncoding or RoPE"
+                )
             self.pe = built
         elif isinstance(pe, PositionEncoding):
             if pe.num_heads != num_heads:
