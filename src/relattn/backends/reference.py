@@ -105,4 +105,5 @@ class ReferenceBackend(Backend):
         dt = q.dtype
         return dq.to(dt), dk.sum(2).to(dt), dv.sum(2).to(dt), dtable
 
+
 BACKEND = ReferenceBackend()
