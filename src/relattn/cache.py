@@ -61,9 +61,12 @@ class LayerCache:
         self.capacity = capacity
         self.window = window
         self.dtype = dtype
-        slots = capacity if window is None else window - 1
-        if window is not None and capacity is not None:
-            slots = min(slots, capacity)
+        if window is None:
+            if capacity is None:
+                raise ValueError("capacity must be an int when there is no window; got None")
+            slots = capacity
+        else:
+            slots = window - 1 if capacity is None else min(window - 1, capacity)
         shape = (batch_size, num_kv_heads, slots, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
