@@ -161,9 +161,11 @@ def _prepare(q, k, v, pe, causal, scale, q_offset, window, doc_ids, key_padding_
         scale = 1.0 / math.sqrt(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a finite float or None; got {show(scale)}")
-    elif not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be a finite float or None; got {scale!r}")
+    elif not _finite(scale):
+        raise ValueError(f"scale must be a finite float or None; got {repr(scale)[:60]}")
     window = check_optional_int("window", window, min=1) or 0
+    if window > max(abs(q_offset + nq - 1), abs(q_offset - nk + 1)):
+        window = 0  # wider than any offset of this call: it hides nothing
     if doc_ids is not None:
         _check_doc_ids(doc_ids, b, nq, nk, q_offset, q)
     if key_padding_mask is not None:
@@ -181,6 +183,13 @@ def _prepare(q, k, v, pe, causal, scale, q_offset, window, doc_ids, key_padding_
     lo, hi = offset_range(nq, nk, causal, q_offset, window)
     problem = Problem(lo, float(scale), causal, q_offset, window, doc_ids, key_padding_mask)
     return q, k, additive, problem, hi
+
+
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def _check_per_key(name: str, t, b: int, nk: int, q: Tensor) -> None:
