@@ -45,8 +45,11 @@ def test_rounds_and_paired_ratios():
     def boom():
         raise RuntimeError("no backward")
 
-    rounds = time_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b"),
-                          "bad": boom}, repeats=3, warmup=1)  # fmt: skip
+    rounds = time_rounds(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "bad": boom},
+        repeats=3,
+        warmup=1,
+    )
     assert calls == ["a", "b"] * 4  # warm-up then three rounds, interleaved
     assert len(rounds["a"]) == len(rounds["b"]) == 3
     assert rounds["bad"] == "RuntimeError: no backward"

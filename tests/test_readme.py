@@ -35,7 +35,7 @@ def test_textbook_convention_snippet_matches_its_formula():
     block = _python_blocks()[1]
     exec(block, ns)  # defines Scaled and calls attention with it
     q, k, v, t5 = (quick[n].detach().double()[:1, :, :16] if n != "t5" else quick[n].double()
-                   for n in ("q", "k", "v", "t5"))  # fmt: skip
+                   for n in ("q", "k", "v", "t5"))
     d = q.shape[-1]
     got = quick["relattn"].attention(q, k, v, ns["Scaled"](t5, d**-0.5), backend="reference")
     bias = t5.bias(16, 16).double()
