@@ -32,7 +32,9 @@ _ANNOTATE_MAX = 12
 # Token labels are drawn on every axis tick up to this many tokens, then thinned.
 _LABEL_MAX = 40
 MASKED = "#d9d9d9"
-MASKED_NOTE = "hatched grey: masked (j > i), no dot product"
+MASKED_NOTE = "grey: masked (j > i), no dot product"
+# Masked cells are also hatched up to this many tokens.
+_HATCH_MAX = 24
 
 
 class PlotUnavailable(ImportError):
@@ -103,6 +105,8 @@ def _heatmap(ax, values: np.ndarray, cmap: str, vmin: float, vmax: float):
     from matplotlib.patches import Rectangle
 
     hidden = ~np.isfinite(values)
+    if n > _HATCH_MAX:  # hatching many cells is slow to render; the grey alone is distinct
+        return image
     for i in range(n):  # one hatched strip per row over its run of masked cells
         cols = np.flatnonzero(hidden[i])
         if cols.size:
@@ -244,6 +248,12 @@ def plot_attention_heads(
             ax = axes[layer, h]
             image = _heatmap(ax, np.where(visible, w[layer, h], np.nan), "Blues", 0.0, 1.0)
             _token_axes(ax, tokens, fontsize=5)
+            if h:  # token labels on the outer panels only: text layout dominates drawing time
+                ax.set_yticks([])
+                ax.set_ylabel("")
+            if layer + 1 < layers:
+                ax.set_xticks([])
+                ax.set_xlabel("")
             ax.set_title(f"layer {layer}, head {h}", fontsize=8)
     bar = fig.colorbar(image, ax=list(axes.flat), shrink=0.8, pad=0.01)
     bar.set_label("α(i, j), linear scale 0 to 1", fontsize=8)

@@ -274,9 +274,19 @@ def check_writable_file(flag: str, path: str | os.PathLike) -> Path:
         raise CLIError(f"{flag} {str(path)!r} is a directory; give a file name")
     if not parent.is_dir():
         raise CLIError(f"{flag} {str(path)!r}: folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+    if not _can_create_in(parent) or (p.exists() and not os.access(p, os.W_OK)):
         raise CLIError(f"{flag} {str(path)!r} is not writable (permission denied)")
     return p
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried, since permission bits do not tell
+    for root or for special file systems)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def check_writable_dir(flag: str, path: str | os.PathLike) -> Path:
@@ -289,7 +299,7 @@ def check_writable_dir(flag: str, path: str | os.PathLike) -> Path:
         if probe.parent == probe:
             break
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+    if not probe.is_dir() or not _can_create_in(probe):
         where = "" if probe == p else f" (cannot create it inside {str(probe)!r})"
         raise CLIError(f"{flag} {str(path)!r} is not writable{where}: permission denied")
     return p

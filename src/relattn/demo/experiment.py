@@ -234,12 +234,12 @@ def _run(settings, out, resume, log, corpus, total, start) -> tuple[dict, list[s
         results["models"][name] = entry
         report.write_json(results_path, results)
         models[name] = fresh
-        _report(models, results, corpus, settings, out)
+        _report(models, results, corpus, settings, out, final=False)
 
     results["seconds_this_run"] = time.perf_counter() - start
     report.remove_reports(out)
     report.write_json(results_path, results)
-    _report(models, results, corpus, settings, out)
+    _report(models, results, corpus, settings, out, final=True)
     names = [n for n in settings.encodings if n in results["models"]]
     summary = report.summarize({n: results["models"][n] for n in names}, settings.context)
     return results, summary
@@ -256,23 +256,49 @@ def _sample(model, corpus: Corpus) -> dict[str, str]:
     return {"prompt": decode(prompt), "continuation": decode(torch.tensor(ids))}
 
 
-def _report(models: dict, results: dict, corpus: Corpus, settings: DemoSettings, out: Path):
+def _report(models, results, corpus, settings, out: Path, final: bool) -> None:
+    """Figures, then results.json with their names, then the report. Between models
+    (``final=False``) only the finished models' attention figures are drawn; the figures that
+    compare every model are drawn once at the end (and removed until then, so none is stale)."""
     names = [n for n in settings.encodings if n in results["models"]]
-    images = _plots(models, results, corpus, settings, out)
+    images = _plots(models, results, corpus, settings, out, final)
     results["images"] = images
     report.write_json(out / "results.json", results)
     report.write_reports(out, results, names, images)
 
 
-def _plots(models: dict, results: dict, corpus: Corpus, settings: DemoSettings, out: Path):
-    from relattn import pe, viz
+def _plots(models, results, corpus, settings, out: Path, final: bool) -> dict[str, str]:
+    from relattn import viz
 
     try:
         viz.require_matplotlib()
     except viz.PlotUnavailable:
         return {}
-    images: dict[str, str] = {}
     names = [n for n in settings.encodings if n in results["models"]]
+    images = _comparisons(models, results, settings, out, names) if final else {}
+    sample = corpus.heldout[:ATTENTION_BYTES].long()
+    tokens = [probe.byte_label(int(b)) for b in sample]
+    for name in names:
+        file = f"attention-{name}.png"
+        if name in models and not (out / file).exists():
+            weights = probe.attention_maps(models[name], sample.unsqueeze(0))
+            viz.plot_attention_heads(
+                tokens, weights, out / file, title=f"{name}: attention on held-out text"
+            )
+        if (out / file).exists():
+            images[f"attention-{name}"] = file
+    keep = set(images.values())
+    ours = [out / f for f in ("perplexity.png", "loss.png", "tables.png", "attention.png")]
+    for stale in [*ours, *out.glob("attention-*.png")]:  # none left from an earlier run
+        if stale.name not in keep:
+            stale.unlink(missing_ok=True)
+    return images
+
+
+def _comparisons(models, results, settings, out: Path, names: list[str]) -> dict[str, str]:
+    from relattn import pe, viz
+
+    images: dict[str, str] = {}
     viz.plot_perplexity(
         {n: results["models"][n]["eval"] for n in names}, settings.context, out / "perplexity.png"
     )
@@ -293,19 +319,4 @@ def _plots(models: dict, results: dict, corpus: Corpus, settings: DemoSettings, 
         {n: t for n, t in learned.items() if t}, settings.context, out / "tables.png"
     ):
         images["tables"] = "tables.png"
-    sample = corpus.heldout[:ATTENTION_BYTES].long()
-    tokens = [probe.byte_label(int(b)) for b in sample]
-    for name in names:
-        file = f"attention-{name}.png"
-        if name in models and not (out / file).exists():
-            weights = probe.attention_maps(models[name], sample.unsqueeze(0))
-            viz.plot_attention_heads(
-                tokens, weights, out / file, title=f"{name}: attention on held-out text"
-            )
-        if (out / file).exists():
-            images[f"attention-{name}"] = file
-    keep = set(images.values())
-    for stale in out.glob("*.png"):  # no figure left from an earlier run in this folder
-        if stale.name not in keep:
-            stale.unlink(missing_ok=True)
     return images

@@ -9,7 +9,18 @@ from torch import Tensor, nn
 
 import relattn
 
-__all__ = ["attention_maps", "byte_label", "layer_qkv", "learned_tables"]
+__all__ = ["attention_maps", "byte_label", "encoding_names", "layer_qkv", "learned_tables"]
+
+
+def encoding_names(attn: nn.Module) -> list[str]:
+    """The registered names of an attention layer's encodings (rotation first), looked up by
+    class in :func:`relattn.pe.specs`; a module of an unregistered class shows its class name."""
+    names = []
+    for module in (attn.rope, attn.pe):
+        if module is not None:
+            found = [s.name for s in relattn.pe.specs() if type(module) is s.cls]
+            names.append(found[0] if found else type(module).__name__)
+    return names
 
 
 def byte_label(b: int) -> str:

@@ -195,7 +195,7 @@ def blocks(results: dict, names: list[str], images: dict[str, str]) -> list[tupl
                 "Every head of every layer of each model on the same held-out bytes, from the "
                 "trained model's own queries and keys (as `relattn explain --checkpoint` shows "
                 "them). Row i is query i's weights α(i, j) over keys j: a linear colour scale "
-                "from 0 (white) to 1 (dark blue); hatched grey cells are masked (j > i), no "
+                "from 0 (white) to 1 (dark blue); grey cells are masked (j > i), no "
                 "dot product is computed there. ␣ is a space, ⏎ a newline.",
             )
         )

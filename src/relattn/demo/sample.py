@@ -53,7 +53,8 @@ def sample_bytes(
 def _draw(logits: Tensor, temperature: float, top_k: int | None, generator) -> int:
     if temperature == 0:
         return int(logits.argmax())
-    logits = (logits - logits.max()) / temperature
+    # float64: a temperature like 1e-300 is 0 in float32 and would turn the logits into NaN
+    logits = (logits.double() - logits.max().double()) / temperature
     if top_k is not None and top_k < logits.numel():
         kth = logits.topk(top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

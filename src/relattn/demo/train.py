@@ -61,7 +61,7 @@ class Interrupted(KeyboardInterrupt):
 
 def model_encoding(names: list[str]) -> dict[str, Any]:
     """TinyLMConfig's ``pe`` and ``rope`` for a composition of registered names (``[]`` is
-    none; ``["rope", "t5"]`` is T5 with RoPE).
+    none; ``rope+t5`` is T5 with RoPE).
 
     Raises:
         ValueError: more than one additive encoding, or a rotation other than RoPE.

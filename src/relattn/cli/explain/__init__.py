@@ -52,7 +52,7 @@ from pathlib import Path
 
 import torch
 
-from relattn.demo.probe import byte_label
+from relattn.demo.probe import byte_label, encoding_names
 
 from .._common import (
     SEED_MAX,
@@ -200,9 +200,7 @@ def _from_checkpoint(args: argparse.Namespace, tokens: list[str]):
         )
     ex = compute.from_model(model, ids, tokens, layer)
     attn = model.blocks[layer].attn
-    names = (["rope"] if attn.rope is not None else []) + (
-        [config.pe] if config.pe not in ("none", "rope") else []
-    )
+    names = encoding_names(attn)
     encoding = {
         "pe": "+".join(names) or "none",
         "names": names,
