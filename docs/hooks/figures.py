@@ -117,7 +117,7 @@ def fig_mask() -> bytes:
     mask = torch.ones(n, n, dtype=torch.bool).tril()
     fig = Figure(figsize=(4.2, 3.8), layout="constrained")
     ax = fig.add_subplot()
-    ax.imshow(mask.float(), cmap="Greys", vmin=0, vmax=1.6)
+    ax.imshow(mask.float().numpy(), cmap="Greys", vmin=0, vmax=1.6)
     for i in range(n):
         for j in range(n):
             ax.text(j, i, "0" if mask[i, j] else "−∞", ha="center", va="center", fontsize=8,
@@ -153,7 +153,7 @@ def fig_scores() -> bytes:
         image = ax.imshow(shown, cmap=colormap, vmin=lo, vmax=hi)
         for i in range(n):
             for j in range(i + 1):
-                ax.text(j, i, f"{shown[i, j]:.2f}", ha="center", va="center", fontsize=7)
+                ax.text(j, i, _f(shown[i, j], ".2f"), ha="center", va="center", fontsize=7)
         _grid_axes(ax, n)
         ax.set_title(title, fontsize=9)
         fig.colorbar(image, ax=ax, shrink=0.75)
