@@ -26,10 +26,25 @@ def test_the_benchmark_script_is_the_same_front_end(tmp_path):
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "cpu_attention.py"
     md, raw = tmp_path / "cpu.md", tmp_path / "cpu.json"
     proc = subprocess.run(
-        [sys.executable, str(script), "--n", "64", "--repeats", "1", "--quick", "--threads", "1",
-         "--out", str(md), "--json", str(raw)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(script),
+            "--n",
+            "64",
+            "--repeats",
+            "1",
+            "--quick",
+            "--threads",
+            "1",
+            "--out",
+            str(md),
+            "--json",
+            str(raw),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "## CPU" in md.read_text() and "## GPU" not in md.read_text()
     rows = json.loads(raw.read_text())["rows"]["cpu"]

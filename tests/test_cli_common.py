@@ -17,8 +17,19 @@ from relattn.cli._common import CLIError, FolderLock, atomic_write_text
 from relattn.cli.main import main
 
 SRC = Path(relattn.__file__).resolve().parent
-LIBRARY = ["pe", "backends", "nn", "models", "cache.py", "functional.py", "_custom_op.py",
-           "masks.py", "problem.py", "_validate.py", "__init__.py"]  # fmt: skip
+LIBRARY = [
+    "pe",
+    "backends",
+    "nn",
+    "models",
+    "cache.py",
+    "functional.py",
+    "_custom_op.py",
+    "masks.py",
+    "problem.py",
+    "_validate.py",
+    "__init__.py",
+]
 TOOLS = ("cli", "demo", "bench", "viz")
 
 
@@ -45,8 +56,14 @@ def test_an_unwritable_working_directory_is_one_line():
     """The demo's default --out is relative: from a folder where nothing can be created (here
     /proc, which refuses even root), it is refused before any work, in one line."""
     env = {**os.environ, "PYTHONPATH": str(SRC.parent)}
-    proc = subprocess.run([sys.executable, "-m", "relattn", "demo", "--quick"], cwd="/proc",
-                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "relattn", "demo", "--quick"],
+        cwd="/proc",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "--out 'relattn-report'" in proc.stderr
 

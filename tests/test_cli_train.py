@@ -14,8 +14,22 @@ from relattn.cli.main import main
 from relattn.demo import train
 from relattn.models import TinyLM
 
-TINY = ["--context", "32", "--d-model", "16", "--heads", "2", "--layers", "1",
-        "--batch-size", "4", "--eval-bytes", "2048", "--threads", "1"]  # fmt: skip
+TINY = [
+    "--context",
+    "32",
+    "--d-model",
+    "16",
+    "--heads",
+    "2",
+    "--layers",
+    "1",
+    "--batch-size",
+    "4",
+    "--eval-bytes",
+    "2048",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +57,19 @@ def test_train_generate_explain_end_to_end(tmp_path, text_file):
     assert info["finished"] and info["train"]["steps"] == 12 and info["eval"]["ppl"] > 1
     assert info["corpus"]["unit"] == "chunk"
 
-    proc = _relattn("generate", "--checkpoint", str(ckpt), "--prompt", "the quick",
-                    "--max-new-tokens", "40", "--seed", "3", "--temperature", "0")  # fmt: skip
+    proc = _relattn(
+        "generate",
+        "--checkpoint",
+        str(ckpt),
+        "--prompt",
+        "the quick",
+        "--max-new-tokens",
+        "40",
+        "--seed",
+        "3",
+        "--temperature",
+        "0",
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("the quick") and proc.stderr == ""
     # greedy decoding with the KV cache = greedy decoding by full forwards
@@ -70,8 +95,12 @@ def test_explain_checkpoint_shows_the_models_real_weights(tmp_path, text_file, c
     from relattn.demo.probe import layer_qkv
 
     ckpt = tmp_path / "m"
-    assert main(["train", str(text_file), *TINY, "--steps", "3", "--pe", "rope+t5",
-                 "--out", str(ckpt)]) == 0  # fmt: skip
+    assert (
+        main(
+            ["train", str(text_file), *TINY, "--steps", "3", "--pe", "rope+t5", "--out", str(ckpt)]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["explain", "--checkpoint", str(ckpt), "ab cd", "--json", "--head", "1"]) == 0
     obj = json.loads(capsys.readouterr().out)
@@ -84,8 +113,9 @@ def test_explain_checkpoint_shows_the_models_real_weights(tmp_path, text_file, c
         torch.testing.assert_close(torch.tensor(obj["weights"][i][0]), expected[i, : i + 1])
 
 
-def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, text_file, monkeypatch,
-                                                              capsys):  # fmt: skip
+def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(
+    tmp_path, text_file, monkeypatch, capsys
+):
     args = ["train", str(text_file), *TINY, "--steps", "8"]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
 
@@ -107,8 +137,9 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, text_fil
     monkeypatch.setattr(train.Trainer, "_step", real_step)
     assert main([*args, "--out", str(out), "--resume"]) == 0
     whole, split = TinyLM.load(tmp_path / "whole"), TinyLM.load(out)
-    for (name, a), (_, b) in zip(whole.state_dict().items(), split.state_dict().items(),
-                                 strict=True):  # fmt: skip
+    for (name, a), (_, b) in zip(
+        whole.state_dict().items(), split.state_dict().items(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
@@ -116,8 +147,9 @@ def test_resume_refuses_other_settings_and_state_from_other_weights(tmp_path, te
     out = tmp_path / "m"
     assert main(["train", str(text_file), *TINY, "--steps", "2", "--out", str(out)]) == 0
     capsys.readouterr()
-    assert main(["train", str(text_file), *TINY, "--steps", "3", "--out", str(out),
-                 "--resume"]) == 2  # fmt: skip
+    assert (
+        main(["train", str(text_file), *TINY, "--steps", "3", "--out", str(out), "--resume"]) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "settings differ" in err[0] and "steps" in err[0]
     # weights replaced behind the state's back: the state is refused, not paired with them
@@ -203,8 +235,10 @@ def test_generate_bad_input(tmp_path, capsys, extra, needle):
     (tmp_path / "folder" / "model.safetensors").write_bytes(b"x")
     args = {"--checkpoint": str(tmp_path / "folder"), "--prompt": "hi"}
     for flag, value in zip(extra[::2], extra[1::2], strict=True):
-        args[flag] = {"MISSING": str(tmp_path / "nope"), "NOT_A_MODEL": str(tmp_path / "folder")
-                      }.get(value, value)  # fmt: skip
+        args[flag] = {
+            "MISSING": str(tmp_path / "nope"),
+            "NOT_A_MODEL": str(tmp_path / "folder"),
+        }.get(value, value)
     argv = ["generate"] + [x for pair in args.items() for x in pair]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -29,7 +29,13 @@ def test_the_examples_are_there_and_short():
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_example_runs(name, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert EXPECT.get(name, "") in proc.stdout

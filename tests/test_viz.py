@@ -84,12 +84,18 @@ def test_masked_cells_are_distinct_from_zero_weight_on_a_linear_scale():
 
 
 def test_demo_figures_write_pngs(tmp_path):
-    evals = {"a": [{"length": 8, "ppl": 3.0}, {"length": 16, "ppl": 3.5}],
-             "b+c": [{"length": 8, "ppl": 2.0}, {"length": 16, "ppl": 2.2}]}  # fmt: skip
+    evals = {
+        "a": [{"length": 8, "ppl": 3.0}, {"length": 16, "ppl": 3.5}],
+        "b+c": [{"length": 8, "ppl": 2.0}, {"length": 16, "ppl": 2.2}],
+    }
     viz.plot_perplexity(evals, 8, tmp_path / "p.png")
     viz.plot_loss({"a": [[0, 5.0], [10, 3.0]], "b+c": [[0, 5.5], [10, 2.5]]}, tmp_path / "l.png")
-    weights = torch.softmax(torch.randn(2, 3, 5, 5).masked_fill(
-        torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf")), -1)  # fmt: skip
+    weights = torch.softmax(
+        torch.randn(2, 3, 5, 5).masked_fill(
+            torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf")
+        ),
+        -1,
+    )
     viz.plot_attention_heads(list("abcde"), weights, tmp_path / "a.png", title="t")
     assert viz.plot_learned_tables({}, 8, tmp_path / "none.png") is None
     viz.plot_learned_tables({"a": [np.random.rand(2, 20)]}, 8, tmp_path / "t.png")

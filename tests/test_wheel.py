@@ -29,8 +29,19 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, source / name)
     dist = tmp_path / "dist"
-    _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "-q", "-w", str(dist), str(source))  # fmt: skip
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-q",
+        "-w",
+        str(dist),
+        str(source),
+    )
     (wheel,) = dist.glob("relattn-*.whl")
 
     # A fresh environment with the wheel installed; its dependencies (torch, numpy) come from
@@ -39,8 +50,18 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
     venv = tmp_path / "venv"
     _run(sys.executable, "-m", "venv", "--without-pip", str(venv))
     python = venv / "bin" / "python"
-    _run(sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-         "--no-index", "-q", str(wheel))  # fmt: skip
+    _run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        str(python),
+        "install",
+        "--no-deps",
+        "--no-index",
+        "-q",
+        str(wheel),
+    )
     purelib = _run(str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     deps = Path(torch.__file__).resolve().parent.parent
     (Path(purelib.stdout.strip()) / "deps.pth").write_text(f"{deps}\n")

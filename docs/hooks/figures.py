@@ -57,12 +57,28 @@ def table_query_dots() -> str:
     rows = []
     for j in range(i + 1):
         dot = float(q[0, 0, i] @ k[0, 0, j])
-        rows.append([
-            f"{j} *{TOKENS[j]}*", str(i - j), _f(dot), _f(scale * dot), _f(float(pe[i, j])),
-            _f(scale * dot + float(pe[i, j])), f"{without[i, j]:.3f}", f"{with_pe[i, j]:.3f}",
-        ])  # fmt: skip
-    header = ["key j", "Δ = i − j", "q₄·k_j", "scale·q·k", "PE (ALiBi, m = 0.5)",
-              "score", "α without PE", "α with ALiBi"]  # fmt: skip
+        rows.append(
+            [
+                f"{j} *{TOKENS[j]}*",
+                str(i - j),
+                _f(dot),
+                _f(scale * dot),
+                _f(float(pe[i, j])),
+                _f(scale * dot + float(pe[i, j])),
+                f"{without[i, j]:.3f}",
+                f"{with_pe[i, j]:.3f}",
+            ]
+        )
+    header = [
+        "key j",
+        "Δ = i − j",
+        "q₄·k_j",
+        "scale·q·k",
+        "PE (ALiBi, m = 0.5)",
+        "score",
+        "α without PE",
+        "α with ALiBi",
+    ]
     return _md_table(header, rows)
 
 
@@ -84,8 +100,11 @@ def table_t5_default() -> str:
             runs[-1][2] = delta
         else:
             runs.append([bucket, delta, delta])
-    rows = [[str(bk), str(lo) if lo == hi else f"{lo}–{hi}" + (" and beyond" if hi == 199 else "")]
-            for bk, lo, hi in runs if lo != hi or bk >= 14]  # fmt: skip
+    rows = [
+        [str(bk), str(lo) if lo == hi else f"{lo}–{hi}" + (" and beyond" if hi == 199 else "")]
+        for bk, lo, hi in runs
+        if lo != hi or bk >= 14
+    ]
     exact = sum(1 for bk, lo, hi in runs if lo == hi == bk)
     head = f"Buckets 0–{exact - 1} hold one offset each (Δ = bucket); then:\n\n"
     return head + _md_table(["bucket", "offsets Δ"], rows)
@@ -120,8 +139,15 @@ def fig_mask() -> bytes:
     ax.imshow(mask.float().numpy(), cmap="Greys", vmin=0, vmax=1.6)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, "0" if mask[i, j] else "−∞", ha="center", va="center", fontsize=8,
-                    color="white" if mask[i, j] else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                "0" if mask[i, j] else "−∞",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if mask[i, j] else "black",
+            )
     _grid_axes(ax, n)
     ax.set_title("Mask(i, j): 0 where j ≤ i, −∞ above", fontsize=9)
     return _png(fig)
@@ -166,8 +192,12 @@ def fig_t5_buckets() -> bytes:
     ax = fig.add_subplot()
     offsets = torch.arange(0, 200)
     for nb, md in ((32, 128), (16, 64)):
-        ax.plot(offsets, T5Bias(1, nb, md).buckets(offsets), drawstyle="steps-post",
-                label=f"num_buckets {nb}, max_distance {md}")  # fmt: skip
+        ax.plot(
+            offsets,
+            T5Bias(1, nb, md).buckets(offsets),
+            drawstyle="steps-post",
+            label=f"num_buckets {nb}, max_distance {md}",
+        )
     ax.set_xlabel("offset Δ = i − j")
     ax.set_ylabel("bucket")
     ax.set_title("T5: one bucket per small offset, then logarithmically wider", fontsize=10)
@@ -188,8 +218,12 @@ def fig_curves() -> bytes:
     left.set_title("ALiBi, 8 heads: −m_h·Δ", fontsize=10)
     left.legend(fontsize=7, ncols=2)
     with torch.no_grad():
-        for kind, r1, r2 in (("log", 1.0, 1.0), ("log", 2.0, 0.2), ("power", 0.5, 0.5),
-                             ("power", 0.05, 1.5)):  # fmt: skip
+        for kind, r1, r2 in (
+            ("log", 1.0, 1.0),
+            ("log", 2.0, 0.2),
+            ("power", 0.5, 0.5),
+            ("power", 0.05, 1.5),
+        ):
             curve = Kerple(1, kind, r1=r1, r2=r2).table(0, n)[0]
             right.plot(offsets, curve, label=f"{kind}: r1={r1}, r2={r2}")
     right.set_title("KERPLE: −r1·log(1 + r2·Δ) and −r1·Δ^r2", fontsize=10)
@@ -232,5 +266,5 @@ def on_page_markdown(markdown: str, page, config, files, **kwargs) -> str:
             markdown = markdown.replace(marker, make())
     if "<!-- relattn:" in markdown:
         start = markdown.index("<!-- relattn:")
-        raise ValueError(f"{page.file.src_uri}: unknown marker {markdown[start:start + 40]!r}")
+        raise ValueError(f"{page.file.src_uri}: unknown marker {markdown[start : start + 40]!r}")
     return markdown

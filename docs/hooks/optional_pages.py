@@ -22,6 +22,8 @@ def on_config(config, **kwargs):
         entry = {title: file}
         target = nav
         if section is not None:
-            target = next(item[section] for item in nav if isinstance(item, dict) and section in item)
+            target = next(
+                item[section] for item in nav if isinstance(item, dict) and section in item
+            )
         target.append(entry)
     return config
