@@ -16,6 +16,41 @@ def test_quick_bench_prints_and_writes_the_table(tmp_path, capsys):
     assert len(table) >= 3  # header, rule, at least one row
 
 
+def test_the_benchmark_script_is_the_same_front_end(tmp_path):
+    """benchmarks/cpu_attention.py takes relattn bench's flags and writes the same files."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "cpu_attention.py"
+    md, raw = tmp_path / "cpu.md", tmp_path / "cpu.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--n",
+            "64",
+            "--repeats",
+            "1",
+            "--quick",
+            "--threads",
+            "1",
+            "--out",
+            str(md),
+            "--json",
+            str(raw),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "## CPU" in md.read_text() and "## GPU" not in md.read_text()
+    rows = json.loads(raw.read_text())["rows"]["cpu"]
+    assert {r["n"] for r in rows} == {64}
+
+
 @pytest.mark.parametrize(
     "extra, needle",
     [
@@ -24,11 +59,21 @@ def test_quick_bench_prints_and_writes_the_table(tmp_path, capsys):
         (["--n", ","], "--n"),
         (["--repeats", "0"], "--repeats"),
         (["--threads", "0"], "--threads"),
+        (["--threads", "100000"], "--threads"),
+        (["--n", "99999999999"], "--n"),
         (["--out", "/no/such/dir/bench.md"], "--out"),
+        (["--out", "/proc/bench.md"], "--out"),  # not writable: refused before measuring
+        (["--json", "/no/such/dir/bench.json"], "--json"),
         (["--bogus"], "unrecognized"),
     ],
 )
-def test_bad_flags_exit_2_with_one_line(capsys, extra, needle):
+def test_bad_flags_exit_2_with_one_line(capsys, monkeypatch, extra, needle):
+    from relattn.bench import cpu
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured before checking the flags")
+
+    monkeypatch.setattr(cpu, "run", never)
     assert main(["bench", "--quick", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("relattn: error:"), err
@@ -45,8 +90,11 @@ def test_rounds_and_paired_ratios():
     def boom():
         raise RuntimeError("no backward")
 
-    rounds = time_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b"),
-                          "bad": boom}, repeats=3, warmup=1)  # fmt: skip
+    rounds = time_rounds(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "bad": boom},
+        repeats=3,
+        warmup=1,
+    )
     assert calls == ["a", "b"] * 4  # warm-up then three rounds, interleaved
     assert len(rounds["a"]) == len(rounds["b"]) == 3
     assert rounds["bad"] == "RuntimeError: no backward"

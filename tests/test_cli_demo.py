@@ -3,8 +3,10 @@
 import io
 import json
 import math
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,8 +20,8 @@ REPORT_FILES = [
     "report.html",
     "results.json",
     "perplexity.png",
+    "loss.png",
     "tables.png",
-    "attention.png",
 ]
 
 
@@ -32,7 +34,7 @@ def test_quick_demo_writes_the_whole_report(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    for name in REPORT_FILES:
+    for name in REPORT_FILES + [f"attention-{n}.png" for n in train.DEFAULT_ENCODINGS]:
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
     assert list(results["models"]) == list(train.DEFAULT_ENCODINGS)
@@ -48,6 +50,12 @@ def test_quick_demo_writes_the_whole_report(tmp_path):
         assert (ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file(), name
     md = (out / "report.md").read_text()
     assert "![" in md and "| kerple |" in md and "Protocol" in md
+    assert "Sample generations" in md and "linear colour scale" in md and "loss.png" in md
+    for name, entry in results["models"].items():
+        assert set(entry["sample"]) == {"prompt", "continuation"}
+        assert f"attention-{name}.png" in md
+        # checkpoints do not cap generation at the evaluation length
+        assert entry["config"]["max_seq_len"] > 100_000
     assert "data:image/png;base64," in (out / "report.html").read_text()
     assert "Report:" in proc.stdout and "N=512" in proc.stdout
 
@@ -80,7 +88,7 @@ def test_interrupted_run_resumes_without_retraining(tmp_path, monkeypatch, capsy
     real = train.train_model
     trained = []
 
-    def interrupt_at_alibi(model, stream, s, desc="", quiet=False):
+    def interrupt_at_alibi(model, stream, s, desc="", quiet=False):  # noqa: ARG001
         if model.config.pe == "alibi":
             raise KeyboardInterrupt
         trained.append(model.config.pe)
@@ -120,21 +128,34 @@ def test_interrupted_run_resumes_without_retraining(tmp_path, monkeypatch, capsy
     [
         (["--pe", "nope"], "unknown encoding"),
         (["--pe", "t5,t5"], "twice"),
+        (["--pe", "alibi+t5"], "one additive"),
         (["--pe", ","], "at least one"),
         (["--context", "1"], "--context"),
         (["--steps", "0"], "--steps"),
         (["--batch-size", "0"], "--batch-size"),
         (["--threads", "0"], "--threads"),
+        (["--threads", "100000"], "--threads"),
+        (["--seed", str(2**64)], "--seed"),
         (["--data", "/no/such/corpus"], "does not exist"),
         (["--data", "EMPTY_DIR"], "no files"),
-        (["--context", "abc"], "invalid int"),
+        (["--data", "EMPTY_FILE"], "is empty"),
+        (["--data", "BINARY_FILE"], "not text"),
+        (["--context", "abc"], "--context"),
+        (["--out", "/proc/relattn-cannot-write-here"], "--out"),
         (["--bogus"], "unrecognized"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, extra, needle):
     empty = tmp_path / "empty"
     empty.mkdir()
-    extra = [str(empty) if a == "EMPTY_DIR" else a for a in extra]
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 40)
+    files = {
+        "EMPTY_DIR": empty,
+        "EMPTY_FILE": tmp_path / "empty.txt",
+        "BINARY_FILE": tmp_path / "blob.bin",
+    }
+    extra = [str(files.get(a, a)) for a in extra]
     assert main([*TINY, "--out", str(tmp_path / "r"), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("relattn: error:"), err
@@ -151,7 +172,17 @@ def test_any_text_file_can_be_the_corpus(tmp_path, capsys):
     assert main([*TINY, "--pe", "t5", "--data", str(text), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["corpus"]["source"] == str(text)
-    assert results["corpus"]["heldout_files"] >= 1
+    assert results["corpus"]["unit"] == "chunk" and results["corpus"]["heldout_files"] >= 1
+    assert "1 file cut into" in capsys.readouterr().err
+    assert "1 file cut into" in (out / "report.md").read_text()
+
+
+def test_a_small_file_without_quick_names_eval_bytes(tmp_path, capsys):
+    text = tmp_path / "small.txt"
+    text.write_text("".join(f"line {i}: some words to learn from\n" for i in range(2000)))
+    assert main(["demo", "--data", str(text), "--out", str(tmp_path / "r"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--eval-bytes" in err[0] and "1 file cut into" in err[0], err
 
 
 class _Stream(io.StringIO):
@@ -165,7 +196,7 @@ class _Stream(io.StringIO):
 
 @pytest.mark.parametrize("tty", [True, False])
 def test_progress_bar_redraws_on_a_terminal_and_writes_lines_elsewhere(tty):
-    from relattn.demo.progress import Progress
+    from relattn.cli._common import Progress
 
     stream = _Stream(tty)
     with Progress(50, "model", stream=stream, interval=0.0, line_interval=0.0) as bar:
@@ -177,3 +208,126 @@ def test_progress_bar_redraws_on_a_terminal_and_writes_lines_elsewhere(tty):
         assert text.count("\r") >= 50 and text.endswith("\n")
     else:
         assert "\r" not in text and len(text.splitlines()) >= 50
+
+
+# ----------------------------------------------------------------------------- what is on disk
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One finished two-model run; tests work on copies of it."""
+    out = tmp_path_factory.mktemp("finished") / "r"
+    assert main([*TINY, "--pe", "none,alibi", "--out", str(out)]) == 0
+    return out
+
+
+def _run_two(tmp_path, finished):
+    out = tmp_path / "r"
+    shutil.copytree(finished, out)
+    return out
+
+
+def test_a_second_run_in_the_same_folder_is_refused(tmp_path, capsys):
+    from relattn.cli._common import FolderLock
+
+    out = tmp_path / "r"
+    with FolderLock(out, "a test"):  # as if another demo were running there
+        assert main([*TINY, "--pe", "none", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "in use" in err[0] and "--out" in err[0], err
+    assert not (out / "results.json").exists()
+
+
+def test_a_fresh_run_never_leaves_the_old_report_beside_new_results(
+    tmp_path, monkeypatch, finished_run
+):
+    out = _run_two(tmp_path, finished_run)
+    assert (out / "report.md").is_file()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_model", interrupt)
+    assert main([*TINY, "--pe", "none,alibi", "--out", str(out)]) == 130
+    results = json.loads((out / "results.json").read_text())
+    assert results["models"] == {}
+    assert not (out / "report.md").exists() and not (out / "report.html").exists()
+
+
+def _corrupt(out, how):
+    ckpt = out / "checkpoints"
+    if how == "truncated weights":
+        weights = ckpt / "alibi" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif how == "corrupt config":
+        (ckpt / "alibi" / "config.json").write_text("{not json")
+    elif how == "swapped folders":
+        (ckpt / "none").rename(ckpt / "tmp")
+        (ckpt / "alibi").rename(ckpt / "none")
+        (ckpt / "tmp").rename(ckpt / "alibi")
+    elif how == "results is a list":
+        (out / "results.json").write_text("[]")
+    elif how == "models is a list":
+        results = json.loads((out / "results.json").read_text())
+        results["models"] = []
+        (out / "results.json").write_text(json.dumps(results))
+    elif how == "entry without eval":
+        results = json.loads((out / "results.json").read_text())
+        del results["models"]["alibi"]["eval"]
+        (out / "results.json").write_text(json.dumps(results))
+
+
+@pytest.mark.parametrize(
+    "how, retrained, said",
+    [
+        ("truncated weights", ["alibi"], "unreadable"),
+        ("corrupt config", ["alibi"], "unreadable"),
+        ("swapped folders", ["none", "alibi"], "holds another model"),
+        ("results is a list", ["none", "alibi"], "not a demo's results"),
+        ("models is a list", ["none", "alibi"], "not a demo's results"),
+        ("entry without eval", ["alibi"], "incomplete"),
+    ],
+)
+def test_resume_on_broken_state_retrains_what_is_broken_and_says_so(
+    tmp_path, monkeypatch, capsys, finished_run, how, retrained, said
+):
+    out = _run_two(tmp_path, finished_run)
+    _corrupt(out, how)
+    capsys.readouterr()
+    real, trained = train.train_model, []
+
+    def count(model, stream, s, desc="", quiet=False):
+        trained.append("alibi" if model.config.pe == "alibi" else "none")
+        return real(model, stream, s, desc=desc, quiet=quiet)
+
+    monkeypatch.setattr(train, "train_model", count)
+    assert main([*TINY, "--pe", "none,alibi", "--out", str(out), "--resume"]) == 0
+    assert trained == retrained
+    assert said in capsys.readouterr().err
+    from relattn.models import TinyLM
+
+    results = json.loads((out / "results.json").read_text())
+    for name in ("none", "alibi"):
+        config = TinyLM.load(out / "checkpoints" / name).config
+        assert config.pe == name and results["models"][name]["config"]["pe"] == name
+
+
+def test_checkpoint_saves_are_atomic(tmp_path, monkeypatch):
+    """A save that dies midway leaves the previous checkpoint as it was."""
+    from relattn.demo.checkpoint import save_model_dir
+    from relattn.models import TinyLM, TinyLMConfig
+
+    folder = tmp_path / "ckpt"
+    first = TinyLM(TinyLMConfig(d_model=16, num_heads=2, num_layers=1, pe="alibi"))
+    save_model_dir(first, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def dies(self, path):
+        (Path(path) / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(TinyLM, "save", dies)
+    with pytest.raises(OSError, match="disk full"):
+        save_model_dir(first, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left

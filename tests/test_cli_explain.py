@@ -12,11 +12,14 @@ import torch
 
 import relattn
 from relattn.cli import main as cli
-from relattn.cli.explain import build_encoding, embed
+from relattn.cli.explain import encodings
+from relattn.cli.explain.compute import embed
 from relattn.pe import T5Bias, alibi_slopes
 
 FOX = "The quick brown fox"
-ENCODINGS = ["none", "t5", "alibi", "kerple", "offset"]
+# Every registered encoding, and none: a newly registered one joins with no edit here.
+ENCODINGS = ["none", *relattn.pe.names()]
+LEARNABLE = [n for n in relattn.pe.names() if relattn.pe.spec(n).learnable]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -63,7 +66,7 @@ def test_every_encoding_explains_all_queries(capsys, pe):
         assert f"query {i} " in out
         assert f"q{i}·k{i} =" in out
     assert "Causal mask" in out and "Weights α, head 1" in out
-    assert ("ILLUSTRATIVE" in out) == (pe in ("t5", "kerple", "offset"))
+    assert ("ILLUSTRATIVE" in out) == (pe in LEARNABLE)
 
 
 def test_query_shows_every_head_in_detail(capsys):
@@ -79,17 +82,19 @@ def test_query_shows_every_head_in_detail(capsys):
 @pytest.mark.parametrize("pe", ENCODINGS)
 def test_json_numbers_are_the_librarys(capsys, pe, rope):
     heads, dim, seed = 2, 6, 3
-    extra = ["--rope"] if rope else []
-    args = [FOX, "--pe", pe, "--heads", str(heads), "--dim", str(dim), "--seed", str(seed)]
-    obj = explain_json(capsys, *args, "--query", "2", *extra)
+    names = [] if pe == "none" else [pe]
+    if rope and "rope" not in names:
+        names = ["rope", *names]
+    spelled = "+".join(names) or "none"
+    args = [FOX, "--pe", spelled, "--heads", str(heads), "--dim", str(dim), "--seed", str(seed)]
+    obj = explain_json(capsys, *args, "--query", "2")
     assert obj["tokens"] == FOX.split()
     assert obj["query"] == 2 and obj["visible"] == [0, 1, 2] and obj["offsets"] == [2, 1, 0]
     assert obj["mask"] == [[int(j <= i) for j in range(4)] for i in range(4)]
 
     q, k, _ = embed(FOX.split(), heads, dim, seed)
-    enc = build_encoding(pe, heads, seed, buckets=32, max_distance=128, kernel="log", max_offset=8)
-    pes = [p for p in (relattn.pe.RoPE(dim) if rope else None, enc) if p is not None]
-    expected = relattn.attention_weights(q, k, pes or None)[0, :, 2, :3]
+    modules = encodings.build(names, heads, dim, seed, {})
+    expected = relattn.attention_weights(q, k, modules or None)[0, :, 2, :3]
     weights = torch.tensor(obj["weights"])
     assert weights.shape == (heads, 3)
     torch.testing.assert_close(weights, expected, rtol=0, atol=0)
@@ -101,9 +106,9 @@ def test_json_numbers_are_the_librarys(capsys, pe, rope):
     scores = torch.tensor(obj["scores"])
     torch.testing.assert_close(scores, obj["scale"] * dot + pe_term)
     torch.testing.assert_close(torch.softmax(scores, -1), weights)
-    if not rope:
+    if "rope" not in names:
         torch.testing.assert_close(dot, torch.einsum("hd,hjd->hj", q[0, :, 2], k[0, :, :3]))
-    if pe == "none":
+    if not any(relattn.pe.spec(n).additive for n in names):
         assert pe_term.abs().max() == 0
     else:
         assert pe_term.abs().max() > 0.01  # visible, even for learned encodings
@@ -139,7 +144,7 @@ def test_vectors_are_per_word_and_deterministic(capsys):
 
 
 def test_rope_makes_dot_products_depend_on_offset_only(capsys):
-    dots = explain_json(capsys, "x x x x", "--rope")["dot_products"]
+    dots = explain_json(capsys, "x x x x", "--pe", "rope")["dot_products"]
     assert dots[3][0][3] == pytest.approx(dots[0][0][0], abs=1e-5)
     assert dots[3][0][2] == pytest.approx(dots[1][0][0], abs=1e-5)
     assert dots[3][0][2] != pytest.approx(dots[3][0][3], abs=1e-3)
@@ -150,19 +155,27 @@ def test_rope_makes_dot_products_depend_on_offset_only(capsys):
 
 def test_table_prints_t5_buckets_from_the_flags(capsys):
     rc, out, _ = explain(
-        capsys, FOX, "--pe", "t5", "--buckets", "32", "--max-distance", "128", "--table", "64"
+        capsys,
+        FOX,
+        "--pe",
+        "t5",
+        "--t5-num-buckets",
+        "32",
+        "--t5-max-distance",
+        "128",
+        "--table",
+        "64",
     )
     assert rc == 0
     row = next(line.split() for line in out.splitlines() if line.split()[:1] == ["64"])
     assert row[1] == "26"
     assert "26: Δ 59–64" in out
 
-    obj = explain_json(capsys, FOX, "--pe", "t5", "--buckets", "8", "--max-distance", "20")
+    small = ["--t5-num-buckets", "8", "--t5-max-distance", "20"]
+    obj = explain_json(capsys, FOX, "--pe", "t5", *small)
     assert "table" not in obj
-    obj = explain_json(
-        capsys, FOX, "--pe", "t5", "--buckets", "8", "--max-distance", "20", "--table", "30"
-    )
-    assert obj["encoding"]["params"] == {"buckets": 8, "max_distance": 20}
+    obj = explain_json(capsys, FOX, "--pe", "t5", *small, "--table", "30")
+    assert obj["encoding"]["params"] == {"t5.num_buckets": 8, "t5.max_distance": 20}
     assert obj["table"]["buckets"] == T5Bias(1, 8, 20).buckets(torch.arange(31)).tolist()
     assert obj["table"]["offsets"] == list(range(31))
     assert torch.tensor(obj["table"]["values"]).shape == (1, 31)
@@ -210,6 +223,16 @@ def test_png_without_matplotlib_names_the_extra(capsys, monkeypatch, tmp_path):
 
 BAD = [
     ["", "--query", "0"],
+    [" ".join(["w"] * 129)],  # more words than explain shows
+    [FOX, "--offset-max-offset", "1000000000", "--pe", "offset"],
+    [FOX, "--seed", str(2**64)],
+    [FOX, "--seed", "-1"],
+    [FOX, "--head", "1"],
+    [FOX, "--layer", "0"],  # only with --checkpoint
+    [FOX, "--pe", "t5+t5"],
+    [FOX, "--pe", "none+t5"],
+    [FOX, "--pe", "rope+"],
+    [FOX, "--checkpoint", "/no/such/checkpoint"],
     ["   "],
     [FOX, "--query", "4"],
     [FOX, "--query", "-1"],
@@ -217,18 +240,21 @@ BAD = [
     [FOX, "--heads", "0"],
     [FOX, "--heads", "two"],
     [FOX, "--dim", "0"],
-    [FOX, "--dim", "7", "--rope"],
+    [FOX, "--dim", "7", "--pe", "rope"],
     [FOX, "--pe", "t5", "--table", "-1"],
-    [FOX, "--table", "3"],  # no additive encoding, no table
-    [FOX, "--buckets", "8"],
-    [FOX, "--pe", "alibi", "--max-distance", "64"],
-    [FOX, "--pe", "t5", "--kernel", "power"],
-    [FOX, "--pe", "kerple", "--max-offset", "4"],
+    [FOX, "--table", "5000"],
+    [FOX, "--t5-num-buckets", "8"],  # default --pe is alibi
+    [FOX, "--pe", "alibi", "--t5-max-distance", "64"],
+    [FOX, "--pe", "t5", "--kerple-kind", "power"],
+    [FOX, "--pe", "kerple", "--kerple-kind", "cubic"],
+    [FOX, "--pe", "kerple", "--offset-max-offset", "4"],
     [FOX, "--rope-base", "500"],
-    [FOX, "--pe", "t5", "--buckets", "1"],
-    [FOX, "--pe", "t5", "--buckets", "32", "--max-distance", "8"],
-    [FOX, "--pe", "offset", "--max-offset", "-2"],
-    [FOX, "--rope", "--rope-base", "0.5"],
+    [FOX, "--pe", "t5", "--t5-num-buckets", "1"],
+    [FOX, "--pe", "t5", "--t5-num-buckets", "eight"],
+    [FOX, "--pe", "t5", "--t5-num-buckets", "32", "--t5-max-distance", "8"],
+    [FOX, "--pe", "offset", "--offset-max-offset", "-2"],
+    [FOX, "--pe", "rope", "--rope-base", "0.5"],
+    [FOX, "--pe", "rope", "--rope-base", "inf"],
     [FOX, "--png", "/nonexistent-dir/x.png"],
 ]
 
@@ -254,3 +280,57 @@ def test_bad_input_subprocess(args, needle):
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def test_table_works_with_the_default_encoding(capsys):
+    obj = explain_json(capsys, FOX, "--heads", "2", "--table", "4")
+    assert obj["encoding"]["pe"] == "alibi"
+    slopes = alibi_slopes(2)
+    expected = [[-m * d for d in range(5)] for m in slopes]
+    assert obj["table"]["values"] == [pytest.approx(row) for row in expected]
+    rc, out, err = explain(capsys, FOX, "--pe", "rope", "--table", "3")  # no additive term
+    assert rc == 0 and "+0.0000" in out
+
+
+def test_a_newly_registered_encoding_is_explained_with_its_parameters(capsys):
+    @relattn.pe.register(
+        "tests_step",
+        description="a step: -height for offsets beyond a threshold",
+        learnable=False,
+        params=(relattn.pe.Param("threshold", int, 2, "first offset penalised"),),
+    )
+    class Step(relattn.pe.PositionEncoding):
+        def __init__(self, num_heads, threshold=2):
+            super().__init__(num_heads)
+            self.threshold = threshold
+
+        def table(self, lo, hi):
+            d = torch.arange(lo, hi + 1, dtype=torch.float32)
+            return -(d >= self.threshold).float().expand(self.num_heads, -1)
+
+    try:
+        obj = explain_json(
+            capsys, FOX, "--pe", "tests_step", "--tests-step-threshold", "1", "--query", "3"
+        )
+        assert obj["pe"] == [[-1.0, -1.0, -1.0, 0.0]]  # offsets 3, 2, 1, 0
+        assert obj["encoding"]["params"] == {"tests_step.threshold": 1}
+        rc, out, _ = explain(capsys, FOX, "--pe", "tests_step")
+        assert rc == 0 and "a step: -height" in out
+    finally:
+        relattn.pe.registry._REGISTRY.pop("tests_step")
+
+
+def test_output_into_a_closed_pipe_is_quiet():
+    """``relattn explain ... | head -1``: no BrokenPipeError traceback."""
+    proc = subprocess.run(
+        f"{sys.executable} -m relattn explain '{' '.join(['w'] * 60)}' | head -1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.stdout.startswith("relattn explain")
+    assert proc.stderr == ""

@@ -1,19 +1,28 @@
-"""The README's code runs as written (it is the first thing a new user copies)."""
+"""The README's code runs as written (it is the first thing a new user copies), and so do the
+documentation's snippets; every ``relattn`` command they show is a valid command line."""
 
 import re
+import shlex
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+SNIPPETS = sorted((ROOT / "docs" / "snippets").glob("*.py"))
+
+
+def _blocks(text: str, lang: str) -> list[str]:
+    # Blocks inside list items are indented; dedent them as Markdown does.
+    return [textwrap.dedent(b) for b in re.findall(rf"```{lang}\n(.*?)```", text, re.S)]
 
 
 def _python_blocks() -> list[str]:
-    # Blocks inside list items are indented; dedent them as Markdown does.
-    return [
-        textwrap.dedent(b) for b in re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    ]
+    return _blocks(README.read_text(), "python")
 
 
 def test_readme_has_the_snippets():
@@ -32,10 +41,9 @@ def test_textbook_convention_snippet_matches_its_formula():
     quick: dict = {}
     exec(_python_blocks()[0], quick)
     ns = dict(quick)
-    block = _python_blocks()[1]
-    exec(block, ns)  # defines Scaled and calls attention with it
-    q, k, v, t5 = (quick[n].detach().double()[:1, :, :16] if n != "t5" else quick[n].double()
-                   for n in ("q", "k", "v", "t5"))  # fmt: skip
+    exec(_python_blocks()[1], ns)  # defines Scaled and calls attention with it
+    q, k, v = (quick[n].detach().double()[:1, :, :16] for n in ("q", "k", "v"))
+    t5 = quick["t5"].double()
     d = q.shape[-1]
     got = quick["relattn"].attention(q, k, v, ns["Scaled"](t5, d**-0.5), backend="reference")
     bias = t5.bias(16, 16).double()
@@ -44,13 +52,37 @@ def test_textbook_convention_snippet_matches_its_formula():
     torch.testing.assert_close(got, s.softmax(-1) @ v)
 
 
-def test_layers_snippet_runs(tmp_path, monkeypatch):
-    ns: dict = {
-        "x": torch.randn(2, 16, 256),
-        "ids": torch.tensor([[0] * 8 + [1] * 8] * 2),
-        "prompt": torch.tensor([72, 105]),
-    }
+def test_layers_snippet_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the snippet saves a checkpoint to ckpt/
-    exec(_python_blocks()[2], ns)
-    assert ns["y"].shape == (2, 16, 256)
-    assert ns["ids"].shape == (2 + 64,)
+    ns: dict = {}
+    exec(_python_blocks()[2], ns)  # nothing defined beforehand: it runs as written
+    assert ns["y"].shape == (2, 64, 256)
+    assert ns["out"].shape == (5 + 64,)
+    assert capsys.readouterr().out.startswith("Hello")
+    assert (tmp_path / "ckpt" / "config.json").is_file()
+
+
+def _commands() -> list[str]:
+    texts = [README.read_text()] + [p.read_text() for p in (ROOT / "docs").rglob("*.md")]
+    lines = [
+        line.strip() for t in texts for block in _blocks(t, "bash") for line in block.splitlines()
+    ]
+    return [line.split("#")[0].strip() for line in lines if line.startswith("relattn ")]
+
+
+def test_every_relattn_command_shown_is_valid():
+    from relattn.cli.main import build_parser
+
+    commands = _commands()
+    assert any(c.startswith("relattn train") for c in commands)
+    parser = build_parser()
+    for command in commands:
+        parser.parse_args(shlex.split(command)[1:])  # raises on an unknown flag or bad value
+
+
+@pytest.mark.parametrize("path", SNIPPETS, ids=lambda p: p.name)
+def test_docs_snippet_runs(path, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,3 +63,49 @@ def test_missing_matplotlib_names_the_plot_extra(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match=r"relattn\[plot\]"):
         viz.plot_table([[0.0, 1.0]], [0, 1], tmp_path / "y.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_masked_cells_are_distinct_from_zero_weight_on_a_linear_scale():
+    """The heatmaps' colour scale is linear from 0 to 1, and a masked cell's colour is one no
+    weight can take."""
+    import matplotlib as mpl
+    from matplotlib.colors import Normalize, to_rgba
+    from matplotlib.figure import Figure
+
+    ax = Figure().add_subplot()
+    values = [[0.0, float("nan")], [0.25, 0.75]]
+    image = viz._heatmap(ax, np.array(values), "Blues", 0.0, 1.0)
+    assert type(image.norm) is Normalize and (image.norm.vmin, image.norm.vmax) == (0.0, 1.0)
+    masked = to_rgba(viz.MASKED)
+    assert image.cmap.get_bad() == pytest.approx(masked)
+    cmap = mpl.colormaps["Blues"]
+    distances = [np.abs(np.array(cmap(x)) - masked).max() for x in np.linspace(0, 1, 257)]
+    assert min(distances) > 0.05
+
+
+def test_demo_figures_write_pngs(tmp_path):
+    evals = {
+        "a": [{"length": 8, "ppl": 3.0}, {"length": 16, "ppl": 3.5}],
+        "b+c": [{"length": 8, "ppl": 2.0}, {"length": 16, "ppl": 2.2}],
+    }
+    viz.plot_perplexity(evals, 8, tmp_path / "p.png")
+    viz.plot_loss({"a": [[0, 5.0], [10, 3.0]], "b+c": [[0, 5.5], [10, 2.5]]}, tmp_path / "l.png")
+    weights = torch.softmax(
+        torch.randn(2, 3, 5, 5).masked_fill(
+            torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf")
+        ),
+        -1,
+    )
+    viz.plot_attention_heads(list("abcde"), weights, tmp_path / "a.png", title="t")
+    assert viz.plot_learned_tables({}, 8, tmp_path / "none.png") is None
+    viz.plot_learned_tables({"a": [np.random.rand(2, 20)]}, 8, tmp_path / "t.png")
+    for name in ("p", "l", "a", "t"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="weights"):
+        viz.plot_attention_heads(list("abc"), weights, tmp_path / "x.png")
+
+
+def test_explain_figure_labels_its_heads(tmp_path):
+    mask, pe, weights = _inputs(heads=2)
+    viz.plot_explain(TOKENS, mask, pe, weights, tmp_path / "h.png", heads=[3, 5])
+    assert (tmp_path / "h.png").read_bytes()[:8] == PNG_MAGIC

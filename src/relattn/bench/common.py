@@ -202,7 +202,7 @@ def format_machine(info: dict[str, Any]) -> str:
     return "\n".join(f"- {k}: {info.get(k)}" for k in keys if k in info)
 
 
-def write_report(
+def write_report(  # kept for benchmarks/gpu_attention.py until it calls relattn.cli.bench.main
     text: str,
     info: dict[str, Any],
     rows: list[dict[str, Any]],

@@ -1,33 +1,62 @@
 """``relattn bench``: relattn's backends against PyTorch's attention, on this machine.
 
-Runs the CPU benchmark always and the GPU benchmark where CUDA is available, shows a progress
-bar, prints the tables and, with ``--out FILE``, writes them as Markdown with the machine. The
-measurements themselves live in :mod:`relattn.bench`; this module only drives them.
+The one front end of the benchmarks: ``relattn bench`` and the scripts in benchmarks/ (which
+call :func:`main` with ``--device``) take the same flags. The CPU benchmark runs always (unless
+--device gpu), the GPU benchmark where CUDA is available; a progress bar shows each measurement,
+the tables are printed, and --out / --json write them (checked before anything is measured).
+The measurements themselves live in :mod:`relattn.bench`.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import json
+import sys
+
+from ._common import (
+    CLIError,
+    Progress,
+    available_cores,
+    bounded_int,
+    check_writable_file,
+    threads_flag,
+    torch_threads,
+)
+
+# Sizes when --n is not given: a few seconds with --quick, a few minutes without.
+QUICK_NS = [256, 512]
+DEFAULT_NS = [1024, 2048, 4096]
+DEFAULT_REPEATS = 3
+MAX_N = 1 << 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's flags."""
     parser.add_argument(
-        "--n", help="comma-separated sequence lengths for the CPU benchmark (e.g. 1024,2048)"
+        "--n",
+        metavar="N,N,...",
+        help="comma-separated sequence lengths for the CPU benchmark (e.g. 1024,2048)",
     )
-    parser.add_argument("--repeats", type=int, help="timed repeats per contender (median)")
-    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
-    parser.add_argument("--out", help="also write the tables to this Markdown file")
-    parser.add_argument("--no-gpu", action="store_true", help="skip the GPU benchmark")
     parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (default: all cores available)"
+        "--repeats",
+        type=bounded_int(1, 1000),
+        metavar="R",
+        help=f"timed rounds per contender (median; default {DEFAULT_REPEATS})",
     )
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
+    parser.add_argument(
+        "--device",
+        choices=("all", "cpu", "gpu"),
+        default="all",
+        help="which benchmarks to run (default all: GPU only with CUDA)",
+    )
+    parser.add_argument("--no-gpu", action="store_true", help="same as --device cpu")
+    parser.add_argument("--out", metavar="FILE", help="also write the tables as Markdown")
+    parser.add_argument("--json", metavar="FILE", help="also write the raw rows as JSON")
+    threads_flag(parser, "all cores available")
 
 
 def _lengths(text: str | None) -> list[int] | None:
-    from .main import CLIError
-
     if text is None:
         return None
     try:
@@ -36,91 +65,89 @@ def _lengths(text: str | None) -> list[int] | None:
         raise CLIError(
             f"--n must be comma-separated integers like 1024,2048; got {text!r}"
         ) from None
-    if not ns or any(n < 1 for n in ns):
-        raise CLIError(f"--n must list positive sequence lengths; got {text!r}")
+    if not ns or any(not 1 <= n <= MAX_N for n in ns):
+        raise CLIError(f"--n must list sequence lengths between 1 and {MAX_N}; got {text!r}")
     return ns
 
 
-# Sizes when --n is not given: a few seconds with --quick, a few minutes without.
-QUICK_NS = [256, 512]
-DEFAULT_NS = [1024, 2048, 4096]
-DEFAULT_REPEATS = 3
+def _bar(total: int, desc: str):
+    """A progress callback for the benchmarks' ``progress(line)``: one call per measurement;
+    the bar shows the part of the line before its first colon."""
+    bar = Progress(total, desc)
+
+    def progress(line: str) -> None:
+        bar.update(1, at=line.split(":", 1)[0])
+
+    return bar, progress
 
 
-class _Bar:
-    """A progress bar fed by the benchmarks' ``progress(line)`` callback, one call per
-    measurement; the bar shows the part of the line before its first colon."""
-
-    def __init__(self, total: int, desc: str) -> None:
-        from ..demo.progress import Progress
-
-        self.bar = Progress(total, desc)
-
-    def __call__(self, line: str) -> None:
-        self.bar.update(1, at=line.split(":", 1)[0])
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _measure(ns: list[int] | None, args: argparse.Namespace) -> tuple[list[tuple], str]:
-    """Run the CPU (and, with CUDA, GPU) benchmarks.
+def measure(ns: list[int] | None, repeats: int | None, quick: bool, device: str) -> dict:
+    """Run the CPU and/or GPU benchmarks.
 
     Returns:
-        ``[(title, description, markdown table), ...]`` and the machine as a Markdown list.
+        ``{"machine": {...}, "sections": [(key, title, description, markdown, rows), ...]}``.
     """
     import torch
 
     from ..bench import common, cpu
 
-    if ns is None:
-        ns = QUICK_NS if args.quick else DEFAULT_NS
-    repeats = args.repeats or (1 if args.quick else DEFAULT_REPEATS)
-    bar = _Bar(len(ns) * (2 if args.quick else 3), "cpu")  # fwd, fwd+bwd (and memory)
-    try:
-        rows = cpu.run(ns, repeats, quick=args.quick, progress=bar)
-    finally:
-        bar.close()
-    sections = [("CPU", cpu.describe(), cpu.to_markdown(rows))]
-    if not args.no_gpu and torch.cuda.is_available():
-        from ..bench import gpu
-
-        steps = len(gpu.HEAD_DIMS) * (2 if args.quick else len(gpu.DTYPES) * len(gpu.NS))
-        bar = _Bar(steps, "gpu")
+    sections = []
+    if device in ("all", "cpu"):
+        ns = ns or (QUICK_NS if quick else DEFAULT_NS)
+        reps = repeats or (1 if quick else DEFAULT_REPEATS)
+        bar, progress = _bar(len(ns) * (2 if quick else 3), "cpu")  # fwd, fwd+bwd (and memory)
         try:
-            rows = gpu.run(quick=args.quick, progress=bar)
+            rows = cpu.run(ns, reps, quick=quick, progress=progress)
         finally:
             bar.close()
-        sections.append(("GPU", gpu.describe(), gpu.to_markdown(rows)))
-    return sections, common.format_machine(common.machine_info())
+        sections.append(("cpu", "CPU", cpu.describe(), cpu.to_markdown(rows), rows))
+    if device == "gpu" and not torch.cuda.is_available():
+        raise CLIError("--device gpu needs CUDA; torch.cuda.is_available() is False here")
+    if device in ("all", "gpu") and torch.cuda.is_available():
+        from ..bench import gpu
+
+        steps = len(gpu.HEAD_DIMS) * (2 if quick else len(gpu.DTYPES) * len(gpu.NS))
+        bar, progress = _bar(steps, "gpu")
+        try:
+            rows = gpu.run(quick=quick, progress=progress)
+        finally:
+            bar.close()
+        sections.append(("gpu", "GPU", gpu.describe(), gpu.to_markdown(rows), rows))
+    return {"machine": common.machine_info(), "sections": sections}
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmarks and print (and optionally write) the tables."""
-    import torch
-
-    from ..demo.settings import available_cores
-    from .main import CLIError
+    from ..bench import common
 
     ns = _lengths(args.n)
-    if args.repeats is not None and args.repeats < 1:
-        raise CLIError(f"--repeats must be >= 1; got {args.repeats}")
-    if args.threads is not None and args.threads < 1:
-        raise CLIError(f"--threads must be >= 1; got {args.threads}")
-    out = Path(args.out).expanduser() if args.out else None
-    if out is not None and (out.is_dir() or not out.parent.exists()):
-        raise CLIError(f"--out {args.out!r} must be a file in an existing directory")
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or available_cores())
-    try:
-        sections, machine = _measure(ns, args)
-    finally:  # in-process callers (tests, notebooks) get their setting back
-        torch.set_num_threads(previous_threads)
-    text = "# relattn bench\n\n" + machine + "\n"
-    for title, about, table in sections:
+    device = "cpu" if args.no_gpu else args.device
+    out = check_writable_file("--out", args.out) if args.out else None
+    json_path = check_writable_file("--json", args.json) if args.json else None
+    with torch_threads(args.threads or available_cores()):
+        result = measure(ns, args.repeats, args.quick, device)
+    text = "# relattn bench\n\n" + common.format_machine(result["machine"]) + "\n"
+    for _key, title, about, table, _rows in result["sections"]:
         text += f"\n## {title}\n\n{about}\n\n{table.rstrip()}\n"
     print(text)
-    if out is not None:
-        out.write_text(text)
-        print(f"wrote {out}")
+    try:
+        if out is not None:
+            out.write_text(text)
+            print(f"wrote {out}")
+        if json_path is not None:
+            rows = {key: rows for key, _t, _a, _m, rows in result["sections"]}
+            json_path.write_text(
+                json.dumps({"machine": result["machine"], "rows": rows}, indent=1, default=str)
+            )
+            print(f"wrote {json_path}")
+    except OSError as e:
+        raise CLIError(f"cannot write the results: {e.strerror or e}") from None
     return 0
+
+
+def main(argv: list[str] | None = None, device: str = "all") -> int:
+    """``relattn bench`` with ``--device device`` first (what the scripts in benchmarks/ call)."""
+    from .main import main as relattn_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    return relattn_main(["bench", "--device", device, *args])

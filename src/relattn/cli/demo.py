@@ -1,76 +1,113 @@
 """``relattn demo``: train short, test long.
 
 Trains one small byte-level language model per position encoding on short windows of real text
-(the Python standard library's own source by default), measures held-out perplexity on windows
-up to 8× (16× with ``--long``) longer, and writes a report folder with tables, plots, every number
-and the checkpoints.
+(the Python standard library's own source by default, or --data FILE_OR_FOLDER), measures
+held-out perplexity on windows up to 8x (16x with --long) longer, and writes a report folder
+with tables, plots, what each model attends to, sample generations, every number and the
+checkpoints (each usable with `relattn generate` and `relattn explain --checkpoint`).
+
+--data takes a text file or a folder of text files. Text is split into training and held-out
+parts by file; a single file is cut into chunks first. Evaluation needs --eval-bytes of held-out
+text (at least two windows of the longest length); with a small file, lower --eval-bytes or
+--context as the error message says.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from ..demo.train import DEFAULT_ENCODINGS, ENCODINGS
+from ._common import (
+    SEED_MAX,
+    CLIError,
+    bounded_int,
+    check_writable_dir,
+    default_threads,
+    parse_pe,
+    threads_flag,
+    torch_threads,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's flags."""
+    from ..demo.train import DEFAULT_ENCODINGS
+
     parser.add_argument(
         "--pe",
         default=",".join(DEFAULT_ENCODINGS),
-        help=f"comma-separated encodings to train, from {','.join(ENCODINGS)} "
-        f"(default: {','.join(DEFAULT_ENCODINGS)})",
+        help="comma-separated models to train, each an encoding (none, a registered name) or a "
+        f"composition like rope+t5 (default: {','.join(DEFAULT_ENCODINGS)})",
     )
-    parser.add_argument("--context", type=int, help="training length L in bytes (default 128)")
+    parser.add_argument(
+        "--context",
+        type=bounded_int(2, 1 << 16),
+        metavar="L",
+        help="training length L in bytes (default 128; 64 with --quick)",
+    )
     parser.add_argument("--long", action="store_true", help="also evaluate at 16L")
     parser.add_argument(
-        "--data", help="a text file or directory to use instead of the stdlib's .py files"
+        "--data",
+        metavar="FILE_OR_FOLDER",
+        help="a text file or folder of text files instead of the stdlib's .py files",
     )
     parser.add_argument("--out", default="relattn-report", help="report folder")
-    parser.add_argument("--seed", type=int, default=0, help="file split, init and batch order")
+    parser.add_argument(
+        "--seed",
+        type=bounded_int(0, SEED_MAX),
+        default=0,
+        metavar="S",
+        help="file split, init and batch order (default 0)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny models, few steps (< 1 min)")
     parser.add_argument(
         "--resume", action="store_true", help="keep the models a previous run in --out finished"
     )
-    parser.add_argument("--steps", type=int, help="training steps per model")
-    parser.add_argument("--batch-size", type=int, help="training windows per step")
-    parser.add_argument("--max-bytes", type=int, help="cap on training bytes read")
-    parser.add_argument("--eval-bytes", type=int, help="held-out bytes evaluated per length")
     parser.add_argument(
-        "--threads", type=int, help="torch CPU threads (default: the cores not already busy)"
+        "--steps", type=bounded_int(1, 10**9), metavar="N", help="training steps per model"
     )
+    parser.add_argument(
+        "--batch-size", type=bounded_int(1, 1 << 16), metavar="B", help="training windows per step"
+    )
+    parser.add_argument(
+        "--max-bytes", type=bounded_int(1, 1 << 40), metavar="N", help="cap on training bytes read"
+    )
+    parser.add_argument(
+        "--eval-bytes",
+        type=bounded_int(1, 1 << 30),
+        metavar="N",
+        help="held-out bytes evaluated per length",
+    )
+    threads_flag(parser, "the cores not already busy")
 
 
 def _encodings(text: str) -> list[str]:
-    from .main import CLIError
-
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     if not names:
-        raise CLIError(f"--pe must name at least one encoding from {','.join(ENCODINGS)}")
-    unknown = [n for n in names if n not in ENCODINGS]
-    if unknown:
-        raise CLIError(f"--pe: unknown encoding {unknown[0]!r}; choose from {','.join(ENCODINGS)}")
-    if len(set(names)) != len(names):
+        raise CLIError("--pe must name at least one encoding (e.g. alibi,t5)")
+    canonical = ["+".join(parse_pe(n)) or "none" for n in names]
+    if len(set(canonical)) != len(canonical):
         raise CLIError(f"--pe lists an encoding twice: {text!r}")
-    return names
+    from ..demo.train import model_encoding
+
+    for name in canonical:
+        try:
+            model_encoding([n for n in name.split("+") if n != "none"])
+        except ValueError as e:
+            raise CLIError(f"--pe {name}: {e}") from None
+    return canonical
 
 
 def settings_from_args(args: argparse.Namespace):
     """Validate the flags and turn them into :class:`relattn.demo.settings.DemoSettings`."""
+    from pathlib import Path
+
     from ..demo.settings import DemoSettings
-    from .main import CLIError
 
     s = DemoSettings.preset(args.quick)
     s.encodings = _encodings(args.pe)
     s.long = bool(args.long)
     s.seed = args.seed
-    minimum = {"context": 2, "steps": 1, "batch_size": 1, "max_bytes": 1, "eval_bytes": 1}
-    for name, low in minimum.items():
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise CLIError(f"--{name.replace('_', '-')} must be >= {low}; got {value}")
     for flag, field in (
         ("context", "context"),
         ("steps", "steps"),
@@ -84,8 +121,6 @@ def settings_from_args(args: argparse.Namespace):
         if not Path(args.data).expanduser().exists():
             raise CLIError(f"--data {args.data!r} does not exist")
         s.data = str(Path(args.data).expanduser().resolve())
-    if args.threads is not None and args.threads < 1:
-        raise CLIError(f"--threads must be >= 1; got {args.threads}")
     return s
 
 
@@ -101,20 +136,13 @@ def _table(results: dict, names: list[str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; prints the perplexity table, where the report is, and what it shows."""
-    import torch
-
     from ..demo import experiment
-    from ..demo.settings import default_threads
-    from .main import CLIError
 
     settings = settings_from_args(args)
-    out = Path(args.out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {args.out!r} exists and is not a directory")
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or default_threads())
+    out = check_writable_dir("--out", args.out)
     try:
-        results, summary = experiment.run(settings, out, resume=args.resume)
+        with torch_threads(args.threads or default_threads()):
+            results, summary = experiment.run(settings, out, resume=args.resume)
     except experiment.DemoError as e:
         raise CLIError(str(e)) from None
     except KeyboardInterrupt:
@@ -124,8 +152,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         raise
-    finally:  # in-process callers (tests, notebooks) get their setting back
-        torch.set_num_threads(previous_threads)
     print(f"\nHeld-out perplexity per byte (trained at N={settings.context}):\n")
     print(_table(results, settings.encodings))
     print(f"\nReport: {out / 'report.md'} (also report.html, results.json, plots, checkpoints/)")

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from ._common import CLIError
+
+__all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 SUBCOMMANDS = {
     "explain": "show which dot products each query computes, the PE term and the weights",
+    "train": "train a small byte-level model on your own text (a file, a folder, or the stdlib)",
+    "generate": "continue a prompt with a trained checkpoint, streaming, with the KV cache",
     "demo": "train short, test long: perplexity of small models per position encoding",
     "bench": "benchmark relattn's backends against PyTorch's attention on this machine",
 }
-
-
-class CLIError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,10 +27,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``relattn`` parser with every subcommand's flags."""
+    import relattn
+
     parser = _Parser(prog="relattn", description="Causal attention with relative positions.")
+    parser.add_argument("--version", action="version", version=f"relattn {relattn.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for name, help_text in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=_module(name).__doc__)
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
         _module(name).add_arguments(p)
     return parser
 
@@ -37,6 +45,7 @@ def _module(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``relattn`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
@@ -45,14 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as e:
         print(f"relattn: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # --help and --version
+        return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
         print("relattn: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``relattn explain ... | head``): stop quietly. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by the pipe
 
 
 if __name__ == "__main__":
-    # Run as a script this file is a second module, `__main__`, whose CLIError is not the one the
-    # subcommands raise: call the package's copy.
+    # Run as a script this file is a second module, `__main__`; call the package's copy.
     from relattn.cli.main import main as _main
 
     sys.exit(_main())

@@ -1,9 +1,13 @@
-"""The ``relattn demo`` pipeline: train short, test long.
+"""The text-model pipeline behind ``relattn train``, ``generate``, ``explain --checkpoint`` and
+``relattn demo`` (train short, test long).
 
-- :mod:`.data` — the corpus, split by file; training batches and evaluation windows
-- :mod:`.train` — one TinyLM per encoding
+- :mod:`.data` — the corpus (a file, a folder, or the stdlib), split by file; training batches
+  and evaluation windows
+- :mod:`.train` — the resumable training loop; one TinyLM per encoding
 - :mod:`.evaluate` — held-out perplexity at growing lengths
-- :mod:`.probe` — learned tables and attention weights of a trained model
-- :mod:`.plots`, :mod:`.report` — the PNGs, report.md / report.html, results.json
-- :mod:`.experiment` — the whole run, saved model by model and resumable
+- :mod:`.sample` — streaming generation with the KV cache
+- :mod:`.probe` — learned tables, a layer's q/k/v and every head's attention weights
+- :mod:`.checkpoint` — loading a checkpoint for a command; saving without torn folders
+- :mod:`.report` — results.json, report.md / report.html and the summary
+- :mod:`.experiment` — the whole demo, saved model by model, locked, resumable
 """

@@ -26,28 +26,53 @@ _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "node_modules"}
 
 
 class CorpusError(ValueError):
-    """The corpus cannot be used (missing, empty, or too small for the requested evaluation)."""
+    """The corpus cannot be used (missing, empty, binary, or too small for what was asked)."""
 
 
 @dataclass
 class Corpus:
-    """Train and held-out byte streams (uint8 tensors) and where they came from."""
+    """Train and held-out byte streams (uint8 tensors) and where they came from.
+
+    ``unit`` is ``"file"``, or ``"chunk"`` when a single file was cut into pieces so that it
+    could still be split; ``train_files`` and ``heldout_files`` count units.
+    """
 
     train: Tensor
     heldout: Tensor
     source: str
     train_files: int
     heldout_files: int
+    unit: str = "file"
 
     def describe(self) -> dict:
         """A JSON-ready summary of the corpus."""
         return {
             "source": self.source,
+            "unit": self.unit,
             "train_files": self.train_files,
             "heldout_files": self.heldout_files,
             "train_bytes": int(self.train.numel()),
             "heldout_bytes": int(self.heldout.numel()),
         }
+
+    def sentence(self) -> str:
+        """``"130 training files (2000000 bytes), 18 held-out files (33000 bytes)"``, or for one
+        file ``"1 file cut into 18 training chunks (…) and 2 held-out chunks (…)"``."""
+        train = f"{self.train.numel()} bytes"
+        held = f"{self.heldout.numel()} bytes"
+        if self.unit == "chunk":
+            return (
+                f"1 file cut into {_count(self.train_files, 'training chunk')} ({train}) and "
+                f"{_count(self.heldout_files, 'held-out chunk')} ({held})"
+            )
+        return (
+            f"{_count(self.train_files, 'training file')} ({train}), "
+            f"{_count(self.heldout_files, 'held-out file')} ({held})"
+        )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def stdlib_dir() -> Path:
@@ -75,22 +100,24 @@ def list_files(root: Path, suffix: str | None) -> list[Path]:
     return sorted(found)
 
 
-def _read(path: Path) -> bytes:
+def is_text(data: bytes) -> bool:
+    """Bytes that look like text: no NUL byte in the first KiB (the usual binary test)."""
+    return b"\0" not in data[:1024]
+
+
+def _read(path: Path, limit: int | None) -> bytes:
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES)
+            data = f.read() if limit is None else f.read(limit)
     except OSError:
         return b""
-    return b"" if b"\0" in data[:1024] else data  # skip binary files
+    return data if is_text(data) else b""  # skip binary files
 
 
-def _documents(files: list[Path], seed: int):
+def _documents(files: list[Path], seed: int, max_file_bytes: int | None, single_limit: int):
     """Yield the corpus's documents (bytes) in a seeded, deterministic order."""
     if len(files) == 1:
-        data = _read(files[0])
-        if len(data) == MAX_FILE_BYTES:  # a single file: read it all and chunk it
-            with open(files[0], "rb") as f:
-                data = f.read()
+        data = _read(files[0], single_limit)
         size = max(1024, min(CHUNK_BYTES, len(data) // 20))
         chunks = [data[i : i + size] for i in range(0, len(data), size)]
         random.Random(seed).shuffle(chunks)
@@ -99,7 +126,19 @@ def _documents(files: list[Path], seed: int):
     order = list(files)
     random.Random(seed).shuffle(order)
     for path in order:
-        yield _read(path)
+        yield _read(path, max_file_bytes)
+
+
+def _check_single_file(path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1024)
+    except OSError as e:
+        raise CorpusError(f"--data {str(path)!r} cannot be read: {e.strerror or e}") from None
+    if not head:
+        raise CorpusError(f"--data {str(path)!r} is empty")
+    if not is_text(head):
+        raise CorpusError(f"--data {str(path)!r} is not text (it contains NUL bytes)")
 
 
 def load_corpus(
@@ -109,6 +148,7 @@ def load_corpus(
     train_bytes: int,
     heldout_bytes: int,
     holdout_every: int = 10,
+    max_file_bytes: int | None = MAX_FILE_BYTES,
 ) -> Corpus:
     """Read the corpus and split it by file.
 
@@ -119,9 +159,15 @@ def load_corpus(
         holdout_every: every ``holdout_every``-th file in shuffled order is held out; held-out
             files contribute at most ``heldout_bytes / 16`` bytes each, so evaluation spans
             at least 16 files.
+        max_file_bytes: each file of a directory contributes at most this many bytes (None:
+            all of it). A single file is always read whole and cut into chunks.
 
     Returns:
         A :class:`Corpus` whose streams are the files concatenated with a newline between them.
+
+    Raises:
+        CorpusError: the path is missing, a single file is empty or binary, a directory holds
+            no text, or there is too little text to split.
     """
     if data is None:
         root, suffix, source = stdlib_dir(), ".py", f"Python standard library ({stdlib_dir()})"
@@ -129,13 +175,16 @@ def load_corpus(
         root, suffix, source = Path(data).expanduser(), None, str(Path(data).expanduser())
         if not root.exists():
             raise CorpusError(f"--data {data!r} does not exist")
+        if root.is_file():
+            _check_single_file(root)
     files = list_files(root, suffix)
     if not files:
-        raise CorpusError(f"no files found under {source}")
+        raise CorpusError(f"--data {source!r} holds no files")
     train, heldout = [], []
     sizes = [0, 0]
     counts = [0, 0]
-    for i, doc in enumerate(_documents(files, seed)):
+    single_limit = 2 * (train_bytes + holdout_every * heldout_bytes)
+    for i, doc in enumerate(_documents(files, seed, max_file_bytes, single_limit)):
         if not doc.strip():
             continue
         held = i % holdout_every == 0
@@ -149,10 +198,15 @@ def load_corpus(
         split.append(doc + b"\n")
         sizes[held] += len(doc) + 1
         counts[held] += 1
+    unit = "chunk" if len(files) == 1 else "file"
+    if not train and not heldout:
+        raise CorpusError(
+            f"--data {source!r} holds no text ({_count(len(files), 'file')}, all empty or binary)"
+        )
     if not train or not heldout:
         raise CorpusError(
-            f"corpus {source} is empty or too small to split by file "
-            f"(train files: {counts[0]}, held-out files: {counts[1]})"
+            f"{source} is too small to split into training and held-out text "
+            f"(training {unit}s: {counts[0]}, held-out {unit}s: {counts[1]}); give more text"
         )
 
     def stream(parts: list[bytes], cap: int) -> Tensor:
@@ -160,26 +214,41 @@ def load_corpus(
         return torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()
 
     return Corpus(
-        stream(train, train_bytes), stream(heldout, heldout_bytes), source, counts[0], counts[1]
+        stream(train, train_bytes),
+        stream(heldout, heldout_bytes),
+        source,
+        counts[0],
+        counts[1],
+        unit,
     )
 
 
-def train_batches(stream: Tensor, context: int, batch_size: int, seed: int):
-    """Endless random training windows from ``stream``.
+class Batches:
+    """Endless random training windows from ``stream``, resumable: :attr:`generator`'s state is
+    all there is to save.
 
     Yields:
         ``(x, y)``, both ``(batch_size, context)`` int64: ``y`` is ``x`` shifted by one byte.
     """
-    if stream.numel() < context + 2:
-        raise CorpusError(
-            f"the training split has {stream.numel()} bytes; --context {context} needs more"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    arange = torch.arange(context + 1)
-    while True:
-        starts = torch.randint(0, stream.numel() - context - 1, (batch_size, 1), generator=gen)
-        window = stream[starts + arange].long()
-        yield window[:, :-1], window[:, 1:]
+
+    def __init__(self, stream: Tensor, context: int, batch_size: int, seed: int) -> None:
+        if stream.numel() < context + 2:
+            raise CorpusError(
+                f"the training text has {stream.numel()} bytes; --context {context} needs at "
+                f"least {context + 2}"
+            )
+        self.stream, self.context, self.batch_size = stream, context, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._arange = torch.arange(context + 1)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        high = self.stream.numel() - self.context - 1
+        starts = torch.randint(0, high, (self.batch_size, 1), generator=self.generator)
+        window = self.stream[starts + self._arange].long()
+        return window[:, :-1], window[:, 1:]
 
 
 def eval_windows(stream: Tensor, length: int, total: int) -> tuple[Tensor, Tensor]:
@@ -195,7 +264,7 @@ def eval_windows(stream: Tensor, length: int, total: int) -> tuple[Tensor, Tenso
         raise ValueError(f"total={total} must be a multiple of length={length}")
     if stream.numel() < total + 1:
         raise CorpusError(
-            f"the held-out split has {stream.numel()} bytes; evaluation needs {total + 1}"
+            f"the held-out text has {stream.numel()} bytes; evaluation needs {total + 1}"
         )
     x = stream[:total].long().view(-1, length)
     y = stream[1 : total + 1].long().view(-1, length)

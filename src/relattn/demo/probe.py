@@ -1,4 +1,5 @@
-"""Looking inside a trained TinyLM: its learned position tables and one head's attention weights."""
+"""Looking inside a trained TinyLM: its learned position tables, a layer's queries, keys and
+values, and every head's attention weights."""
 
 from __future__ import annotations
 
@@ -7,6 +8,27 @@ import torch
 from torch import Tensor, nn
 
 import relattn
+
+__all__ = ["attention_maps", "byte_label", "encoding_names", "layer_qkv", "learned_tables"]
+
+
+def encoding_names(attn: nn.Module) -> list[str]:
+    """The registered names of an attention layer's encodings (rotation first), looked up by
+    class in :func:`relattn.pe.specs`; a module of an unregistered class shows its class name."""
+    names = []
+    for module in (attn.rope, attn.pe):
+        if module is not None:
+            found = [s.name for s in relattn.pe.specs() if type(module) is s.cls]
+            names.append(found[0] if found else type(module).__name__)
+    return names
+
+
+def byte_label(b: int) -> str:
+    """How a byte token is shown: the character, or a visible stand-in for spaces and controls."""
+    special = {32: "␣", 10: "⏎", 9: "⇥", 13: "␍"}
+    if b in special:
+        return special[b]
+    return chr(b) if 33 <= b < 127 else f"\\x{b:02x}"
 
 
 @torch.no_grad()
@@ -26,39 +48,45 @@ def learned_tables(model: nn.Module, max_offset: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def layer_qk(model: nn.Module, idx: Tensor, layer: int) -> tuple[Tensor, Tensor]:
-    """The queries and keys that layer ``layer`` computes for the token ids ``idx`` ``(B, N)``.
+def layer_qkv(model: nn.Module, idx: Tensor, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The queries, keys and values that layer ``layer`` computes for the token ids ``idx``.
 
     The layer's input is captured with a forward pre-hook while the model runs, then passed
     through the layer's own fused q/k/v projection.
 
+    Args:
+        idx: ``(B, N)`` token ids.
+
     Returns:
-        ``q: (B, H, N, D)`` and ``k: (B, Hkv, N, D)``, before RoPE (which
+        ``q: (B, H, N, D)``, ``k, v: (B, Hkv, N, D)``, before RoPE (which
         :func:`relattn.attention_weights` applies through ``pe``).
     """
     attn = model.blocks[layer].attn
     captured: list[Tensor] = []
     handle = attn.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    was_training = model.training
     try:
-        was_training = model.training
         model.eval()
         model(idx)
-        model.train(was_training)
     finally:
+        model.train(was_training)
         handle.remove()
-    q, k, _ = attn.project(captured[0])
-    return q, k
+    return attn.project(captured[0])
 
 
 @torch.no_grad()
-def attention_map(model: nn.Module, idx: Tensor, layer: int, head: int) -> np.ndarray:
-    """Head ``head`` of layer ``layer``'s attention weights on ``idx`` ``(1, N)``.
+def attention_maps(model: nn.Module, idx: Tensor) -> np.ndarray:
+    """Every head's attention weights on ``idx`` ``(1, N)``, every layer.
 
     Returns:
-        ``(N, N)`` array; row i holds α(i, ·), zero above the diagonal.
+        ``(L, H, N, N)`` array; ``[l, h, i]`` holds α(i, ·) of head h in layer l, zero above
+        the diagonal.
     """
-    attn = model.blocks[layer].attn
-    q, k = layer_qk(model, idx, layer)
-    pe = [m for m in (attn.rope, attn.pe) if m is not None] or None
-    weights = relattn.attention_weights(q, k, pe, causal=True)
-    return weights[0, head].float().cpu().numpy()
+    maps = []
+    for layer, block in enumerate(model.blocks):
+        attn = block.attn
+        q, k, _ = layer_qkv(model, idx, layer)
+        pe = [m for m in (attn.rope, attn.pe) if m is not None] or None
+        weights = relattn.attention_weights(q, k, pe, causal=True, scale=attn.scale)
+        maps.append(weights[0].float().cpu().numpy())
+    return np.stack(maps)

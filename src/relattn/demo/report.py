@@ -10,8 +10,12 @@ import base64
 import html
 import json
 import math
-import os
 from pathlib import Path
+from typing import Any
+
+from ..cli._common import atomic_write_text
+
+REPORT_FILES = ("report.md", "report.html")
 
 PROTOCOL = (
     "Each model is trained on random {context}-byte windows of the training files. Held-out "
@@ -29,17 +33,22 @@ PROTOCOL = (
 
 def write_json(path: Path, data: dict) -> None:
     """Write ``data`` atomically (a crash never leaves half a file)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: Path) -> dict | None:
-    """The saved results, or None if there are none (or they are unreadable)."""
+def read_json(path: Path) -> Any:
+    """The saved JSON value, or None if there is none (or it is unreadable)."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def remove_reports(folder: Path) -> None:
+    """Delete report.md and report.html: done before results.json changes, so that a report,
+    where there is one, always describes the results beside it."""
+    for name in REPORT_FILES:
+        (folder / name).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -109,22 +118,31 @@ def _fmt(x: float) -> str:
 
 def blocks(results: dict, names: list[str], images: dict[str, str]) -> list[tuple]:
     """The report's content as ``(kind, ...)`` blocks: ``("h", level, text)``, ``("p", text)``,
-    ``("table", header, rows)``, ``("img", file, caption)``."""
+    ``("table", header, rows)``, ``("img", file, caption)``, ``("code", text)``."""
     s = results["settings"]
     models = {n: results["models"][n] for n in names if n in results["models"]}
     done = [n for n in names if n in models]
     lengths = [r["length"] for r in models[done[0]]["eval"]] if done else []
     out: list[tuple] = [("h", 1, "relattn demo: train short, test long")]
     corpus = results.get("corpus", {})
+    unit = corpus.get("unit", "file")
+    where = (
+        f"1 file cut into {corpus.get('train_files', '?')} training chunks and "
+        f"{corpus.get('heldout_files', '?')} held-out chunks"
+        if unit == "chunk"
+        else f"{corpus.get('train_files', '?')} training files and "
+        f"{corpus.get('heldout_files', '?')} held-out files"
+    )
+    pending = [n for n in names if n not in models]
     out.append(
         (
             "p",
             f"{len(done)} byte-level TinyLMs ({s['num_layers']} layers, d_model {s['d_model']}, "
             f"{s['num_heads']} heads), one per position encoding, each trained for "
             f"{s['steps']} steps of batch {s['batch_size']} at context {s['context']} on "
-            f"{corpus.get('source', '?')} ({corpus.get('train_files', '?')} training files, "
-            f"{corpus.get('train_bytes', '?')} bytes; {corpus.get('heldout_files', '?')} "
-            f"held-out files), seed {s['seed']}.",
+            f"{corpus.get('source', '?')} ({where}; {corpus.get('train_bytes', '?')} training "
+            f"bytes), seed {s['seed']}."
+            + (f" Not finished yet: {', '.join(pending)}." if pending else ""),
         )
     )
     out.append(("h", 2, "Held-out perplexity per byte"))
@@ -160,22 +178,54 @@ def blocks(results: dict, names: list[str], images: dict[str, str]) -> list[tupl
     out.append(("table", train_header, train_rows))
     captions = {
         "perplexity": "Held-out perplexity against evaluation length.",
-        "tables": "Learned T5 and KERPLE biases per head against offset.",
-        "attention": "One head's attention weights on a held-out sample.",
+        "loss": "Training loss (nats per byte) against step, one line per model.",
+        "tables": "Learned additive position tables per head against offset (log scale).",
     }
+    attention = {k: f for k, f in images.items() if k.startswith("attention-")}
     if images:
         out.append(("h", 2, "Plots"))
         for key, file in images.items():
-            out.append(("img", file, captions.get(key, key)))
+            if key not in attention:
+                out.append(("img", file, captions.get(key, key)))
+    if attention:
+        out.append(("h", 2, "What the models attend to"))
+        out.append(
+            (
+                "p",
+                "Every head of every layer of each model on the same held-out bytes, from the "
+                "trained model's own queries and keys (as `relattn explain --checkpoint` shows "
+                "them). Row i is query i's weights α(i, j) over keys j: a linear colour scale "
+                "from 0 (white) to 1 (dark blue); grey cells are masked (j > i), no "
+                "dot product is computed there. ␣ is a space, ⏎ a newline.",
+            )
+        )
+        for key, file in attention.items():
+            out.append(("img", file, f"{key.removeprefix('attention-')}: attention weights."))
+    samples = [(n, models[n]["sample"]) for n in done if isinstance(models[n].get("sample"), dict)]
+    if samples:
+        out.append(("h", 2, "Sample generations"))
+        out.append(
+            (
+                "p",
+                f"Each model continues the same held-out prompt (temperature 0.8, top-k 40, "
+                f"seed 0, KV cache). Prompt: {samples[0][1]['prompt']!r}",
+            )
+        )
+        for n, sample in samples:
+            out.append(("h", 3, n))
+            out.append(("code", sample["prompt"] + sample["continuation"]))
     machine = results.get("machine") or {}
     if machine:
         desc = ", ".join(f"{k}: {v}" for k, v in machine.items() if not isinstance(v, dict | list))
         out.append(("h", 2, "Machine"))
         out.append(("p", desc))
     out.append(
-        ("p", "Every number, the settings and the machine are in results.json; checkpoints are in "
-         "checkpoints/ (load with relattn.models.TinyLM.load).")
-    )  # fmt: skip
+        (
+            "p",
+            "Every number, the settings and the machine are in results.json; checkpoints are in "
+            "checkpoints/ (load with relattn.models.TinyLM.load).",
+        )
+    )
     return out
 
 
@@ -194,6 +244,9 @@ def to_markdown(content: list[tuple]) -> str:
             parts.append("\n".join(lines))
         elif block[0] == "img":
             parts.append(f"![{block[2]}]({block[1]})\n\n*{block[2]}*")
+        elif block[0] == "code":
+            fence = "````" if "```" in block[1] else "```"
+            parts.append(f"{fence}text\n{block[1]}\n{fence}")
     return "\n\n".join(parts) + "\n"
 
 
@@ -212,6 +265,8 @@ def to_html(content: list[tuple], folder: Path) -> str:
                 "<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in block[2]
             )
             body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif block[0] == "code":
+            body.append(f"<pre>{e(block[1])}</pre>")
         elif block[0] == "img":
             data = base64.b64encode((folder / block[1]).read_bytes()).decode("ascii")
             body.append(
@@ -223,7 +278,8 @@ def to_html(content: list[tuple], folder: Path) -> str:
         "line-height:1.45}table{border-collapse:collapse;margin:1rem 0}"
         "th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}"
         "th:first-child,td:first-child{text-align:left}img{max-width:100%}"
-        "figcaption{font-style:italic;color:#555}"
+        "figcaption{font-style:italic;color:#555}pre{background:#f6f6f6;padding:.6rem;"
+        "white-space:pre-wrap}"
     )
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -234,7 +290,7 @@ def to_html(content: list[tuple], folder: Path) -> str:
 
 
 def write_reports(folder: Path, results: dict, names: list[str], images: dict[str, str]) -> None:
-    """Write ``report.md`` and ``report.html`` into ``folder``."""
+    """Write ``report.md`` and ``report.html`` into ``folder`` (each atomically)."""
     content = blocks(results, names, images)
-    (folder / "report.md").write_text(to_markdown(content))
-    (folder / "report.html").write_text(to_html(content, folder))
+    atomic_write_text(folder / "report.md", to_markdown(content))
+    atomic_write_text(folder / "report.html", to_html(content, folder))

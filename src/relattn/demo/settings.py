@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field
 
 from .train import DEFAULT_ENCODINGS, TrainSettings
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
-def default_threads() -> int:
-    """Torch threads for a small model: every available core on an idle machine, fewer when
-    other processes already keep cores busy (oversubscribed intra-op threads spin and wait on
-    each other, which costs far more than it gains for matrices this small)."""
-    cores = available_cores()
-    try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except (AttributeError, OSError):
-        busy = 0
-    return max(1, min(cores, cores - busy))
 
 
 @dataclass
 class DemoSettings:
     """Everything that determines the demo's numbers (plus which encodings to run)."""
 
-    encodings: list[str] = field(default_factory=lambda: list(DEFAULT_ENCODINGS))
+    encodings: list[str] = field(default_factory=lambda: list(DEFAULT_ENCODINGS))  # "rope+t5"...
     context: int = 128
     steps: int = 400
     batch_size: int = 16
@@ -74,6 +54,7 @@ class DemoSettings:
         return TrainSettings(
             context=self.context,
             steps=self.steps,
+            minutes=None,
             batch_size=self.batch_size,
             d_model=self.d_model,
             num_layers=self.num_layers,

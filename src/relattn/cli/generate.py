@@ -1,0 +1,78 @@
+"""``relattn generate``: continue a prompt with a trained checkpoint, streaming to the terminal.
+
+    relattn generate --checkpoint DIR --prompt "def main(" [--max-new-tokens N]
+        [--temperature T] [--top-k K] [--seed S]
+
+DIR is a folder written by `relattn train`, `relattn demo` (report/checkpoints/NAME) or
+TinyLM.save. Decoding uses the KV cache: one pass over the prompt, then one token per step.
+The prompt is printed first, then each new character as soon as it is sampled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._common import SEED_MAX, CLIError, bounded_float, bounded_int
+
+MAX_NEW_TOKENS = 100_000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command's flags."""
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a model folder")
+    parser.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=bounded_int(0, MAX_NEW_TOKENS),
+        default=200,
+        metavar="N",
+        help="bytes to generate (default 200)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=bounded_float(0.0, 100.0),
+        default=0.8,
+        metavar="T",
+        help="0 is greedy; higher is more random (default 0.8)",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=bounded_int(1, 1 << 20),
+        default=None,
+        metavar="K",
+        help="sample among the K most likely bytes only (default: all)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=bounded_int(0, SEED_MAX),
+        default=None,
+        metavar="S",
+        help="make the sample reproducible",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the checkpoint and stream the continuation to stdout."""
+    from ..demo.checkpoint import load_model
+    from ..demo.sample import sample_text
+
+    if not args.prompt:
+        raise CLIError("--prompt must not be empty (the model continues a text)")
+    model = load_model(args.checkpoint, "--checkpoint")
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    pieces = sample_text(
+        model,
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return 0
