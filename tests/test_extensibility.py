@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from cases import BACKENDS, MASKS, check_fp32, check_low_precision, randomize
@@ -158,3 +160,20 @@ def test_op_backward_by_gradcheck(backend):
         return out
 
     assert torch.autograd.gradcheck(f, (q, k, v, table), fast_mode=True)
+
+
+def test_new_encoding_in_relattn_explain(capsys):
+    """`relattn explain --pe NAME` takes the registered encoding, its PE column included."""
+    from relattn.cli.main import main
+
+    assert main(["explain", "The quick brown fox", "--query", "2", "--pe", "cosine_decay"]) == 0
+    out = capsys.readouterr().out
+    assert "test-only: w_h·cos(Δ/4)" in out and "q2·k0" in out
+    assert main(["explain", "a b c", "--pe", "cosine_decay", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["encoding"]["names"] == ["cosine_decay"]
+    # PE of query 2 against keys 0..2 (Δ = 2, 1, 0) is w·cos(Δ/4)/(1 + Δ), w from --seed
+    pe = torch.tensor(report["pe"][2][0])
+    delta = torch.tensor([2.0, 1.0, 0.0])
+    w = pe[2]  # Δ = 0: w·cos(0)/1
+    torch.testing.assert_close(pe, w * torch.cos(delta / 4) / (1 + delta))
