@@ -70,7 +70,7 @@ def write_checkpoint(path: Any, config: TinyLMConfig, state: dict[str, Tensor]) 
         OSError: the write failed (disk full, file-size limit, permissions); the previous
             checkpoint, if any, is unchanged and the partial files are removed.
     """
-    save_file = _safetensors().save_file  # fail on a missing package before touching the disk
+    to_bytes = _safetensors().save  # fail on a missing package before touching the disk
     target = _target(path)
     _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,7 @@ def write_checkpoint(path: Any, config: TinyLMConfig, state: dict[str, Tensor]) 
     staging = _make_sibling(target, _NEW)
     try:
         _write_text(staging / CONFIG_FILE, text)
-        _write_weights(staging / WEIGHTS_FILE, tensors, metadata, save_file)
+        _write_weights(staging / WEIGHTS_FILE, tensors, metadata, to_bytes)
         _fsync_path(staging)
         _swap_in(staging, target)  # from here ``staging`` holds the previous checkpoint, if any
         _fsync_path(target.parent)
@@ -91,15 +91,20 @@ def write_checkpoint(path: Any, config: TinyLMConfig, state: dict[str, Tensor]) 
 
 
 def _write_text(file: Path, text: str) -> None:
-    with open(file, "x", encoding="utf-8") as f:
-        f.write(text)
+    _write_bytes(file, text.encode("utf-8"))
+
+
+def _write_weights(file: Path, tensors: dict[str, Tensor], metadata: dict, to_bytes) -> None:
+    # Serialized in memory and written here rather than by safetensors' save_file, which writes
+    # a hidden temporary file of its own that a kill would leave behind.
+    _write_bytes(file, to_bytes(tensors, metadata=metadata))
+
+
+def _write_bytes(file: Path, data: bytes) -> None:
+    with open(file, "xb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _write_weights(file: Path, tensors: dict[str, Tensor], metadata: dict, save_file) -> None:
-    save_file(tensors, str(file), metadata=metadata)
-    _fsync_path(file)
 
 
 def _fsync_path(path: Path) -> None:
@@ -294,30 +299,17 @@ def read_checkpoint(path: Any) -> tuple[TinyLMConfig, dict[str, Tensor]]:
             error, like an unknown one); ``model.safetensors`` is truncated or corrupt, or was
             saved with a different config.
     """
-    safe_open = _safetensors().safe_open
+    load = _safetensors().load
     folder = _target(path)
     if os.path.lexists(folder) and not folder.is_dir():
         raise ValueError(f"path {str(folder)!r} is a file; expected a checkpoint folder")
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for p in (config_path, weights_path):
-        if not p.is_file():
-            aside = interrupted_save(folder) if not folder.exists() else None
-            hint = (
-                f"; a save killed mid-swap left the previous checkpoint at {str(aside)!r} "
-                "(the next save to this path restores it, or rename it back)"
-                if aside
-                else ""
-            )
-            raise FileNotFoundError(
-                f"no TinyLM at {str(folder)!r}: {p.name} is missing (expected a folder written "
-                f"by TinyLM.save with {CONFIG_FILE} and {WEIGHTS_FILE}){hint}"
-            )
-    data = _read_config_json(config_path)
+    config_bytes, weights_bytes = _read_files(folder)
+    data = _parse_config_json(config_bytes, config_path)
     config = _config_from_dict(data, config_path)
     try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        tensors = load(weights_bytes)
+        metadata = _safetensors_metadata(weights_bytes)
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(
             f"{weights_path} is not a readable safetensors file (truncated or corrupt?): {e}"
@@ -368,9 +360,56 @@ def check_state(
         )
 
 
-def _read_config_json(config_path: Path) -> dict:
+def _read_files(folder: Path) -> tuple[bytes, bytes]:
+    """Both files' bytes, read through one handle on the folder: a save swapping in a new
+    checkpoint meanwhile cannot hand us the config of one and the weights of the other."""
+    dir_fd = None
+    if os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY"):
+        try:
+            dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            dir_fd = None  # a missing folder: reported below, file by file
     try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
+        config = _read_one(folder, CONFIG_FILE, dir_fd)
+        return config, _read_one(folder, WEIGHTS_FILE, dir_fd)
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+
+
+def _read_one(folder: Path, name: str, dir_fd: int | None) -> bytes:
+    try:
+        if dir_fd is None:
+            return (folder / name).read_bytes()
+        fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+        with open(fd, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        pass
+    aside = interrupted_save(folder) if not folder.exists() else None
+    hint = (
+        f"; a save killed mid-swap left the previous checkpoint at {str(aside)!r} (the next "
+        "save to this path restores it, or rename it back)"
+        if aside
+        else ""
+    )
+    raise FileNotFoundError(
+        f"no TinyLM at {str(folder)!r}: {name} is missing (expected a folder written by "
+        f"TinyLM.save with {CONFIG_FILE} and {WEIGHTS_FILE}){hint}"
+    )
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    # The format: an 8-byte little-endian header length, then the JSON header.
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _parse_config_json(text: bytes, config_path: Path) -> dict:
+    try:
+        data = json.loads(text.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_path} is not valid JSON: {e}") from e
     if not isinstance(data, dict):
@@ -395,10 +434,9 @@ def _config_from_dict(data: dict, config_path: Path) -> TinyLMConfig:
 
 def _safetensors():
     try:
-        from safetensors import safe_open
-        from safetensors.torch import save_file
+        from safetensors.torch import load, save
     except ImportError as e:
         raise ImportError(
             "TinyLM.save/load need the safetensors package: pip install 'relattn[models]'"
         ) from e
-    return SimpleNamespace(safe_open=safe_open, save_file=save_file)
+    return SimpleNamespace(load=load, save=save)
