@@ -99,6 +99,13 @@ def weights_of_other_model(folder: Path) -> None:
     )
 
 
+def corrupt_recorded_config(folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    metadata = {"format": "pt", "relattn.config": "[1, 2"}
+    save_file(dict(model().state_dict()), str(folder / "model.safetensors"), metadata=metadata)
+
+
 def foreign_file(folder: Path) -> Path:
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
@@ -328,6 +335,12 @@ ROWS = [
         VE,
         r"path .*notes\.txt.*not part of a TinyLM checkpoint",
     ),
+    (
+        "save path inside a file",
+        lambda t: model().save(saved(t) / "config.json" / "m"),
+        VE,
+        r"path .*config\.json.m.* lies inside a file",
+    ),
     # ---- load
     ("load path None", lambda t: TinyLM.load(None), TE, r"path must be a str or os\.PathLike"),
     ("load path bytes", lambda t: TinyLM.load(b"ckpt"), TE, r"path must be a str"),
@@ -391,6 +404,12 @@ ROWS = [
         lambda t: TinyLM.load(saved(t, weights_of_other_model)),
         VE,
         r"different saves: the config says rope=False \(weights: True\)",
+    ),
+    (
+        "load weights with corrupt recorded config",
+        lambda t: TinyLM.load(saved(t, corrupt_recorded_config)),
+        VE,
+        r"model\.safetensors has a corrupt 'relattn\.config' metadata entry",
     ),
     # ---- KVCache
     ("KVCache num_layers 0", lambda t: cache(num_layers=0), VE, r"num_layers must be an int >= 1"),

@@ -35,7 +35,7 @@ from torch import Tensor
 from .._validate import shape_str
 from .config import TinyLMConfig
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "read_checkpoint", "write_checkpoint"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "check_state", "read_checkpoint", "write_checkpoint"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -73,7 +73,10 @@ def write_checkpoint(path: Any, config: TinyLMConfig, state: dict[str, Tensor]) 
     to_bytes = _safetensors().save  # fail on a missing package before touching the disk
     target = _target(path)
     _check_replaceable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"path {str(target)!r} lies inside a file, not a folder") from None
     _recover_and_clean(target)
     text = json.dumps(asdict(config), indent=2) + "\n"
     metadata = {"format": "pt", _CONFIG_KEY: json.dumps(asdict(config), sort_keys=True)}
@@ -150,11 +153,14 @@ def _sibling(target: Path, kind: str) -> Path:
 def _make_sibling(target: Path, kind: str) -> Path:
     while True:
         folder = _sibling(target, kind)
+        _ACTIVE.add(folder.name)  # before it exists: another thread's cleanup must spare it
         try:
             folder.mkdir()  # not mkdtemp: the folder becomes the checkpoint, so honour the umask
         except FileExistsError:
             continue
-        _ACTIVE.add(folder.name)
+        except BaseException:
+            _ACTIVE.discard(folder.name)
+            raise
         return folder
 
 
@@ -228,7 +234,7 @@ def _recover_and_clean(target: Path) -> None:
         _remove_ours(p)  # a no-op for the folder just restored
 
 
-def interrupted_save(target: Path) -> Path | None:
+def _interrupted_save(target: Path) -> Path | None:
     """The previous checkpoint a save killed mid-swap set aside beside ``target``, if any."""
     for p, kind, _ in _leftovers(target):
         if kind == _OLD and _complete(p):
@@ -323,12 +329,14 @@ def _check_same_save(data: dict, saved_with: str | None, config_path: Path, weig
         return
     try:
         saved = json.loads(saved_with)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{weights_path} has a corrupt {_CONFIG_KEY} metadata entry: {e}") from e
+    except json.JSONDecodeError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{weights_path} has a corrupt {_CONFIG_KEY!r} metadata entry")
     differ = [
         f"{k}={data.get(k)!r} (weights: {saved.get(k)!r})"
         for k in _ARCHITECTURE
-        if not isinstance(saved, dict) or data.get(k) != saved.get(k)
+        if data.get(k) != saved.get(k)
     ]
     if differ:
         raise ValueError(
@@ -361,20 +369,32 @@ def check_state(
 
 
 def _read_files(folder: Path) -> tuple[bytes, bytes]:
-    """Both files' bytes, read through one handle on the folder: a save swapping in a new
-    checkpoint meanwhile cannot hand us the config of one and the weights of the other."""
-    dir_fd = None
-    if os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY"):
+    """Both files' bytes, from one folder even while saves swap in new checkpoints.
+
+    Both are read through one handle on the folder, so a swap cannot hand us the config of one
+    checkpoint and the weights of another; if a file vanishes because the folder we hold was
+    swapped out (and is being removed), we read again from the folder now at ``folder``.
+    """
+    if not (os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY")):
+        return _read_one(folder, CONFIG_FILE, None), _read_one(folder, WEIGHTS_FILE, None)
+    for _ in range(100):
         try:
             dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            dir_fd = None  # a missing folder: reported below, file by file
-    try:
-        config = _read_one(folder, CONFIG_FILE, dir_fd)
-        return config, _read_one(folder, WEIGHTS_FILE, dir_fd)
-    finally:
-        if dir_fd is not None:
+        except (FileNotFoundError, NotADirectoryError):
+            return _read_one(folder, CONFIG_FILE, None), _read_one(folder, WEIGHTS_FILE, None)
+        try:
+            held = os.fstat(dir_fd)
+            return _read_one(folder, CONFIG_FILE, dir_fd), _read_one(folder, WEIGHTS_FILE, dir_fd)
+        except FileNotFoundError:
+            try:
+                now = os.stat(folder)
+            except FileNotFoundError:
+                continue  # mid-swap without an exchange: the next try reports it
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                raise  # really missing, not swapped out
+        finally:
             os.close(dir_fd)
+    raise OSError(f"{str(folder)!r} kept being replaced while it was read; try again")
 
 
 def _read_one(folder: Path, name: str, dir_fd: int | None) -> bytes:
@@ -386,7 +406,7 @@ def _read_one(folder: Path, name: str, dir_fd: int | None) -> bytes:
             return f.read()
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         pass
-    aside = interrupted_save(folder) if not folder.exists() else None
+    aside = _interrupted_save(folder) if not folder.exists() else None
     hint = (
         f"; a save killed mid-swap left the previous checkpoint at {str(aside)!r} (the next "
         "save to this path restores it, or rename it back)"
