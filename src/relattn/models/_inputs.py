@@ -10,7 +10,9 @@ from ..cache import KVCache
 from .config import TinyLMConfig
 
 
-def token_ids(name: str, idx, config: TinyLMConfig, device: torch.device) -> Tensor:
+def token_ids(
+    name: str, idx, config: TinyLMConfig, device: torch.device, shapes: str = "(B, N)"
+) -> Tensor:
     """``idx`` as int64 ids after checking type, shape ``(B, N)``, dtype, device and range.
 
     Any integer dtype is accepted. The range check reads the values (a device sync), so it is
@@ -19,8 +21,8 @@ def token_ids(name: str, idx, config: TinyLMConfig, device: torch.device) -> Ten
     """
     if not isinstance(idx, Tensor):
         raise TypeError(
-            f"{name} must be a (B, N) integer torch.Tensor of token ids; got {type(idx).__name__}"
-            " (e.g. torch.tensor([ids]))"
+            f"{name} must be a {shapes} integer torch.Tensor of token ids; got "
+            f"{type(idx).__name__} (e.g. torch.tensor(ids))"
         )
     if idx.dim() != 2:
         raise ValueError(f"{name} must have shape (B, N); got {tuple(idx.shape)}")
@@ -40,6 +42,19 @@ def token_ids(name: str, idx, config: TinyLMConfig, device: torch.device) -> Ten
                 f"got values in [{lo}, {hi}]"
             )
     return idx
+
+
+def prompt(prompt_ids, config: TinyLMConfig, device: torch.device) -> tuple[Tensor, bool]:
+    """generate's prompt as ``(B, N)`` int64 ids on ``device``, and whether it came as ``(N,)``."""
+    single = isinstance(prompt_ids, Tensor) and prompt_ids.dim() == 1
+    if isinstance(prompt_ids, Tensor):
+        if prompt_ids.dim() not in (1, 2):
+            raise ValueError(
+                f"prompt_ids must have shape (B, N) or (N,); got {tuple(prompt_ids.shape)}"
+            )
+        prompt_ids = (prompt_ids[None] if single else prompt_ids).to(device)
+    idx = token_ids("prompt_ids", prompt_ids, config, device, shapes="(B, N) or (N,)")
+    return idx.long(), single
 
 
 def check_cache(cache, config: TinyLMConfig, batch_size: int, weight: Tensor) -> None:

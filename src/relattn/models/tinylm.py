@@ -184,16 +184,8 @@ class TinyLM(nn.Module):
         max_new_tokens, temperature, top_k = _inputs.sampling_args(
             max_new_tokens, temperature, top_k, seed
         )
-        single = isinstance(prompt_ids, Tensor) and prompt_ids.dim() == 1
-        if isinstance(prompt_ids, Tensor) and prompt_ids.dim() not in (1, 2):
-            raise ValueError(
-                f"prompt_ids must have shape (B, N) or (N,); got {tuple(prompt_ids.shape)}"
-            )
         device = self.embed.weight.device
-        idx = prompt_ids[None] if single else prompt_ids
-        if isinstance(idx, Tensor):
-            idx = idx.to(device)
-        idx = _inputs.token_ids("prompt_ids", idx, self.config, device).long()
+        idx, single = _inputs.prompt(prompt_ids, self.config, device)
         b, n = idx.shape
         total = n + max_new_tokens
         if total > self.config.max_seq_len:
