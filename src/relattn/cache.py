@@ -17,7 +17,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._validate import check_int, check_optional_int, is_integer_dtype, shape_str, show
 from .masks import within_doc_positions
+
+__all__ = ["CacheView", "KVCache", "LayerCache"]
 
 
 class CacheView(NamedTuple):
@@ -181,22 +184,27 @@ class LayerCache:
     def _check(self, k, v, doc_ids, key_padding_mask) -> None:
         expected = (self.batch_size, self.num_kv_heads, self.head_dim)
         for name, t in (("k", k), ("v", v)):
-            if not isinstance(t, Tensor) or t.dim() != 4:
-                raise ValueError(f"{name} must be a 4-D tensor (B, Hkv, n, D)")
-            if (t.shape[0], t.shape[1], t.shape[3]) != expected:
+            what = "keys" if name == "k" else "values"
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} (the new {what}) must be a torch.Tensor; got {show(t)}")
+            if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != expected:
                 raise ValueError(
-                    f"{name} must have shape (B, Hkv, n, D) with (B, Hkv, D) = {expected} as "
-                    f"the cache was built; got {tuple(t.shape)}"
+                    f"{name} (the new {what}) must have shape (B, Hkv, n, D) with (B, Hkv, D) = "
+                    f"{expected} as the cache was built; got {shape_str(t)}"
                 )
-            if t.dtype != self.dtype or t.device != self.device:
+            if t.dtype != self.dtype:
+                raise TypeError(
+                    f"{name} (the new {what}) must have the cache's dtype {self.dtype}; "
+                    f"got {t.dtype}"
+                )
+            if t.device != self.device:
                 raise ValueError(
-                    f"{name} (the new {'keys' if name == 'k' else 'values'}) must have the "
-                    f"cache's dtype {self.dtype} on {self.device}; "
-                    f"got {t.dtype} on {t.device}"
+                    f"{name} (the new {what}) must be on the cache's device {self.device}; "
+                    f"got {t.device}"
                 )
         if k.shape != v.shape:
             raise ValueError(
-                f"k and v must have the same shape; got {tuple(k.shape)}, {tuple(v.shape)}"
+                f"k and v must have the same shape; got {shape_str(k)}, {shape_str(v)}"
             )
         n = k.shape[2]
         if self.capacity is not None and self.length + n > self.capacity:
@@ -206,19 +214,25 @@ class LayerCache:
                 "capacity"
             )
         for name, t in (("doc_ids", doc_ids), ("key_padding_mask", key_padding_mask)):
-            if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != (k.shape[0], n)):
-                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            if t is None:
+                continue
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor or None; got {show(t)}")
+            if tuple(t.shape) != (k.shape[0], n):
                 raise ValueError(
                     f"{name} with a cache must cover the new tokens only: shape (B, n) = "
-                    f"({k.shape[0]}, {n}); got {got}"
+                    f"({k.shape[0]}, {n}); got {shape_str(t)}"
                 )
+            if t.device != self.device:
+                where = f"the cache's device {self.device}"
+                raise ValueError(f"{name} must be on {where}; got {t.device}")
         if self.length > 0 and self.has_doc_ids != (doc_ids is not None):
             raise ValueError(
                 "doc_ids must be given in every call on a cache or in none; this cache was filled "
                 + ("with" if self.has_doc_ids else "without")
                 + " doc_ids (call reset() to start over)"
             )
-        if doc_ids is not None and (doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool):
+        if doc_ids is not None and not is_integer_dtype(doc_ids.dtype):
             raise TypeError(f"doc_ids must be an integer tensor; got dtype {doc_ids.dtype}")
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
             raise TypeError(
@@ -272,24 +286,35 @@ class KVCache:
             ("num_kv_heads", num_kv_heads),
             ("head_dim", head_dim),
         ):
-            _check_positive(name, value)
-        if window is not None:
-            _check_positive("window", window)
-        if capacity is None:
-            if window is None:
-                raise ValueError("capacity must be a positive int (None only with a window)")
-        else:
-            _check_positive("capacity", capacity)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point torch.dtype; got {dtype!r}")
-        device = torch.device(device if device is not None else "cpu")
+            check_int(name, value, min=1)
+        window = check_optional_int("window", window, min=1)
+        if capacity is None and window is None:
+            raise ValueError("capacity must be an int >= 1 (None only with a window); got None")
+        capacity = check_optional_int("capacity", capacity, min=1)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a floating-point torch.dtype; got {show(dtype)}")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype; got {dtype}")
+        device = _device(device)
         self.capacity = capacity
         self.window = window
         self.dtype = dtype
-        self.layers = [
-            LayerCache(i, batch_size, num_kv_heads, head_dim, capacity, dtype, device, window)
-            for i in range(num_layers)
-        ]
+        slots = capacity if window is None else window - 1
+        slots = slots if capacity is None else min(slots, capacity)
+        try:
+            self.layers = [
+                LayerCache(i, batch_size, num_kv_heads, head_dim, capacity, dtype, device, window)
+                for i in range(num_layers)
+            ]
+        except RuntimeError as e:  # out of memory, or more elements than a tensor can hold
+            gib = 2 * num_layers * batch_size * num_kv_heads * slots * head_dim
+            gib *= dtype.itemsize / 2**30
+            raise ValueError(
+                f"KVCache of capacity={capacity} (num_layers={num_layers}, batch_size="
+                f"{batch_size}, num_kv_heads={num_kv_heads}, head_dim={head_dim}) needs "
+                f"{gib:.3g} GiB for keys and values on {device}, and allocating it failed "
+                f"({str(e).splitlines()[0]}); lower capacity or batch_size, or use a window"
+            ) from None
 
     @property
     def device(self) -> torch.device:
@@ -305,11 +330,7 @@ class KVCache:
 
     def layer(self, index: int) -> LayerCache:
         """The cache of layer ``index`` (pass it as the attention layer's ``cache``)."""
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"index must be an int; got {type(index).__name__}")
-        if not 0 <= index < len(self.layers):
-            raise IndexError(f"index must be in [0, {len(self.layers)}); got {index}")
-        return self.layers[index]
+        return self.layers[check_int("index", index, min=0, max=len(self.layers) - 1)]
 
     @property
     def length(self) -> int:
@@ -331,6 +352,17 @@ class KVCache:
         )
 
 
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
+def _device(device) -> torch.device:
+    """``device`` as a torch.device that can hold tensors here, else a clear error."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"device must be a torch.device, a str or None; got {show(device)}")
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ValueError) as e:  # unknown name, or no such device
+        raise ValueError(
+            f"device must be a device this machine has; got {device!r} ({str(e).splitlines()[0]})"
+        ) from None
+    return device
