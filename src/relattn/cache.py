@@ -299,16 +299,18 @@ class KVCache:
         self.capacity = capacity
         self.window = window
         self.dtype = dtype
-        slots = capacity if window is None else window - 1
-        slots = slots if capacity is None else min(slots, capacity)
+        if window is None:
+            slots = capacity if capacity is not None else 0
+        else:
+            slots = window - 1 if capacity is None else min(window - 1, capacity)
         try:
             self.layers = [
                 LayerCache(i, batch_size, num_kv_heads, head_dim, capacity, dtype, device, window)
                 for i in range(num_layers)
             ]
         except RuntimeError as e:  # out of memory, or more elements than a tensor can hold
-            gib = 2 * num_layers * batch_size * num_kv_heads * slots * head_dim
-            gib *= dtype.itemsize / 2**30
+            elements = 2 * num_layers * batch_size * num_kv_heads * slots * head_dim
+            gib = elements * dtype.itemsize / 2**30
             raise ValueError(
                 f"KVCache of capacity={capacity} (num_layers={num_layers}, batch_size="
                 f"{batch_size}, num_kv_heads={num_kv_heads}, head_dim={head_dim}) needs "
