@@ -112,6 +112,12 @@ def _check_mpt(config) -> None:
         )
 
 
+def _mpt_model_forward(self, *args, **kwargs):
+    # MPT's blocks do not hand output_attentions to the attention layers, so it is refused here.
+    _forwards.check_call(self, kwargs.get("output_attentions"), 0.0)
+    return self._relattn_original.forward(self, *args, **kwargs)
+
+
 def _check_falcon(config) -> None:
     if not config.alibi:
         raise NotImplementedError(
@@ -151,7 +157,12 @@ _FAMILIES: dict[str, _Family] = {
         ("Wqkv", "out_proj", "softmax_scale", "n_heads", "head_dim", "clip_qkv",
          "attn_dropout_p", "layer_idx"),
         _attach_slopes(lambda c: mpt_alibi_slopes(c.n_heads)),
-        models={"MptModel": {"build_mpt_alibi_tensor": lambda self, *a, **kw: None}},
+        models={
+            "MptModel": {
+                "build_mpt_alibi_tensor": lambda self, *a, **kw: None,
+                "forward": _mpt_model_forward,
+            }
+        },
         check=_check_mpt,
         needs_mask_tensor=True,
     ),
@@ -203,7 +214,8 @@ def apply(model: nn.Module, *, ignore_attention_dropout: bool = False) -> nn.Mod
         raise TypeError(f"model must be a transformers PreTrainedModel; got {type(model).__name__}")
     if not isinstance(ignore_attention_dropout, bool):
         raise TypeError(
-            f"ignore_attention_dropout must be a bool; got {type(ignore_attention_dropout).__name__}"
+            "ignore_attention_dropout must be a bool; "
+            f"got {type(ignore_attention_dropout).__name__}"
         )
     model_type = getattr(model.config, "model_type", None)
     family = _FAMILIES.get(model_type)
@@ -217,6 +229,11 @@ def apply(model: nn.Module, *, ignore_attention_dropout: bool = False) -> nn.Mod
     _check_signature(attention_cls, family.forward, tf.__version__)
     if family.check is not None:
         family.check(model.config)
+    if getattr(model.config, "output_attentions", False):
+        raise NotImplementedError(
+            "model.config.output_attentions=True needs the attention weights, which relattn "
+            "never materializes; set it to False before apply()"
+        )
     layers = [m for m in model.modules() if isinstance(m, attention_cls)]
     if not layers:
         raise ValueError(f"model has no {family.attention} layer to run through relattn")
@@ -264,15 +281,20 @@ def _transformers():
             "relattn.integrations.transformers needs the transformers package: "
             "pip install 'relattn[hf]'"
         ) from e
+    check_version(transformers.__version__)
+    return transformers
+
+
+def check_version(version: str) -> None:
+    """Raise NotImplementedError unless ``version`` is in :data:`TESTED_RANGE`."""
     from packaging.version import Version
 
     low, high = TESTED_RANGE
-    if not Version(low) <= Version(transformers.__version__) < Version(high):
+    if not Version(low) <= Version(version) < Version(high):
         raise NotImplementedError(
             f"relattn's transformers integration supports {_range_text()}; installed "
-            f"transformers is {transformers.__version__}"
+            f"transformers is {version}"
         )
-    return transformers
 
 
 def _range_text() -> str:
@@ -343,11 +365,12 @@ def _relattn_mask(
     """
     from transformers import masking_utils as mu
 
-    family = _FAMILIES.get(getattr(config, "model_type", None))
+    model_type = getattr(config, "model_type", None)
+    family = _FAMILIES.get(model_type)
     if family is None:
         raise NotImplementedError(
             f"attn_implementation={NAME!r} is set by relattn.integrations.transformers.apply() "
-            f"for model_type in {SUPPORTED_MODEL_TYPES}; got {getattr(config, 'model_type', None)!r}"
+            f"for model_type in {SUPPORTED_MODEL_TYPES}; got {model_type!r}"
         )
     if mask_function not in (mu.causal_mask_function, mu.bidirectional_mask_function):
         raise NotImplementedError(

@@ -41,14 +41,14 @@ def _past_length(cache, layer_idx: int | None) -> int:
     return int(cache.get_seq_length(layer_idx))
 
 
-def _check_call(module, output_attentions: bool | None, dropout: float) -> None:
+def check_call(module, output_attentions: bool | None, dropout: float) -> None:
     where = type(module).__name__
     if output_attentions:
         raise NotImplementedError(
             f"{where}: output_attentions=True needs the attention weights, which relattn never "
             "materializes; call the model without it, or use a copy without apply() (eager)"
         )
-    if module.training and dropout > 0 and not module._relattn_ignore_dropout:
+    if module.training and dropout > 0 and not module.__dict__.get("_relattn_ignore_dropout"):
         raise NotImplementedError(
             f"{where}: attention-probability dropout p={dropout} is active in training mode, and "
             "relattn has no dropout on the attention weights; set that dropout to 0 in the "
@@ -122,7 +122,7 @@ def t5_forward(
     """T5 / mT5 attention: returns ``(output, None, None)``; the stack passes the None along as
     ``position_bias``, so no layer ever builds one (every self-attention layer reads the table
     of the stack's layer 0 through ``_relattn_pe``)."""
-    _check_call(self, kwargs.get("output_attentions"), self.dropout)
+    check_call(self, kwargs.get("output_attentions"), self.dropout)
     is_cross = key_value_states is not None
     q, k, v, past = _t5_states(self, hidden_states, key_value_states, cache, kwargs)
     return _t5_attend(self, q, k, v, mask, past, is_cross), None, None
@@ -132,7 +132,7 @@ def umt5_forward(
     self, hidden_states, encoder_hidden_states=None, cache=None, attention_mask=None, **kwargs
 ):
     """UMT5 attention (a bias per layer): returns ``(output, None)``."""
-    _check_call(self, kwargs.get("output_attentions"), self.dropout)
+    check_call(self, kwargs.get("output_attentions"), self.dropout)
     is_cross = encoder_hidden_states is not None
     q, k, v, past = _t5_states(self, hidden_states, encoder_hidden_states, cache, kwargs)
     return _t5_attend(self, q, k, v, attention_mask, past, is_cross), None
@@ -161,7 +161,7 @@ def bloom_forward(
 ):
     """BLOOM attention: the fused qkv is laid out ``(H, 3, D)`` per token (BLOOM's
     ``_reshape``); scores ``q·k/√D + ALiBi``. Returns ``(output, None)``."""
-    _check_call(self, output_attentions, self.attention_dropout.p)
+    check_call(self, output_attentions, self.attention_dropout.p)
     q, k, v = self._reshape(self.query_key_value(hidden_states))
     past = _past_length(layer_past, self.layer_idx)
     if layer_past is not None:
@@ -182,7 +182,7 @@ def bloom_forward(
 
 def mpt_forward(self, hidden_states, position_bias=None, cache=None, attention_mask=None, **kwargs):
     """MPT attention: scores ``softmax_scale·q·k + ALiBi``. Returns ``(output, None)``."""
-    _check_call(self, kwargs.get("output_attentions"), self.attn_dropout_p)
+    check_call(self, kwargs.get("output_attentions"), self.attn_dropout_p)
     b, n = hidden_states.shape[:2]
     qkv = self.Wqkv(hidden_states)
     if self.clip_qkv:
@@ -211,7 +211,7 @@ def falcon_forward(
 ):
     """Falcon attention with ALiBi: scores ``(q·k + ALiBi)/√D``, i.e. relattn's
     ``scale = 1/√D`` with slopes divided by √D. Returns ``(output, None)``."""
-    _check_call(self, output_attentions, self.attention_dropout.p)
+    check_call(self, output_attentions, self.attention_dropout.p)
     q, k, v = self._split_heads(self.query_key_value(hidden_states))
     b, n = q.shape[:2]
     hkv = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
