@@ -74,9 +74,23 @@ def available_mib() -> float:
     return float("inf")
 
 
+def predict_peak(history: list[tuple[int, float]], n: int) -> float | None:
+    """Peak MiB at ``n`` from earlier runs: ``a·N + c·N²`` through the last two points (c >= 0),
+    or ``∝ N²`` from a single one; None without any."""
+    if not history:
+        return None
+    if len(history) == 1:
+        n0, p0 = history[0]
+        return p0 * (n / n0) ** 2
+    (n1, p1), (n2, p2) = history[-2:]
+    c = max(0.0, (p2 / n2 - p1 / n1) / (n2 - n1))
+    a = p2 / n2 - c * n2
+    return a * n + c * n * n
+
+
 def measure(name: str, models: dict, ns: list[int], repeats: int, share: float, say) -> list[dict]:
     seq2seq = name == "t5"
-    last: dict[str, tuple[int, float]] = {}  # contender -> (N, peak MiB) of its last run
+    history: dict[str, list[tuple[int, float]]] = {c: [] for c in models}  # (N, peak MiB)
     for model in models.values():
         model.train()
         step(model, 64, seq2seq)  # lazy initialization outside the measurements
@@ -87,9 +101,8 @@ def measure(name: str, models: dict, ns: list[int], repeats: int, share: float, 
         for contender in models:
             # Quadratic paths grow as N²: a run predicted past `share` of the memory the machine
             # has free is skipped, not attempted (the kernel's OOM killer would end it).
-            if contender in last:
-                prev_n, prev_peak = last[contender]
-                predicted = prev_peak * (n / prev_n) ** 2
+            predicted = predict_peak(history[contender], n)
+            if predicted is not None:
                 if predicted > share * available_mib():
                     times[contender] = (
                         f"skipped: predicted {predicted / 1024:.1f} GiB > {share:.0%} of the "
@@ -109,7 +122,7 @@ def measure(name: str, models: dict, ns: list[int], repeats: int, share: float, 
                 peak = peak_memory(run) / 2**20
                 times[contender].append(elapsed[0])
                 peaks[contender].append(peak)
-                last[contender] = (n, peak)
+                history[contender].append((n, peak))
                 say(f"{name} N={n} {contender}: {elapsed[0]:.2f} s, peak {peak:.0f} MiB")
         base = {c: statistics.median(t) for c, t in times.items() if isinstance(t, list) and t}
         for contender in models:
@@ -150,8 +163,12 @@ def main(argv: list[str] | None = None) -> int:
         "--memory-share", type=float, default=0.6,
         help="skip a run whose predicted peak passes this share of the available memory",
     )  # fmt: skip
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", help="write the Markdown report here")
     args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     def say(s: str) -> None:
         print(s, file=sys.stderr, flush=True)

@@ -199,6 +199,18 @@ def test_generation_matches_with_cache(pair, monkeypatch):
     assert (1, 19 if family in SEQ2SEQ else 40 + 18) in offsets
 
 
+@pytest.mark.parametrize("family", ["t5", "bloom"])
+def test_generation_with_a_static_cache(family):
+    """A static cache holds max-length keys, most of them empty: q_offset comes from the tokens
+    it has seen, not from its size."""
+    model = build(family)
+    applied = apply(copy.deepcopy(model))
+    batch = inputs(family)
+    src = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, cache_implementation="static")
+    assert torch.equal(applied.generate(**src, **gen), model.generate(**src, **gen))
+
+
 def test_no_position_bias_or_mask_is_built(pair, monkeypatch):
     family, _, applied = pair
 

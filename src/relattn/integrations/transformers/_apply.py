@@ -384,7 +384,7 @@ def _relattn_mask(
         return None
     padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
     padding = padding[:, kv_offset : kv_offset + kv_length].to(torch.bool)
-    if family.positions_from_mask and not torch.compiler.is_compiling():
+    if family.positions_from_mask:  # data-dependent: a graph break under torch.compile
         _check_contiguous(padding, config.model_type)
     return padding
 
