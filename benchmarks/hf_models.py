@@ -183,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += measure(name, models, args.ns, args.repeats, args.memory_share, say)
         del models
     info = machine_info()
+    bloom = f"BLOOM: {args.bloom_layers} layers, vocabulary {args.bloom_vocab}; "
     text = (
-        f"transformers {transformers.__version__}; BLOOM: {args.bloom_layers} layers, vocabulary "
-        f"{args.bloom_vocab}; {args.repeats} round(s)\n\n{format_machine(info)}\n\n"
+        f"transformers {transformers.__version__}; {bloom if 'bloom' in args.models else ''}"
+        f"{args.repeats} round(s)\n\n{format_machine(info)}\n\n"
         f"{markdown_table(rows, COLUMNS)}\n"
     )
     print(text)
