@@ -42,6 +42,7 @@ def _past_length(cache, layer_idx: int | None) -> int:
 
 
 def check_call(module, output_attentions: bool | None, dropout: float) -> None:
+    """Refuse what relattn cannot compute: attention weights, or dropout on them in training."""
     where = type(module).__name__
     if output_attentions:
         raise NotImplementedError(
