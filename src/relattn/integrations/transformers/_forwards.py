@@ -57,13 +57,6 @@ def check_call(module, output_attentions: bool | None, dropout: float) -> None:
         )
 
 
-def _contiguous(*ts: Tensor) -> tuple[Tensor, ...]:
-    # relattn's custom op describes its output with q's strides under torch.compile while the
-    # backends return contiguous tensors; heads-first views of (B, N, H·D) projections are not
-    # contiguous, so they are copied (O(N·D)) before the call.
-    return tuple(t.contiguous() for t in ts)
-
-
 def _merge(out: Tensor) -> Tensor:
     """``(B, H, N, D)`` -> ``(B, N, H·D)``."""
     b, h, n, d = out.shape
@@ -106,7 +99,6 @@ def _t5_states(self, hidden_states, key_value_states, cache, kwargs):
 def _t5_attend(self, q, k, v, mask, past, is_cross):
     where = type(self).__name__
     kpm = key_padding(mask, q.shape[0], k.shape[2], where)
-    q, k, v = _contiguous(q, k, v)
     if is_cross:  # no position term across the two sequences
         out = attention(q, k, v, None, causal=False, scale=self.scaling, key_padding_mask=kpm)
     else:
@@ -144,7 +136,6 @@ def umt5_forward(
 
 def _alibi_attend(self, q, k, v, attention_mask, past, scale):
     kpm = key_padding(attention_mask, q.shape[0], k.shape[2], type(self).__name__)
-    q, k, v = _contiguous(q, k, v)
     pe = self._relattn_pe
     return attention(q, k, v, pe, causal=True, scale=scale, q_offset=past, key_padding_mask=kpm)
 
