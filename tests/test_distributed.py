@@ -322,6 +322,52 @@ def test_without_torch_distributed_is_the_plain_op():
     assert torch.equal(shard(q, dim=2), q) and torch.equal(unshard(q, dim=2), q)
 
 
+# ----------------------------------------------------------------------------- the stand-in
+
+
+@pytest.mark.parametrize(
+    "causal, window, q_offset, nq, nk, docs, padding, table",
+    [
+        (True, 0, 0, 45, 45, False, False, "t5"),
+        (False, 0, 0, 40, 40, True, True, "t5"),
+        (True, 6, 0, 33, 33, True, False, "slopes"),
+        (False, 7, -13, 20, 29, False, True, "t5"),
+        (True, 0, 31, 20, 29, False, False, "none"),
+        (False, 0, 50, 24, 24, False, False, "t5"),
+        (False, 5, 0, 48, 48, True, False, "t5"),  # 20, 24, then 20 keys per block of 16 rows
+    ],
+)
+def test_ring_block_backward_stand_in(monkeypatch, causal, window, q_offset, nq, nk, docs,
+                                      padding, table):  # fmt: skip
+    """The ring's backward for backends that do not take the row term from ``out``: on one
+    whole call (where out and lse are the call's own) it equals the chunked backward, in
+    row blocks of 16 (keys of different widths reuse one zero-padded buffer)."""
+    from relattn.distributed import _block
+
+    monkeypatch.setattr(_block, "_SCORES_PER_BLOCK", 1)
+    g = torch.Generator().manual_seed(seed_of(causal, window, q_offset, nq))
+    b, hq, hkv, d = 2, 4, 2, 8
+    q = torch.randn(b, hq, nq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, hkv, nk, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, hkv, nk, d, generator=g, dtype=torch.float64)
+    lo, hi = relattn.masks.offset_range(nq, nk, causal, q_offset, window)
+    tab = torch.randn(hq, hi - lo + 1, generator=g, dtype=torch.float64)
+    slopes = torch.rand(hq, generator=g, dtype=torch.float64)
+    tab, slopes = (tab, None) if table == "t5" else (None, slopes if table == "slopes" else None)
+    doc_ids = _doc_ids(b, nk, g) if docs else None
+    kpm = _padding(b, nk, g) if padding else None
+    args = (tab, slopes, doc_ids, kpm, lo, 0.3, causal, q_offset, window)
+    out, lse = _block._block_forward(q, k, v, *args, "chunked")
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    want = _block._block_backward(grad_out, q, k, v, out, lse, *args, "chunked", partial=False)
+    got = _block._backward_from_out(grad_out, q, k, v, out, lse, *args)
+    for name, w, x in zip(("dq", "dk", "dv", "dtable"), want, got, strict=True):
+        if w is None:
+            assert x is None
+            continue
+        assert (w - x).abs().max().item() < 1e-12, name
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -99,16 +99,31 @@ def _key_range(p0: int, p1: int, nk: int, causal: bool, window: int) -> tuple[in
     return c0, min(max(c1, 0), nk)
 
 
-def _diagonal_sums(x: Tensor) -> Tensor:
-    """``out[h, t] = Σ_{c - r = t - (m - 1)} x[h, r, c]`` for ``x (H, m, L)``: ``(H, m + L - 1)``.
+def _offsets_vector(table, slopes, hq, d0, width, lo, causal, window, dtype, device) -> Tensor:
+    """``e[h, t] = PE_h(Δ = d0 - t)`` for ``t < width``, ``-inf`` where the offset is hidden:
+    the bias of reversed row i against key c is ``e[h, i + c]`` (a Toeplitz view)."""
+    delta = d0 - torch.arange(width, device=device)
+    hidden = torch.zeros_like(delta, dtype=torch.bool)
+    if causal:
+        hidden |= delta < 0
+    if window > 0:
+        hidden |= delta >= window
+        if not causal:
+            hidden |= delta <= -window
+    if table is not None:
+        col = delta - lo
+        hidden |= (col < 0) | (col >= table.shape[1])
+        e = table.to(dtype)[:, col.clamp(0, table.shape[1] - 1)]
+    elif slopes is not None:
+        e = -slopes.to(dtype)[:, None] * delta.abs().to(dtype)
+    else:
+        e = torch.zeros(hq, width, dtype=dtype, device=device)
+    return e.masked_fill(hidden, float("-inf")).contiguous()
 
-    Rows reversed and padded with m zeros turn each diagonal into one column of a strided view.
-    """
-    h, m, keys = x.shape
-    width = keys + m
-    z = x.new_zeros(h, m, width)
-    z[:, :, :keys] = x.flip(1)
-    return z.as_strided((h, m, width - 1), (m * width, width - 1, 1)).sum(dim=1)
+
+def _rev(x: Tensor) -> Tensor:
+    """Rows reversed: ``(H, m)`` or ``(H, m, D)``."""
+    return x.flip(1)
 
 
 def _backward_from_out(
@@ -118,7 +133,13 @@ def _backward_from_out(
     """The fused backward with ``D = rowsum(grad_out ∘ out)``, in blocks of query rows (no N×N
     tensor), skipping keys the offsets hide. ``P`` is a fresh softmax over the call's keys (each
     row block sees all of them), equal to ``exp(s - lse)`` but exactly normalized whatever the
-    float32 rounding of lse."""
+    float32 rounding of lse.
+
+    A block's rows are taken in reverse order, so reversed row i against key c has offset
+    ``d0 - (i + c)``: the bias is a strided view of one vector, and dS, written into a buffer
+    whose rows are padded with zeros, gives the table's gradient as one strided sum over its
+    anti-diagonals.
+    """
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -128,57 +149,59 @@ def _backward_from_out(
     dk = torch.zeros(bsz, hkv, nk, d, dtype=compute, device=dev)
     dv = torch.zeros(bsz, hkv, nk, d, dtype=compute, device=dev)
     dtable = torch.zeros(table.shape, dtype=compute, device=dev) if table is not None else None
-    go = grad_out.to(compute)
-    row_term = (go * out.to(compute)).sum(-1)  # (B, Hq, Nq)
-    empty = (lse == float("-inf"))[..., None]  # rows that see no key: P = 0, not NaN
+    row_term = (grad_out.to(compute) * out.to(compute)).sum(-1)  # (B, Hq, Nq)
+    empty = lse == float("-inf")  # rows that see no key: P = 0, not NaN
     rows = max(16, _SCORES_PER_BLOCK // max(1, hq * nk))
+    blocks = []
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
-        m = r1 - r0
         c0, c1 = _key_range(q_offset + r0, q_offset + r1 - 1, nk, causal, window)
-        if c1 <= c0:
-            continue
-        keys = c1 - c0
-        delta = (q_offset + torch.arange(r0, r1, device=dev))[:, None] - torch.arange(
-            c0, c1, device=dev
-        )
-        hidden = torch.zeros_like(delta, dtype=torch.bool)
-        if causal:
-            hidden |= delta < 0
-        if window > 0:
-            hidden |= delta >= window
-            if not causal:
-                hidden |= delta <= -window
-        bias = None
-        if table is not None:
-            bias = table.to(compute)[:, (delta - lo).clamp(0, table.shape[1] - 1)]
-        elif slopes is not None:
-            bias = -slopes.to(compute)[:, None, None] * delta.abs().to(compute)
+        if c1 > c0:
+            blocks.append((r0, r1, c0, c1))
+    widest = max((c1 - c0 for *_, c0, c1 in blocks), default=0)
+    pad, work = None, None
+    for r0, r1, c0, c1 in blocks:
+        m, keys = r1 - r0, c1 - c0
+        width = widest + m  # ≥ keys + m: each row ends in at least m zeros
+        if pad is None or pad.shape[1] != group * m:
+            pad = torch.zeros(hkv, group * m, width, dtype=compute, device=dev)
+            work = torch.empty(hkv * group * m * widest, dtype=compute, device=dev)
+        else:
+            pad[:, :, keys : keys + m].zero_()  # what a wider block left in this row's padding
+        d0 = q_offset + r1 - 1 - c0
+        e = _offsets_vector(table, slopes, hq, d0, m + keys - 1, lo, causal, window, compute, dev)
+        bias = e.as_strided((hq, m, keys), (e.stride(0), 1, 1)).view(hkv, group, m, keys)
         for b in range(bsz):
-            hide = hidden
+            hide = None
             if doc_ids is not None:
-                q_doc = doc_ids[b, q_offset + r0 : q_offset + r1]
-                hide = hide | (q_doc[:, None] != doc_ids[b, None, c0:c1])
+                q_doc = doc_ids[b, q_offset + r0 : q_offset + r1].flip(0)
+                hide = q_doc[:, None] != doc_ids[b, None, c0:c1]
             if key_padding_mask is not None:
-                hide = hide | ~key_padding_mask[b, None, c0:c1]
-            qb = q[b, :, r0:r1].to(compute).reshape(hkv, group * m, d)
+                pad_keys = ~key_padding_mask[b, None, c0:c1]
+                hide = pad_keys if hide is None else hide | pad_keys
+            qb = _rev(q[b, :, r0:r1].to(compute)).reshape(hkv, group * m, d)
             kb, vb = k[b, :, c0:c1].to(compute), v[b, :, c0:c1].to(compute)
-            s = torch.bmm(qb, kb.transpose(1, 2)).mul_(scale).view(hq, m, keys)
-            if bias is not None:
-                s += bias
-            s.masked_fill_(hide, float("-inf"))
-            p = torch.softmax(s, dim=-1).masked_fill_(empty[b, :, r0:r1], 0.0)
-            p = p.view(hkv, group * m, keys)
-            gob = go[b, :, r0:r1].reshape(hkv, group * m, d)
-            ds = torch.bmm(gob, vb.transpose(1, 2))  # dP
-            ds.sub_(row_term[b, :, r0:r1].reshape(hkv, group * m, 1)).mul_(p)
+            s = work[: hkv * group * m * keys].view(hkv, group, m, keys)
+            s.copy_(bias)
+            s = s.view(hkv, group * m, keys).baddbmm_(qb, kb.transpose(1, 2), alpha=scale)
+            if hide is not None:
+                s.view(hkv, group, m, keys).masked_fill_(hide, float("-inf"))
+            p = torch.softmax(s, dim=-1) if s.device.type != "cpu" else s
+            if s.device.type == "cpu":
+                torch.ops.aten._softmax.out(s, -1, False, out=s)  # row-wise: safe in place
+            p.masked_fill_(_rev(empty[b, :, r0:r1]).reshape(hkv, group * m, 1), 0.0)
+            gob = _rev(grad_out[b, :, r0:r1].to(compute)).reshape(hkv, group * m, d)
+            ds = pad[:, :, :keys]
+            torch.bmm(gob, vb.transpose(1, 2), out=ds)  # dP
+            ds.sub_(_rev(row_term[b, :, r0:r1]).reshape(hkv, group * m, 1)).mul_(p)
             dv[b, :, c0:c1] += torch.bmm(p.transpose(1, 2), gob)
             dk[b, :, c0:c1] += torch.bmm(ds.transpose(1, 2), qb).mul_(scale)
-            dq[b, :, r0:r1] = torch.bmm(ds, kb).mul_(scale).view(hq, m, d)
+            dq[b, :, r0:r1] = _rev(torch.bmm(ds, kb).mul_(scale).view(hq, m, d))
             if dtable is not None:
-                # diagonal t of (rows, keys) holds Δ = q_offset + r0 - c0 + m - 1 - t
-                sums = _diagonal_sums(ds.view(hq, m, keys)).flip(-1)
-                first = q_offset + r0 - c1 + 1 - lo  # table column of the smallest Δ
+                # anti-diagonal t = i + c has Δ = d0 - t: table column d0 - lo - t
+                sums = pad.as_strided((hq, m, width - 1), (m * width, width - 1, 1)).sum(dim=1)
+                sums = sums[:, : m + keys - 1].flip(-1)  # column d0 - lo - (m + keys - 2) + u
+                first = d0 - lo - (m + keys - 2)
                 a, z = max(first, 0), min(first + sums.shape[1], dtable.shape[1])
                 if a < z:
                     dtable[:, a:z] += sums[:, a - first : z - first]
