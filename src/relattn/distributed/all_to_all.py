@@ -10,6 +10,7 @@ table's gradient is nonzero only in this rank's rows.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._block import _block_backward, _block_forward
+from .layout import chunks
 from .ring import STATS
 
 
@@ -25,10 +27,8 @@ class Plan:
     group: object
     rank: int
     world: int
-    # Index maps along N (None for the contiguous layout, already in order): global position g
-    # sits at rank-major index to_global[g]; rank-major index i holds position to_rank_major[i].
-    to_global: Tensor | None
-    to_rank_major: Tensor | None
+    layout: str
+    n_local: int
     lo: int
     scale: float
     causal: bool
@@ -40,37 +40,52 @@ class Plan:
 
 def _all_to_all(plan: Plan, x: Tensor) -> Tensor:
     """Exchange slices ``x[w]`` (to rank w) for the slices every rank has for this one."""
-    x = x.contiguous()
     out = torch.empty_like(x)
     STATS["bytes_sent"] += x.numel() * x.element_size() * (plan.world - 1) // plan.world
     dist.all_to_all_single(out, x, group=plan.group)
     return out
 
 
-def seq_to_heads(plan: Plan, x: Tensor) -> Tensor:
-    """``(B, W, h, n, D)`` (slice w: the heads of rank w) -> ``(B, h, N, D)`` in position order."""
-    got = _all_to_all(plan, x.transpose(0, 1))  # (W, B, h, n, D): got[w] = rank w's tokens
-    w, b, h, n, d = got.shape
-    full = got.permute(1, 2, 0, 3, 4).reshape(b, h, w * n, d)
-    if plan.to_global is not None:
-        full = full.index_select(2, plan.to_global)
-    return full
+def _spans(plan: Plan):
+    """``(rank, offset in its shard, global position, length)`` of every chunk."""
+    for w in range(plan.world):
+        offset = 0
+        for start, c in chunks(w, plan.world, plan.n_local, plan.layout):
+            yield w, offset, start, c
+            offset += c
 
 
-def heads_to_seq(plan: Plan, y: Tensor) -> Tensor:
-    """``(B, h, N, D)`` in position order -> ``(B, W, h, n, D)`` (slice w: the heads of rank w)."""
-    if plan.to_rank_major is not None:
-        y = y.index_select(2, plan.to_rank_major)
-    b, h, big_n, d = y.shape
+def seq_to_heads(plan: Plan, parts: list[Tensor]) -> list[Tensor]:
+    """This rank's shards ``(B, H_i, n, D)`` of several tensors -> all N tokens, in position
+    order, of this rank's heads of each: ``(B, H_i/W, N, D)``. One all-to-all for all of them."""
+    b, n, d = parts[0].shape[0], parts[0].shape[2], parts[0].shape[3]
     w = plan.world
-    send = y.view(b, h, w, big_n // w, d).permute(2, 0, 1, 3, 4)  # (W, B, h, n, D)
-    return _all_to_all(plan, send).transpose(0, 1)
+    heads = [x.shape[1] // w for x in parts]
+    send = parts[0].new_empty(w, b, sum(heads), n, d)
+    h0 = 0
+    for x, h in zip(parts, heads, strict=True):
+        send[:, :, h0 : h0 + h] = x.reshape(b, w, h, n, d).transpose(0, 1)
+        h0 += h
+    got = _all_to_all(plan, send)  # got[w]: rank w's tokens of this rank's heads
+    full = got.new_empty(b, sum(heads), w * n, d)
+    for r, offset, start, c in _spans(plan):
+        full[:, :, start : start + c] = got[r, :, :, offset : offset + c]
+    return list(full.split(heads, dim=1))
 
 
-def _by_rank(x: Tensor, w: int) -> Tensor:
-    """``(B, H, n, D)`` -> ``(B, W, H/W, n, D)``."""
-    b, h, n, d = x.shape
-    return x.view(b, w, h // w, n, d)
+def heads_to_seq(plan: Plan, parts: list[Tensor]) -> list[Tensor]:
+    """The inverse of :func:`seq_to_heads`: ``(B, h_i, N, D)`` -> ``(B, W·h_i, n, D)``."""
+    b, d = parts[0].shape[0], parts[0].shape[3]
+    w, n = plan.world, plan.n_local
+    heads = [x.shape[1] for x in parts]
+    send = parts[0].new_empty(w, b, sum(heads), n, d)
+    h0 = 0
+    for x, h in zip(parts, heads, strict=True):
+        for r, offset, start, c in _spans(plan):
+            send[r, :, h0 : h0 + h, offset : offset + c] = x[:, :, start : start + c]
+        h0 += h
+    got = _all_to_all(plan, send)  # got[w]: this rank's tokens of rank w's heads
+    return [x.transpose(0, 1).reshape(b, w * x.shape[2], n, d) for x in got.split(heads, dim=2)]
 
 
 class AllToAllAttention(torch.autograd.Function):
@@ -78,37 +93,34 @@ class AllToAllAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, table, slopes, plan: Plan):
-        w = plan.world
-        hq, hkv = q.shape[1] // w, k.shape[1] // w
-        packed = torch.cat([_by_rank(q, w), _by_rank(k, w), _by_rank(v, w)], dim=2)
-        qh, kh, vh = seq_to_heads(plan, packed).split([hq, hkv, hkv], dim=1)
+        hq = q.shape[1] // plan.world
+        qh, kh, vh = seq_to_heads(plan, [q, k, v])
         heads = slice(plan.rank * hq, (plan.rank + 1) * hq)
         table_h = table[heads] if table is not None else None
         slopes_h = slopes[heads] if slopes is not None else None
+        t0 = time.perf_counter()
         out_h, lse_h = _block_forward(
             qh, kh, vh, table_h, slopes_h, plan.doc_ids, plan.key_padding_mask,
             plan.lo, plan.scale, plan.causal, 0, plan.window, plan.backend,
         )  # fmt: skip
+        STATS["compute_s"] += time.perf_counter() - t0
         ctx.plan, ctx.heads = plan, heads
         ctx.save_for_backward(qh, kh, vh, out_h, lse_h, table_h, slopes_h, table)
-        b, _, n, d = q.shape
-        return heads_to_seq(plan, out_h).reshape(b, w * hq, n, d)
+        return heads_to_seq(plan, [out_h])[0]
 
     @staticmethod
     def backward(ctx, grad_out):
         qh, kh, vh, out_h, lse_h, table_h, slopes_h, table = ctx.saved_tensors
         plan: Plan = ctx.plan
-        w = plan.world
-        dout_h = seq_to_heads(plan, _by_rank(grad_out.contiguous(), w))
+        (dout_h,) = seq_to_heads(plan, [grad_out])
+        t0 = time.perf_counter()
         dqh, dkh, dvh, dt = _block_backward(
             dout_h, qh, kh, vh, out_h, lse_h, table_h, slopes_h, plan.doc_ids,
             plan.key_padding_mask, plan.lo, plan.scale, plan.causal, 0, plan.window,
             plan.backend, partial=False,
         )  # fmt: skip
-        hq, hkv = qh.shape[1], kh.shape[1]
-        back = heads_to_seq(plan, torch.cat([dqh, dkh, dvh], dim=1))  # (B, W, hq+2hkv, n, D)
-        b, _, _, n, d = back.shape
-        dq, dk, dv = (x.reshape(b, w * x.shape[2], n, d) for x in back.split([hq, hkv, hkv], dim=2))
+        STATS["compute_s"] += time.perf_counter() - t0
+        dq, dk, dv = heads_to_seq(plan, [dqh, dkh, dvh])
         dtable = None
         if table is not None and ctx.needs_input_grad[3]:
             dtable = torch.zeros_like(table)

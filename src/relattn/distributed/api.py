@@ -17,7 +17,7 @@ from ..pe import ALiBi, PositionEncoding, RoPE
 from . import all_to_all, ring
 from ._agree import agree, comm_device, float_fact, text_fact
 from ._block import resolve_backend
-from .layout import check_layout, gather, positions_of, shard, shard_positions, unshard, world
+from .layout import check_layout, gather, shard, shard_positions, unshard, world
 
 __all__ = ["STRATEGIES", "ContextParallel", "context_parallel_attention"]
 
@@ -110,14 +110,7 @@ def context_parallel_attention(
         plan = ring.Plan(group, rank, size, n, chunk, steps, lo, scale, causal, window, name)
         ring.plan_calls(plan, layout, docs, kpm)
         return ring.RingAttention.apply(q, k, v, table, slopes, plan)
-    to_global = to_rank_major = None
-    if layout == "zigzag":
-        order = torch.cat([positions_of(r, size, n, layout) for r in range(size)])
-        to_rank_major = order.to(q.device)
-        to_global = torch.argsort(order).to(q.device)
-    plan = all_to_all.Plan(
-        group, rank, size, to_global, to_rank_major, lo, scale, causal, window, name, docs, kpm
-    )
+    plan = all_to_all.Plan(group, rank, size, layout, n, lo, scale, causal, window, name, docs, kpm)
     return all_to_all.AllToAllAttention.apply(q, k, v, table, slopes, plan)
 
 

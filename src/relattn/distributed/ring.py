@@ -166,22 +166,48 @@ def _padding(key_padding_mask: Tensor | None, batch: slice, p0: int, p1: int) ->
 # ----------------------------------------------------------------------------- communication
 
 
-def _exchange(plan: Plan, send: Tensor, recv: Tensor, to: int, frm: int, tag: int) -> list:
-    """Start sending ``send`` to group rank ``to`` and receiving ``recv`` from ``frm``."""
+def _exchange(plan: Plan, send, recv, to: int, frm: int, tag: int) -> list:
+    """Start sending the tensors ``send`` to group rank ``to`` and receiving ``recv`` (same
+    shapes) from ``frm``."""
     g = plan.group
     to_g = dist.get_global_rank(g, to) if g is not None else to
     frm_g = dist.get_global_rank(g, frm) if g is not None else frm
-    STATS["bytes_sent"] += send.numel() * send.element_size()
-    ops = [
-        dist.P2POp(dist.isend, send, to_g, group=g, tag=tag),
-        dist.P2POp(dist.irecv, recv, frm_g, group=g, tag=tag),
-    ]
+    ops = []
+    for i, (x, y) in enumerate(zip(send, recv, strict=True)):
+        STATS["bytes_sent"] += x.numel() * x.element_size()
+        ops.append(dist.P2POp(dist.isend, x, to_g, group=g, tag=2 * tag + i))
+        ops.append(dist.P2POp(dist.irecv, y, frm_g, group=g, tag=2 * tag + i))
     return dist.batch_isend_irecv(ops)
 
 
 def _wait(works: list) -> None:
     for w in works:
         w.wait()
+
+
+class _Visiting:
+    """The keys and values a rank attends to at each ring step: its own at step 0 (sent on
+    as they are, copied only if not contiguous), then blocks received into at most two
+    rotating buffers."""
+
+    def __init__(self, plan: Plan, k: Tensor, v: Tensor) -> None:
+        self.plan, self.own = plan, (k.contiguous(), v.contiguous())
+        self.kv, self.spare, self.incoming, self.works = self.own, [], None, []
+
+    def send_on(self) -> None:
+        """Start passing the current block to the next rank and receiving the next one."""
+        k, v = self.kv
+        self.incoming = (
+            self.spare.pop() if self.spare else (torch.empty_like(k), torch.empty_like(v))
+        )
+        nxt, prv = (self.plan.rank + 1) % self.plan.world, (self.plan.rank - 1) % self.plan.world
+        self.works = _exchange(self.plan, self.kv, self.incoming, nxt, prv, 0)
+
+    def advance(self) -> None:
+        _wait(self.works)
+        if self.kv is not self.own:
+            self.spare.append(self.kv)
+        self.kv, self.incoming, self.works = self.incoming, None, []
 
 
 # ----------------------------------------------------------------------------- the function
@@ -209,17 +235,16 @@ class RingAttention(torch.autograd.Function):
         bsz, hq, n, d = q.shape
         c = plan.chunk
         compute = torch.promote_types(q.dtype, torch.float32)
-        nxt, prv = (plan.rank + 1) % plan.world, (plan.rank - 1) % plan.world
         out = torch.zeros(bsz, hq, n, d, dtype=compute, device=q.device)
         lse = torch.full((bsz, hq, n), _NEG_INF, dtype=torch.float32, device=q.device)
-        kv = torch.stack([k, v])
-        buf = torch.empty_like(kv) if plan.steps > 1 else None
+        visiting = _Visiting(plan, k, v)
         block_lse = []
         for s in range(plan.steps):
-            works = _exchange(plan, kv, buf, nxt, prv, 0) if s + 1 < plan.steps else []
+            if s + 1 < plan.steps:
+                visiting.send_on()
             t0 = time.perf_counter()
             for call in plan.calls[s]:
-                kc, vc = (_chunk(kv[i], call.kj, c)[call.batch, :, call.cols] for i in (0, 1))
+                kc, vc = (_chunk(x, call.kj, c)[call.batch, :, call.cols] for x in visiting.kv)
                 qc = _chunk(q, call.qi, c)[call.batch, :, call.rows]
                 o, lse_o = _block_forward(
                     qc, kc, vc, table, slopes, call.doc_ids, call.key_padding_mask,
@@ -230,9 +255,8 @@ class RingAttention(torch.autograd.Function):
                 _merge(rows_out, rows_lse, o, lse_o)
                 block_lse.append(lse_o)
             STATS["compute_s"] += time.perf_counter() - t0
-            _wait(works)
-            if works:
-                kv, buf = buf, kv
+            visiting.advance()
+        del visiting
         ctx.plan = plan
         ctx.block_lse = block_lse
         ctx.save_for_backward(q, k, v, out, lse, table, slopes)
@@ -252,14 +276,20 @@ class RingAttention(torch.autograd.Function):
         dtable = None
         if want_table:
             dtable = torch.zeros(table.shape, dtype=torch.float32, device=q.device)
-        kv = torch.stack([k, v])
-        buf = torch.empty_like(kv) if plan.steps > 1 else None
-        acc_in = None  # dK/dV of the block arriving for the next step
-        dkv_works, sending = [], None
+        visiting = _Visiting(plan, k, v)
+        # dK/dV of the visiting block accumulate in the buffer that brought them from the
+        # previous rank: two buffers in all (the one filling, the one in flight), at the price
+        # of waiting for it at the start of the step instead of overlapping that hop.
+        acc, spare, incoming, works = None, None, None, []
         block_lse = iter(ctx.block_lse)
         for s in range(plan.steps):
-            kv_works = _exchange(plan, kv, buf, nxt, prv, 0) if s + 1 < plan.steps else []
-            dkv = torch.zeros((2, *k.shape), dtype=compute, device=k.device)
+            if s + 1 < plan.steps:
+                visiting.send_on()
+            if s == 0:
+                acc = torch.zeros((2, *k.shape), dtype=compute, device=k.device)
+            else:
+                _wait(works)
+                acc, spare = incoming, acc
             t0 = time.perf_counter()
             for call in plan.calls[s]:
                 lse_o = next(block_lse)
@@ -267,37 +297,34 @@ class RingAttention(torch.autograd.Function):
                 alpha = torch.exp(lse_o - torch.where(lse_rows == _NEG_INF, 0.0, lse_rows))
                 alpha = torch.where(lse_rows == _NEG_INF, 0.0, alpha)
                 g = _chunk(do, call.qi, c)[call.batch, :, call.rows] * alpha[..., None]
-                kc, vc = (_chunk(kv[i], call.kj, c)[call.batch, :, call.cols] for i in (0, 1))
+                kc, vc = (_chunk(x, call.kj, c)[call.batch, :, call.cols] for x in visiting.kv)
                 qc = _chunk(q, call.qi, c)[call.batch, :, call.rows]
                 oc = _chunk(out, call.qi, c)[call.batch, :, call.rows]
                 dq_, dk_, dv_, dt_ = _block_backward(
-                    g.to(q.dtype), qc, kc, vc, oc, lse_o, table, slopes, call.doc_ids,
-                    call.key_padding_mask, plan.lo, plan.scale, plan.causal, call.q_offset,
-                    plan.window, plan.backend, partial=True,
+                    g.to(q.dtype), qc, kc, vc, oc.to(q.dtype), lse_o, table, slopes,
+                    call.doc_ids, call.key_padding_mask, plan.lo, plan.scale, plan.causal,
+                    call.q_offset, plan.window, plan.backend, partial=True,
                 )  # fmt: skip
+                del g
                 _chunk(dq, call.qi, c)[call.batch, :, call.rows] += dq_
-                _chunk(dkv[0], call.kj, c)[call.batch, :, call.cols] += dk_
-                _chunk(dkv[1], call.kj, c)[call.batch, :, call.cols] += dv_
+                _chunk(acc[0], call.kj, c)[call.batch, :, call.cols] += dk_
+                _chunk(acc[1], call.kj, c)[call.batch, :, call.cols] += dv_
                 if want_table:
                     dtable += dt_
+                del dq_, dk_, dv_, dt_
             STATS["compute_s"] += time.perf_counter() - t0
-            _wait(dkv_works)
-            if acc_in is not None:
-                dkv += acc_in
             last = s + 1 == plan.steps
             # Along the ring to the next rank; after the last step, straight to the block's owner.
             to, frm = (nxt, prv) if not last else ((r - s) % w, (r + s) % w)
-            if to == r:
-                acc_in = dkv
+            if to != r:
+                incoming = spare if spare is not None else torch.empty_like(acc)
+                works = _exchange(plan, [acc], [incoming], to, frm, 1)
             else:
-                acc_in = torch.empty_like(dkv) if acc_in is None else acc_in
-                sending = dkv  # keep the buffer alive until its send completes
-                dkv_works = _exchange(plan, sending, acc_in, to, frm, 1)
-            _wait(kv_works)
-            if kv_works:
-                kv, buf = buf, kv
-        _wait(dkv_works)
-        del sending
+                incoming, works = acc, []
+            visiting.advance()
+        _wait(works)
+        del visiting, acc, spare
+        acc_in = incoming
         dk, dv = acc_in[0].to(k.dtype), acc_in[1].to(v.dtype)
         if dtable is not None:
             dtable = dtable.to(table.dtype)
