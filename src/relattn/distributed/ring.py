@@ -6,10 +6,12 @@ first key position``, while the next block is already on its way (``batch_isend_
 partial outputs merge by their log-sum-exp. Chunk pairs that the causal or window mask hides
 entirely are never computed, and the ring stops after the last step any rank needs.
 
-Backward repeats the walk: each rank adds its queries' share of dK/dV to an accumulator that
-travels with the block, one step behind the keys, and ends at the block's owner. Each block's
-backward uses the global output and the block's share ``α = exp(lse_block - lse)`` of the
-softmax mass (see ``_block``).
+Backward repeats the walk, keys and values again overlapped with compute. dK/dV of a block
+travel one step behind it: each rank adds its queries' share into the buffer the accumulator
+arrived in and passes it on; after the last step it goes straight to the block's owner. That
+hop is not overlapped: it keeps two dK/dV buffers per rank instead of three (measured in
+docs/context-parallel.md). Each block's backward uses the global output and the block's
+share ``α = exp(lse_block - lse)`` of the softmax mass (see ``_block``).
 
 Documents (``doc_ids``) are contiguous runs of positions, so between two disjoint chunks only
 one document can connect them: the first query's when the keys come earlier, the last query's
