@@ -30,7 +30,13 @@ import torch.multiprocessing as mp
 from conftest import assert_close_f64, run_math, seed_of, visible_mask
 
 import relattn
-from relattn.distributed import ContextParallel, context_parallel_attention, shard, unshard
+from relattn.distributed import (
+    ContextParallel,
+    context_parallel_attention,
+    shard,
+    shard_positions,
+    unshard,
+)
 from relattn.pe import ALiBi, Kerple, OffsetBias, RoPE, T5Bias
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=30)  # a hung collective fails instead of blocking
@@ -274,7 +280,19 @@ def check_case(case: Case, strategy: str, layout: str, group=None, seed_parts=()
 # ----------------------------------------------------------------------------- workers
 
 
+def _check_layouts(rank: int, world: int) -> None:
+    want = {2: {"contiguous": [[0, 1, 2, 3], [4, 5, 6, 7]],
+                "zigzag": [[0, 1, 6, 7], [2, 3, 4, 5]]}}  # fmt: skip
+    for layout in ("contiguous", "zigzag"):
+        mine = shard(torch.arange(4 * world), None, layout, dim=0)
+        assert torch.equal(mine, shard_positions(4, None, layout))
+        if world in want:
+            assert mine.tolist() == want[world][layout][rank]
+        assert torch.equal(unshard(mine, None, layout, dim=0), torch.arange(4 * world))
+
+
 def _features_worker(rank: int, world: int, cases: list[Case]) -> None:
+    _check_layouts(rank, world)
     for strategy, layout in STRATEGY_LAYOUTS:
         for case in cases:
             check_case(case, strategy, layout)
