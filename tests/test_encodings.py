@@ -79,7 +79,7 @@ def test_t5_unidirectional_negative_offsets_use_bucket_0():
 )
 def test_t5_buckets_match_t5s_function(bidirectional, num_buckets, max_distance):
     """Every offset in -2000 .. 2000 lands in the bucket of T5's own _relative_position_bucket
-    (ported in conftest; T5 passes memory_position - query_position = -Δ)."""
+    (ported in oracle.py; T5 passes memory_position - query_position = -Δ)."""
     enc = T5Bias(1, num_buckets, max_distance, bidirectional=bidirectional)
     delta = np.arange(-2000, 2001)
     expected = t5_relative_position_bucket(-delta, bidirectional, num_buckets, max_distance)

@@ -20,6 +20,7 @@ from torch import Tensor
 from .problem import Problem
 
 __all__ = [
+    "contiguous_documents",
     "doc_bounds",
     "key_span",
     "offset_range",
@@ -83,6 +84,15 @@ def key_span(pos_first: int, pos_last: int, nk: int, causal: bool, window: int) 
     else:
         c1 = nk
     return c0, min(max(c1, 0), nk)
+
+
+def contiguous_documents(doc_ids: Tensor) -> Tensor:
+    """A 0-d bool tensor: True iff every row of ``doc_ids (B, N)`` gives each document one
+    contiguous run (the number of runs equals the number of distinct ids). No host sync."""
+    runs = (doc_ids[:, 1:] != doc_ids[:, :-1]).sum(1)
+    ordered = doc_ids.sort(dim=1).values
+    distinct = (ordered[:, 1:] != ordered[:, :-1]).sum(1)
+    return (runs == distinct).all()
 
 
 def doc_bounds(doc_ids: Tensor) -> tuple[Tensor, Tensor]:

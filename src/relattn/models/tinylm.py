@@ -99,6 +99,7 @@ class TinyLM(nn.Module):
         doc_ids: Tensor | None = None,
         window: int | None = None,
         key_padding_mask: Tensor | None = None,
+        context_parallel=None,
     ) -> Tensor:
         """Next-token logits.
 
@@ -109,6 +110,8 @@ class TinyLM(nn.Module):
             cache: a cache from :meth:`new_cache`; ``idx`` continues the cached sequence.
             doc_ids, window, key_padding_mask: as :class:`relattn.nn.RelativeSelfAttention`
                 (``(B, N)`` for the new tokens).
+            context_parallel: a :class:`relattn.distributed.ContextParallel`; ``idx`` (and the
+                masks) are then this rank's shard of the sequence.
 
         Returns:
             ``(B, N, vocab_size)`` logits.
@@ -125,6 +128,7 @@ class TinyLM(nn.Module):
                 doc_ids=doc_ids,
                 window=window,
                 key_padding_mask=key_padding_mask,
+                context_parallel=context_parallel,
             )
         return F.linear(self.norm(x), self.embed.weight)
 

@@ -8,6 +8,8 @@ out     = Dropout(y·W_out)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
@@ -18,6 +20,9 @@ from ..cache import KVCache, LayerCache
 from ..functional import attention
 from ..masks import within_doc_positions
 from ..pe import PositionEncoding, RoPE
+
+if TYPE_CHECKING:
+    from ..distributed import ContextParallel
 
 __all__ = ["RelativeSelfAttention"]
 
@@ -151,6 +156,7 @@ class RelativeSelfAttention(nn.Module):
         doc_ids: Tensor | None = None,
         window: int | None = None,
         key_padding_mask: Tensor | None = None,
+        context_parallel: ContextParallel | None = None,
     ) -> Tensor:
         """Attend causally over ``x`` (and the cached past).
 
@@ -164,6 +170,8 @@ class RelativeSelfAttention(nn.Module):
             window: sliding window W (a token sees the W most recent positions, itself
                 included). With a windowed cache, defaults to the cache's window.
             key_padding_mask: ``(B, N)`` bool, True for real tokens.
+            context_parallel: a :class:`relattn.distributed.ContextParallel`: ``x``, ``doc_ids``
+                and ``key_padding_mask`` are this rank's shard of the sequence (no cache).
 
         Returns:
             ``(B, N, d_model)``. A token that sees no key gets ``out_proj(0)``.
@@ -181,8 +189,12 @@ class RelativeSelfAttention(nn.Module):
         if doc_ids is not None and (not isinstance(doc_ids, Tensor) or doc_ids.shape != (b, n)):
             got = tuple(doc_ids.shape) if isinstance(doc_ids, Tensor) else type(doc_ids).__name__
             raise ValueError(f"doc_ids must have shape (B, N) = ({b}, {n}); got {got}")
+        if context_parallel is not None and layer_cache is not None:
+            raise ValueError("cache and context_parallel cannot be combined (a cache decodes)")
         if self.rope is not None:
-            if layer_cache is not None:
+            if context_parallel is not None:
+                pos = context_parallel.positions(n, x.device, doc_ids)
+            elif layer_cache is not None:
                 pos = layer_cache.positions(doc_ids)
             elif doc_ids is not None:
                 pos = within_doc_positions(doc_ids.to(torch.long))[0]
@@ -204,19 +216,25 @@ class RelativeSelfAttention(nn.Module):
             k, v, q_offset = view.k, view.v, view.q_offset
             doc_ids, key_padding_mask = view.doc_ids, view.key_padding_mask
 
-        y = attention(
-            q,
-            k,
-            v,
-            self.pe,
-            causal=self.causal,
-            scale=self.scale,
-            q_offset=q_offset,
-            backend=self.backend,
-            window=window,
-            doc_ids=doc_ids,
-            key_padding_mask=key_padding_mask,
-        )
+        if context_parallel is not None:
+            y = context_parallel.attention(
+                q, k, v, self.pe, causal=self.causal, scale=self.scale, window=window,
+                doc_ids=doc_ids, key_padding_mask=key_padding_mask, backend=self.backend,
+            )  # fmt: skip
+        else:
+            y = attention(
+                q,
+                k,
+                v,
+                self.pe,
+                causal=self.causal,
+                scale=self.scale,
+                q_offset=q_offset,
+                backend=self.backend,
+                window=window,
+                doc_ids=doc_ids,
+                key_padding_mask=key_padding_mask,
+            )
         y = y.transpose(1, 2).reshape(b, n, self.d_model)
         return self.dropout(self.out_proj(y))
 

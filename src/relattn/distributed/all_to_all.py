@@ -1,0 +1,128 @@
+"""All-to-all (Ulysses) attention: trade the sequence split for a head split and back.
+
+Each rank holds all heads of N/W tokens. One ``all_to_all`` hands every rank all N tokens of
+H/W heads (q, k and v packed in one exchange); the rank runs the ordinary fused attention on
+its heads with the matching rows of the encoding's table, and a second ``all_to_all`` returns
+each token's output to the rank that holds it. Backward mirrors it: the output gradient goes
+to the heads' ranks, the fused backward runs once per rank, and dq, dk, dv come back. The
+table's gradient is nonzero only in this rank's rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._block import _block_backward, _block_forward
+from .layout import chunks
+from .ring import STATS
+
+
+@dataclass
+class Plan:
+    group: object
+    rank: int
+    world: int
+    layout: str
+    n_local: int
+    lo: int
+    scale: float
+    causal: bool
+    window: int
+    backend: str
+    doc_ids: Tensor | None  # (B, N), global order
+    key_padding_mask: Tensor | None
+
+
+def _all_to_all(plan: Plan, x: Tensor) -> Tensor:
+    """Exchange slices ``x[w]`` (to rank w) for the slices every rank has for this one."""
+    out = torch.empty_like(x)
+    STATS["bytes_sent"] += x.numel() * x.element_size() * (plan.world - 1) // plan.world
+    dist.all_to_all_single(out, x, group=plan.group)
+    return out
+
+
+def _spans(plan: Plan):
+    """``(rank, offset in its shard, global position, length)`` of every chunk."""
+    for w in range(plan.world):
+        offset = 0
+        for start, c in chunks(w, plan.world, plan.n_local, plan.layout):
+            yield w, offset, start, c
+            offset += c
+
+
+def seq_to_heads(plan: Plan, parts: list[Tensor]) -> list[Tensor]:
+    """This rank's shards ``(B, H_i, n, D)`` of several tensors -> all N tokens, in position
+    order, of this rank's heads of each: ``(B, H_i/W, N, D)``. One all-to-all for all of them."""
+    b, n, d = parts[0].shape[0], parts[0].shape[2], parts[0].shape[3]
+    w = plan.world
+    heads = [x.shape[1] // w for x in parts]
+    send = parts[0].new_empty(w, b, sum(heads), n, d)
+    h0 = 0
+    for x, h in zip(parts, heads, strict=True):
+        send[:, :, h0 : h0 + h] = x.reshape(b, w, h, n, d).transpose(0, 1)
+        h0 += h
+    got = _all_to_all(plan, send)  # got[w]: rank w's tokens of this rank's heads
+    full = got.new_empty(b, sum(heads), w * n, d)
+    for r, offset, start, c in _spans(plan):
+        full[:, :, start : start + c] = got[r, :, :, offset : offset + c]
+    return list(full.split(heads, dim=1))
+
+
+def heads_to_seq(plan: Plan, parts: list[Tensor]) -> list[Tensor]:
+    """The inverse of :func:`seq_to_heads`: ``(B, h_i, N, D)`` -> ``(B, W·h_i, n, D)``."""
+    b, d = parts[0].shape[0], parts[0].shape[3]
+    w, n = plan.world, plan.n_local
+    heads = [x.shape[1] for x in parts]
+    send = parts[0].new_empty(w, b, sum(heads), n, d)
+    h0 = 0
+    for x, h in zip(parts, heads, strict=True):
+        for r, offset, start, c in _spans(plan):
+            send[r, :, h0 : h0 + h, offset : offset + c] = x[:, :, start : start + c]
+        h0 += h
+    got = _all_to_all(plan, send)  # got[w]: this rank's tokens of rank w's heads
+    return [x.transpose(0, 1).reshape(b, w * x.shape[2], n, d) for x in got.split(heads, dim=2)]
+
+
+class AllToAllAttention(torch.autograd.Function):
+    """``out (B, Hq, n, D)`` of this rank's tokens over the whole sequence; see the module."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, table, slopes, plan: Plan):
+        hq = q.shape[1] // plan.world
+        qh, kh, vh = seq_to_heads(plan, [q, k, v])
+        heads = slice(plan.rank * hq, (plan.rank + 1) * hq)
+        table_h = table[heads] if table is not None else None
+        slopes_h = slopes[heads] if slopes is not None else None
+        t0 = time.perf_counter()
+        out_h, lse_h = _block_forward(
+            qh, kh, vh, table_h, slopes_h, plan.doc_ids, plan.key_padding_mask,
+            plan.lo, plan.scale, plan.causal, 0, plan.window, plan.backend,
+        )  # fmt: skip
+        STATS["compute_s"] += time.perf_counter() - t0
+        ctx.plan, ctx.heads = plan, heads
+        ctx.save_for_backward(qh, kh, vh, out_h, lse_h, table_h, slopes_h, table)
+        return heads_to_seq(plan, [out_h])[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qh, kh, vh, out_h, lse_h, table_h, slopes_h, table = ctx.saved_tensors
+        plan: Plan = ctx.plan
+        (dout_h,) = seq_to_heads(plan, [grad_out])
+        t0 = time.perf_counter()
+        dqh, dkh, dvh, dt = _block_backward(
+            dout_h, qh, kh, vh, out_h, lse_h, table_h, slopes_h, plan.doc_ids,
+            plan.key_padding_mask, plan.lo, plan.scale, plan.causal, 0, plan.window,
+            plan.backend, partial=False,
+        )  # fmt: skip
+        STATS["compute_s"] += time.perf_counter() - t0
+        dq, dk, dv = heads_to_seq(plan, [dqh, dkh, dvh])
+        dtable = None
+        if table is not None and ctx.needs_input_grad[3]:
+            dtable = torch.zeros_like(table)
+            dtable[ctx.heads] = dt
+        return dq, dk, dv, dtable, None, None

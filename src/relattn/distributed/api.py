@@ -1,0 +1,305 @@
+"""``context_parallel_attention``: one sequence sharded over a process group, exact."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .._validate import check_bool, check_choice, check_optional_int, show
+from ..cache import within_doc_positions
+from ..functional import _split_pe as split_encodings
+from ..functional import attention
+from ..masks import contiguous_documents, offset_range
+from ..pe import PositionEncoding, RoPE
+from . import all_to_all, ring
+from ._agree import agree, comm_device, float_fact, text_fact
+from ._block import resolve_backend
+from .layout import check_layout, gather, shard, shard_positions, unshard, world
+
+__all__ = ["STRATEGIES", "ContextParallel", "context_parallel_attention"]
+
+STRATEGIES = ("ring", "all_to_all")
+_FUSED_BACKENDS = ("auto", "chunked", "triton")
+
+PE = PositionEncoding | RoPE | Sequence[PositionEncoding | RoPE] | None
+
+
+def context_parallel_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pe: PE = None,
+    *,
+    group=None,
+    strategy: str = "ring",
+    layout: str = "zigzag",
+    causal: bool = True,
+    scale: float | None = None,
+    window: int | None = None,
+    doc_ids: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`relattn.attention` over a sequence whose tokens are split across ``group``.
+
+    Every rank of the group calls it with its shard (see :mod:`relattn.distributed.layout`:
+    N tokens, rank r holds N/W of them in the order of ``layout``) and gets its shard of the
+    output, equal to the rows of one process's ``attention`` over the whole sequence. Offsets
+    ``i - j`` (the encoding's table, RoPE's rotation, the causal mask, the window) are global.
+
+    Args:
+        q: ``(B, Hq, N/W, D)``, this rank's queries.
+        k, v: ``(B, Hkv, N/W, D)``; ``Hq`` a multiple of ``Hkv`` (GQA).
+        pe: as :func:`relattn.attention`: None, an additive encoding, a RoPE, or a list.
+        group: the context-parallel process group (None: the default group; one process
+            without torch.distributed initialized). A group of one is the plain op.
+        strategy: ``"ring"`` (keys and values travel around the group) or ``"all_to_all"``
+            (heads are split instead of tokens; needs Hq and Hkv divisible by W).
+        layout: ``"zigzag"`` (balanced under a causal mask; N/W even) or ``"contiguous"``.
+        causal, scale, window: as :func:`relattn.attention`, in global positions.
+        doc_ids: ``(B, N/W)`` this rank's shard of the document ids (each document one
+            contiguous run of global positions; documents may cross shards).
+        key_padding_mask: ``(B, N/W)`` bool shard, True for real tokens.
+        backend: ``"auto"``, ``"chunked"`` or ``"triton"`` (a fused backend: blocks merge by
+            their log-sum-exp, which the reference backend does not return).
+
+    Returns:
+        ``(B, Hq, N/W, D)`` in q's dtype: this rank's shard of the output.
+
+    Gradients: dq, dk, dv are this rank's shard of the whole-sequence gradients. The table's
+    gradient (hence the encoding's parameters') holds this rank's share: summed over the group
+    it is the whole-sequence gradient, the same rule as every other parameter of a model whose
+    loss is split over the group's tokens (see docs/context-parallel.md).
+
+    Raises:
+        ValueError, TypeError: on every rank of the group, whichever rank's input is wrong
+        (shapes, encodings or options that differ between ranks included).
+    """
+    _rank, size = world(group)
+    if size == 1:
+        _choice("strategy", strategy, STRATEGIES)
+        check_layout(layout)
+        return attention(
+            q, k, v, pe, causal=causal, scale=scale, window=window, doc_ids=doc_ids,
+            key_padding_mask=key_padding_mask, backend=backend,
+        )  # fmt: skip
+    facts, error, parsed = _check_local(
+        q, k, v, pe, size, strategy, layout, causal, scale, window, doc_ids, key_padding_mask,
+        backend,
+    )  # fmt: skip
+    hint = q.device if isinstance(q, Tensor) else None
+    agree(group, comm_device(group, hint), facts, error, "context_parallel_attention")
+    rope, additive, scale, window, name = parsed
+    n = q.shape[2]
+    docs = gather(doc_ids.to(torch.int64), group, layout, dim=1) if doc_ids is not None else None
+    kpm = gather(key_padding_mask, group, layout, dim=1) if key_padding_mask is not None else None
+    if docs is not None:
+        _check_documents(docs)
+    if rope is not None:
+        pos = shard_positions(n, group, layout, device=q.device)
+        q, k = rope.rotate(q, pos), rope.rotate(k, pos)
+    lo, hi = offset_range(n * size, n * size, causal, 0, window)
+    table, slopes = _table(additive, lo, hi, q.device)
+    rank = dist.get_rank(group)
+    if strategy == "ring":
+        chunk = n if layout == "contiguous" else n // 2
+        steps = ring.ring_steps(size, n, layout, causal, window)
+        plan = ring.Plan(group, rank, size, n, chunk, steps, lo, scale, causal, window, name)
+        ring.plan_calls(plan, layout, docs, kpm)
+        return ring.RingAttention.apply(q, k, v, table, slopes, plan)
+    plan = all_to_all.Plan(group, rank, size, layout, n, lo, scale, causal, window, name, docs, kpm)
+    return all_to_all.AllToAllAttention.apply(q, k, v, table, slopes, plan)
+
+
+@dataclass(frozen=True)
+class ContextParallel:
+    """How a layer splits its sequence: the group, the strategy and the shard layout.
+
+    Pass it to :class:`relattn.nn.RelativeSelfAttention` or :class:`relattn.models.TinyLM`
+    (``context_parallel=``); their inputs are then this rank's shard of the tokens.
+    """
+
+    group: object = None
+    strategy: str = "ring"
+    layout: str = "zigzag"
+
+    def __post_init__(self) -> None:
+        _choice("strategy", self.strategy, STRATEGIES)
+        check_layout(self.layout)
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, pe: PE = None, **kwargs) -> Tensor:
+        """:func:`context_parallel_attention` with this group, strategy and layout."""
+        return context_parallel_attention(
+            q, k, v, pe, group=self.group, strategy=self.strategy, layout=self.layout, **kwargs
+        )
+
+    def positions(self, n_local: int, device=None, doc_ids: Tensor | None = None) -> Tensor:
+        """Global positions of this rank's tokens, ``(n_local,)``; with ``doc_ids (B, n_local)``
+        the position inside each token's document, ``(B, n_local)`` (a collective)."""
+        if doc_ids is None:
+            return shard_positions(n_local, self.group, self.layout, device=device)
+        whole = unshard(doc_ids.to(torch.int64), self.group, self.layout, dim=1)
+        pos = within_doc_positions(whole)[0]
+        return shard(pos, self.group, self.layout, dim=1)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_documents(docs: Tensor) -> None:
+    if not bool(contiguous_documents(docs)):
+        raise ValueError(
+            "context_parallel_attention: doc_ids must give each document one contiguous run of "
+            "global positions; the shards put together do not (were they sharded with the same "
+            "layout as q? use relattn.distributed.shard(doc_ids, group, layout, dim=1))"
+        )
+
+
+def _table(additive, lo: int, hi: int, device) -> tuple[Tensor | None, Tensor | None]:
+    slopes = additive[0].closed_form_slopes() if len(additive) == 1 else None
+    if slopes is not None:
+        return None, slopes.detach().to(device=device, dtype=torch.float32)
+    table = None
+    for enc in additive:
+        t = enc.table(lo, hi)
+        table = t if table is None else table + t
+    return table, None
+
+
+def _choice(name: str, value, choices) -> str:
+    return check_choice(name, value, tuple(choices))
+
+
+def _shape(t) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")" if isinstance(t, Tensor) else "-"
+
+
+def _pe_fact(pe) -> tuple[int, str]:
+    """A fingerprint of the encodings: types, settings, and their parameters' values."""
+    items = [] if pe is None else list(pe) if isinstance(pe, (list, tuple)) else [pe]
+    parts, names = [], []
+    for e in items:
+        names.append(type(e).__name__)
+        desc = f"{type(e).__name__}({e.extra_repr() if hasattr(e, 'extra_repr') else ''})"
+        if isinstance(e, torch.nn.Module):
+            for pname, p in [*e.named_parameters(), *e.named_buffers()]:
+                x = p.detach().double()
+                desc += f"|{pname}{tuple(x.shape)}:{x.sum().item()!r}:{(x * x).sum().item()!r}"
+        parts.append(desc)
+    code = text_fact(";".join(parts))
+    return code, f"{'+'.join(names) or 'None'} (fingerprint {code:08x})"
+
+
+def _check_local(q, k, v, pe, size, strategy, layout, causal, scale, window, doc_ids,
+                 key_padding_mask, backend):  # fmt: skip
+    """This rank's facts to compare across ranks, its own input error (or None), and the
+    parsed arguments ``(rope, additive encodings, scale, window, backend name)``."""
+    facts = {
+        "q shape (B, Hq, N/W, D)": _shape(q),
+        "k shape (B, Hkv, N/W, D)": _shape(k),
+        "v shape": _shape(v),
+        "dtype": str(getattr(q, "dtype", "-")),
+        "device type": str(getattr(getattr(q, "device", None), "type", "-")),
+        "causal": repr(causal),
+        "window": repr(window),
+        "strategy": repr(strategy),
+        "layout": repr(layout),
+        "backend": repr(backend),
+        "doc_ids (given or None)": "given" if doc_ids is not None else "None",
+        "key_padding_mask (given or None)": "given" if key_padding_mask is not None else "None",
+    }
+    record = {name: (text_fact(val), val) for name, val in facts.items()}
+    record["pe"] = _pe_fact(pe)
+    record["scale"] = (0, "-")
+    try:
+        parsed = _parse(q, k, v, pe, size, strategy, layout, causal, scale, window, doc_ids,
+                        key_padding_mask, backend)  # fmt: skip
+    except (TypeError, ValueError, RuntimeError) as e:
+        return record, e, None
+    record["scale"] = (float_fact(parsed[2]), repr(parsed[2]))
+    return record, None, parsed
+
+
+def _parse(q, k, v, pe, size, strategy, layout, causal, scale, window, doc_ids,
+           key_padding_mask, backend):  # fmt: skip
+    _choice("strategy", strategy, STRATEGIES)
+    check_layout(layout)
+    if backend == "reference":
+        raise ValueError(
+            "backend='reference' cannot run context parallel: blocks merge by their log-sum-exp, "
+            f"which only a fused backend returns; use one of {_FUSED_BACKENDS}"
+        )
+    _choice("backend", backend, _FUSED_BACKENDS)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, N/W, D); got shape {_shape(t)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise TypeError(f"{name} must have q's dtype and device; got {t.dtype} on {t.device}")
+    b, hq, n, d = q.shape
+    if k.shape[0] != b or k.shape[2:] != q.shape[2:] or v.shape != k.shape:
+        raise ValueError(
+            f"k and v must have shape (B, Hkv, N/W, D) with q's B, N/W and D; got q {_shape(q)}, "
+            f"k {_shape(k)}, v {_shape(v)}"
+        )
+    hkv = k.shape[1]
+    if hkv == 0 or hq % hkv or n == 0 or d == 0:
+        raise ValueError(
+            f"need Hq a multiple of Hkv and non-empty shards; got q {_shape(q)}, k {_shape(k)}"
+        )
+    if layout == "zigzag" and n % 2:
+        raise ValueError(
+            f"layout='zigzag' gives each rank two equal chunks, so the shard length N/W must be "
+            f"even; got q with N/W = {n} (the sequence length must be divisible by 2W = {2 * size})"
+        )
+    if strategy == "all_to_all" and (hq % size or hkv % size):
+        raise ValueError(
+            f"strategy='all_to_all' splits the heads over the {size} ranks, so Hq and Hkv must be "
+            f"divisible by {size}; got Hq={hq}, Hkv={hkv} (use strategy='ring')"
+        )
+    check_bool("causal", causal)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a finite float or None; got {show(scale)}")
+    elif not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None; got {scale!r}")
+    window = check_optional_int("window", window, min=1) or 0
+    for name, t in (("doc_ids", doc_ids), ("key_padding_mask", key_padding_mask)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"{name} must be a torch.Tensor of shape (B, N/W); got {type(t).__name__}"
+            )
+        if tuple(t.shape) != (b, n):
+            raise ValueError(
+                f"{name} must be this rank's shard, shape (B, N/W) = ({b}, {n}); got {_shape(t)}"
+            )
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}; got {t.device}")
+    if doc_ids is not None and (doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool):
+        raise TypeError(f"doc_ids must be an integer tensor; got dtype {doc_ids.dtype}")
+    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must be a bool tensor (True = real token); got dtype "
+            f"{key_padding_mask.dtype}"
+        )
+    rope, additive = _split_pe(pe, hq, d)
+    name = resolve_backend(backend, q, k)
+    return rope, additive, float(scale), window, name
+
+
+def _split_pe(pe, hq: int, d: int) -> tuple[RoPE | None, list[PositionEncoding]]:
+    rope, additive = split_encodings(pe, hq)
+    if rope is not None and rope.head_dim != d:
+        raise ValueError(f"pe RoPE has head_dim={rope.head_dim}; q has D={d}")
+    return rope, additive

@@ -1,0 +1,526 @@
+"""Context parallelism (relattn.distributed) against one process on the whole sequence.
+
+The tests run in spawned workers (``torch.multiprocessing``, a free port, a gloo group on CPU
+with a timeout, and a timeout on the workers), one pool per world size shared by the tests of
+this module; each test runs its whole list of cases inside the workers, so process start-up is
+paid once per world size. A case shards q, k, v, the cotangent, doc ids and padding with
+``relattn.distributed.shard``, runs ``context_parallel_attention`` forward and backward, puts the
+output and dq, dk, dv back together with ``unshard``, sums the encodings' parameter gradients
+over the group (the documented recipe), and compares all of it with the float64 formula over
+the whole sequence (tests/oracle.py) at the conformance suite's float32 tolerance.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import queue
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from oracle import assert_close_f64, run_math, seed_of, visible_mask
+
+import relattn
+from relattn.distributed import (
+    ContextParallel,
+    context_parallel_attention,
+    shard,
+    shard_positions,
+    unshard,
+)
+from relattn.pe import ALiBi, Kerple, OffsetBias, RoPE, T5Bias
+
+GROUP_TIMEOUT = datetime.timedelta(seconds=30)  # a hung collective fails instead of blocking
+WORKERS_TIMEOUT = 120.0  # per test; the slowest takes ~20 s on two busy cores
+ROOT = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------- spawning
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(rank: int, world: int, port: int, tasks, results) -> None:
+    """A worker: join the gloo group, then run ``(fn, args)`` tasks until told to stop."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=GROUP_TIMEOUT,
+    )
+    while (task := tasks.get()) is not None:
+        fn, args = task
+        try:
+            fn(rank, world, *args)
+            results.put((rank, None))
+        except BaseException:  # report everything, keep serving the next test
+            results.put((rank, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class Pool:
+    """``world`` spawned processes in one gloo group, reused by every test of that world size
+    (process start-up, not the cases, dominates on two cores)."""
+
+    def __init__(self, world: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.world = world
+        self.closed = False
+        self.tasks = [ctx.Queue() for _ in range(world)]
+        self.results = ctx.Queue()
+        port = _free_port()
+        self.procs = [
+            ctx.Process(target=_serve, args=(r, world, port, self.tasks[r], self.results))
+            for r in range(world)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn, *args) -> None:
+        """``fn(rank, world, *args)`` on every worker; fails if any raises or none finish."""
+        for q in self.tasks:
+            q.put((fn, args))
+        errors = []
+        deadline = time.monotonic() + WORKERS_TIMEOUT
+        for _ in range(self.world):
+            try:
+                rank, err = self.results.get(timeout=max(1.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.close(kill=True)
+                pytest.fail(f"context-parallel workers did not finish in {WORKERS_TIMEOUT:.0f} s")
+            if err:
+                errors.append(f"rank {rank}:\n{err}")
+        if errors:
+            pytest.fail("\n".join(sorted(errors)), pytrace=False)
+
+    def close(self, kill: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for q, p in zip(self.tasks, self.procs, strict=True):
+            if kill:
+                p.kill()
+            elif p.is_alive():
+                q.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def pool2():
+    pool = Pool(2)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def pool4():
+    pool = Pool(4)
+    yield pool
+    pool.close()
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def _randomize(enc, g: torch.Generator, std: float = 1.0):
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return enc
+
+
+ENCODINGS = {
+    "none": lambda h, d, g: None,
+    "t5": lambda h, d, g: _randomize(T5Bias(h, 8, 20), g),
+    "t5_bidir": lambda h, d, g: _randomize(T5Bias(h, 8, 20, bidirectional=True), g),
+    "alibi": lambda h, d, g: ALiBi(h),
+    "alibi_learnable": lambda h, d, g: _randomize(ALiBi(h, learnable=True), g, std=0.05),
+    "kerple_log": lambda h, d, g: _randomize(Kerple(h, "log", r1=0.5, r2=0.7), g, std=0.5),
+    "kerple_power": lambda h, d, g: _randomize(Kerple(h, "power", r1=0.5, r2=0.7), g, std=0.5),
+    "offset": lambda h, d, g: _randomize(OffsetBias(h, max_offset=9), g),
+    "offset_bidir": lambda h, d, g: _randomize(OffsetBias(h, 6, bidirectional=True), g),
+    "rope": lambda h, d, g: RoPE(d),
+    "rope+t5": lambda h, d, g: [RoPE(d), _randomize(T5Bias(h, 8, 20), g)],
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    enc: str
+    causal: bool = True
+    window: int | None = None
+    docs: bool = False
+    padding: bool = False
+    hq: int = 4
+    hkv: int = 4
+    n: int = 32
+    b: int = 2
+    d: int = 8
+
+
+# Every encoding, causal and bidirectional, GQA, windows wider and narrower than a chunk,
+# documents that cross chunk and shard boundaries (per batch row), padding.
+FEATURES = [
+    Case("t5"),
+    Case("t5_bidir", causal=False),
+    Case("alibi", hkv=2),
+    Case("alibi_learnable", window=5),
+    Case("kerple_log", causal=False, window=7, hkv=2),
+    Case("kerple_power", docs=True),
+    Case("offset", docs=True, padding=True, hkv=2),
+    Case("offset_bidir", causal=False, docs=True, window=6),
+    Case("rope", padding=True),
+    Case("rope+t5", docs=True, window=11, hkv=2),
+    Case("none", causal=False, padding=True),
+]
+# Four ranks: all heads divisible by 4 for the all-to-all split.
+FEATURES_4 = [
+    Case("t5", hq=8, hkv=4),
+    Case("alibi_learnable", window=5, hq=8, hkv=4),
+    Case("offset", docs=True, padding=True, hq=8, hkv=4),
+    Case("offset_bidir", causal=False, docs=True, window=6, hq=4, hkv=4),
+    Case("rope+t5", docs=True, window=11, hq=8, hkv=4),
+]
+STRATEGY_LAYOUTS = [(s, lay) for s in ("ring", "all_to_all") for lay in ("zigzag", "contiguous")]
+
+
+def _doc_ids(b: int, n: int, g: torch.Generator) -> torch.Tensor:
+    ids = torch.zeros(b, n, dtype=torch.long)
+    for i in range(b):
+        cuts = torch.randperm(n - 1, generator=g)[:3] + 1
+        ids[i, cuts] = 1
+        ids[i] = ids[i].cumsum(0) + 10 * i
+    return ids
+
+
+def _padding(b: int, n: int, g: torch.Generator) -> torch.Tensor:
+    kpm = torch.rand(b, n, generator=g) > 0.25
+    kpm[0, :3] = False  # left padding: the first rows of batch 0 see no key
+    return kpm
+
+
+def make(case: Case, seed_parts) -> tuple:
+    """Whole-sequence inputs of a case: q, k, v, pe, grad_out and the mask keywords."""
+    g = torch.Generator().manual_seed(seed_of(case, *seed_parts))
+    torch.manual_seed(seed_of(case, *seed_parts))  # encodings initialize from the global RNG
+    q = torch.randn(case.b, case.hq, case.n, case.d, generator=g)
+    k = torch.randn(case.b, case.hkv, case.n, case.d, generator=g)
+    v = torch.randn(case.b, case.hkv, case.n, case.d, generator=g)
+    grad_out = torch.randn(case.b, case.hq, case.n, case.d, generator=g)
+    pe = ENCODINGS[case.enc](case.hq, case.d, g)
+    kw = {"causal": case.causal, "window": case.window}
+    if case.docs:
+        kw["doc_ids"] = _doc_ids(case.b, case.n, g)
+    if case.padding:
+        kw["key_padding_mask"] = _padding(case.b, case.n, g)
+    return q, k, v, pe, grad_out, kw
+
+
+def _additive(pe) -> list:
+    items = [] if pe is None else pe if isinstance(pe, list) else [pe]
+    return [e for e in items if not isinstance(e, RoPE)]
+
+
+def run_cp(q, k, v, pe, grad_out, kw, group, strategy, layout, backend="auto") -> dict:
+    """Out and gradients of context parallel attention, whole-sequence shaped, on every rank."""
+    sq, sk, sv = (shard(t, group, layout, dim=2).requires_grad_(True) for t in (q, k, v))
+    skw = dict(kw)
+    for name in ("doc_ids", "key_padding_mask"):
+        if name in kw:
+            skw[name] = shard(kw[name], group, layout, dim=1)
+    for enc in _additive(pe):
+        enc.zero_grad(set_to_none=True)
+    out = context_parallel_attention(
+        sq, sk, sv, pe, group=group, strategy=strategy, layout=layout, backend=backend, **skw
+    )
+    assert out.shape == sq.shape and out.dtype == sq.dtype
+    out.backward(shard(grad_out, group, layout, dim=2))
+    res = {"out": unshard(out.detach(), group, layout, dim=2)}
+    for name, t in (("q", sq), ("k", sk), ("v", sv)):
+        res[name] = unshard(t.grad, group, layout, dim=2)
+    for i, enc in enumerate(_additive(pe)):
+        for name, p in enc.named_parameters():
+            grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad, group=group)  # the recipe: sum over the group
+            res[f"pe{i}.{name}"] = grad
+    return res
+
+
+def check_case(case: Case, strategy: str, layout: str, group=None, seed_parts=()) -> None:
+    q, k, v, pe, grad_out, kw = make(case, (strategy, layout, *seed_parts))
+    got = run_cp(q, k, v, pe, grad_out, kw, group, strategy, layout)
+    truth = run_math(q, k, v, pe, grad_out, torch.float64, **kw)
+    assert_close_f64(got, truth, label=f"{strategy}/{layout}/{case}: ")
+    # Rows that see no key at all give exactly 0, as in one process.
+    m = visible_mask(case.b, case.n, case.n, case.causal, 0, case.window, kw.get("doc_ids"),
+                     kw.get("key_padding_mask"))  # fmt: skip
+    empty = ~m[:, 0].any(-1)
+    for name in ("out", "q"):
+        rows = got[name].permute(0, 2, 1, 3)[empty]
+        assert torch.equal(rows, torch.zeros_like(rows)), f"{case}: {name} of rows without keys"
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _check_layouts(rank: int, world: int) -> None:
+    want = {2: {"contiguous": [[0, 1, 2, 3], [4, 5, 6, 7]],
+                "zigzag": [[0, 1, 6, 7], [2, 3, 4, 5]]}}  # fmt: skip
+    for layout in ("contiguous", "zigzag"):
+        mine = shard(torch.arange(4 * world), None, layout, dim=0)
+        assert torch.equal(mine, shard_positions(4, None, layout))
+        if world in want:
+            assert mine.tolist() == want[world][layout][rank]
+        assert torch.equal(unshard(mine, None, layout, dim=0), torch.arange(4 * world))
+
+
+def _features_worker(rank: int, world: int, cases: list[Case]) -> None:
+    _check_layouts(rank, world)
+    for strategy, layout in STRATEGY_LAYOUTS:
+        for case in cases:
+            check_case(case, strategy, layout)
+
+
+def test_world_2_every_feature(pool2):
+    """W = 2: both strategies × both layouts × every encoding, causal and bidirectional, GQA,
+    windows, packed documents crossing shards, padding."""
+    pool2.run(_features_worker, FEATURES)
+
+
+def test_world_4_every_strategy_and_layout(pool4):
+    """W = 4 (four processes on two cores): a chunk is 4 tokens, so windows and documents span
+    several ranks."""
+    pool4.run(_features_worker, FEATURES_4)
+
+
+def _groups_worker(rank: int, world: int) -> None:
+    # Two context-parallel groups of two (ranks {0, 1} and {2, 3}): each is one data-parallel
+    # replica working on its own sequence.
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mine = groups[rank // 2]
+    for strategy, layout in STRATEGY_LAYOUTS:
+        case = Case("rope+t5", docs=True, window=9, hkv=2)
+        check_case(case, strategy, layout, group=mine, seed_parts=("replica", rank // 2))
+    # A group of one is the plain op, bit for bit.
+    singles = [dist.new_group([r]) for r in range(world)]
+    q, k, v, pe, _, kw = make(Case("t5", docs=True, padding=True, hkv=2), ("single",))
+    want = relattn.attention(q, k, v, pe, **kw)
+    for strategy, layout in STRATEGY_LAYOUTS:
+        got = context_parallel_attention(
+            q, k, v, pe, group=singles[rank], strategy=strategy, layout=layout, **kw
+        )
+        assert torch.equal(got, want)
+
+
+def test_data_times_context_parallel_groups_and_group_of_one(pool4):
+    pool4.run(_groups_worker)
+
+
+def test_without_torch_distributed_is_the_plain_op():
+    q, k, v, pe, _, kw = make(Case("kerple_log", window=6), ("plain",))
+    want = relattn.attention(q, k, v, pe, **kw)
+    assert torch.equal(context_parallel_attention(q, k, v, pe, **kw), want)
+    assert torch.equal(shard(q, dim=2), q) and torch.equal(unshard(q, dim=2), q)
+
+
+# ----------------------------------------------------------------------------- the stand-in
+
+
+@pytest.mark.parametrize(
+    "causal, window, q_offset, nq, nk, docs, padding, table",
+    [
+        (True, 0, 0, 45, 45, False, False, "t5"),
+        (False, 0, 0, 40, 40, True, True, "t5"),
+        (True, 6, 0, 33, 33, True, False, "slopes"),
+        (False, 7, -13, 20, 29, False, True, "t5"),
+        (True, 0, 31, 20, 29, False, False, "none"),
+        (False, 0, 50, 24, 24, False, False, "t5"),
+        (False, 5, 0, 48, 48, True, False, "t5"),  # 20, 24, then 20 keys per block of 16 rows
+    ],
+)
+def test_ring_block_backward_stand_in(monkeypatch, causal, window, q_offset, nq, nk, docs,
+                                      padding, table):  # fmt: skip
+    """The ring's backward for backends that do not take the row term from ``out``: on one
+    whole call (where out and lse are the call's own) it equals the chunked backward, in
+    row blocks of 16 (keys of different widths reuse one zero-padded buffer)."""
+    from relattn.distributed import _block
+
+    monkeypatch.setattr(_block, "_SCORES_PER_BLOCK", 1)
+    g = torch.Generator().manual_seed(seed_of(causal, window, q_offset, nq))
+    b, hq, hkv, d = 2, 4, 2, 8
+    q = torch.randn(b, hq, nq, d, generator=g, dtype=torch.float64)
+    k = torch.randn(b, hkv, nk, d, generator=g, dtype=torch.float64)
+    v = torch.randn(b, hkv, nk, d, generator=g, dtype=torch.float64)
+    lo, hi = relattn.masks.offset_range(nq, nk, causal, q_offset, window)
+    tab = torch.randn(hq, hi - lo + 1, generator=g, dtype=torch.float64)
+    slopes = torch.rand(hq, generator=g, dtype=torch.float64)
+    tab, slopes = (tab, None) if table == "t5" else (None, slopes if table == "slopes" else None)
+    doc_ids = _doc_ids(b, nk, g) if docs else None
+    kpm = _padding(b, nk, g) if padding else None
+    args = (tab, slopes, doc_ids, kpm, lo, 0.3, causal, q_offset, window)
+    out, lse = _block._block_forward(q, k, v, *args, "chunked")
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    want = _block._block_backward(grad_out, q, k, v, out, lse, *args, "chunked", partial=False)
+    got = _block._backward_from_out(grad_out, q, k, v, out, lse, *args)
+    for name, w, x in zip(("dq", "dk", "dv", "dtable"), want, got, strict=True):
+        if w is None:
+            assert x is None
+            continue
+        assert (w - x).abs().max().item() < 1e-12, name
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _expect_error(kind, match: str, fn) -> None:
+    with pytest.raises(kind, match=match):
+        fn()
+
+
+def _errors_worker(rank: int, world: int) -> None:
+    case = Case("t5", docs=True, hkv=2)
+    q, k, v, pe, _, kw = make(case, ("errors",))
+    sq, sk, sv = (shard(t, None, "zigzag", dim=2) for t in (q, k, v))
+    docs = shard(kw["doc_ids"], None, "zigzag", dim=1)
+    cpa = context_parallel_attention
+    other = rank == 1
+
+    # Shard length not divisible as zigzag needs (the same on every rank).
+    odd = sq[:, :, :15]
+    _expect_error(ValueError, "must be even", lambda: cpa(odd, odd[:, :2], odd[:, :2]))
+    _expect_error(ValueError, "divisible by 4", lambda: shard(q[:, :, :30], dim=2))
+    # Ranks disagreeing on shapes: only rank 1's shard is shorter.
+    short = (sq[:, :, :8], sk[:, :, :8], sv[:, :, :8]) if other else (sq, sk, sv)
+    _expect_error(ValueError, "same q shape", lambda: cpa(*short))
+    # Ranks disagreeing on the encoding: its settings, or its parameters' values.
+    enc = T5Bias(4, 16 if other else 8, 20)
+    _expect_error(ValueError, "same pe", lambda: cpa(sq, sk, sv, enc))
+    enc = T5Bias(4, 8, 20)
+    with torch.no_grad():
+        enc.weight.fill_(float(rank))
+    _expect_error(ValueError, "same pe", lambda: cpa(sq, sk, sv, enc))
+    # doc_ids: one rank's shard has the wrong shape; one rank passes none; shards that do not
+    # fit together (sharded with the other layout).
+    bad = kw["doc_ids"] if rank == 0 else docs
+    _expect_error(ValueError, "doc_ids must be this rank's shard|rank 0", lambda: cpa(
+        sq, sk, sv, doc_ids=bad))  # fmt: skip
+    _expect_error(ValueError, "same doc_ids", lambda: cpa(sq, sk, sv, doc_ids=None if other
+                                                          else docs))  # fmt: skip
+    wrong = shard(kw["doc_ids"], None, "contiguous", dim=1)
+    _expect_error(ValueError, "one contiguous run", lambda: cpa(sq, sk, sv, doc_ids=wrong))
+    # A wrong type on one rank only: a TypeError on every rank.
+    _expect_error(TypeError, "q must be a torch.Tensor|rank 1", lambda: cpa(
+        "q" if other else sq, sk, sv))  # fmt: skip
+    # Heads not divisible by W for all-to-all; a backend without a log-sum-exp.
+    _expect_error(ValueError, "divisible by 2", lambda: cpa(
+        sq[:, :3], sk[:, :1], sv[:, :1], strategy="all_to_all"))  # fmt: skip
+    _expect_error(ValueError, "reference", lambda: cpa(sq, sk, sv, backend="reference"))
+    _expect_error(ValueError, "strategy", lambda: cpa(sq, sk, sv, strategy="tree"))
+    # unshard with shapes that differ between ranks.
+    _expect_error(ValueError, "same shard shape", lambda: unshard(sq[:, :, : 8 if other else 16],
+                                                                  dim=2))  # fmt: skip
+    # After all that, the group still works: nobody was left inside a collective.
+    check_case(case, "ring", "zigzag")
+
+
+def test_bad_input_raises_on_every_rank_and_no_rank_hangs(pool2):
+    """Each bad call must raise on both ranks (pytest.raises in each worker); a rank left in a
+    collective would time out on the group (30 s) and fail the workers."""
+    pool2.run(_errors_worker)
+
+
+# ----------------------------------------------------------------------------- triton route
+
+
+def _triton_worker(rank: int, world: int) -> None:
+    # The triton backend takes the softmax backward's row term from `out`, so a ring block's
+    # backward goes through the fused op itself (the interpreter runs it on CPU).
+    case = Case("rope+t5", docs=True, padding=True, hkv=2, n=16, b=1, d=16)
+    q, k, v, pe, grad_out, kw = make(case, ("triton",))
+    got = run_cp(q, k, v, pe, grad_out, kw, None, "ring", "zigzag", backend="triton")
+    truth = run_math(q, k, v, pe, grad_out, torch.float64, **kw)
+    assert_close_f64(got, truth, label="ring/triton: ")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs CUDA or Triton's interpreter")  # fmt: skip
+def test_ring_through_the_triton_backward(pool2):
+    pytest.importorskip("triton")
+    pool2.run(_triton_worker)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _training_worker(rank: int, world: int) -> None:
+    from relattn.models import TinyLM, TinyLMConfig
+
+    for strategy, layout, pe, rope in (("ring", "zigzag", "t5", True),
+                                       ("all_to_all", "contiguous", "kerple", False)):  # fmt: skip
+        torch.manual_seed(0)
+        cfg = TinyLMConfig(vocab_size=32, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                           pe=pe, rope=rope)  # fmt: skip
+        model = TinyLM(cfg)
+        idx = torch.randint(0, 32, (2, 33), generator=torch.Generator().manual_seed(1))
+        inputs, targets = idx[:, :-1], idx[:, 1:]
+        docs = torch.zeros_like(inputs)
+        docs[0, 13:] = 1
+        docs[1, 21:] = 5
+        # One process, whole sequence: mean loss over all tokens.
+        logits = model(inputs, doc_ids=docs)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+        want = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        # Context parallel: each rank's loss is its tokens' share of the same mean, and every
+        # parameter's gradient is summed over the group.
+        cp = ContextParallel(None, strategy, layout)
+        x, y, d = (shard(t, None, layout, dim=1) for t in (inputs, targets, docs))
+        logits = model(x, doc_ids=d, context_parallel=cp)
+        loss = (
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+            / targets.numel()
+        )
+        loss.backward()
+        for name, p in model.named_parameters():
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+            tol = 1e-5 * (1 + want[name].abs().max().item())
+            err = (grad - want[name]).abs().max().item()
+            assert err <= tol, f"{strategy}: {name}: gradient error {err:.3g} > {tol:.3g}"
+
+
+def test_training_step_gives_the_whole_sequence_gradients(pool2):
+    """TinyLM with RoPE, GQA and packed documents: every parameter's gradient (embedding,
+    projections, norms, the encodings) equals one process on the whole sequence."""
+    pool2.run(_training_worker)
+
+
+def test_example_cp_train_with_torchrun():
+    """examples/cp_train.py under ``torchrun --nproc-per-node 2``: the context-parallel losses
+    equal the single-process losses of the same steps."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    src = str(ROOT / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "examples" / "cp_train.py"), "--seq-len", "64", "--steps", "3",
+           "--d-model", "32", "--layers", "1", "--check"]  # fmt: skip
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=WORKERS_TIMEOUT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "cp loss" in res.stdout and "agree" in res.stdout, res.stdout
