@@ -192,6 +192,7 @@ class RelativeSelfAttention(nn.Module):
         if context_parallel is not None and layer_cache is not None:
             raise ValueError("cache and context_parallel cannot be combined (a cache decodes)")
         if self.rope is not None:
+            pos: Tensor | int
             if context_parallel is not None:
                 pos = context_parallel.positions(n, x.device, doc_ids)
             elif layer_cache is not None:
