@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -156,7 +157,9 @@ def test_resume_refuses_other_settings_and_state_from_other_weights(tmp_path, te
     other = TinyLM.load(out)
     with torch.no_grad():
         other.embed.weight.add_(1.0)
-    other.save(out)
+    other.save(out.parent / "other")  # save refuses a folder with training files in it
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(out.parent / "other" / name, out / name)
     assert main(["train", str(text_file), *TINY, "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "belongs to other weights" in err[0]
