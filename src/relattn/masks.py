@@ -23,6 +23,7 @@ __all__ = [
     "contiguous_documents",
     "doc_bounds",
     "key_span",
+    "offset_bounds",
     "offset_range",
     "offset_visible",
     "visible",
@@ -58,9 +59,9 @@ def visible(delta: Tensor, problem: Problem) -> Tensor:
     return m
 
 
-def offset_range(nq: int, nk: int, causal: bool, q_offset: int, window: int) -> tuple[int, int]:
-    """The smallest and largest offset Δ of any pair the Δ rules leave visible (``lo <= hi``
-    always; a range whose offsets are all masked is returned as a single column, never read)."""
+def offset_bounds(nq: int, nk: int, causal: bool, q_offset: int, window: int) -> tuple[int, int]:
+    """The smallest and largest offset Δ of any pair the Δ rules leave visible; ``hi < lo``
+    when they hide every pair."""
     lo, hi = q_offset - (nk - 1), q_offset + nq - 1
     if causal:
         lo = max(lo, 0)
@@ -68,9 +69,14 @@ def offset_range(nq: int, nk: int, causal: bool, q_offset: int, window: int) -> 
         hi = min(hi, window - 1)
         if not causal:
             lo = max(lo, -(window - 1))
-    if hi < lo:
-        hi = lo
     return lo, hi
+
+
+def offset_range(nq: int, nk: int, causal: bool, q_offset: int, window: int) -> tuple[int, int]:
+    """:func:`offset_bounds` as a table range: ``lo <= hi`` always (a range whose offsets are all
+    masked is returned as a single column, never read)."""
+    lo, hi = offset_bounds(nq, nk, causal, q_offset, window)
+    return lo, max(lo, hi)
 
 
 def key_span(pos_first: int, pos_last: int, nk: int, causal: bool, window: int) -> tuple[int, int]:

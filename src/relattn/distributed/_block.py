@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..masks import key_span
 from ..problem import Problem
 
 # Backends whose backward computes D_i = rowsum(grad_out ∘ out) from the ``out`` it is given.
@@ -86,18 +87,6 @@ def _block_backward(
 # ----------------------------------------------------------------------------- the stand-in
 
 
-def _key_range(p0: int, p1: int, nk: int, causal: bool, window: int) -> tuple[int, int]:
-    """Keys ``[c0, c1)`` that queries at positions ``p0 .. p1`` may see by their offsets."""
-    c0 = max(0, p0 - window + 1) if window > 0 else 0
-    if causal:
-        c1 = p1 + 1
-    elif window > 0:
-        c1 = p1 + window
-    else:
-        c1 = nk
-    return c0, min(max(c1, 0), nk)
-
-
 def _offsets_vector(table, slopes, hq, d0, width, lo, causal, window, dtype, device) -> Tensor:
     """``e[h, t] = PE_h(Δ = d0 - t)`` for ``t < width``, ``-inf`` where the offset is hidden:
     the bias of reversed row i against key c is ``e[h, i + c]`` (a Toeplitz view)."""
@@ -154,7 +143,7 @@ def _backward_from_out(
     blocks = []
     for r0 in range(0, nq, rows):
         r1 = min(nq, r0 + rows)
-        c0, c1 = _key_range(q_offset + r0, q_offset + r1 - 1, nk, causal, window)
+        c0, c1 = key_span(q_offset + r0, q_offset + r1 - 1, nk, causal, window)
         if c1 > c0:
             blocks.append((r0, r1, c0, c1))
     widest = max((c1 - c0 for *_, c0, c1 in blocks), default=0)

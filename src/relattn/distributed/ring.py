@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..masks import doc_bounds, offset_bounds
 from ._block import _block_backward, _block_forward
 from .layout import chunks
 
@@ -71,13 +72,7 @@ class Plan:
 
 def pair_visible(qs: int, nq: int, ks: int, nk: int, causal: bool, window: int) -> bool:
     """Whether queries at positions ``qs ..`` see any key at ``ks ..`` by offset alone."""
-    lo, hi = qs - (ks + nk - 1), qs + nq - 1 - ks
-    if causal:
-        lo = max(lo, 0)
-    if window > 0:
-        hi = min(hi, window - 1)
-        if not causal:
-            lo = max(lo, -(window - 1))
+    lo, hi = offset_bounds(nq, nk, causal, qs - ks, window)
     return lo <= hi
 
 
@@ -128,14 +123,7 @@ def plan_calls(
 
 def _doc_runs(doc_ids: Tensor) -> tuple[list[list[int]], list[list[int]]]:
     """Per batch row and position: the first position of its document and one past the last."""
-    n = doc_ids.shape[1]
-    pos = torch.arange(n, device=doc_ids.device).expand_as(doc_ids)
-    new = torch.ones_like(doc_ids, dtype=torch.bool)
-    new[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    start = torch.where(new, pos, 0).cummax(dim=1).values
-    last = torch.ones_like(new)
-    last[:, :-1] = new[:, 1:]
-    end = torch.where(last, pos + 1, n).flip(1).cummin(dim=1).values.flip(1)
+    start, end = doc_bounds(doc_ids)
     return start.tolist(), end.tolist()
 
 
