@@ -199,7 +199,7 @@ def test_causal_not_a_bool(value):
 @pytest.mark.parametrize("name", ["cuda", "flash", "", "Reference"])
 def test_unknown_backend_lists_the_valid_names(name):
     q, k, v = qkv()
-    valid = r"\['auto', 'reference', 'chunked', 'triton'\]"
+    valid = r"\['auto', 'reference', 'chunked', 'decode', 'triton'\]"
     with pytest.raises(ValueError, match=rf"backend must be one of {valid}; got '{name}'"):
         relattn.attention(q, k, v, backend=name)
 
