@@ -257,6 +257,25 @@ def _stat_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _foldable(q: Tensor, problem: Problem) -> bool:
+    """Whether every batch row has the same plan (no doc_ids or padding that narrow or mask
+    keys per row), so the batch can fold into the heads: one batched op then covers
+    ``B·H`` heads, where a loop over the batch would run B times as many small ops (each
+    waking torch's thread pool, which on busy cores waits for a descheduled thread)."""
+    return q.shape[0] > 1 and problem.doc_ids is None and problem.key_padding_mask is None
+
+
+def _fold(q, k, v, table, slopes) -> tuple:
+    """``(q, k, v, table, slopes)`` with the batch folded into the heads: ``(1, B·H, N, D)``,
+    the table and slopes repeated per batch row (query head ``b·Hq + h`` still reads kv head
+    ``(b·Hq + h) // G = b·Hkv + h // G``)."""
+    b = q.shape[0]
+    q, k, v = (x.reshape(1, b * x.shape[1], *x.shape[2:]) for x in (q, k, v))
+    table = table.repeat(b, 1) if table is not None else None
+    slopes = slopes.repeat(b) if slopes is not None else None
+    return q, k, v, table, slopes
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -269,6 +288,10 @@ def forward(
     q: ``(B, Hq, Nq, D)``; k, v: ``(B, Hkv, Nk, D)``; table ``(Hq, T)`` or slopes ``(Hq,)``.
     """
     _check(q, k, table, slopes)
+    if _foldable(q, problem):
+        b, hq, nq, d = q.shape
+        out, lse = forward(*_fold(q, k, v, table, slopes), problem)
+        return out.view(b, hq, nq, d), lse.view(b, hq, nq)
     lo, scale, causal, q_offset, window, doc_ids, key_padding_mask = _unpack(problem)
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -328,6 +351,14 @@ def backward(
     backward's row term ``D_i = dO_i·O_i`` is taken as ``Σ_c dP∘P`` from those probabilities.
     """
     _check(q, k, table, slopes)
+    if _foldable(q, problem):
+        b, hq, nq, d = q.shape
+        folded = _fold(q, k, v, table, slopes)
+        args = (grad_out.reshape(folded[0].shape), *folded[:3], out.reshape(folded[0].shape))
+        dq, dk, dv, dtable = backward(*args, lse.reshape(1, b * hq, nq), *folded[3:], problem)
+        if dtable is not None:
+            dtable = dtable.view(b, *table.shape).sum(0)
+        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dtable
     lo, scale, causal, q_offset, window, doc_ids, key_padding_mask = _unpack(problem)
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
