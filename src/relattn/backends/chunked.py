@@ -22,16 +22,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._machine import SCHEDULE
 from ..masks import doc_bounds, key_span, offset_visible
 from ..problem import Problem
 from .base import Backend
 
-# Query rows per block: 128 measured fastest on 2 cores at N = 4096 (fwd and fwd+bwd; the
-# diagonal block wastes ~BLOCK_M/N of the work) while live scores stay O(H·128·N).
-BLOCK_M = 128
-# Scores per matmul batch: about 16 MiB of fp32, so a block's scores stay in the L3 cache
-# between the matmul, the softmax and the product with v.
-_SCORES_PER_STEP = 1 << 22
+# Query rows per block (live scores stay O(H·BLOCK_M·N)) and scores per batched matmul (so a
+# step's scores stay in cache between the matmul, the softmax and the product with v): both
+# from the machine's caches, read at import; the measurements are in relattn._machine.
+BLOCK_M = SCHEDULE.block_m
+_SCORES_PER_STEP = SCHEDULE.scores_per_step
 
 _NEG_INF = float("-inf")
 
