@@ -311,6 +311,10 @@ class DecodeBackend(Backend):
     """Few query rows against a long cache: one pass over k and v, no copies of them."""
 
     name = "decode"
+    # Not routed through the custom op by the caller: attention() below routes itself, and so
+    # is handed the encodings' cached table (a fixed ALiBi's too) rather than closed-form slopes
+    # to expand at every token.
+    fused = False
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         b, hq, nq, _ = q.shape
