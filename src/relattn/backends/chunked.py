@@ -32,6 +32,7 @@ from .base import Backend
 # from the machine's caches, read at import; the measurements are in relattn._machine.
 BLOCK_M = SCHEDULE.block_m
 _SCORES_PER_STEP = SCHEDULE.scores_per_step
+_SCORES_PER_STEP_L2 = SCHEDULE.scores_per_step_l2
 
 _NEG_INF = float("-inf")
 
@@ -140,7 +141,9 @@ def _toeplitz(f: Tensor, heads: slice, m: int, keys: int, base: int) -> Tensor:
 
 def _head_step(hkv: int, group: int, m: int, keys: int) -> int:
     """How many kv heads to score in one batched matmul."""
-    return max(1, min(hkv, _SCORES_PER_STEP // max(1, group * m * keys)))
+    per_head = max(1, group * m * keys)
+    budget = _SCORES_PER_STEP_L2 if per_head <= _SCORES_PER_STEP_L2 else _SCORES_PER_STEP
+    return max(1, min(hkv, budget // per_head))
 
 
 def _extra_mask(
