@@ -225,10 +225,49 @@ class _Setup:
         return x.flip(2) if self.nq > 1 else x
 
 
+def _one_token(q, k, v, table, problem: Problem) -> tuple[Tensor, Tensor] | None:
+    """The generation loop's call, with as little Python as possible: one query row on the CPU,
+    a table, every key of the span visible by offset and no doc_ids or padding. None: not
+    this case (``forward`` then takes the general path)."""
+    if (
+        q.shape[2] != 1
+        or table is None
+        or q.device.type not in _FUSED_DEVICES
+        or problem.doc_ids is not None
+        or problem.key_padding_mask is not None
+    ):
+        return None
+    b, hq, _, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    qo, lo = problem.q_offset, problem.lo
+    c0, c1 = key_span(qo, qo, nk, problem.causal, problem.window)
+    e_max, e_min = qo - c0, qo - (c1 - 1)  # key c0 + j has offset e_max - j
+    if c1 <= c0 or e_min < lo or e_max >= lo + table.shape[1] or hq % hkv or table.dim() != 2:
+        return None
+    if e_min < 0 and problem.causal or problem.window and e_max >= problem.window:
+        return None  # hidden offsets inside the span: the general path masks them
+    if table.shape[0] != hq:
+        return None  # the general path reports it
+    if e_min != lo or e_max - e_min + 1 != table.shape[1]:
+        table = table[:, e_min - lo : e_max - lo + 1]
+    f = _reversed(_as(table, torch.promote_types(q.dtype, torch.float32)))
+    g, f0, keys = hq // hkv, f.stride(0), c1 - c0
+    if keys < nk:
+        k, v = k[:, :, c0:c1], v[:, :, c0:c1]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.reshape(b, hkv, g, d), k, v, 0.0, False,
+        attn_mask=f.as_strided((1, hkv, g, keys), (0, g * f0, f0, 1)), scale=problem.scale,
+    )  # fmt: skip
+    return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
+
+
 def forward(
     q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, slopes: Tensor | None, problem: Problem
 ) -> tuple[Tensor, Tensor]:
     """``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq))``; see :mod:`relattn.backends.base`."""
+    fast = _one_token(q, k, v, table, problem)
+    if fast is not None:
+        return fast
     st = _Setup(q, k, v, table, slopes, problem)
     b, hq, nq = st.b, st.hq, st.nq
     stat = _stat_dtype(q)
