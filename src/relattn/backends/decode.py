@@ -232,6 +232,7 @@ def _one_token(q, k, v, table, problem: Problem) -> tuple[Tensor, Tensor] | None
     if (
         q.shape[2] != 1
         or table is None
+        or table.dim() != 2
         or q.device.type not in _FUSED_DEVICES
         or problem.doc_ids is not None
         or problem.key_padding_mask is not None
@@ -242,7 +243,7 @@ def _one_token(q, k, v, table, problem: Problem) -> tuple[Tensor, Tensor] | None
     qo, lo = problem.q_offset, problem.lo
     c0, c1 = key_span(qo, qo, nk, problem.causal, problem.window)
     e_max, e_min = qo - c0, qo - (c1 - 1)  # key c0 + j has offset e_max - j
-    if c1 <= c0 or e_min < lo or e_max >= lo + table.shape[1] or hq % hkv or table.dim() != 2:
+    if c1 <= c0 or e_min < lo or e_max >= lo + table.shape[1] or hq % hkv:
         return None
     if e_min < 0 and problem.causal or problem.window and e_max >= problem.window:
         return None  # hidden offsets inside the span: the general path masks them
