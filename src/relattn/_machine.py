@@ -67,9 +67,9 @@ class Schedule:
 
     Attributes:
         block_m: query rows per block.
-        scores_per_step: scores (floats) per step when one head's block is larger than the L2.
-        scores_per_step_l2: scores per step when a head's block fits in the L2 (then the whole
-            step does).
+        scores_per_step: scores (floats) per step, in general.
+        scores_per_step_l2: scores per step when four or more heads' blocks fit in the L2
+            (then the whole step does).
     """
 
     block_m: int
@@ -174,7 +174,7 @@ def schedule(cpu: CpuInfo) -> Schedule:
       is written by the matmul and read by the softmax and the product with v: it should stay
       near the core, and four L2s' worth did best (an L3 shared with other tenants or cores
       keeps less of a larger block);
-    - when one head's block fits in the L2 (short sequences, many heads: a TinyLM training
+    - when several heads' blocks fit in the L2 (short sequences, many heads: a TinyLM training
       step, B = 16, N = 128, H = 4, D = 16, the batch folded into 64 heads), steps of one
       L2's worth of scores (16 heads) took 90 ms per step against 116 ms for 4 MiB (one thread)
       and 283 ms against 349 ms with two threads on busy cores: there the whole step stays in

@@ -142,7 +142,8 @@ def _toeplitz(f: Tensor, heads: slice, m: int, keys: int, base: int) -> Tensor:
 def _head_step(hkv: int, group: int, m: int, keys: int) -> int:
     """How many kv heads to score in one batched matmul."""
     per_head = max(1, group * m * keys)
-    budget = _SCORES_PER_STEP_L2 if per_head <= _SCORES_PER_STEP_L2 else _SCORES_PER_STEP
+    small = 4 * per_head <= _SCORES_PER_STEP_L2  # several heads' blocks fit in the L2
+    budget = _SCORES_PER_STEP_L2 if small else _SCORES_PER_STEP
     return max(1, min(hkv, budget // per_head))
 
 
