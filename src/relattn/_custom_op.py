@@ -11,6 +11,9 @@ into the encoding's parameters.
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 from torch import Tensor
 
@@ -18,6 +21,34 @@ from . import backends
 from .problem import Problem
 
 __all__ = ["fused_attention", "fused_attention_backward"]
+
+_LIB = torch.library.Library("relattn", "FRAGMENT")
+
+
+def _custom_op(name: str):
+    """``torch.library.custom_op("relattn::<name>", mutates_args=())`` written with the
+    lower-level Library calls, for one difference: the kernel runs outside dynamo (so a compiled
+    caller never traces into a backend) without importing torch._dynamo in a process that never
+    loaded it, where nothing can be tracing. custom_op's own wrapper imports it at the first
+    call, about 2 s of a fresh process's first attention call. Returns the OpOverload."""
+
+    def define(fn):
+        _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
+        disabled = None
+
+        @functools.wraps(fn)
+        def kernel(*args, **kwargs):
+            nonlocal disabled
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)
+            if disabled is None:
+                disabled = torch._dynamo.disable(fn, recursive=True)
+            return disabled(*args, **kwargs)
+
+        _LIB.impl(name, kernel, "CompositeExplicitAutograd")
+        return getattr(torch.ops.relattn, name).default
+
+    return define
 
 
 def _problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask) -> Problem:
@@ -28,7 +59,7 @@ def _stat_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("relattn::attention", mutates_args=())
+@_custom_op("attention")
 def _attention(
     q: Tensor,
     k: Tensor,
@@ -53,13 +84,13 @@ def _attention(
     return out.contiguous(), lse.to(_stat_dtype(q)).contiguous()
 
 
-@_attention.register_fake
+@torch.library.register_fake("relattn::attention", lib=_LIB)
 def _(q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window, b):
     bsz, h, n, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((bsz, h, n), dtype=_stat_dtype(q))
 
 
-@torch.library.custom_op("relattn::attention_backward", mutates_args=())
+@_custom_op("attention_backward")
 def _attention_backward(
     grad_out: Tensor,
     q: Tensor,
@@ -88,7 +119,7 @@ def _attention_backward(
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dtable.contiguous()
 
 
-@_attention_backward.register_fake
+@torch.library.register_fake("relattn::attention_backward", lib=_LIB)
 def _(grad_out, q, k, v, out, lse, table, slopes, doc_ids, kpm, lo, scale, causal, qo, w, b):
     dtable = table.new_empty(table.shape) if table is not None else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dtable
@@ -110,7 +141,9 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, dtable, None, None, None, None, None, None, None, None, None
 
 
-_attention.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    "relattn::attention", _backward, setup_context=_setup_context, lib=_LIB
+)
 
 
 def _no_double_backward(ctx, *grads):
@@ -124,7 +157,12 @@ def _setup_backward_context(ctx, inputs, output):
     ctx.backend = inputs[-1]
 
 
-_attention_backward.register_autograd(_no_double_backward, setup_context=_setup_backward_context)
+torch.library.register_autograd(
+    "relattn::attention_backward",
+    _no_double_backward,
+    setup_context=_setup_backward_context,
+    lib=_LIB,
+)
 
 
 def fused_attention(

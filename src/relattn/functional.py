@@ -250,7 +250,7 @@ def _table(additive: list[PositionEncoding], lo: int, hi: int, q: Tensor) -> Ten
     table = None
     expected = (q.shape[1], hi - lo + 1)
     for enc in additive:
-        t = enc.table(lo, hi)
+        t = enc.cached_table(lo, hi)
         name = type(enc).__name__
         if not isinstance(t, Tensor):
             raise TypeError(f"pe {name}.table(lo, hi) must return a Tensor; got {type(t).__name__}")

@@ -1,9 +1,10 @@
 """Interchangeable exact attention kernels behind one protocol (:class:`Backend`).
 
 Built in: ``reference`` (the specification, plain autograd), ``chunked`` (block by block in
-PyTorch; CPU, and CUDA without Triton), ``triton`` (FlashAttention-2-style GPU kernels). A new
-backend subclasses :class:`Backend` and calls :func:`register`; ``backend="auto"`` then weighs
-its :meth:`~Backend.priority` with the others'.
+PyTorch; CPU, and CUDA without Triton), ``decode`` (few query rows against a long KV cache, one
+pass over the keys), ``triton`` (FlashAttention-2-style GPU kernels). A new backend subclasses
+:class:`Backend` and calls :func:`register`; ``backend="auto"`` then weighs its
+:meth:`~Backend.priority` with the others'.
 """
 
 from __future__ import annotations
@@ -23,8 +24,12 @@ _REGISTRY: dict[str, Backend] = {}
 _BUILTIN = {
     "reference": "relattn.backends.reference",
     "chunked": "relattn.backends.chunked",
+    "decode": "relattn.backends.decode",
     "triton": "relattn.backends.triton_backend",
 }
+# Built-in backends that ``auto`` can pick only on these device types: on others it does not
+# import them (importing triton costs about 0.4 s of a first call on the CPU).
+_AUTO_DEVICES = {"triton": ("cuda",)}
 
 
 def register(backend: Backend) -> Backend:
@@ -89,9 +94,11 @@ class _FlatModule(Backend):
         )  # fmt: skip
 
 
-def _all() -> list[Backend]:
+def _all(device_type: str) -> list[Backend]:
     out = []
     for name in names()[1:]:
+        if name not in _REGISTRY and device_type not in _AUTO_DEVICES.get(name, (device_type,)):
+            continue
         try:
             out.append(get(name))
         except RuntimeError:
@@ -109,7 +116,7 @@ def choose(name: str, q: Tensor, k: Tensor, problem: Problem) -> Backend:
     if name == "auto":
         compiling = torch.compiler.is_compiling()
         ranked = []
-        for backend in _all():
+        for backend in _all(q.device.type):
             p = backend.priority(q, k, problem)
             if p is not None:
                 ranked.append((p, backend))

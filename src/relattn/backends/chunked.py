@@ -22,16 +22,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._machine import SCHEDULE
 from ..masks import doc_bounds, key_span, offset_visible
 from ..problem import Problem
 from .base import Backend
 
-# Query rows per block: 128 measured fastest on 2 cores at N = 4096 (fwd and fwd+bwd; the
-# diagonal block wastes ~BLOCK_M/N of the work) while live scores stay O(H·128·N).
-BLOCK_M = 128
-# Scores per matmul batch: about 16 MiB of fp32, so a block's scores stay in the L3 cache
-# between the matmul, the softmax and the product with v.
-_SCORES_PER_STEP = 1 << 22
+# Query rows per block (live scores stay O(H·BLOCK_M·N)) and scores per batched matmul (so a
+# step's scores stay in cache between the matmul, the softmax and the product with v): both
+# from the machine's caches, read at import; the measurements are in relattn._machine.
+BLOCK_M = SCHEDULE.block_m
+_SCORES_PER_STEP = SCHEDULE.scores_per_step
+_SCORES_PER_STEP_L2 = SCHEDULE.scores_per_step_l2
 
 _NEG_INF = float("-inf")
 
@@ -140,7 +141,10 @@ def _toeplitz(f: Tensor, heads: slice, m: int, keys: int, base: int) -> Tensor:
 
 def _head_step(hkv: int, group: int, m: int, keys: int) -> int:
     """How many kv heads to score in one batched matmul."""
-    return max(1, min(hkv, _SCORES_PER_STEP // max(1, group * m * keys)))
+    per_head = max(1, group * m * keys)
+    small = 4 * per_head <= _SCORES_PER_STEP_L2  # several heads' blocks fit in the L2
+    budget = _SCORES_PER_STEP_L2 if small else _SCORES_PER_STEP
+    return max(1, min(hkv, budget // per_head))
 
 
 def _extra_mask(
@@ -257,6 +261,25 @@ def _stat_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _foldable(q: Tensor, problem: Problem) -> bool:
+    """Whether every batch row has the same plan (no doc_ids or padding that narrow or mask
+    keys per row), so the batch can fold into the heads: one batched op then covers
+    ``B·H`` heads, where a loop over the batch would run B times as many small ops (each
+    waking torch's thread pool, which on busy cores waits for a descheduled thread)."""
+    return q.shape[0] > 1 and problem.doc_ids is None and problem.key_padding_mask is None
+
+
+def _fold(q, k, v, table, slopes) -> tuple:
+    """``(q, k, v, table, slopes)`` with the batch folded into the heads: ``(1, B·H, N, D)``,
+    the table and slopes repeated per batch row (query head ``b·Hq + h`` still reads kv head
+    ``(b·Hq + h) // G = b·Hkv + h // G``)."""
+    b = q.shape[0]
+    q, k, v = (x.reshape(1, b * x.shape[1], *x.shape[2:]) for x in (q, k, v))
+    table = table.repeat(b, 1) if table is not None else None
+    slopes = slopes.repeat(b) if slopes is not None else None
+    return q, k, v, table, slopes
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -269,6 +292,10 @@ def forward(
     q: ``(B, Hq, Nq, D)``; k, v: ``(B, Hkv, Nk, D)``; table ``(Hq, T)`` or slopes ``(Hq,)``.
     """
     _check(q, k, table, slopes)
+    if _foldable(q, problem):
+        b, hq, nq, d = q.shape
+        out, lse = forward(*_fold(q, k, v, table, slopes), problem)
+        return out.view(b, hq, nq, d), lse.view(b, hq, nq)
     lo, scale, causal, q_offset, window, doc_ids, key_padding_mask = _unpack(problem)
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -328,6 +355,14 @@ def backward(
     backward's row term ``D_i = dO_i·O_i`` is taken as ``Σ_c dP∘P`` from those probabilities.
     """
     _check(q, k, table, slopes)
+    if _foldable(q, problem):
+        b, hq, nq, d = q.shape
+        folded = _fold(q, k, v, table, slopes)
+        args = (grad_out.reshape(folded[0].shape), *folded[:3], out.reshape(folded[0].shape))
+        dq, dk, dv, dtable = backward(*args, lse.reshape(1, b * hq, nq), *folded[3:], problem)
+        if dtable is not None:
+            dtable = dtable.view(b, *table.shape).sum(0)
+        return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dtable
     lo, scale, causal, q_offset, window, doc_ids, key_padding_mask = _unpack(problem)
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]

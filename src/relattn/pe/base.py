@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
 from .._validate import check_int
+
+# Attributes every nn.Module has (hook dicts, the parameter and buffer registries, ...): not part
+# of what a table depends on (parameters and buffers are keyed one by one instead).
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_PLAIN = (int, float, bool, str, type(None), torch.dtype)
+# Stay clear of int64's ends when widening a cached range.
+_OFFSET_LIMIT = 1 << 62
+# Kept outside the modules so the cached tables never enter state_dict, pickles or deepcopies.
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class PositionEncoding(nn.Module):
@@ -36,6 +47,73 @@ class PositionEncoding(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement table(lo, hi)")
 
+    def cached_table(self, lo: int, hi: int) -> Tensor:
+        """:meth:`table`, reused between calls while nothing it depends on has changed.
+
+        Decoding asks for ``table(0, N - 1)`` with N one larger at every token; recomputing T5's
+        buckets each time costs more than attending over a short cache. The table is kept for a
+        range that grows geometrically, and a call is answered from it only when every
+        parameter and buffer of the module and its submodules is the same tensor, on the same
+        memory, at the same version counter (an optimizer step, ``load_state_dict`` or any
+        in-place change bumps it), every other attribute holds the same plain value (a number,
+        string or tensor), the kept table itself is unchanged, and no gradient is needed (grad
+        mode off, or no parameter requires grad). Otherwise, or when an attribute of another
+        kind (a list, an object) might have changed, :meth:`table` is computed afresh.
+
+        Returns:
+            ``(H, hi - lo + 1)``, as :meth:`table` (possibly a view of a wider kept table; do
+            not modify it in place).
+        """
+        if torch.compiler.is_compiling():
+            return self.table(lo, hi)
+        inputs = self._table_inputs()
+        try:
+            key = tuple(_tensor_key(t) if isinstance(t, Tensor) else t for t in inputs or ())
+        except RuntimeError:  # a tensor without storage or version counter (functorch)
+            inputs = None
+        if inputs is None:
+            return self.table(lo, hi)
+        entry = _CACHE.get(self)
+        if entry is not None and entry[0] == key:
+            _, c_lo, c_hi, kept, version, _ = entry
+            if c_lo <= lo and hi <= c_hi and _version(kept) == version:
+                return kept[:, lo - c_lo : hi - c_lo + 1]
+            # Widen on the side that moved by the kept width, so a decoding loop recomputes the
+            # table O(log N) times rather than at every token.
+            width = c_hi - c_lo + 1
+            new_lo = min(lo, c_lo - width) if lo < c_lo else c_lo
+            new_hi = max(hi, c_hi + width) if hi > c_hi else c_hi
+            new_lo, new_hi = max(new_lo, -_OFFSET_LIMIT), min(new_hi, _OFFSET_LIMIT)
+        else:
+            new_lo, new_hi = lo, hi
+        table = self.table(new_lo, new_hi)
+        if not isinstance(table, Tensor) or table.dim() != 2 or table.requires_grad:
+            return self.table(lo, hi)  # the caller reports a malformed table
+        # The entry holds every keyed tensor and its storage, so while it lives no other tensor
+        # can take their ids or memory and match the key by accident.
+        refs = [(t, t.untyped_storage()) for t in inputs if isinstance(t, Tensor)]
+        _CACHE[self] = (key, new_lo, new_hi, table, _version(table), refs)
+        return table[:, lo - new_lo : hi - new_lo + 1]
+
+    def _table_inputs(self) -> list | None:
+        """Everything :meth:`table` may read (tensors, plain values, types, names), or None
+        when the table must not be cached."""
+        grad = torch.is_grad_enabled()
+        inputs: list = [torch.is_inference_mode_enabled()]
+        for module in self.modules() if self._modules else (self,):
+            inputs.append(type(module))
+            for name, value in vars(module).items():
+                if name in _MODULE_INTERNALS or isinstance(value, nn.Module):
+                    continue
+                if not isinstance(value, (Tensor, *_PLAIN)):
+                    return None  # a list, a callable, ...: cannot tell if it changed
+                inputs += [name, value]
+            for name, t in (*module._parameters.items(), *module._buffers.items()):
+                if t is not None and grad and t.requires_grad:
+                    return None
+                inputs += [name, t]
+        return inputs
+
     def closed_form_slopes(self) -> Tensor | None:
         """Per-head slopes ``m_h`` of shape ``(H,)`` when ``PE = -m_h·|Δ|`` exactly and nothing
         about it is learned; kernels then compute the term in closed form instead of reading a
@@ -55,6 +133,16 @@ class PositionEncoding(nn.Module):
 
     def forward(self, lo: int, hi: int) -> Tensor:
         return self.table(lo, hi)
+
+
+def _version(t: Tensor) -> int | None:
+    """The version counter (None for an inference tensor, which has none)."""
+    return None if t.is_inference() else t._version
+
+
+def _tensor_key(t: Tensor) -> tuple:
+    return (id(t), t.data_ptr(), _version(t), t.shape, t.stride(), t.storage_offset(), t.dtype,
+            t.device)  # fmt: skip
 
 
 def offsets_grid(nq: int, nk: int, q_offset: int = 0, device=None) -> Tensor:

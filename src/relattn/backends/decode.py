@@ -1,0 +1,388 @@
+"""Few query rows against many keys (decoding with a KV cache), in one pass over the keys.
+
+With few query rows, attention is bound by reading k and v once. This backend folds every query
+head of a GQA group into the rows of its kv head, so k and v are read in place, never repeated
+or copied, and lays the position term of the visible offsets only over the scores as a strided
+Toeplitz view of the table, as the chunked backend does (rows reversed, so reversed row ``r'``
+against key ``c0 + j`` reads ``F[h, r' + j]``; for one row that view is the table row itself).
+
+On the CPU the forward pass is then a single call of ATen's fused CPU attention kernel (the one
+behind ``scaled_dot_product_attention``), with that view as its additive mask: one parallel
+region per call. Several ops per call (score matmul, softmax, output matmul) each wake torch's
+thread pool, and on cores busy with other work every wake-up waits for a descheduled thread:
+measured on a loaded 2-core machine at Nk = 16384 with 2 threads, 96 ms for three such ops
+against 24 ms for the fused call (1 thread: 16 ms and 17 ms). Elsewhere, and for the backward
+pass, it computes the scores of all rows as one block with batched matmuls.
+
+All rows form one block, so the backward's live scores are ``O(Hq·Nq·Nk)``: the backend is
+exact for any shape, but ``backend="auto"`` picks it only for few rows (:data:`MAX_ROWS`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..masks import key_span
+from ..problem import Problem
+from .base import Backend
+from .chunked import _antidiagonal_sums, _check, _softmax_backward, _stat_dtype
+
+__all__ = ["MAX_ROWS", "DecodeBackend", "backward", "forward"]
+
+# ``auto`` sends CPU calls with at most this many query rows here. Measured (no grad, fp32,
+# B = 1, H = 8, D = 64, T5Bias, 1 thread, 2-core AMD EPYC Zen 4 under load): decode took
+# 0.12-0.6× the chunked backend's time at Nq = 1..64 and 0.55-0.83× at Nq = 128..256, for
+# Nk = 64..4096 (chunked copies kᵀ and gathers an extended table per call), and 0.3-0.5× the
+# reference's at Nq·Nk <= 64·64. 128 rows is also the chunked backend's block, so the live
+# scores of decode's one-block backward stay those of one chunked block.
+MAX_ROWS = 128
+# ... and only while the scores (B·Hq·Nq·L) it may write out (the backward's, or a mask with
+# doc_ids / key_padding_mask) stay below this many; beyond, chunked works block by block.
+MAX_LIVE_SCORES = 1 << 24
+# Devices where the forward pass is ATen's fused CPU kernel; elsewhere, batched matmuls.
+_FUSED_DEVICES = ("cpu",)
+
+_NEG_INF = float("-inf")
+# ATen runs an elementwise op on one thread below this many elements (at::internal::GRAIN_SIZE).
+_SERIAL = 32768
+
+
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _positional_row(
+    table: Tensor | None,
+    slopes: Tensor | None,
+    problem: Problem,
+    e_min: int,
+    e_max: int,
+    hq: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor | None:
+    """``F[h, x] = PE_h(Δ = e_max - x)`` for ``x = 0 .. e_max - e_min``, ``-inf`` where the Δ
+    rules (causal, window) hide the offset; None when there is neither a position term nor a
+    hidden offset (the scores then need no bias at all)."""
+    # The visible offsets [a, z]: the table covers offset_range(), which is the Δ rules' interval
+    # (a table of one masked column when nothing is visible, hence the explicit rules too).
+    a, z = e_min, e_max
+    if problem.causal:
+        a = max(a, 0)
+    if problem.window > 0:
+        z = min(z, problem.window - 1)
+        if not problem.causal:
+            a = max(a, 1 - problem.window)
+    if table is not None:
+        a, z = max(a, problem.lo), min(z, problem.lo + table.shape[1] - 1)
+    everything = a == e_min and z == e_max
+    if table is not None:
+        if everything:
+            if e_min != problem.lo or e_max - e_min + 1 != table.shape[1]:
+                table = table[:, e_min - problem.lo : e_max - problem.lo + 1]
+            return _reversed(_as(table, dtype))
+        f = torch.full((hq, e_max - e_min + 1), _NEG_INF, dtype=dtype, device=device)
+        if a <= z:
+            cols = table[:, a - problem.lo : z - problem.lo + 1]
+            f[:, e_max - z : e_max - a + 1] = _reversed(_as(cols, dtype))
+        return f
+    if slopes is not None:
+        delta = torch.arange(e_max, e_min - 1, -1, device=device)
+        f = slopes.to(dtype)[:, None] * delta.abs().to(dtype).neg_()
+    elif everything:
+        return None
+    else:
+        f = torch.zeros(hq, e_max - e_min + 1, dtype=dtype, device=device)
+    if not everything:
+        f[:, : max(0, e_max - z)] = _NEG_INF
+        f[:, max(0, e_max - a + 1) :] = _NEG_INF
+    return f
+
+
+def _reversed(t: Tensor) -> Tensor:
+    """``t.flip(-1)`` for ``t (H, W)``, in pieces that each stay on one thread: the fused
+    kernel is then the call's only parallel region (see the module docstring)."""
+    if t.numel() <= _SERIAL:
+        return t.flip(-1)
+    h, w = t.shape
+    out = torch.empty(h, w, dtype=t.dtype, device=t.device)
+    cols = min(w, _SERIAL)
+    rows = max(1, _SERIAL // cols)
+    for r in range(0, h, rows):
+        for c in range(0, w, cols):
+            c1 = min(w, c + cols)
+            out[r : r + rows, w - c1 : w - c] = t[r : r + rows, c:c1].flip(-1)
+    return out
+
+
+def _hidden(problem: Problem, nq: int, c0: int, c1: int) -> Tensor | None:
+    """``(B, Nq, L)`` bool in reversed row order: keys that doc_ids / key_padding_mask hide."""
+    hidden = None
+    if problem.doc_ids is not None:
+        p0 = problem.q_offset
+        q_doc = problem.doc_ids[:, p0 : p0 + nq].flip(1)
+        hidden = q_doc[:, :, None] != problem.doc_ids[:, None, c0:c1]
+    if problem.key_padding_mask is not None:
+        pad = ~problem.key_padding_mask[:, None, c0:c1]
+        hidden = pad if hidden is None else hidden | pad
+    return hidden
+
+
+def _no_key(pos: int, nk: int, causal: bool, window: int) -> bool:
+    c0, c1 = key_span(pos, pos, nk, causal, window)
+    return c1 <= c0
+
+
+class _Setup:
+    """What forward and backward share: the key span, the queries folded by kv head with rows
+    reversed ``(B, Hkv, G·Nq, D)``, the keys and values of the span ``(B, Hkv, L, D)`` (views),
+    the positional row F and the extra doc/padding mask."""
+
+    def __init__(self, q, k, v, table, slopes, problem: Problem) -> None:
+        _check(q, k, table, slopes)
+        b, hq, nq, d = q.shape
+        hkv, nk = k.shape[1], k.shape[2]
+        self.b, self.hq, self.nq, self.d, self.hkv, self.nk = b, hq, nq, d, hkv, nk
+        self.group = hq // hkv
+        self.compute = torch.promote_types(q.dtype, torch.float32)
+        self.problem = problem
+        qo, causal, window = problem.q_offset, problem.causal, problem.window
+        self.c0, self.c1 = c0, c1 = key_span(qo, qo + nq - 1, nk, causal, window)
+        self.empty = c1 <= c0
+        if self.empty:
+            return
+        self.keys = c1 - c0
+        # Reversed row r' against key c0 + j has offset e_max - (r' + j).
+        self.e_max, self.e_min = qo + nq - 1 - c0, qo - (c1 - 1)
+        self.q = (q.flip(2) if nq > 1 else q).reshape(b, hkv, self.group * nq, d)
+        self.k, self.v = (k, v) if self.keys == nk else (k[:, :, c0:c1], v[:, :, c0:c1])
+        self.f = _positional_row(
+            table, slopes, problem, self.e_min, self.e_max, hq, self.compute, q.device
+        )
+        self.hidden = _hidden(problem, nq, c0, c1)
+        # A row can see nothing only at the ends of the span or under doc/padding masks.
+        self.maybe_empty = self.hidden is not None or (
+            nq > 1 and (_no_key(qo, nk, causal, window) or _no_key(qo + nq - 1, nk, causal, window))
+        )
+
+    def mask(self, member: int | None = None) -> Tensor | None:
+        """PE + Mask over the rows of every kv head (None: nothing to add).
+
+        Args:
+            member: None for all rows, ``(B or 1, Hkv, G·Nq, L)``: a view of F with one row or
+                one query head per group, else F's Toeplitz written out once; or one member
+                ``0 <= member < G`` of each group, ``(B or 1, Hkv, Nq, L)``, always a view.
+        """
+        hkv, g, nq, keys, f = self.hkv, self.group, self.nq, self.keys, self.f
+        rows = g * nq if member is None else nq
+        bias = None
+        if f is not None:
+            f0 = f.stride(0)
+            if member is not None:
+                start = f.storage_offset() + member * f0
+                bias = f.as_strided((1, hkv, nq, keys), (0, g * f0, 1, 1), start)
+            elif nq == 1 or g == 1:
+                bias = f.as_strided((1, hkv, rows, keys), (0, g * f0, f0 if nq == 1 else 1, 1))
+            else:
+                bias = f.as_strided((hkv, g, nq, keys), (g * f0, f0, 1, 1))
+                bias = bias.reshape(1, hkv, rows, keys)
+        if self.hidden is None:
+            return bias
+        if bias is None:
+            bias = torch.zeros((), dtype=self.compute, device=self.q.device)
+        shape = (self.b, hkv, rows // nq, nq, keys)
+        full = bias.expand(self.b, hkv, rows, keys).view(shape)
+        return full.masked_fill(self.hidden[:, None, None], _NEG_INF).view(self.b, hkv, rows, keys)
+
+    def fused(self, q: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """ATen's fused CPU kernel for queries ``q (B, Hkv, R, D)`` against the span, with
+        rows whose mask is -inf throughout set to out 0, lse -inf."""
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, self.k, self.v, 0.0, False, attn_mask=mask, scale=self.problem.scale
+        )
+        if self.maybe_empty:
+            empty = ~(mask > _NEG_INF).any(dim=-1).expand(lse.shape)
+            out = out.masked_fill(empty[..., None], 0.0)
+            lse = lse.masked_fill(empty, _NEG_INF)
+        return out, lse
+
+    def scores(self) -> Tensor:
+        """``scale·q·kᵀ + PE + Mask`` as ``(B·Hkv, G·Nq, L)`` in the compute dtype."""
+        b, hkv, gnq, keys, d = self.b, self.hkv, self.group * self.nq, self.keys, self.d
+        q = _as(self.q, self.compute).reshape(b * hkv, gnq, d)
+        kt = _as(self.k, self.compute).reshape(b * hkv, keys, d).transpose(1, 2)
+        s = torch.bmm(q, kt).mul_(self.problem.scale)
+        mask = self.mask()
+        if mask is not None:
+            s.view(b, hkv, gnq, keys).add_(mask)
+        return s
+
+    def rows(self, x: Tensor, *tail: int) -> Tensor:
+        """Rows ordered ``(B, Hkv, G·Nq)`` and reversed, trailing dims ``tail``, back to
+        ``(B, Hq, Nq, *tail)``."""
+        x = x.reshape(self.b, self.hq, self.nq, *tail)
+        return x.flip(2) if self.nq > 1 else x
+
+
+def _one_token(q, k, v, table, problem: Problem) -> tuple[Tensor, Tensor] | None:
+    """The generation loop's call, with as little Python as possible: one query row on the CPU,
+    a table, every key of the span visible by offset and no doc_ids or padding. None: not
+    this case (``forward`` then takes the general path)."""
+    if (
+        q.shape[2] != 1
+        or table is None
+        or table.dim() != 2
+        or q.device.type not in _FUSED_DEVICES
+        or problem.doc_ids is not None
+        or problem.key_padding_mask is not None
+    ):
+        return None
+    b, hq, _, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    qo, lo = problem.q_offset, problem.lo
+    c0, c1 = key_span(qo, qo, nk, problem.causal, problem.window)
+    e_max, e_min = qo - c0, qo - (c1 - 1)  # key c0 + j has offset e_max - j
+    if c1 <= c0 or e_min < lo or e_max >= lo + table.shape[1] or hq % hkv:
+        return None
+    if e_min < 0 and problem.causal or problem.window and e_max >= problem.window:
+        return None  # hidden offsets inside the span: the general path masks them
+    if table.shape[0] != hq:
+        return None  # the general path reports it
+    if e_min != lo or e_max - e_min + 1 != table.shape[1]:
+        table = table[:, e_min - lo : e_max - lo + 1]
+    f = _reversed(_as(table, torch.promote_types(q.dtype, torch.float32)))
+    g, f0, keys = hq // hkv, f.stride(0), c1 - c0
+    if keys < nk:
+        k, v = k[:, :, c0:c1], v[:, :, c0:c1]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.reshape(b, hkv, g, d), k, v, 0.0, False,
+        attn_mask=f.as_strided((1, hkv, g, keys), (0, g * f0, f0, 1)), scale=problem.scale,
+    )  # fmt: skip
+    return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, slopes: Tensor | None, problem: Problem
+) -> tuple[Tensor, Tensor]:
+    """``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq))``; see :mod:`relattn.backends.base`."""
+    fast = _one_token(q, k, v, table, problem)
+    if fast is not None:
+        return fast
+    st = _Setup(q, k, v, table, slopes, problem)
+    b, hq, nq = st.b, st.hq, st.nq
+    stat = _stat_dtype(q)
+    if st.empty:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        return out, torch.full((b, hq, nq), _NEG_INF, dtype=stat, device=q.device)
+    g, d = st.group, st.d
+    fused = q.device.type in _FUSED_DEVICES
+    if fused and (nq == 1 or g == 1):
+        out, lse = st.fused(st.q, st.mask())
+    elif fused:
+        # One kernel call per member of the GQA groups, so the position term stays a view.
+        out = q.new_empty(b, st.hkv, g, nq, d)
+        lse = torch.empty(b, st.hkv, g, nq, dtype=stat, device=q.device)
+        q_members = st.q.reshape(b, st.hkv, g, nq, d)
+        for member in range(g):
+            out[:, :, member], lse[:, :, member] = st.fused(
+                q_members[:, :, member], st.mask(member)
+            )
+    else:  # other devices: the scores of all rows as one block
+        s = st.scores()
+        lse = torch.logsumexp(s, dim=-1)  # -inf for rows that see no key
+        p = torch.softmax(s, dim=-1)
+        if st.maybe_empty:  # softmax gave NaN there
+            p.masked_fill_((lse == _NEG_INF)[..., None], 0.0)
+        out = torch.bmm(p, _as(st.v, st.compute).reshape(b * st.hkv, st.keys, d))
+    out = _as(st.rows(out, st.d), q.dtype).contiguous()
+    return out, _as(st.rows(lse), stat).contiguous()
+
+
+def backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    table: Tensor | None,
+    slopes: Tensor | None,
+    problem: Problem,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(dq, dk, dv, dtable)`` from probabilities recomputed in one block; ``out`` is unread
+    (the softmax backward's row term comes from the probabilities, as in the chunked backend)."""
+    st = _Setup(q, k, v, table, slopes, problem)
+    dk = torch.zeros(k.shape, dtype=st.compute, device=q.device)
+    dv = torch.zeros(v.shape, dtype=st.compute, device=q.device)
+    dtable = None if table is None else torch.zeros(table.shape, dtype=table.dtype, device=q.device)
+    if st.empty:
+        return torch.zeros_like(q), dk.to(k.dtype), dv.to(v.dtype), dtable
+    b, hkv, g, nq, d, keys = st.b, st.hkv, st.group, st.nq, st.d, st.keys
+    p = torch.softmax(st.scores(), dim=-1)
+    if st.maybe_empty:  # softmax gave NaN on rows that see no key
+        empty = (lse == _NEG_INF).view(b, st.hq, nq, 1)
+        empty = empty.flip(2) if nq > 1 else empty
+        p.masked_fill_(empty.reshape(b * hkv, g * nq, 1), 0.0)
+    do = _as(grad_out, st.compute)
+    do = (do.flip(2) if nq > 1 else do).reshape(b * hkv, g * nq, d)
+    vc = _as(st.v, st.compute).reshape(b * hkv, keys, d)
+    kc = _as(st.k, st.compute).reshape(b * hkv, keys, d)
+    qc = _as(st.q, st.compute).reshape(b * hkv, g * nq, d)
+    ds = torch.bmm(do, vc.transpose(1, 2))  # dP = dO·vᵀ
+    _softmax_backward(ds, p)  # dS = P∘(dP - Σ_c dP∘P)
+    scale = problem.scale
+    dv[:, :, st.c0 : st.c1] = torch.bmm(p.transpose(1, 2), do).view(b, hkv, keys, d)
+    dk_span = torch.bmm(ds.transpose(1, 2), qc).mul_(scale)
+    dk[:, :, st.c0 : st.c1] = dk_span.view(b, hkv, keys, d)
+    dq = st.rows(torch.bmm(ds, kc).mul_(scale), d)
+    if table is not None:
+        # Reversed row r' against key c0 + j has offset e_max - (r' + j): the table gradient
+        # is the anti-diagonal sums of dS, summed over the batch, read backwards.
+        sums = _antidiagonal_sums(ds.view(b, st.hq, nq, keys).sum(0)).flip(-1)
+        lo, t = problem.lo, table.shape[1]
+        a, z = max(lo, st.e_min), min(lo + t - 1, st.e_max)
+        if a <= z:
+            dtable[:, a - lo : z - lo + 1] = sums[:, a - st.e_min : z - st.e_min + 1]
+    return _as(dq, q.dtype).contiguous(), _as(dk, k.dtype), _as(dv, v.dtype), dtable
+
+
+class DecodeBackend(Backend):
+    """Few query rows against a long cache: one pass over k and v, no copies of them."""
+
+    name = "decode"
+    # Not routed through the custom op by the caller: attention() below routes itself, and so
+    # is handed the encodings' cached table (a fixed ALiBi's too) rather than closed-form slopes
+    # to expand at every token.
+    fused = False
+
+    def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
+        b, hq, nq, _ = q.shape
+        if q.device.type != "cpu" or nq > MAX_ROWS:
+            return None
+        qo = problem.q_offset
+        c0, c1 = key_span(qo, qo + nq - 1, k.shape[2], problem.causal, problem.window)
+        masks = problem.doc_ids is not None or problem.key_padding_mask is not None
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        if (masks or grad) and b * hq * nq * max(0, c1 - c0) > MAX_LIVE_SCORES:
+            return None
+        return 40.0
+
+    def forward(self, q, k, v, table, slopes, problem):
+        return forward(q, k, v, table, slopes, problem)
+
+    def backward(self, grad_out, q, k, v, out, lse, table, slopes, problem):
+        return backward(grad_out, q, k, v, out, lse, table, slopes, problem)
+
+    def attention(self, q, k, v, table, slopes, problem):
+        """Straight to :func:`forward` when nothing needs a gradient (a generation loop): the
+        custom op's dispatch costs about 20 µs a call, as much as a whole step at Nk = 128."""
+        tensors = (q, k, v) if table is None else (q, k, v, table)
+        if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        ):
+            return super().attention(q, k, v, table, slopes, problem)
+        return forward(q, k, v, table, slopes, problem)
+
+
+BACKEND = DecodeBackend()
