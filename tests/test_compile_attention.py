@@ -127,3 +127,25 @@ def test_double_backward():
     (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match=r"backend='chunked' does not support double backward"):
         gq.sum().backward()
+
+
+def test_compile_before_any_eager_call(tmp_path):
+    """A fresh process whose first attention call is compiled with fullgraph=True: no backend
+    module may be imported while Dynamo traces."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "first.py"
+    script.write_text(
+        "import torch, relattn\n"
+        "pe = relattn.pe.T5Bias(2, 8, 20)\n"
+        "f = torch.compile(lambda q, k, v: relattn.attention(q, k, v, pe), fullgraph=True,\n"
+        "                  backend='aot_eager')\n"
+        "q = torch.randn(1, 2, 70, 8)\n"
+        "print(float((f(q, q, q) - relattn.attention(q, q, q, pe)).abs().max()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < 1e-5

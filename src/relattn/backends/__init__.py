@@ -30,6 +30,7 @@ _BUILTIN = {
 # Built-in backends that ``auto`` can pick only on these device types: on others it does not
 # import them (importing triton costs about 0.4 s of a first call on the CPU).
 _AUTO_DEVICES = {"triton": ("cuda",)}
+_UNAVAILABLE: dict[str, str] = {}
 
 
 def register(backend: Backend) -> Backend:
@@ -59,10 +60,13 @@ def get(name: str) -> Backend:
         return _REGISTRY[name]
     if not isinstance(name, str) or name not in _BUILTIN:
         raise ValueError(f"backend must be one of {names()}; got {name!r}")
+    if name in _UNAVAILABLE:  # a failed import is not retried on every call
+        raise RuntimeError(_UNAVAILABLE[name])
     try:
         module = importlib.import_module(_BUILTIN[name])
     except ImportError as e:
-        raise RuntimeError(f"backend={name!r} is not available here: {e}") from e
+        _UNAVAILABLE[name] = f"backend={name!r} is not available here: {e}"
+        raise RuntimeError(_UNAVAILABLE[name]) from e
     backend = getattr(module, "BACKEND", None)
     if backend is None:  # a module written to the flat contract (triton, until it moves over)
         backend = _FlatModule(name, module)
@@ -130,3 +134,14 @@ def choose(name: str, q: Tensor, k: Tensor, problem: Problem) -> Backend:
         if reason:
             raise RuntimeError(f"backend={name!r} cannot run this call: {reason}")
     return backend
+
+
+def _load_cpu_backends() -> None:
+    """Import the cheap built-ins now, so that no import happens while torch.compile traces a
+    first call (Dynamo cannot trace ``import_module``; fullgraph=True would fail)."""
+    for name, devices in ((n, _AUTO_DEVICES.get(n, ("cpu",))) for n in _BUILTIN):
+        if "cpu" in devices:
+            get(name)
+
+
+_load_cpu_backends()
