@@ -209,10 +209,10 @@ def backward(
                 q_offset, window)  # fmt: skip
     out, grad_out, lse = _rows(out), _rows(grad_out), lse.contiguous()
     dev = q.device
-    delta = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
+    delta_out = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
     pre = 16 if _interpreting() else 64
     K.bwd_preprocess[(triton.cdiv(a.nq, pre), a.hq, a.b)](
-        out, grad_out, delta, *a.strides(out, grad_out), a.hq, a.nq,
+        out, grad_out, delta_out, *a.strides(out, grad_out), a.hq, a.nq,
         HEAD_DIM=a.d, BLOCK_D=a.flags["BLOCK_D"], BLOCK_M=pre,
     )  # fmt: skip
 
@@ -227,11 +227,12 @@ def backward(
         *a.strides(a.q, a.k, a.v, grad_out), a.table.stride(0),
     ]  # fmt: skip
     shape = (a.nq, a.nk, a.t, lo, q_offset, window, scale * _LOG2E, scale)
-    # dq first: it sees whole rows and leaves each row's renormalization factor in inv.
-    inv = torch.empty_like(delta)
+    # dq first: it sees whole rows and leaves, per row, the renormalization factor in inv and
+    # D = Σ_j P·dP in delta, both in float32 from the recomputed weights.
+    inv, delta = torch.empty_like(delta_out), torch.empty_like(delta_out)
     grid_q = lambda meta: (triton.cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
     K.attn_bwd_dq[grid_q](
-        a.q, a.k, a.v, grad_out, lse, delta, inv, dq, a.table, a.slopes, *a.masks(),
+        a.q, a.k, a.v, grad_out, lse, delta_out, delta, inv, dq, a.table, a.slopes, *a.masks(),
         a.kv_bounds, *common, a.hq, a.hq // a.hkv, *shape,
         HAS_TABLE=a.has_table, HAS_SLOPES=a.has_slopes, **a.flags,
     )  # fmt: skip

@@ -358,7 +358,7 @@ def attn_fwd(Q, K, V, Out, Lse, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
 def bwd_preprocess(Out, dOut, Delta, stride_ob, stride_oh, stride_on,
                    stride_db, stride_dh, stride_dn, Hq, Nq, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
-    """``Delta = rowsum(dO · O)`` (B, Hq, Nq) in float32."""
+    """``DeltaOut = rowsum(dO · O)`` (B, Hq, Nq) in float32, from the stored output (dq only)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -521,7 +521,7 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
 
 
 @triton.jit
-def _dq_blocks(dq, l_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, block_begin,
+def _dq_blocks(dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, block_begin,
                block_end, offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
                Nq, Nk, T, lo, q_offset, window, qk_scale,
                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
@@ -542,14 +542,16 @@ def _dq_blocks(dq, l_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, bl
         p = tl.math.exp2(s - lse[:, None] * LOG2E)
         l_i += tl.sum(p, 1)
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+        pdp_i += tl.sum(p * dp, 1)
         ds = p * (dp - di[:, None])
         dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
-    return dq, l_i
+    return dq, l_i, pdp_i
 
 
 @triton.autotune(configs=_DQ, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
-def attn_bwd_dq(Q, K, V, dOut, Lse, Delta, Inv, dQ, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
+def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, DocStart, DocEnd,
+                Kpm, KvBounds,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
                 Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale,
@@ -572,7 +574,11 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, Delta, Inv, dQ, Table, Slopes, DocStart, Doc
     # Rows past Nq get lse = +inf so their p is 0 in every stage.
     lse = tl.load(Lse + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
-    di = tl.load(Delta + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    # D_i from the stored low-precision output: its rounding moves dq by about one unit of q's
+    # dtype (as rounding ds does). The table gradient cannot take that: there each row's dS must
+    # sum to zero, or the residue lands on every offset the row sees, so this kernel also sums
+    # the exact D_i = Σ_j P·dP in float32 and leaves it in Delta for the dk/dv and band kernels.
+    di = tl.load(DeltaOut + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
     table_row = Table + h * stride_t
@@ -583,24 +589,27 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, Delta, Inv, dQ, Table, Slopes, DocStart, Doc
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    pdp_i = tl.zeros([BLOCK_M], tl.float32)
     for stage in tl.static_range(3):
         if stage == 0:
-            dq, l_i = _dq_blocks(
-                dq, l_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, begin, mid_begin,
+            dq, l_i, pdp_i = _dq_blocks(
+                dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, begin,
+                mid_begin,
                 offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
                 Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW,
                 HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
             )  # fmt: skip
         elif stage == 1:
-            dq, l_i = _dq_blocks(
-                dq, l_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, mid_begin, mid_end,
+            dq, l_i, pdp_i = _dq_blocks(
+                dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, mid_begin,
+                mid_end,
                 offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
                 Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, False, CAUSAL, WINDOW,
                 HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
             )  # fmt: skip
         else:
-            dq, l_i = _dq_blocks(
-                dq, l_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, mid_end, end,
+            dq, l_i, pdp_i = _dq_blocks(
+                dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, mid_end, end,
                 offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
                 Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW,
                 HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
@@ -610,6 +619,7 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, Delta, Inv, dQ, Table, Slopes, DocStart, Doc
     # Inv is that factor for the dk/dv and band kernels, which do not see whole rows.
     inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
     tl.store(Inv + bh * Nq + offs_m, inv, mask=offs_m < Nq)
+    tl.store(Delta + bh * Nq + offs_m, pdp_i * inv, mask=offs_m < Nq)
     dq = dq * (inv * scale)[:, None]
     _store_rows(dQ + bh * Nq * HEAD_DIM, offs_m, HEAD_DIM, Nq, offs_d, dq, HEAD_DIM)
 
