@@ -197,14 +197,15 @@ def test_explicit_backend_error_names_the_reason():
         relattn.attention(q, q, q, backend="triton")
 
 
-def test_kernels_follow_the_interpreter_setting():
-    """The kernel module is loaded per mode, so TRITON_INTERPRET set after import still works."""
-    import triton
-
+def test_interpreter_mode_change_is_reported(monkeypatch):
+    """Kernels are decorated in one mode when first imported; a later change gets a reason."""
     from relattn.backends import triton_backend
 
-    mod = triton_backend._kernels()
-    assert mod._INTERPRET == bool(triton.knobs.runtime.interpret)
+    kernels = triton_backend._kernels()
+    q = torch.zeros(1, 1, 4, 16, device=DEVICE)
+    assert triton_backend.unsupported(q, q) is None
+    monkeypatch.setattr(kernels, "INTERPRET", not kernels.INTERPRET)
+    assert "TRITON_INTERPRET changed" in triton_backend.unsupported(q, q)
 
 
 def test_gpu_benchmark_needs_cuda():

@@ -146,8 +146,7 @@ def test_table_gradient_rows_sum_to_zero():
     from relattn.backends import triton_backend
 
     g = torch.Generator().manual_seed(5)
-    q, k, v, grad_out = (torch.randn(1, 2, N, D, generator=g).bfloat16().to(DEVICE)
-                         for _ in range(4))  # fmt: skip
+    q, k, v, grad_out = (torch.randn(1, 2, N, D, generator=g).bfloat16().to(DEVICE) for _ in "qkvo")
     table = torch.randn(2, N, generator=g).to(DEVICE)
     scale = D**-0.5
     out, lse = triton_backend.forward(q, k, v, table, None, None, None, 0, scale, True, 0, 0)

@@ -2,16 +2,13 @@
 
 Runs on CUDA tensors, or anywhere with ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by
 the tests). Triton reads that variable whenever ``@triton.jit`` runs: for its own library at
-``import triton``, for our kernels when their module is executed. This module is imported only
-when the backend is first asked for, and it loads the kernels on first use, once per mode, so the
-variable may be set at any time before that.
+``import triton``, for our kernels when ``triton_kernels`` is first imported, which happens on the
+backend's first call; so the variable may be set at any time before that, and not changed after.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -21,7 +18,6 @@ from torch import Tensor
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
-_KERNELS: dict[bool, ModuleType] = {}
 
 
 def _interpreting() -> bool:
@@ -29,17 +25,16 @@ def _interpreting() -> bool:
 
 
 def _kernels() -> ModuleType:
-    mode = _interpreting()
-    if mode not in _KERNELS:
-        name = f"relattn.backends._triton_kernels_{'interpreted' if mode else 'compiled'}"
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("triton_kernels.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        _KERNELS[mode] = module
-    return _KERNELS[mode]
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def _kernel_mode_changed() -> bool:
+    """The kernels were loaded in one mode (compiled or interpreted) and TRITON_INTERPRET now
+    says the other; a loaded ``@triton.jit`` function cannot change its mode."""
+    loaded = sys.modules.get(f"{__package__}.triton_kernels")
+    return loaded is not None and loaded.INTERPRET != _interpreting()
 
 
 def _library_interpreted() -> bool:
@@ -64,6 +59,11 @@ def unsupported(q: Tensor, k: Tensor) -> str | None:
         return (
             f"q is on {q.device.type}; Triton kernels need CUDA tensors "
             "(or TRITON_INTERPRET=1 to run them in Triton's CPU interpreter)"
+        )
+    if _kernel_mode_changed():
+        return (
+            "TRITON_INTERPRET changed after the triton kernels were first used; set it once, "
+            "before the first call"
         )
     if q.dtype not in _DTYPES:
         return f"q has dtype {q.dtype}; the triton backend supports float16, bfloat16 and float32"
@@ -108,8 +108,9 @@ def _key_bounds(key_padding_mask: Tensor) -> Tensor:
 class _Launch:
     """Arguments shared by every kernel of one call."""
 
-    def __init__(self, q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal,
-                 q_offset, window):  # fmt: skip
+    def __init__(
+        self, q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window
+    ):
         self.q, self.k, self.v = _rows(q), _rows(k), _rows(v)
         self.b, self.hq, self.nq, self.d = q.shape
         self.hkv, self.nk = k.shape[1], k.shape[2]
@@ -142,6 +143,9 @@ class _Launch:
         )
         self.has_table, self.has_slopes = table is not None, slopes is not None
 
+    def encoding_flags(self) -> dict[str, bool]:
+        return {"HAS_TABLE": self.has_table, "HAS_SLOPES": self.has_slopes}
+
     def strides(self, *tensors: Tensor) -> list[int]:
         return [s for t in tensors for s in t.stride()[:3]]
 
@@ -168,17 +172,16 @@ def forward(
 ) -> tuple[Tensor, Tensor]:
     """``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32)``; see ``backends``."""
     K = _kernels()
-    a = _Launch(q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal,
-                q_offset, window)  # fmt: skip
+    a = _Launch(
+        q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window
+    )
     out = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=q.device)
     lse = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
-    K.attn_fwd[grid](
-        a.q, a.k, a.v, out, lse, a.table, a.slopes, *a.masks(), a.kv_bounds,
-        *a.strides(a.q, a.k, a.v, out), a.table.stride(0),
-        a.hq, a.hq // a.hkv, a.nq, a.nk, a.t, lo, q_offset, window, scale * _LOG2E,
-        HAS_TABLE=a.has_table, HAS_SLOPES=a.has_slopes, **a.flags,
-    )  # fmt: skip
+    tensors = [a.q, a.k, a.v, out, lse, a.table, a.slopes, *a.masks(), a.kv_bounds]
+    strides = [*a.strides(a.q, a.k, a.v, out), a.table.stride(0)]
+    sizes = [a.hq, a.hq // a.hkv, a.nq, a.nk, a.t, lo, q_offset, window, scale * _LOG2E]
+    K.attn_fwd[grid](*tensors, *strides, *sizes, **a.encoding_flags(), **a.flags)
     return out, lse
 
 
@@ -205,16 +208,24 @@ def backward(
     are bit-identical across runs.
     """
     K = _kernels()
-    a = _Launch(q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal,
-                q_offset, window)  # fmt: skip
+    a = _Launch(
+        q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window
+    )
     out, grad_out, lse = _rows(out), _rows(grad_out), lse.contiguous()
     dev = q.device
     delta_out = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
     pre = 16 if _interpreting() else 64
     K.bwd_preprocess[(triton.cdiv(a.nq, pre), a.hq, a.b)](
-        out, grad_out, delta_out, *a.strides(out, grad_out), a.hq, a.nq,
-        HEAD_DIM=a.d, BLOCK_D=a.flags["BLOCK_D"], BLOCK_M=pre,
-    )  # fmt: skip
+        out,
+        grad_out,
+        delta_out,
+        *a.strides(out, grad_out),
+        a.hq,
+        a.nq,
+        HEAD_DIM=a.d,
+        BLOCK_D=a.flags["BLOCK_D"],
+        BLOCK_M=pre,
+    )
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     atomic = a.has_table and not deterministic
@@ -223,25 +234,39 @@ def backward(
     dq = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=dev)
     dk = torch.empty((a.b, a.hkv, a.nk, a.d), dtype=k.dtype, device=dev)
     dv = torch.empty((a.b, a.hkv, a.nk, a.d), dtype=v.dtype, device=dev)
-    common = [
-        *a.strides(a.q, a.k, a.v, grad_out), a.table.stride(0),
-    ]  # fmt: skip
+    common = [*a.strides(a.q, a.k, a.v, grad_out), a.table.stride(0)]
     shape = (a.nq, a.nk, a.t, lo, q_offset, window, scale * _LOG2E, scale)
     # dq first: it sees whole rows and leaves, per row, the renormalization factor in inv and
     # D = Σ_j P·dP in delta, both in float32 from the recomputed weights.
     inv, delta = torch.empty_like(delta_out), torch.empty_like(delta_out)
     grid_q = lambda meta: (triton.cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
+    tensors = [a.q, a.k, a.v, grad_out, lse, delta_out, delta, inv, dq, a.table, a.slopes]
     K.attn_bwd_dq[grid_q](
-        a.q, a.k, a.v, grad_out, lse, delta_out, delta, inv, dq, a.table, a.slopes, *a.masks(),
-        a.kv_bounds, *common, a.hq, a.hq // a.hkv, *shape,
-        HAS_TABLE=a.has_table, HAS_SLOPES=a.has_slopes, **a.flags,
-    )  # fmt: skip
+        *tensors,
+        *a.masks(),
+        a.kv_bounds,
+        *common,
+        a.hq,
+        a.hq // a.hkv,
+        *shape,
+        **a.encoding_flags(),
+        **a.flags,
+    )
     grid_kv = lambda meta: (triton.cdiv(a.nk, meta["BLOCK_N"]), a.hkv, a.b)
+    tensors = [a.q, a.k, a.v, grad_out, lse, delta, inv, dk, dv, a.table, dtable, a.slopes]
     K.attn_bwd_dkdv[grid_kv](
-        a.q, a.k, a.v, grad_out, lse, delta, inv, dk, dv, a.table, dtable, a.slopes,
-        *a.masks(), a.kv_bounds, *common, a.hq, a.hkv, a.hq // a.hkv, *shape,
-        HAS_TABLE=a.has_table, HAS_SLOPES=a.has_slopes, ATOMIC_TABLE=atomic, **a.flags,
-    )  # fmt: skip
+        *tensors,
+        *a.masks(),
+        a.kv_bounds,
+        *common,
+        a.hq,
+        a.hkv,
+        a.hq // a.hkv,
+        *shape,
+        ATOMIC_TABLE=atomic,
+        **a.encoding_flags(),
+        **a.flags,
+    )
     if not a.has_table:
         return dq, dk, dv, None
     if deterministic:
@@ -257,12 +282,11 @@ def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, inv, comm
     partial = torch.empty(
         (a.b * a.hq, num_bands, 2 * block), dtype=torch.float32, device=a.q.device
     )
-    flags = {f: a.flags[f] for f in a.flags if f not in ("HAS_TABLE", "HAS_SLOPES")}
+    tensors = [a.q, a.k, a.v, grad_out, lse, delta, inv, a.table, partial, *a.masks()]
+    sizes = [a.hq, a.hq // a.hkv, a.nq, a.nk, a.t, a.lo, a.q_offset, a.window, a.scale * _LOG2E]
     K.attn_bwd_table_bands[(num_bands, a.hq, a.b)](
-        a.q, a.k, a.v, grad_out, lse, delta, inv, a.table, partial, *a.masks(), *common,
-        a.hq, a.hq // a.hkv, a.nq, a.nk, a.t, a.lo, a.q_offset, a.window, a.scale * _LOG2E,
-        num_bands, band_min, BLOCK=block, num_warps=4, **flags,
-    )  # fmt: skip
+        *tensors, *common, *sizes, num_bands, band_min, BLOCK=block, num_warps=4, **a.flags
+    )
     g = partial.view(a.b, a.hq, num_bands, 2 * block).sum(0)
     # Band d's second half and band d + 1's first half cover the same offsets.
     zero = g.new_zeros((a.hq, 1, block))

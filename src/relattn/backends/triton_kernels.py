@@ -4,14 +4,15 @@ Every kernel works in tiles of query rows r and key columns c with ``Δ = q_offs
 scores are ``scale·q·k + T[h, Δ - lo]`` (or ``-slope·|Δ|`` for fixed ALiBi), kept in base-2 units
 (``·log2 e``) so the softmax uses ``exp2``. The launch code lives in ``triton_backend``.
 
-Loops over blocks are split into three compile-time stages: masked blocks before the band that
-every row sees, the unmasked blocks inside it, and masked blocks after it. For causal attention
-that is "below the diagonal" (no masking work at all) and "on the diagonal"; a window adds masked
-blocks on its far edge. ``doc_ids`` and ``key_padding_mask`` narrow the block range and still
-mask every tile (they are per-element).
+Loops over blocks run in three compile-time stages (``tl.static_range(3)``): masked blocks before
+the band that every row sees, the unmasked blocks inside it, and masked blocks after it. For causal
+attention that is "below the diagonal" (no masking work at all) and "on the diagonal"; a window
+adds masked blocks on its far edge. ``doc_ids`` and ``key_padding_mask`` narrow the block range and
+still mask every tile (they are per-element).
 
-This module reads ``TRITON_INTERPRET`` when its decorators run, so ``triton_backend`` loads one
-copy per mode instead of importing it.
+Triton decides between compiling and interpreting (``TRITON_INTERPRET``) when a ``@triton.jit``
+decorator runs, so this module's mode is fixed when it is first imported; ``triton_backend``
+imports it on first use and reports a mode change after that.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import triton.language as tl
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
-_INTERPRET = bool(triton.knobs.runtime.interpret)
+INTERPRET = bool(triton.knobs.runtime.interpret)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -30,7 +31,7 @@ _INTERPRET = bool(triton.knobs.runtime.interpret)
 
 def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples; one tiny config on the interpreter."""
-    if _INTERPRET:
+    if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu
@@ -56,7 +57,7 @@ _DKDV = _configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 4)])
 _PRUNE = {"early_config_prune": _by_head_dim({16: 128 * 128, 32: 128 * 128, 64: 128 * 128})}
 _KEY = ["BLOCK_D", "CAUSAL", "WINDOW", "HAS_TABLE", "HAS_SLOPES", "HAS_DOC", "HAS_KPM"]
 # The table-gradient band kernel of the deterministic path uses square tiles of this size.
-DIAG_BLOCK = 16 if _INTERPRET else 64
+DIAG_BLOCK = 16 if INTERPRET else 64
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -89,8 +90,47 @@ def _store_rows(base, offs, stride, n_rows, offs_d, x, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _load_lse(Lse_row, offs_m, Nq, CHECK: tl.constexpr):
+    """Rows' log-sum-exp with +inf for rows past Nq and rows that see no key, so their p is 0."""
+    if CHECK:
+        lse = tl.load(Lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
+    else:
+        lse = tl.load(Lse_row + offs_m)
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+@triton.jit
+def _load_row_stat(Row, offs_m, Nq, CHECK: tl.constexpr):
+    """A float32 per-row statistic (D_i, the renormalization factor); 0 past Nq."""
+    if CHECK:
+        return tl.load(Row + offs_m, mask=offs_m < Nq, other=0.0)
+    return tl.load(Row + offs_m)
+
+
+@triton.jit
+def _doc_range(DocStart_row, DocEnd_row, q_offset, offs_m, Nq, HAS_DOC: tl.constexpr):
+    """First and last key position of each query row's document (documents are contiguous runs);
+    placeholders without documents."""
+    doc_lo = offs_m
+    doc_hi = offs_m
+    if HAS_DOC:
+        doc_lo = tl.load(DocStart_row + q_offset + offs_m, mask=offs_m < Nq, other=0)
+        doc_hi = tl.load(DocEnd_row + q_offset + offs_m, mask=offs_m < Nq, other=-1)
+    return doc_lo, doc_hi
+
+
+@triton.jit
+def _key_padding(Kpm_row, offs_n, Nk, HAS_KPM: tl.constexpr):
+    """key_padding_mask of keys ``offs_n`` (nonzero: real key); a placeholder without one."""
+    kp = offs_n
+    if HAS_KPM:
+        kp = tl.load(Kpm_row + offs_n, mask=offs_n < Nk, other=0)
+    return kp
+
+
+@triton.jit
 def _score(qk, r, c, table_row, slope, q_offset, lo, T, qk_scale,
-           HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr):  # fmt: skip
+           HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr):
     """Scores in base-2 units for query indices ``r`` and key indices ``c`` (broadcastable to
     qk's shape, either orientation), and the offsets Δ."""
     delta = q_offset + r - c
@@ -105,12 +145,13 @@ def _score(qk, r, c, table_row, slope, q_offset, lo, T, qk_scale,
 
 
 @triton.jit
-def _visible(r, c, delta, Nq, Nk, window, doc_lo, doc_hi, kp,
-             MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-             HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr):  # fmt: skip
-    """Visibility of each pair (see relattn.masks). ``doc_lo/doc_hi`` broadcast like ``r``: the
-    key positions of the query's document (documents are contiguous runs); ``kp`` like ``c``."""
-    vis = (r < Nq) & (c < Nk)
+def _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
+          MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+          HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Scores of a (queries × keys) tile with the pairs hidden by the masks (see relattn.masks)
+    set to -inf. ``doc_lo/doc_hi`` run along the queries (:func:`_doc_range`), ``kp`` along the
+    keys (:func:`_key_padding`); MASKED adds the causal and window masks and the ragged edges."""
+    vis = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
     if MASKED:
         if CAUSAL:
             vis = vis & (delta >= 0)
@@ -119,24 +160,9 @@ def _visible(r, c, delta, Nq, Nk, window, doc_lo, doc_hi, kp,
             if not CAUSAL:
                 vis = vis & (delta > -window)
     if HAS_DOC:
-        vis = vis & (c >= doc_lo) & (c <= doc_hi)
+        vis = vis & (offs_n[None, :] >= doc_lo[:, None]) & (offs_n[None, :] <= doc_hi[:, None])
     if HAS_KPM:
-        vis = vis & (kp != 0)
-    return vis
-
-
-@triton.jit
-def _hide(s, delta, offs_m, offs_n, Kpm_row, doc_lo, doc_hi, Nq, Nk, window,
-          MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-          HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr):  # fmt: skip
-    """Scores of a (queries × keys) tile with the pairs hidden by the masks set to -inf.
-    ``Kpm_row`` points at this batch's key_padding_mask row (read only with HAS_KPM)."""
-    kp = offs_n
-    if HAS_KPM:
-        kp = tl.load(Kpm_row + offs_n, mask=offs_n < Nk, other=0)
-    vis = _visible(offs_m[:, None], offs_n[None, :], delta, Nq, Nk, window,
-                   doc_lo[:, None], doc_hi[:, None], kp[None, :],
-                   MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
+        vis = vis & (kp[None, :] != 0)
     return tl.where(vis, s, float("-inf"))
 
 
@@ -158,8 +184,22 @@ def _stages(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _stage_blocks(begin, mid_begin, mid_end, end, STAGE: tl.constexpr):
+    """The block range of one stage: 0 and 2 are masked, 1 is the band every pair sees."""
+    first = mid_end
+    last = end
+    if STAGE == 0:
+        first = begin
+        last = mid_begin
+    if STAGE == 1:
+        first = mid_begin
+        last = mid_end
+    return first, last
+
+
+@triton.jit
 def _key_range(row_first, row_last, q_offset, Nk, window,
-               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """Keys seen by some row of ``row_first..row_last`` and keys seen by all of them."""
     p0 = q_offset + row_first
     p1 = q_offset + row_last
@@ -181,7 +221,7 @@ def _key_range(row_first, row_last, q_offset, Nk, window,
 
 @triton.jit
 def _query_range(col_first, col_last, q_offset, Nq, window,
-                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """Query rows that see some key of ``col_first..col_last`` and rows that see all of them."""
     lo = 0
     hi = Nq - 1
@@ -200,40 +240,28 @@ def _query_range(col_first, col_last, q_offset, Nq, window,
 
 
 @triton.jit
-def _narrow_keys(lo, hi, b, row_first, row_last, q_offset, Nk, DocStart, DocEnd, KvBounds,
-                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr):  # fmt: skip
-    """Narrow a key range to the documents of the rows and to the real (unpadded) keys."""
+def _query_block(b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset,
+                 window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """What a program over one block of query rows needs before its key loop: the ALiBi slope
+    (log2 units), each row's document key range, and the key blocks of its three stages."""
+    slope = 0.0
+    if HAS_SLOPES:
+        slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
+    doc_lo, doc_hi = _doc_range(DocStart + b * Nk, DocEnd + b * Nk, q_offset, offs_m, Nq, HAS_DOC)
+    row_first = pid_m * BLOCK_M
+    row_last = tl.minimum(row_first + BLOCK_M, Nq) - 1
+    lo, hi, full_lo, full_hi = _key_range(row_first, row_last, q_offset, Nk, window, CAUSAL,
+                                          WINDOW)
+    # Narrow to the documents of the first and last row and to the real (unpadded) keys.
     if HAS_DOC:
         lo = tl.maximum(lo, tl.load(DocStart + b * Nk + q_offset + row_first))
         hi = tl.minimum(hi, tl.load(DocEnd + b * Nk + q_offset + row_last))
     if HAS_KPM:
         lo = tl.maximum(lo, tl.load(KvBounds + 2 * b))
         hi = tl.minimum(hi, tl.load(KvBounds + 2 * b + 1))
-    return lo, hi
-
-
-@triton.jit
-def _query_block(b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset,
-                 window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SLOPES: tl.constexpr,
-                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):  # fmt: skip
-    """What a program over one block of query rows needs before its key loop: the ALiBi slope
-    (log2 units), each row's document key range, and the key blocks of its three stages."""
-    slope = 0.0
-    if HAS_SLOPES:
-        slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
-    doc_lo = offs_m
-    doc_hi = offs_m
-    if HAS_DOC:
-        pos = b * Nk + q_offset + offs_m
-        doc_lo = tl.load(DocStart + pos, mask=offs_m < Nq, other=0)
-        doc_hi = tl.load(DocEnd + pos, mask=offs_m < Nq, other=-1)
-    row_first = pid_m * BLOCK_M
-    row_last = tl.minimum(row_first + BLOCK_M, Nq) - 1
-    c_lo, c_hi, f_lo, f_hi = _key_range(row_first, row_last, q_offset, Nk, window, CAUSAL, WINDOW)
-    c_lo, c_hi = _narrow_keys(c_lo, c_hi, b, row_first, row_last, q_offset, Nk,
-                              DocStart, DocEnd, KvBounds, HAS_DOC, HAS_KPM)  # fmt: skip
-    begin, mid_begin, mid_end, end = _stages(c_lo, c_hi, f_lo, f_hi, BLOCK_N)
+    begin, mid_begin, mid_end, end = _stages(lo, hi, full_lo, full_hi, BLOCK_N)
     return slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end
 
 
@@ -264,17 +292,18 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_be
                 HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
     for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, HAS_TABLE, HAS_SLOPES)  # fmt: skip
+                          T, qk_scale, HAS_TABLE, HAS_SLOPES)
         if NEED_MASK:
-            s = _hide(s, delta, offs_m, offs_n, Kpm_row, doc_lo, doc_hi, Nq, Nk, window,
-                      MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
+            kp = _key_padding(Kpm_row, offs_n, Nk, HAS_KPM)
+            s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
+                      MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtracting 0 keeps p = 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -296,7 +325,7 @@ def attn_fwd(Q, K, V, Out, Lse, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
              WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
              HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query block, head, batch): out (B, Hq, Nq, D) and lse (B, Hq, Nq)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -308,41 +337,20 @@ def attn_fwd(Q, K, V, Out, Lse, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, True)
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
-    table_row = Table + h * stride_t
     slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end = _query_block(
         b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
-        CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)  # fmt: skip
-    Kpm_row = Kpm + b * Nk
+        CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for stage in tl.static_range(3):
-        # stage 1 is the band every row sees: no causal/window/ragged masking there.
-        if stage == 0:
-            acc, l_i, m_i = _fwd_blocks(
-                acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, begin, mid_begin,
-                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                Nq, Nk, T, lo, q_offset, window, qk_scale,
-                HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM,
-                UPCAST, PRECISION, BLOCK_N,
-            )  # fmt: skip
-        elif stage == 1:
-            acc, l_i, m_i = _fwd_blocks(
-                acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, mid_begin, mid_end,
-                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                Nq, Nk, T, lo, q_offset, window, qk_scale,
-                HEAD_DIM, False, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM,
-                UPCAST, PRECISION, BLOCK_N,
-            )  # fmt: skip
-        else:
-            acc, l_i, m_i = _fwd_blocks(
-                acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, mid_end, end,
-                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                Nq, Nk, T, lo, q_offset, window, qk_scale,
-                HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM,
-                UPCAST, PRECISION, BLOCK_N,
-            )  # fmt: skip
+        first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, first, last, offs_m, offs_d,
+            Table + h * stride_t, slope, doc_lo, doc_hi, Kpm + b * Nk, Nq, Nk, T, lo, q_offset,
+            window, qk_scale, HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
+            HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N)
 
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -355,22 +363,105 @@ def attn_fwd(Q, K, V, Out, Lse, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
 
 
 @triton.jit
-def bwd_preprocess(Out, dOut, Delta, stride_ob, stride_oh, stride_on,
+def bwd_preprocess(Out, dOut, DeltaOut, stride_ob, stride_oh, stride_on,
                    stride_db, stride_dh, stride_dn, Hq, Nq, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """``DeltaOut = rowsum(dO · O)`` (B, Hq, Nq) in float32, from the stored output (dq only)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    bh = b * Hq + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, stride_on, Nq, offs_d,
-                   HEAD_DIM, True)  # fmt: skip
+                   HEAD_DIM, True)
     do = _load_rows(dOut + b * stride_db + h * stride_dh, offs_m, stride_dn, Nq, offs_d,
-                    HEAD_DIM, True)  # fmt: skip
+                    HEAD_DIM, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + bh * Nq + offs_m, delta, mask=offs_m < Nq)
+    tl.store(DeltaOut + (b * Hq + h) * Nq + offs_m, delta, mask=offs_m < Nq)
+
+
+@triton.jit
+def _dq_blocks(dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn,
+               block_begin, block_end, offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
+               Nq, Nk, T, lo, q_offset, window, qk_scale,
+               HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+               HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
+    for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
+        v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, MASKED)
+        qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
+        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
+                          T, qk_scale, HAS_TABLE, HAS_SLOPES)
+        if NEED_MASK:
+            kp = _key_padding(Kpm_row, offs_n, Nk, HAS_KPM)
+            s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
+                      MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
+        p = tl.math.exp2(s - lse[:, None] * LOG2E)
+        l_i += tl.sum(p, 1)
+        dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+        pdp_i += tl.sum(p * dp, 1)
+        ds = p * (dp - di[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
+    return dq, l_i, pdp_i
+
+
+@triton.autotune(configs=_DQ, key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, DocStart, DocEnd,
+                Kpm, KvBounds,
+                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
+                Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (query block, head, batch); the key loop mirrors the forward's.
+    dQ is contiguous (B, Hq, Nq, D)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * Hq + h
+    hk = h // group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, True)
+    do = _load_rows(dOut + b * stride_db + h * stride_dh, offs_m, stride_dn, Nq, offs_d,
+                    HEAD_DIM, True)
+    lse = _load_lse(Lse + bh * Nq, offs_m, Nq, True)
+    # D_i from the stored low-precision output: its rounding moves dq by about one unit of q's
+    # dtype (as rounding ds does). The table gradient cannot take that: there each row's dS must
+    # sum to zero, or the residue lands on every offset the row sees, so this kernel also sums
+    # the exact D_i = Σ_j P·dP in float32 and leaves it in Delta for the dk/dv and band kernels.
+    di = _load_row_stat(DeltaOut + bh * Nq, offs_m, Nq, True)
+    K_base = K + b * stride_kb + hk * stride_kh
+    V_base = V + b * stride_vb + hk * stride_vh
+    slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end = _query_block(
+        b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
+        CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    pdp_i = tl.zeros([BLOCK_M], tl.float32)
+    for stage in tl.static_range(3):
+        first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
+        dq, l_i, pdp_i = _dq_blocks(
+            dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, first, last,
+            offs_m, offs_d, Table + h * stride_t, slope, doc_lo, doc_hi, Kpm + b * Nk, Nq, Nk, T,
+            lo, q_offset, window, qk_scale, HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE,
+            HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N)
+    # lse is float32, so exp(s - lse) carries its rounding (|lse|·2^-24, 1e-3 at scores of 1e4)
+    # as a per-row scale error that does not average out: rescale each row of p to sum to 1.
+    # Inv is that factor for the dk/dv and band kernels, which do not see whole rows.
+    inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+    tl.store(Inv + bh * Nq + offs_m, inv, mask=offs_m < Nq)
+    tl.store(Delta + bh * Nq + offs_m, pdp_i * inv, mask=offs_m < Nq)
+    dq = dq * (inv * scale)[:, None]
+    _store_rows(dQ + bh * Nq * HEAD_DIM, offs_m, HEAD_DIM, Nq, offs_d, dq, HEAD_DIM)
 
 
 @triton.jit
@@ -381,37 +472,25 @@ def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, D
                  WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                  HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
     for start_m in tl.range(block_begin * BLOCK_M, block_end * BLOCK_M, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_rows(Q_base, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, MASKED)
         do = _load_rows(dO_base, offs_m, stride_dn, Nq, offs_d, HEAD_DIM, MASKED)
-        if MASKED:
-            lse = tl.load(Lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
-            di = tl.load(Delta_row + offs_m, mask=offs_m < Nq, other=0.0)
-            inv = tl.load(Inv_row + offs_m, mask=offs_m < Nq, other=0.0)
-        else:
-            lse = tl.load(Lse_row + offs_m)
-            di = tl.load(Delta_row + offs_m)
-            inv = tl.load(Inv_row + offs_m)
+        lse = _load_lse(Lse_row, offs_m, Nq, MASKED)
+        di = _load_row_stat(Delta_row, offs_m, Nq, MASKED)
+        inv = _load_row_stat(Inv_row, offs_m, Nq, MASKED)
         # Scores in the (queries × keys) orientation of the forward and dq kernels: the same
         # dot gives the same rounding, so p here matches the p that inv normalizes (with scores
         # of 1e4 a transposed dot's rounding alone would move p by 1e-3).
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, HAS_TABLE, HAS_SLOPES)  # fmt: skip
+                          T, qk_scale, HAS_TABLE, HAS_SLOPES)
         if NEED_MASK:
-            doc_lo = offs_m
-            doc_hi = offs_m
-            if HAS_DOC:
-                doc_lo = tl.load(DocStart_row + q_offset + offs_m, mask=offs_m < Nq, other=0)
-                doc_hi = tl.load(DocEnd_row + q_offset + offs_m, mask=offs_m < Nq, other=-1)
-            vis = _visible(offs_m[:, None], offs_n[None, :], delta, Nq, Nk, window,
-                           doc_lo[:, None], doc_hi[:, None], kp[None, :],
-                           MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
-            s = tl.where(vis, s, float("-inf"))
+            doc_lo, doc_hi = _doc_range(DocStart_row, DocEnd_row, q_offset, offs_m, Nq, HAS_DOC)
+            s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
+                      MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
         p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
         dv += _dot(tl.trans(p).to(do.dtype), do, UPCAST, PRECISION)
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
@@ -442,7 +521,7 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
                   WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                   HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (key block, kv head, batch): dk, dv summed over the kv head's query heads
     (no atomics), and, unless deterministic, the table gradient added per tile diagonal.
     dK, dV are contiguous (B, Hkv, Nk, D)."""
@@ -450,178 +529,49 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
-    bhk = b * Hkv + hk
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(
-        K + b * stride_kb + hk * stride_kh, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, True
-    )
-    v = _load_rows(
-        V + b * stride_vb + hk * stride_vh, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, True
-    )
+    k = _load_rows(K + b * stride_kb + hk * stride_kh, offs_n, stride_kn, Nk, offs_d, HEAD_DIM,
+                   True)
+    v = _load_rows(V + b * stride_vb + hk * stride_vh, offs_n, stride_vn, Nk, offs_d, HEAD_DIM,
+                   True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
     col_last = tl.minimum(start_n + BLOCK_N, Nk) - 1
     r_lo, r_hi, f_lo, f_hi = _query_range(start_n, col_last, q_offset, Nq, window, CAUSAL, WINDOW)
-    kp = offs_n
+    kp = _key_padding(Kpm + b * Nk, offs_n, Nk, HAS_KPM)
     if HAS_DOC:
         r_lo = tl.maximum(r_lo, tl.load(DocStart + b * Nk + start_n) - q_offset)
         r_hi = tl.minimum(r_hi, tl.load(DocEnd + b * Nk + col_last) - q_offset)
     if HAS_KPM:
-        kp = tl.load(Kpm + b * Nk + offs_n, mask=offs_n < Nk, other=0)
         padded = (col_last < tl.load(KvBounds + 2 * b)) | (start_n > tl.load(KvBounds + 2 * b + 1))
         r_hi = tl.where(padded, -1, r_hi)
     # A ragged key block needs its column mask on every tile.
     f_hi = tl.where(start_n + BLOCK_N > Nk, -1, f_hi)
     begin, mid_begin, mid_end, end = _stages(tl.maximum(r_lo, 0), r_hi, f_lo, f_hi, BLOCK_M)
 
-    DocStart_row = DocStart + b * Nk
-    DocEnd_row = DocEnd + b * Nk
     for g in range(group):
         h = hk * group + g
         bh = b * Hq + h
-        Q_base = Q + b * stride_qb + h * stride_qh
-        dO_base = dOut + b * stride_db + h * stride_dh
-        table_row = Table + h * stride_t
-        DTable_row = DTable + h * T
         slope = 0.0
         if HAS_SLOPES:
             slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
         for stage in tl.static_range(3):
-            if stage == 0:
-                dk, dv = _dkdv_blocks(
-                    dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse + bh * Nq,
-                    Delta + bh * Nq, Inv + bh * Nq, begin, mid_begin, start_n, offs_n, offs_d, kp,
-                    table_row, DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset,
-                    window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
-                    HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
-                )  # fmt: skip
-            elif stage == 1:
-                dk, dv = _dkdv_blocks(
-                    dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse + bh * Nq,
-                    Delta + bh * Nq, Inv + bh * Nq, mid_begin, mid_end, start_n, offs_n, offs_d, kp,
-                    table_row, DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset,
-                    window, qk_scale, HEAD_DIM, False, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
-                    HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
-                )  # fmt: skip
-            else:
-                dk, dv = _dkdv_blocks(
-                    dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse + bh * Nq,
-                    Delta + bh * Nq, Inv + bh * Nq, mid_end, end, start_n, offs_n, offs_d, kp,
-                    table_row, DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset,
-                    window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
-                    HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
-                )  # fmt: skip
+            first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
+            dk, dv = _dkdv_blocks(
+                dk, dv, k, v, Q + b * stride_qb + h * stride_qh,
+                dOut + b * stride_db + h * stride_dh, stride_qn, stride_dn, Lse + bh * Nq,
+                Delta + bh * Nq, Inv + bh * Nq, first, last, start_n, offs_n, offs_d, kp,
+                Table + h * stride_t, DTable + h * T, slope, DocStart + b * Nk, DocEnd + b * Nk,
+                Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, stage != 1, CAUSAL, WINDOW,
+                HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION,
+                BLOCK_M, BLOCK_N)
 
-    kv = bhk * Nk * HEAD_DIM
+    kv = (b * Hkv + hk) * Nk * HEAD_DIM
     _store_rows(dK + kv, offs_n, HEAD_DIM, Nk, offs_d, dk * scale, HEAD_DIM)
     _store_rows(dV + kv, offs_n, HEAD_DIM, Nk, offs_d, dv, HEAD_DIM)
-
-
-@triton.jit
-def _dq_blocks(dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, block_begin,
-               block_end, offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-               Nq, Nk, T, lo, q_offset, window, qk_scale,
-               HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
-               HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
-    for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
-        v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, MASKED)
-        qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
-        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, HAS_TABLE, HAS_SLOPES)  # fmt: skip
-        if NEED_MASK:
-            s = _hide(s, delta, offs_m, offs_n, Kpm_row, doc_lo, doc_hi, Nq, Nk, window,
-                      MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
-        p = tl.math.exp2(s - lse[:, None] * LOG2E)
-        l_i += tl.sum(p, 1)
-        dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
-        pdp_i += tl.sum(p * dp, 1)
-        ds = p * (dp - di[:, None])
-        dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
-    return dq, l_i, pdp_i
-
-
-@triton.autotune(configs=_DQ, key=_KEY, prune_configs_by=_PRUNE)
-@triton.jit
-def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, DocStart, DocEnd,
-                Kpm, KvBounds,
-                stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
-                Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
-                HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """One program per (query block, head, batch); the key loop mirrors the forward's.
-    dQ is contiguous (B, Hq, Nq, D)."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    bh = b * Hq + h
-    hk = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, True)
-    do = _load_rows(dOut + b * stride_db + h * stride_dh, offs_m, stride_dn, Nq, offs_d,
-                    HEAD_DIM, True)  # fmt: skip
-    # Rows past Nq get lse = +inf so their p is 0 in every stage.
-    lse = tl.load(Lse + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
-    # D_i from the stored low-precision output: its rounding moves dq by about one unit of q's
-    # dtype (as rounding ds does). The table gradient cannot take that: there each row's dS must
-    # sum to zero, or the residue lands on every offset the row sees, so this kernel also sums
-    # the exact D_i = Σ_j P·dP in float32 and leaves it in Delta for the dk/dv and band kernels.
-    di = tl.load(DeltaOut + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-    K_base = K + b * stride_kb + hk * stride_kh
-    V_base = V + b * stride_vb + hk * stride_vh
-    table_row = Table + h * stride_t
-    slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end = _query_block(
-        b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
-        CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)  # fmt: skip
-    Kpm_row = Kpm + b * Nk
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    pdp_i = tl.zeros([BLOCK_M], tl.float32)
-    for stage in tl.static_range(3):
-        if stage == 0:
-            dq, l_i, pdp_i = _dq_blocks(
-                dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, begin,
-                mid_begin,
-                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW,
-                HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
-            )  # fmt: skip
-        elif stage == 1:
-            dq, l_i, pdp_i = _dq_blocks(
-                dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, mid_begin,
-                mid_end,
-                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, False, CAUSAL, WINDOW,
-                HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
-            )  # fmt: skip
-        else:
-            dq, l_i, pdp_i = _dq_blocks(
-                dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, mid_end, end,
-                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW,
-                HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
-            )  # fmt: skip
-    # lse is float32, so exp(s - lse) carries its rounding (|lse|·2^-24, 1e-3 at scores of 1e4)
-    # as a per-row scale error that does not average out: rescale each row of p to sum to 1.
-    # Inv is that factor for the dk/dv and band kernels, which do not see whole rows.
-    inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
-    tl.store(Inv + bh * Nq + offs_m, inv, mask=offs_m < Nq)
-    tl.store(Delta + bh * Nq + offs_m, pdp_i * inv, mask=offs_m < Nq)
-    dq = dq * (inv * scale)[:, None]
-    _store_rows(dQ + bh * Nq * HEAD_DIM, offs_m, HEAD_DIM, Nq, offs_d, dq, HEAD_DIM)
 
 
 @triton.jit
@@ -632,8 +582,7 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
                          num_bands, band_min,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                          WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr,
-                         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK: tl.constexpr):  # fmt: skip
+                         UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr):
     """Deterministic table gradient: one program per (block diagonal d = m - n, head, batch).
 
     Every tile on a block diagonal covers the same offsets ``q_offset + d·BLOCK + (-BLOCK, BLOCK)``,
@@ -659,7 +608,6 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
     dO_base = dOut + b * stride_db + h * stride_dh
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
-    table_row = Table + h * stride_t
     lower_acc = tl.zeros([BLOCK], tl.float32)
     upper_acc = tl.zeros([BLOCK], tl.float32)
     for n in range(n_begin, n_end):
@@ -669,21 +617,17 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
         do = _load_rows(dO_base, offs_m, stride_dn, Nq, offs_d, HEAD_DIM, True)
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, True)
         v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, True)
-        lse = tl.load(Lse + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
-        di = tl.load(Delta + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-        inv = tl.load(Inv + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+        lse = _load_lse(Lse + bh * Nq, offs_m, Nq, True)
+        di = _load_row_stat(Delta + bh * Nq, offs_m, Nq, True)
+        inv = _load_row_stat(Inv + bh * Nq, offs_m, Nq, True)
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
-        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, 0.0, q_offset, lo, T,
-                          qk_scale, True, False)  # fmt: skip
-        doc_lo = offs_m
-        doc_hi = offs_m
-        if HAS_DOC:
-            pos = b * Nk + q_offset + offs_m
-            doc_lo = tl.load(DocStart + pos, mask=offs_m < Nq, other=0)
-            doc_hi = tl.load(DocEnd + pos, mask=offs_m < Nq, other=-1)
-        s = _hide(s, delta, offs_m, offs_n, Kpm + b * Nk, doc_lo, doc_hi, Nq, Nk, window,
-                  True, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
+        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], Table + h * stride_t, 0.0,
+                          q_offset, lo, T, qk_scale, True, False)
+        doc_lo, doc_hi = _doc_range(DocStart + b * Nk, DocEnd + b * Nk, q_offset, offs_m, Nq,
+                                    HAS_DOC)
+        kp = _key_padding(Kpm + b * Nk, offs_n, Nk, HAS_KPM)
+        s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
+                  True, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
         p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
         lower, upper = _diagonal_sums(p * (dp - di[:, None]), BLOCK, BLOCK)
