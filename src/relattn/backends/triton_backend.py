@@ -1,27 +1,48 @@
 """``backend="triton"``: launch code for the FlashAttention-2 kernels in ``triton_kernels``.
 
 Runs on CUDA tensors, or anywhere with ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by
-the tests). Triton reads that variable whenever ``@triton.jit`` runs: for its own library at
-``import triton``, for our kernels when ``triton_kernels`` is first imported, which happens on the
-backend's first call; so the variable may be set at any time before that, and not changed after.
+the tests). Importing this module does not import triton: the kernels (and triton) are imported on
+the backend's first call, so CPU-only users never pay for it. Triton reads ``TRITON_INTERPRET``
+whenever ``@triton.jit`` runs (for its own library at ``import triton``, for our kernels when
+``triton_kernels`` is imported), so the variable may be set at any time before the first call, and
+not changed after.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import sys
 from types import ModuleType
 
 import torch
-import triton  # an ImportError here makes the registry report the backend unavailable
 from torch import Tensor
+
+from ..problem import Problem
+
+__all__ = ["BACKEND", "TritonBackend"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
 
 
+@functools.cache
+def _installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _interpreting() -> bool:
+    import triton
+
     return bool(triton.knobs.runtime.interpret)
+
+
+def _library_interpreted() -> bool:
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard.zeros, InterpretedFunction)
 
 
 def _kernels() -> ModuleType:
@@ -32,44 +53,17 @@ def _kernels() -> ModuleType:
 
 def _kernel_mode_changed() -> bool:
     """The kernels were loaded in one mode (compiled or interpreted) and TRITON_INTERPRET now
-    says the other; a loaded ``@triton.jit`` function cannot change its mode."""
+    says the other; a decorated ``@triton.jit`` function cannot change its mode."""
     loaded = sys.modules.get(f"{__package__}.triton_kernels")
     return loaded is not None and loaded.INTERPRET != _interpreting()
 
 
-def _library_interpreted() -> bool:
-    from triton.language import standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(standard.zeros, InterpretedFunction)
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
-def unsupported(q: Tensor, k: Tensor) -> str | None:
-    """None if the kernels can run on these inputs, else the reason.
-
-    Args:
-        q: ``(B, Hq, Nq, D)``; k: ``(B, Hkv, Nk, D)``.
-    """
-    if _interpreting() and not _library_interpreted():
-        return (
-            "TRITON_INTERPRET=1 was set after triton was imported; triton reads it at import, "
-            "so set it before importing triton"
-        )
-    if q.device.type != "cuda" and not _interpreting():
-        return (
-            f"q is on {q.device.type}; Triton kernels need CUDA tensors "
-            "(or TRITON_INTERPRET=1 to run them in Triton's CPU interpreter)"
-        )
-    if _kernel_mode_changed():
-        return (
-            "TRITON_INTERPRET changed after the triton kernels were first used; set it once, "
-            "before the first call"
-        )
-    if q.dtype not in _DTYPES:
-        return f"q has dtype {q.dtype}; the triton backend supports float16, bfloat16 and float32"
-    if q.shape[-1] > _MAX_HEAD_DIM:
-        return f"head dim D={q.shape[-1]} is larger than the triton backend's {_MAX_HEAD_DIM}"
-    return None
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 # ----------------------------------------------------------------------------- host-side prep
@@ -108,43 +102,40 @@ def _key_bounds(key_padding_mask: Tensor) -> Tensor:
 class _Launch:
     """Arguments shared by every kernel of one call."""
 
-    def __init__(
-        self, q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window
-    ):
+    def __init__(self, K: ModuleType, q, k, v, table, slopes, problem: Problem):
         self.q, self.k, self.v = _rows(q), _rows(k), _rows(v)
         self.b, self.hq, self.nq, self.d = q.shape
         self.hkv, self.nk = k.shape[1], k.shape[2]
+        self.lo, self.scale = problem.lo, problem.scale
+        self.q_offset, self.window = problem.q_offset, problem.window
         dev = q.device
         dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
         dummy_i = torch.zeros(2, dtype=torch.int32, device=dev)
         self.table = table.contiguous() if table is not None else dummy_f
         self.slopes = slopes.contiguous() if slopes is not None else dummy_f
         self.t = table.shape[1] if table is not None else 1
-        if doc_ids is not None:
-            self.doc_start, self.doc_end = _doc_ranges(doc_ids)
+        if problem.doc_ids is not None:
+            self.doc_start, self.doc_end = _doc_ranges(problem.doc_ids)
         else:
             self.doc_start = self.doc_end = dummy_i
-        if key_padding_mask is not None:
-            self.kpm = key_padding_mask.contiguous().view(torch.uint8)
-            self.kv_bounds = _key_bounds(key_padding_mask)
+        kpm = problem.key_padding_mask
+        if kpm is not None:
+            self.kpm = kpm.contiguous().view(torch.uint8)
+            self.kv_bounds = _key_bounds(kpm)
         else:
             self.kpm, self.kv_bounds = dummy_i, dummy_i
-        self.lo, self.scale, self.q_offset, self.window = lo, scale, q_offset, window
         tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
         self.flags = dict(
             HEAD_DIM=self.d,
-            BLOCK_D=max(16, triton.next_power_of_2(self.d)),
-            CAUSAL=causal,
-            WINDOW=window > 0,
-            HAS_DOC=doc_ids is not None,
-            HAS_KPM=key_padding_mask is not None,
-            UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+            BLOCK_D=max(16, _pow2_at_least(self.d)),
+            CAUSAL=problem.causal,
+            WINDOW=problem.window > 0,
+            HAS_DOC=problem.doc_ids is not None,
+            HAS_KPM=kpm is not None,
+            UPCAST=K.INTERPRET and q.dtype == torch.bfloat16,
             PRECISION="tf32" if tf32 else "ieee",
         )
-        self.has_table, self.has_slopes = table is not None, slopes is not None
-
-    def encoding_flags(self) -> dict[str, bool]:
-        return {"HAS_TABLE": self.has_table, "HAS_SLOPES": self.has_slopes}
+        self.encoding = {"HAS_TABLE": table is not None, "HAS_SLOPES": slopes is not None}
 
     def strides(self, *tensors: Tensor) -> list[int]:
         return [s for t in tensors for s in t.stride()[:3]]
@@ -152,141 +143,154 @@ class _Launch:
     def masks(self) -> list[Tensor]:
         return [self.doc_start, self.doc_end, self.kpm]
 
-
-# ----------------------------------------------------------------------------- the contract
-
-
-def forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    table: Tensor | None,
-    slopes: Tensor | None,
-    doc_ids: Tensor | None,
-    key_padding_mask: Tensor | None,
-    lo: int,
-    scale: float,
-    causal: bool,
-    q_offset: int,
-    window: int,
-) -> tuple[Tensor, Tensor]:
-    """``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32)``; see ``backends``."""
-    K = _kernels()
-    a = _Launch(
-        q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window
-    )
-    out = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=q.device)
-    grid = lambda meta: (triton.cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
-    tensors = [a.q, a.k, a.v, out, lse, a.table, a.slopes, *a.masks(), a.kv_bounds]
-    strides = [*a.strides(a.q, a.k, a.v, out), a.table.stride(0)]
-    sizes = [a.hq, a.hq // a.hkv, a.nq, a.nk, a.t, lo, q_offset, window, scale * _LOG2E]
-    K.attn_fwd[grid](*tensors, *strides, *sizes, **a.encoding_flags(), **a.flags)
-    return out, lse
+    def sizes(self) -> list:
+        """``Nq, Nk, T, lo, q_offset, window, qk_scale`` (scale in log2 units)."""
+        return [self.nq, self.nk, self.t, self.lo, self.q_offset, self.window, self.scale * _LOG2E]
 
 
-def backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    table: Tensor | None,
-    slopes: Tensor | None,
-    doc_ids: Tensor | None,
-    key_padding_mask: Tensor | None,
-    lo: int,
-    scale: float,
-    causal: bool,
-    q_offset: int,
-    window: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """``(dq, dk, dv, dtable)``: dtable ``(Hq, T)`` like table, None without a table.
-
-    Under ``torch.use_deterministic_algorithms(True)`` no kernel uses atomics and the gradients
-    are bit-identical across runs.
-    """
-    K = _kernels()
-    a = _Launch(
-        q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window
-    )
-    out, grad_out, lse = _rows(out), _rows(grad_out), lse.contiguous()
-    dev = q.device
-    delta_out = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
-    pre = 16 if _interpreting() else 64
-    K.bwd_preprocess[(triton.cdiv(a.nq, pre), a.hq, a.b)](
-        out,
-        grad_out,
-        delta_out,
-        *a.strides(out, grad_out),
-        a.hq,
-        a.nq,
-        HEAD_DIM=a.d,
-        BLOCK_D=a.flags["BLOCK_D"],
-        BLOCK_M=pre,
-    )
-
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    atomic = a.has_table and not deterministic
-    # Without atomics DTable is a placeholder; it must not alias the table (autotuning zeroes it).
-    dtable = torch.zeros((a.hq, a.t) if atomic else (1,), dtype=torch.float32, device=dev)
-    dq = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=dev)
-    dk = torch.empty((a.b, a.hkv, a.nk, a.d), dtype=k.dtype, device=dev)
-    dv = torch.empty((a.b, a.hkv, a.nk, a.d), dtype=v.dtype, device=dev)
-    common = [*a.strides(a.q, a.k, a.v, grad_out), a.table.stride(0)]
-    shape = (a.nq, a.nk, a.t, lo, q_offset, window, scale * _LOG2E, scale)
-    # dq first: it sees whole rows and leaves, per row, the renormalization factor in inv and
-    # D = Σ_j P·dP in delta, both in float32 from the recomputed weights.
-    inv, delta = torch.empty_like(delta_out), torch.empty_like(delta_out)
-    grid_q = lambda meta: (triton.cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
-    tensors = [a.q, a.k, a.v, grad_out, lse, delta_out, delta, inv, dq, a.table, a.slopes]
-    K.attn_bwd_dq[grid_q](
-        *tensors,
-        *a.masks(),
-        a.kv_bounds,
-        *common,
-        a.hq,
-        a.hq // a.hkv,
-        *shape,
-        **a.encoding_flags(),
-        **a.flags,
-    )
-    grid_kv = lambda meta: (triton.cdiv(a.nk, meta["BLOCK_N"]), a.hkv, a.b)
-    tensors = [a.q, a.k, a.v, grad_out, lse, delta, inv, dk, dv, a.table, dtable, a.slopes]
-    K.attn_bwd_dkdv[grid_kv](
-        *tensors,
-        *a.masks(),
-        a.kv_bounds,
-        *common,
-        a.hq,
-        a.hkv,
-        a.hq // a.hkv,
-        *shape,
-        ATOMIC_TABLE=atomic,
-        **a.encoding_flags(),
-        **a.flags,
-    )
-    if not a.has_table:
-        return dq, dk, dv, None
-    if deterministic:
-        dtable = _table_grad_bands(K, a, grad_out, lse, delta, inv, common)
-    return dq, dk, dv, dtable.to(table.dtype)
+# ----------------------------------------------------------------------------- the backend
 
 
-def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, inv, common) -> Tensor:
+class TritonBackend:
+    """FlashAttention-2 style kernels that read the position table by offset (see
+    ``triton_kernels``); the table gradient comes out of the dk/dv pass."""
+
+    name = "triton"
+    fused = True
+
+    def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
+        """20 for CUDA tensors when triton is installed; never picked automatically elsewhere
+        (the CPU interpreter is for tests)."""
+        return 20.0 if q.device.type == "cuda" and _installed() else None
+
+    def unsupported(self, q: Tensor, k: Tensor, problem: Problem | None) -> str | None:
+        """None if the kernels can run on these inputs, else the reason.
+
+        Args:
+            q: ``(B, Hq, Nq, D)``; k: ``(B, Hkv, Nk, D)``; problem: unused (every mask runs).
+        """
+        if not _installed():
+            return "triton is not installed (pip install 'relattn[triton]')"
+        if _interpreting() and not _library_interpreted():
+            return (
+                "TRITON_INTERPRET=1 was set after triton was imported; triton reads it at import, "
+                "so set it before importing triton"
+            )
+        if q.device.type != "cuda" and not _interpreting():
+            return (
+                f"q is on {q.device.type}; Triton kernels need CUDA tensors "
+                "(or TRITON_INTERPRET=1 to run them in Triton's CPU interpreter)"
+            )
+        if _kernel_mode_changed():
+            return (
+                "TRITON_INTERPRET changed after the triton kernels were first used; set it once, "
+                "before the first call"
+            )
+        if q.dtype not in _DTYPES:
+            return (
+                f"q has dtype {q.dtype}; the triton backend supports float16, bfloat16 and float32"
+            )
+        if q.shape[-1] > _MAX_HEAD_DIM:
+            return f"head dim D={q.shape[-1]} is larger than the triton backend's {_MAX_HEAD_DIM}"
+        return None
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        table: Tensor | None,
+        slopes: Tensor | None,
+        problem: Problem,
+    ) -> tuple[Tensor, Tensor]:
+        """``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32)``.
+
+        Args:
+            q: ``(B, Hq, Nq, D)``; k, v: ``(B, Hkv, Nk, D)``; table: ``(Hq, T)`` float32, column
+            t is offset ``problem.lo + t``, or None; slopes: ``(Hq,)`` fixed ALiBi slopes
+            (``-slope·|Δ|`` in closed form), or None; never both.
+        """
+        K = _kernels()
+        a = _Launch(K, q, k, v, table, slopes, problem)
+        out = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=q.device)
+        lse = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=q.device)
+        grid = lambda meta: (_cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
+        tensors = [a.q, a.k, a.v, out, lse, a.table, a.slopes, *a.masks(), a.kv_bounds]
+        strides = [*a.strides(a.q, a.k, a.v, out), a.table.stride(0)]
+        K.attn_fwd[grid](
+            *tensors, *strides, a.hq, a.hq // a.hkv, *a.sizes(), **a.encoding, **a.flags
+        )
+        return out, lse
+
+    def backward(
+        self,
+        grad_out: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        table: Tensor | None,
+        slopes: Tensor | None,
+        problem: Problem,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(dq, dk, dv, dtable)`` shaped like q, k, v and table (dtable None without one).
+
+        Under ``torch.use_deterministic_algorithms(True)`` no kernel uses atomics and the
+        gradients are bit-identical across runs.
+        """
+        K = _kernels()
+        a = _Launch(K, q, k, v, table, slopes, problem)
+        out, grad_out, lse = _rows(out), _rows(grad_out), lse.contiguous()
+        dev = q.device
+        delta_out = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
+        pre = 16 if K.INTERPRET else 64
+        tensors, shape = [out, grad_out, delta_out, *a.strides(out, grad_out)], [a.hq, a.nq]
+        sizes = {"HEAD_DIM": a.d, "BLOCK_D": a.flags["BLOCK_D"], "BLOCK_M": pre}
+        K.bwd_preprocess[(_cdiv(a.nq, pre), a.hq, a.b)](*tensors, *shape, **sizes)
+
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        atomic = table is not None and not deterministic
+        # Without atomics DTable is a placeholder; it must not alias the table (autotuning
+        # zeroes it).
+        dtable = torch.zeros((a.hq, a.t) if atomic else (1,), dtype=torch.float32, device=dev)
+        dq = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=dev)
+        dk = torch.empty((a.b, a.hkv, a.nk, a.d), dtype=k.dtype, device=dev)
+        dv = torch.empty((a.b, a.hkv, a.nk, a.d), dtype=v.dtype, device=dev)
+        strides = [*a.strides(a.q, a.k, a.v, grad_out), a.table.stride(0)]
+        # dq first: it sees whole rows and leaves, per row, the renormalization factor in inv
+        # and D = Σ_j P·dP in delta, both in float32 from the recomputed weights.
+        inv, delta = torch.empty_like(delta_out), torch.empty_like(delta_out)
+        grid_q = lambda meta: (_cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
+        tensors = [a.q, a.k, a.v, grad_out, lse, delta_out, delta, inv, dq, a.table, a.slopes]
+        tensors += [*a.masks(), a.kv_bounds]
+        sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.scale]
+        K.attn_bwd_dq[grid_q](*tensors, *strides, *sizes, **a.encoding, **a.flags)
+        grid_kv = lambda meta: (_cdiv(a.nk, meta["BLOCK_N"]), a.hkv, a.b)
+        tensors = [a.q, a.k, a.v, grad_out, lse, delta, inv, dk, dv, a.table, dtable, a.slopes]
+        tensors += [*a.masks(), a.kv_bounds]
+        sizes = [a.hq, a.hkv, a.hq // a.hkv, *a.sizes(), a.scale]
+        flags = {"ATOMIC_TABLE": atomic, **a.encoding, **a.flags}
+        K.attn_bwd_dkdv[grid_kv](*tensors, *strides, *sizes, **flags)
+        if table is None:
+            return dq, dk, dv, None
+        if deterministic:
+            dtable = _table_grad_bands(K, a, grad_out, lse, delta, inv, strides)
+        return dq, dk, dv, dtable.to(table.dtype)
+
+
+def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, inv, strides) -> Tensor:
     """The table gradient without atomics: per-band partial sums, added in a fixed order."""
     block = K.DIAG_BLOCK
-    n_q, n_k = triton.cdiv(a.nq, block), triton.cdiv(a.nk, block)
+    n_q, n_k = _cdiv(a.nq, block), _cdiv(a.nk, block)
     band_min, num_bands = -(n_k - 1), n_q + n_k - 1
     partial = torch.empty(
         (a.b * a.hq, num_bands, 2 * block), dtype=torch.float32, device=a.q.device
     )
     tensors = [a.q, a.k, a.v, grad_out, lse, delta, inv, a.table, partial, *a.masks()]
-    sizes = [a.hq, a.hq // a.hkv, a.nq, a.nk, a.t, a.lo, a.q_offset, a.window, a.scale * _LOG2E]
-    K.attn_bwd_table_bands[(num_bands, a.hq, a.b)](
-        *tensors, *common, *sizes, num_bands, band_min, BLOCK=block, num_warps=4, **a.flags
-    )
+    sizes = [a.hq, a.hq // a.hkv, *a.sizes(), num_bands, band_min]
+    grid = (num_bands, a.hq, a.b)
+    K.attn_bwd_table_bands[grid](*tensors, *strides, *sizes, BLOCK=block, num_warps=4, **a.flags)
     g = partial.view(a.b, a.hq, num_bands, 2 * block).sum(0)
     # Band d's second half and band d + 1's first half cover the same offsets.
     zero = g.new_zeros((a.hq, 1, block))
@@ -298,3 +302,40 @@ def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, inv, comm
     if x1 > x0:
         dtable[:, x0 - start : x1 - start] = flat[:, x0:x1]
     return dtable
+
+
+BACKEND = TritonBackend()
+
+
+# ----------------------------------------------------------------------------- pre-protocol shims
+# relattn._op still calls backends with flat arguments; delete these three once it calls BACKEND.
+
+
+def forward(q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window):
+    problem = Problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
+    return BACKEND.forward(q, k, v, table, slopes, problem)
+
+
+def backward(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    table,
+    slopes,
+    doc_ids,
+    key_padding_mask,
+    lo,
+    scale,
+    causal,
+    q_offset,
+    window,
+):
+    problem = Problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
+    return BACKEND.backward(grad_out, q, k, v, out, lse, table, slopes, problem)
+
+
+def unsupported(q, k):
+    return BACKEND.unsupported(q, k, None)
