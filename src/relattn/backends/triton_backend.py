@@ -136,6 +136,7 @@ class _Launch:
             PRECISION="tf32" if tf32 else "ieee",
         )
         self.encoding = {"HAS_TABLE": table is not None, "HAS_SLOPES": slopes is not None}
+        self.seq_bucket = _pow2_at_least(max(self.nq, self.nk))  # part of the autotune key
 
     def strides(self, *tensors: Tensor) -> list[int]:
         return [s for t in tensors for s in t.stride()[:3]]
@@ -160,8 +161,14 @@ class TritonBackend:
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         """20 for CUDA tensors when triton is installed; never picked automatically elsewhere
-        (the CPU interpreter is for tests)."""
-        return 20.0 if q.device.type == "cuda" and _installed() else None
+        (the CPU interpreter is for tests), nor for float32 without TF32: exact float32 dots run
+        on CUDA cores in these kernels and spill registers (tools/gpu_compile.py), where the
+        chunked backend's matmuls do better."""
+        if q.device.type != "cuda" or not _installed():
+            return None
+        if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+            return None
+        return 20.0
 
     def unsupported(self, q: Tensor, k: Tensor, problem: Problem | None) -> str | None:
         """None if the kernels can run on these inputs, else the reason.
@@ -217,9 +224,8 @@ class TritonBackend:
         grid = lambda meta: (_cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
         tensors = [a.q, a.k, a.v, out, lse, a.table, a.slopes, *a.masks(), a.kv_bounds]
         strides = [*a.strides(a.q, a.k, a.v, out), a.table.stride(0)]
-        K.attn_fwd[grid](
-            *tensors, *strides, a.hq, a.hq // a.hkv, *a.sizes(), **a.encoding, **a.flags
-        )
+        sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.seq_bucket]
+        K.attn_fwd[grid](*tensors, *strides, *sizes, **a.encoding, **a.flags)
         return out, lse
 
     def backward(
@@ -244,7 +250,7 @@ class TritonBackend:
         out, grad_out, lse = _rows(out), _rows(grad_out), lse.contiguous()
         dev = q.device
         delta_out = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
-        pre = 16 if K.INTERPRET else 64
+        pre = K.PREPROCESS_BLOCK
         tensors, shape = [out, grad_out, delta_out, *a.strides(out, grad_out)], [a.hq, a.nq]
         sizes = {"HEAD_DIM": a.d, "BLOCK_D": a.flags["BLOCK_D"], "BLOCK_M": pre}
         K.bwd_preprocess[(_cdiv(a.nq, pre), a.hq, a.b)](*tensors, *shape, **sizes)
@@ -255,8 +261,10 @@ class TritonBackend:
         # zeroes it).
         dtable = torch.zeros((a.hq, a.t) if atomic else (1,), dtype=torch.float32, device=dev)
         dq = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=dev)
-        dk = torch.empty((a.b, a.hkv, a.nk, a.d), dtype=k.dtype, device=dev)
-        dv = torch.empty((a.b, a.hkv, a.nk, a.d), dtype=v.dtype, device=dev)
+        # dk/dv per query head; with GQA in float32, summed over each kv head's group below.
+        per_head = k.dtype if a.hq == a.hkv else torch.float32
+        dk = torch.empty((a.b, a.hq, a.nk, a.d), dtype=per_head, device=dev)
+        dv = torch.empty((a.b, a.hq, a.nk, a.d), dtype=per_head, device=dev)
         strides = [*a.strides(a.q, a.k, a.v, grad_out), a.table.stride(0)]
         # dq first: it sees whole rows and leaves, per row, the renormalization factor in inv
         # and D = Σ_j P·dP in delta, both in float32 from the recomputed weights.
@@ -264,14 +272,18 @@ class TritonBackend:
         grid_q = lambda meta: (_cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
         tensors = [a.q, a.k, a.v, grad_out, lse, delta_out, delta, inv, dq, a.table, a.slopes]
         tensors += [*a.masks(), a.kv_bounds]
-        sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.scale]
+        sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.scale, a.seq_bucket]
         K.attn_bwd_dq[grid_q](*tensors, *strides, *sizes, **a.encoding, **a.flags)
-        grid_kv = lambda meta: (_cdiv(a.nk, meta["BLOCK_N"]), a.hkv, a.b)
+        grid_kv = lambda meta: (_cdiv(a.nk, meta["BLOCK_N"]), a.hq, a.b)
         tensors = [a.q, a.k, a.v, grad_out, lse, delta, inv, dk, dv, a.table, dtable, a.slopes]
         tensors += [*a.masks(), a.kv_bounds]
-        sizes = [a.hq, a.hkv, a.hq // a.hkv, *a.sizes(), a.scale]
+        sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.scale, a.seq_bucket]
         flags = {"ATOMIC_TABLE": atomic, **a.encoding, **a.flags}
         K.attn_bwd_dkdv[grid_kv](*tensors, *strides, *sizes, **flags)
+        if a.hq != a.hkv:
+            group = (a.b, a.hkv, a.hq // a.hkv, a.nk, a.d)
+            dk = dk.view(group).sum(2).to(k.dtype)
+            dv = dv.view(group).sum(2).to(v.dtype)
         if table is None:
             return dq, dk, dv, None
         if deterministic:
@@ -280,23 +292,31 @@ class TritonBackend:
 
 
 def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, inv, strides) -> Tensor:
-    """The table gradient without atomics: per-band partial sums, added in a fixed order."""
-    block = K.DIAG_BLOCK
+    """The table gradient without atomics: per block diagonal, the elementwise sum of its tiles'
+    ∂L/∂score (every tile pair (r, c) there has offset ``q_offset + d·BLOCK + r - c``), then
+    that sum's diagonals and the overlapping neighbours added in a fixed order."""
+    config = K.band_config(a.d, a.q.element_size())
+    block = config["BLOCK"]
     n_q, n_k = _cdiv(a.nq, block), _cdiv(a.nk, block)
     band_min, num_bands = -(n_k - 1), n_q + n_k - 1
-    partial = torch.empty(
-        (a.b * a.hq, num_bands, 2 * block), dtype=torch.float32, device=a.q.device
-    )
+    shape = (a.b, a.hq, num_bands, block, block)
+    partial = torch.empty(shape, dtype=torch.float32, device=a.q.device)
     tensors = [a.q, a.k, a.v, grad_out, lse, delta, inv, a.table, partial, *a.masks()]
     sizes = [a.hq, a.hq // a.hkv, *a.sizes(), num_bands, band_min]
     grid = (num_bands, a.hq, a.b)
-    K.attn_bwd_table_bands[grid](*tensors, *strides, *sizes, BLOCK=block, num_warps=4, **a.flags)
-    g = partial.view(a.b, a.hq, num_bands, 2 * block).sum(0)
-    # Band d's second half and band d + 1's first half cover the same offsets.
-    zero = g.new_zeros((a.hq, 1, block))
-    slots = torch.cat([g[..., :block], zero], 1) + torch.cat([zero, g[..., block:]], 1)
-    flat = slots.reshape(a.hq, -1)  # flat[:, x] is offset q_offset + (band_min - 1)·block + x
-    start = a.lo - (a.q_offset + (band_min - 1) * block)
+    K.attn_bwd_table_bands[grid](*tensors, *strides, *sizes, **config, **a.flags)
+    partial = partial.sum(0)
+    # Diagonal sums of each (r, c) tile: flip c, pad each row with `block` zeros and re-read the
+    # rows one element shorter, so row r shifts by r and column t holds r - c = t - (block - 1).
+    skew = torch.nn.functional.pad(partial.flip(-1), (0, block)).flatten(-2)
+    skew = skew[..., : block * (2 * block - 1)].view(a.hq, num_bands, block, 2 * block - 1)
+    diag = torch.nn.functional.pad(skew.sum(-2), (0, 1))  # (Hq, bands, 2·block)
+    # Band i's t covers offset q_offset + (band_min + i)·block + t - (block - 1): its second half
+    # and band i + 1's first half cover the same offsets.
+    zero = diag.new_zeros((a.hq, block))
+    flat = torch.cat([diag[..., :block].flatten(1), zero], 1)
+    flat = flat + torch.cat([zero, diag[..., block:].flatten(1)], 1)
+    start = a.lo - (a.q_offset + band_min * block - (block - 1))  # flat[:, x]: offset ... + x
     dtable = flat.new_zeros((a.hq, a.t))
     x0, x1 = max(start, 0), min(start + a.t, flat.shape[1])
     if x1 > x0:

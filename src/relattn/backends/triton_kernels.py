@@ -17,6 +17,10 @@ imports it on first use and reports a mode change after that.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+
 import triton
 import triton.language as tl
 
@@ -28,36 +32,144 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 
 # ----------------------------------------------------------------------------- configs
 
+# Not yet tuned on a GPU. (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim (up to
+# 64, and 128), the first being the one used when autotuning is off. They are the configs that the
+# ahead-of-time compile for sm_80 and sm_90a (tools/gpu_compile.py, triton 3.6 and 3.9) shows
+# compiling without register spills in bf16 with a table, causal; larger tiles spilled there (the
+# per-score table loads and atomics cost registers). Autotuning picks among those the device's
+# shared memory holds.
+CANDIDATES = {
+    "attn_fwd": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
+                 128: [(64, 32, 4, 3), (64, 32, 4, 2)]},
+    "attn_bwd_dq": {64: [(64, 32, 4, 2)],
+                    128: [(64, 32, 4, 2), (32, 32, 4, 2)]},
+    "attn_bwd_dkdv": {64: [(32, 64, 4, 2)],
+                      128: [(32, 32, 4, 2), (16, 64, 4, 2)]},
+}
+AUTOTUNED = set(CANDIDATES)
+PREPROCESS_BLOCK = 16 if INTERPRET else 64
+# Autotuning on (the default) or off (RELATTN_TRITON_AUTOTUNE=0: the first kept config, as the
+# GPU check's test steps use so that each compile-time variant compiles one config).
+AUTOTUNE = os.environ.get("RELATTN_TRITON_AUTOTUNE", "1") != "0"
 
-def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples; one tiny config on the interpreter."""
+
+def band_config(head_dim: int, elt: int) -> dict[str, int]:
+    """Tile size and launch options of the (not autotuned) band kernel of the deterministic path:
+    64 × 64 tiles for 16-bit inputs up to D = 64, else 32 × 32 (64 × 64 spilled registers)."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu
-    ]
+        return {"BLOCK": 16, "num_warps": 1, "num_stages": 1}
+    block = 64 if head_dim <= 64 and elt == 2 else 32
+    return {"BLOCK": block, "num_warps": 4, "num_stages": 3 if elt == 2 else 2}
 
 
-def _by_head_dim(limit: dict[int, int]):
-    """Keep configs whose tile area ``BLOCK_M·BLOCK_N`` fits the head dim's register budget."""
+# Kernels the ahead-of-time compile check covers, with the constexprs and launch options of those
+# that are not autotuned (a function of head dim and element size).
+AOT_KERNELS = {
+    "attn_fwd": {},
+    "bwd_preprocess": {"options": lambda d, e: {"BLOCK_M": PREPROCESS_BLOCK}},
+    "attn_bwd_dq": {},
+    "attn_bwd_dkdv": {},
+    "attn_bwd_table_bands": {"options": band_config},
+}
 
+
+def config_constexprs(kernel: str, config: tuple[int, int, int, int]) -> dict[str, int]:
+    return {"BLOCK_M": config[0], "BLOCK_N": config[1]}
+
+
+def shared_memory_estimate(kernel: str, config, block_d: int, elt: int, has_table: bool) -> int:
+    """Bytes of shared memory a config needs, from what Triton's pipeliner stages: each stage's
+    streamed tiles (k, v; q, dO for dk/dv), the table tile (float32, one stage fewer), the
+    resident tiles and layout conversions, plus 2 KiB. An upper bound, checked against every
+    ahead-of-time compile."""
+    m, n, _, stages = config
+    table = (stages - 1) * m * n * 4 if has_table else 0
+    if kernel == "attn_fwd":  # + p converted for the p·v dot
+        size = stages * 2 * n * block_d * elt + m * block_d * elt + m * n * elt
+    elif kernel == "attn_bwd_dq":
+        size = stages * 2 * n * block_d * elt + 2 * m * block_d * elt
+    else:  # dk/dv: q and dO stream; k, v resident; p and dS transposed through shared memory
+        size = stages * 2 * m * block_d * elt + 2 * n * block_d * elt + 2 * m * n * elt
+    return size + table + 2048
+
+
+def kept_configs(kernel: str, head_dim: int, elt: int, smem_limit: int | None,
+                 has_table: bool = True) -> list:
+    """The candidates of an autotuned kernel that pruning keeps for this head dim, element size
+    and per-block shared memory limit (all of them when the limit is None); [None] for a kernel
+    that is not autotuned. Never empty: the smallest candidate stays if none fits."""
+    if kernel not in CANDIDATES:
+        return [None]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    candidates = CANDIDATES[kernel][64 if block_d <= 64 else 128]
+    if smem_limit is None:
+        return list(candidates)
+    size = lambda c: shared_memory_estimate(kernel, c, block_d, elt, has_table)
+    kept = [c for c in candidates if size(c) <= smem_limit]
+    return kept or [min(candidates, key=size)]
+
+
+@functools.cache
+def device_shared_memory(device: int) -> int:
+    """The per-block shared memory limit (opt-in maximum) of a CUDA device, in bytes."""
+    props = triton.runtime.driver.active.utils.get_device_properties(device)
+    return int(props["max_shared_mem"])
+
+
+_FORCED: dict[str, tuple[int, int, int, int]] = {}
+
+
+@contextlib.contextmanager
+def forced_config(kernel: str, config: tuple[int, int, int, int]):
+    """Run ``kernel`` with exactly this config inside the block (for tests of every config)."""
+    tuner = globals()[kernel]
+    _FORCED[kernel] = config
+    tuner.cache.clear()
+    try:
+        yield
+    finally:
+        del _FORCED[kernel]
+        tuner.cache.clear()
+
+
+def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
-        budget = limit.get(kwargs.get("BLOCK_D", named_args.get("BLOCK_D")), 128 * 64)
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= budget]
-        return kept or configs[-1:]
+        if INTERPRET:
+            return configs
+        args = {**named_args, **kwargs}
+        q = args["Q"]
+        if kernel in _FORCED:
+            wanted = [_FORCED[kernel]]
+        else:
+            limit = device_shared_memory(q.device.index)
+            wanted = kept_configs(kernel, args["HEAD_DIM"], q.element_size(), limit,
+                                  bool(args.get("HAS_TABLE", True)))
+            if not AUTOTUNE:
+                wanted = wanted[:1]
+        by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
+                    for c in configs}
+        return [by_shape[w] for w in wanted]
 
     return prune
 
 
-# H100 shapes: wide query tiles for the forward and dq passes, wide key tiles for dk/dv (whose
-# table reduction gathers along the key axis and needs BLOCK_M <= BLOCK_N + 1).
-_FWD = _configs([(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4)])
-_DQ = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 4)])
-_DKDV = _configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 4)])
-_PRUNE = {"early_config_prune": _by_head_dim({16: 128 * 128, 32: 128 * 128, 64: 128 * 128})}
-_KEY = ["BLOCK_D", "CAUSAL", "WINDOW", "HAS_TABLE", "HAS_SLOPES", "HAS_DOC", "HAS_KPM"]
-# The table-gradient band kernel of the deterministic path uses square tiles of this size.
-DIAG_BLOCK = 16 if INTERPRET else 64
+def _configs(kernel: str) -> list[triton.Config]:
+    """Every candidate of ``kernel`` as a triton.Config (pruning picks per call); one tiny config
+    on the interpreter."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    shapes = dict.fromkeys(c for lists in CANDIDATES[kernel].values() for c in lists)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in shapes]
+
+
+def _autotune(kernel: str, **kwargs):
+    # seq_bucket (the next power of two of the longer sequence) makes the sequence length part of
+    # the key without retuning for every length.
+    key = ["BLOCK_D", "CAUSAL", "WINDOW", "HAS_TABLE", "HAS_SLOPES", "HAS_DOC", "HAS_KPM",
+           "seq_bucket"]
+    return triton.autotune(configs=_configs(kernel), key=key,
+                           prune_configs_by={"early_config_prune": _prune(kernel)}, **kwargs)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -265,23 +377,6 @@ def _query_block(b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk
     return slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end
 
 
-@triton.jit
-def _diagonal_sums(x, R: tl.constexpr, C: tl.constexpr):
-    """Sums of an (R, C) tile along its diagonals, C <= R + 1: ``lower[i]`` sums ``a - b = i``,
-    ``upper[i]`` sums ``a - b = i - R`` (nonzero only for i > R - C).
-
-    Rotating column b up by b puts diagonal a - b in row (a - b) mod R; the wrapped part of each
-    column holds the negative diagonals, so one gather and two row sums separate them.
-    """
-    i = tl.arange(0, R)[:, None]
-    b = tl.arange(0, C)[None, :]
-    wrap = i + b >= R
-    skew = tl.gather(x, tl.where(wrap, i + b - R, i + b), 0)
-    lower = tl.sum(tl.where(wrap, 0.0, skew), 1)
-    upper = tl.sum(tl.where(wrap, skew, 0.0), 1)
-    return lower, upper
-
-
 # ----------------------------------------------------------------------------- forward
 
 
@@ -316,12 +411,12 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_be
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD, key=_KEY, prune_configs_by=_PRUNE)
+@_autotune("attn_fwd")
 @triton.jit
 def attn_fwd(Q, K, V, Out, Lse, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, stride_t,
-             Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale,
+             Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, seq_bucket,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
              WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
              HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
@@ -409,13 +504,13 @@ def _dq_blocks(dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride
     return dq, l_i, pdp_i
 
 
-@triton.autotune(configs=_DQ, key=_KEY, prune_configs_by=_PRUNE)
+@_autotune("attn_bwd_dq")
 @triton.jit
 def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, DocStart, DocEnd,
                 Kpm, KvBounds,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
-                Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale,
+                Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale, seq_bucket,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
@@ -494,41 +589,41 @@ def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, D
         p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
         dv += _dot(tl.trans(p).to(do.dtype), do, UPCAST, PRECISION)
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
-        dsT = tl.trans(p * (dp - di[:, None]))  # ∂L/∂score, keys × queries
-        dk += _dot(dsT.to(q.dtype), q, UPCAST, PRECISION)
+        ds = p * (dp - di[:, None])  # ∂L/∂score, queries × keys
+        dk += _dot(tl.trans(ds).to(q.dtype), q, UPCAST, PRECISION)
         if ATOMIC_TABLE:
-            # The tile has BLOCK_M + BLOCK_N - 1 offsets: reduce to them first, then add.
-            lower, upper = _diagonal_sums(dsT, BLOCK_N, BLOCK_M)
-            i = tl.arange(0, BLOCK_N)
-            col0 = q_offset + start_m - start_n - lo  # table column of the tile's corner
-            t_lower = col0 - i  # key - query = i
-            t_upper = col0 + BLOCK_N - i  # key - query = i - BLOCK_N
-            ok_lower = (t_lower >= 0) & (t_lower < T)
-            ok_upper = (i > BLOCK_N - BLOCK_M) & (t_upper >= 0) & (t_upper < T)
-            tl.atomic_add(DTable_row + t_lower, lower, mask=ok_lower, sem="relaxed")
-            tl.atomic_add(DTable_row + t_upper, upper, mask=ok_upper, sem="relaxed")
+            # One relaxed atomic add per score into T's gradient at column Δ - lo. Reducing the
+            # tile along its diagonals first needs a gather that compiles to local memory on
+            # sm_80/sm_90 (tools/gpu_compile.py); hidden and ragged pairs have ds = 0.
+            col = delta - lo
+            if MASKED:
+                tl.atomic_add(DTable_row + col, ds, mask=(col >= 0) & (col < T), sem="relaxed")
+            else:
+                tl.atomic_add(DTable_row + col, ds, sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV, key=_KEY, prune_configs_by=_PRUNE, reset_to_zero=["DTable"])
+@_autotune("attn_bwd_dkdv", reset_to_zero=["DTable"])
 @triton.jit
 def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
                   DocStart, DocEnd, Kpm, KvBounds,
                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
-                  Hq, Hkv, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale,
+                  Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale, seq_bucket,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                   WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                   HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (key block, kv head, batch): dk, dv summed over the kv head's query heads
-    (no atomics), and, unless deterministic, the table gradient added per tile diagonal.
-    dK, dV are contiguous (B, Hkv, Nk, D)."""
-    tl.static_assert(BLOCK_M <= BLOCK_N + 1)
+    """One program per (key block, query head, batch): that head's share of dk, dv, and, unless
+    deterministic, of the table gradient (atomics). dK, dV are contiguous (B, Hq, Nk, D); with
+    GQA the host sums each kv head's group (a loop over the group here would keep every stage's
+    hoisted values live across it and spill registers at D = 128)."""
     pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
+    h = tl.program_id(1)
     b = tl.program_id(2)
+    bh = b * Hq + h
+    hk = h // group
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -552,26 +647,21 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
     f_hi = tl.where(start_n + BLOCK_N > Nk, -1, f_hi)
     begin, mid_begin, mid_end, end = _stages(tl.maximum(r_lo, 0), r_hi, f_lo, f_hi, BLOCK_M)
 
-    for g in range(group):
-        h = hk * group + g
-        bh = b * Hq + h
-        slope = 0.0
-        if HAS_SLOPES:
-            slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
-        for stage in tl.static_range(3):
-            first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
-            dk, dv = _dkdv_blocks(
-                dk, dv, k, v, Q + b * stride_qb + h * stride_qh,
-                dOut + b * stride_db + h * stride_dh, stride_qn, stride_dn, Lse + bh * Nq,
-                Delta + bh * Nq, Inv + bh * Nq, first, last, start_n, offs_n, offs_d, kp,
-                Table + h * stride_t, DTable + h * T, slope, DocStart + b * Nk, DocEnd + b * Nk,
-                Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, stage != 1, CAUSAL, WINDOW,
-                HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION,
-                BLOCK_M, BLOCK_N)
+    slope = 0.0
+    if HAS_SLOPES:
+        slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
+    for stage in tl.static_range(3):
+        first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, Q + b * stride_qb + h * stride_qh, dOut + b * stride_db + h * stride_dh,
+            stride_qn, stride_dn, Lse + bh * Nq, Delta + bh * Nq, Inv + bh * Nq, first, last,
+            start_n, offs_n, offs_d, kp, Table + h * stride_t, DTable + h * T, slope,
+            DocStart + b * Nk, DocEnd + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale,
+            HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM,
+            ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
 
-    kv = (b * Hkv + hk) * Nk * HEAD_DIM
-    _store_rows(dK + kv, offs_n, HEAD_DIM, Nk, offs_d, dk * scale, HEAD_DIM)
-    _store_rows(dV + kv, offs_n, HEAD_DIM, Nk, offs_d, dv, HEAD_DIM)
+    _store_rows(dK + bh * Nk * HEAD_DIM, offs_n, HEAD_DIM, Nk, offs_d, dk * scale, HEAD_DIM)
+    _store_rows(dV + bh * Nk * HEAD_DIM, offs_n, HEAD_DIM, Nk, offs_d, dv, HEAD_DIM)
 
 
 @triton.jit
@@ -585,10 +675,10 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
                          UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr):
     """Deterministic table gradient: one program per (block diagonal d = m - n, head, batch).
 
-    Every tile on a block diagonal covers the same offsets ``q_offset + d·BLOCK + (-BLOCK, BLOCK)``,
-    so the program sums its tiles' diagonal sums in registers, in a fixed order, and writes
-    ``Partial[bh, band, j]`` for ``Δ = q_offset + d·BLOCK + j - BLOCK`` (no atomics). The host adds
-    neighbouring bands and batches in a fixed order. Recomputes p and dp (two extra dots a tile).
+    Pair (r, c) of every tile on a block diagonal has the same offset
+    ``Δ = q_offset + d·BLOCK + r - c``, so the program adds its tiles' ∂L/∂score elementwise, in a
+    fixed order, and writes the sum to ``Partial[b, h, band]`` (BLOCK × BLOCK, no atomics); the
+    host sums batches and diagonals. Recomputes p and dp (two extra dots a tile).
     """
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -597,19 +687,17 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
     hk = h // group
     d = band_min + pid
     delta0 = q_offset + d * BLOCK
-    n_blocks_q = tl.cdiv(Nq, BLOCK)
     n_begin = tl.maximum(0, -d)
-    n_end = tl.minimum(tl.cdiv(Nk, BLOCK), n_blocks_q - d)
+    n_end = tl.minimum(tl.cdiv(Nk, BLOCK), tl.cdiv(Nq, BLOCK) - d)
     # The band's offsets miss the table's range [lo, lo + T - 1]: nothing visible there.
     outside = (delta0 + BLOCK - 1 < lo) | (delta0 - BLOCK + 1 > lo + T - 1)
     n_end = tl.where(outside, n_begin, n_end)
     offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK, BLOCK], tl.float32)
     Q_base = Q + b * stride_qb + h * stride_qh
     dO_base = dOut + b * stride_db + h * stride_dh
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
-    lower_acc = tl.zeros([BLOCK], tl.float32)
-    upper_acc = tl.zeros([BLOCK], tl.float32)
     for n in range(n_begin, n_end):
         offs_m = (n + d) * BLOCK + tl.arange(0, BLOCK)
         offs_n = n * BLOCK + tl.arange(0, BLOCK)
@@ -630,10 +718,7 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
                   True, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
         p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
-        lower, upper = _diagonal_sums(p * (dp - di[:, None]), BLOCK, BLOCK)
-        lower_acc += lower  # query - key = i
-        upper_acc += upper  # query - key = i - BLOCK
-    i = tl.arange(0, BLOCK)
-    row = Partial + (bh * num_bands + pid) * (2 * BLOCK)
-    tl.store(row + i, upper_acc)
-    tl.store(row + BLOCK + i, lower_acc)
+        acc += p * (dp - di[:, None])
+    r = tl.arange(0, BLOCK)
+    tile = Partial + (bh * num_bands + pid) * (BLOCK * BLOCK)
+    tl.store(tile + r[:, None] * BLOCK + r[None, :], acc)
