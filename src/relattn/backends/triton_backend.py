@@ -219,6 +219,9 @@ class TritonBackend:
         """
         K = _kernels()
         a = _Launch(K, q, k, v, table, slopes, problem)
+        splits = _decode_splits(K, a)
+        if splits > 1:
+            return _forward_splitkv(K, a, splits)
         out = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=q.device)
         lse = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=q.device)
         grid = lambda meta: (_cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
@@ -289,6 +292,39 @@ class TritonBackend:
         if deterministic:
             dtable = _table_grad_bands(K, a, grad_out, lse, delta, inv, strides)
         return dq, dk, dv, dtable.to(table.dtype)
+
+
+def _decode_splits(K: ModuleType, a: _Launch) -> int:
+    """How many key splits the split-KV kernel should use (1: the ordinary forward): enough
+    programs for two waves of the GPU's SMs when a few query rows face many key blocks."""
+    block_n = K.splitkv_config(a.d, a.q.element_size())["BLOCK_N"]
+    blocks = _cdiv(a.nk, block_n)
+    if a.nq > K.SPLITKV_MAX_ROWS or blocks < K.SPLITKV_MIN_BLOCKS:
+        return 1
+    if a.q.device.type == "cuda":
+        programs = 2 * torch.cuda.get_device_properties(a.q.device).multi_processor_count
+    else:  # the interpreter: three splits a row block, so the tests cross split boundaries
+        programs = 3 * a.b * a.hq
+    per_split = _cdiv(blocks, max(1, min(blocks, _cdiv(programs, a.b * a.hq))))
+    return _cdiv(blocks, per_split)
+
+
+def _forward_splitkv(K: ModuleType, a: _Launch, splits: int) -> tuple[Tensor, Tensor]:
+    """Decoding: each split's softmax over its keys, merged by their log-sum-exp."""
+    config = K.splitkv_config(a.d, a.q.element_size())
+    per_split = _cdiv(_cdiv(a.nk, config["BLOCK_N"]), splits)
+    dev = a.q.device
+    part_out = torch.empty((a.b, a.hq, splits, a.nq, a.d), dtype=torch.float32, device=dev)
+    part_lse = torch.empty((a.b, a.hq, splits, a.nq), dtype=torch.float32, device=dev)
+    tensors = [a.q, a.k, a.v, part_out, part_lse, a.table, a.slopes, *a.masks(), a.kv_bounds]
+    strides = [*a.strides(a.q, a.k, a.v), a.table.stride(0)]
+    sizes = [a.hq, a.hq // a.hkv, *a.sizes(), splits, per_split]
+    grid = (splits, a.hq, a.b)
+    K.attn_fwd_splitkv[grid](*tensors, *strides, *sizes, **config, **a.encoding, **a.flags)
+    lse = torch.logsumexp(part_lse, 2)  # -inf for rows with no visible key
+    weight = torch.exp(part_lse - lse.unsqueeze(2)).nan_to_num(0.0)
+    out = (weight.unsqueeze(-1) * part_out).sum(2)
+    return out.to(a.q.dtype), lse
 
 
 def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, inv, strides) -> Tensor:

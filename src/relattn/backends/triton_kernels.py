@@ -48,6 +48,10 @@ CANDIDATES = {
 }
 AUTOTUNED = set(CANDIDATES)
 PREPROCESS_BLOCK = 16 if INTERPRET else 64
+# Decoding (at most this many query rows) takes the split-KV kernel when the keys span at least
+# SPLITKV_MIN_BLOCKS of its key blocks; below that one query block already has enough work.
+SPLITKV_MAX_ROWS = 16
+SPLITKV_MIN_BLOCKS = 4
 # Autotuning on (the default) or off (RELATTN_TRITON_AUTOTUNE=0: the first kept config, as the
 # GPU check's test steps use so that each compile-time variant compiles one config).
 AUTOTUNE = os.environ.get("RELATTN_TRITON_AUTOTUNE", "1") != "0"
@@ -62,10 +66,20 @@ def band_config(head_dim: int, elt: int) -> dict[str, int]:
     return {"BLOCK": block, "num_warps": 4, "num_stages": 3 if elt == 2 else 2}
 
 
+def splitkv_config(head_dim: int, elt: int) -> dict[str, int]:
+    """Tile sizes and launch options of the split-KV decoding kernel (not autotuned): up to
+    SPLITKV_MAX_ROWS query rows, 64 keys a block."""
+    if INTERPRET:
+        return {"BLOCK_M": SPLITKV_MAX_ROWS, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+    return {"BLOCK_M": SPLITKV_MAX_ROWS, "BLOCK_N": 64, "num_warps": 4,
+            "num_stages": 3 if elt == 2 else 2}
+
+
 # Kernels the ahead-of-time compile check covers, with the constexprs and launch options of those
 # that are not autotuned (a function of head dim and element size).
 AOT_KERNELS = {
     "attn_fwd": {},
+    "attn_fwd_splitkv": {"options": splitkv_config},
     "bwd_preprocess": {"options": lambda d, e: {"BLOCK_M": PREPROCESS_BLOCK}},
     "attn_bwd_dq": {},
     "attn_bwd_dkdv": {},
@@ -452,6 +466,52 @@ def attn_fwd(Q, K, V, Out, Lse, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     _store_rows(Out + b * stride_ob + h * stride_oh, offs_m, stride_on, Nq, offs_d, out, HEAD_DIM)
     tl.store(Lse + bh * Nq + offs_m, lse, mask=offs_m < Nq)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@triton.jit
+def attn_fwd_splitkv(Q, K, V, PartialOut, PartialLse, Table, Slopes, DocStart, DocEnd, Kpm,
+                     KvBounds, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn, stride_t, Hq, group, Nq, Nk, T, lo,
+                     q_offset, window, qk_scale, num_splits, split_blocks,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                     WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                     HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-KV forward for a few query rows (Nq <= BLOCK_M) against many keys: one program per
+    (key split, head, batch) runs the forward's key loop over ``split_blocks`` key blocks and
+    writes that split's normalized output and log-sum-exp, PartialOut (B, Hq, splits, Nq, D)
+    and PartialLse (B, Hq, splits, Nq) float32; the host merges the splits. One query block
+    alone would leave all but B·Hq of the GPU's programs idle."""
+    split = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = h // group
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, True)
+    slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end = _query_block(
+        b, h, 0, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
+        CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)
+    first = tl.maximum(begin, split * split_blocks)
+    last = tl.minimum(end, (split + 1) * split_blocks)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Every block masked: decoding reads few keys per row, and one loop keeps the code small.
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+        stride_kn, stride_vn, first, last, offs_m, offs_d, Table + h * stride_t, slope, doc_lo,
+        doc_hi, Kpm + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, True, CAUSAL,
+        WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    row = (b * Hq + h) * num_splits + split
+    _store_rows(PartialOut + row * Nq * HEAD_DIM, offs_m, HEAD_DIM, Nq, offs_d, out, HEAD_DIM)
+    tl.store(PartialLse + row * Nq + offs_m, lse, mask=offs_m < Nq)
 
 
 # ----------------------------------------------------------------------------- backward
