@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test explain
+.PHONY: demo test explain gpu-compile gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,12 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n 2 -q
+
+# Every Triton kernel compiled for A100 (sm_80) and H100 (sm_90a) without a GPU: the resource table.
+gpu-compile: $(STAMP)
+	$(BIN)/python tools/gpu_compile.py --table gpu-compile.md --json gpu-compile.json
+
+# The whole GPU check on a CUDA machine, offline, with that machine's own python3 (nothing is
+# installed): tests with CUDA tensors, then the GPU benchmark; results in $$OUT or ./gpu-check/.
+gpu-check:
+	PYTHONPATH=src $(PYTHON) tools/gpu_check.py
