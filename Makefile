@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test explain docs
+.PHONY: demo test explain docs gpu-compile gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,12 @@ test: $(STAMP)
 	$(BIN)/mypy
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q -d site
 	$(BIN)/python -m pytest -n 2 -q
+
+# Every Triton kernel compiled for A100 (sm_80) and H100 (sm_90a) without a GPU: the resource table.
+gpu-compile: $(STAMP)
+	$(BIN)/python tools/gpu_compile.py --table gpu-compile.md --json gpu-compile.json
+
+# The whole GPU check on a CUDA machine, offline, with that machine's own python3 (nothing is
+# installed): tests with CUDA tensors, then the GPU benchmark; results in $$OUT or ./gpu-check/.
+gpu-check:
+	PYTHONPATH=src $(PYTHON) tools/gpu_check.py

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +27,9 @@ from oracle import assert_close_f64, assert_flash_accuracy, run_math, run_relatt
 
 import relattn  # noqa: E402
 from relattn.pe import ALiBi, Kerple, OffsetBias, T5Bias  # noqa: E402
+from relattn.problem import Problem  # noqa: E402
+
+SRC = Path(relattn.__file__).resolve().parents[1]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -173,16 +179,46 @@ def test_table_gradient_of_clipped_offsets():
 
 def test_unsupported_reasons(monkeypatch):
     from relattn.backends import triton_backend
+    from relattn.backends.triton_backend import BACKEND
 
+    problem = Problem(lo=0, scale=0.25)
     q = torch.zeros(1, 1, 4, 16)
-    assert triton_backend.unsupported(q.to(DEVICE), q.to(DEVICE)) is None
-    assert "dtype" in triton_backend.unsupported(q.double(), q.double())
+    assert BACKEND.unsupported(q.to(DEVICE), q.to(DEVICE), problem) is None
+    assert "dtype" in BACKEND.unsupported(q.double(), q.double(), problem)
     big = torch.zeros(1, 1, 4, 256)
-    assert "head dim" in triton_backend.unsupported(big, big)
+    assert "head dim" in BACKEND.unsupported(big, big, problem)
     monkeypatch.setattr(triton_backend, "_interpreting", lambda: False)
-    assert "CUDA" in triton_backend.unsupported(q, q)
+    assert "CUDA" in BACKEND.unsupported(q, q, problem)
     with pytest.raises(RuntimeError, match="backend='triton' cannot run"):
         relattn.attention(q, q, q, backend="triton")
+    monkeypatch.setattr(triton_backend, "_installed", lambda: False)
+    assert "not installed" in BACKEND.unsupported(q, q, problem)
+
+
+def test_backend_protocol():
+    from relattn.backends.triton_backend import BACKEND, TritonBackend
+
+    assert isinstance(BACKEND, TritonBackend)
+    assert BACKEND.name == "triton" and BACKEND.fused is True
+    q = torch.zeros(1, 1, 4, 16)
+    # The interpreter is for tests: auto dispatch never picks triton for CPU tensors.
+    assert BACKEND.priority(q, q, Problem(lo=0, scale=0.25)) is None
+    if torch.cuda.is_available():
+        assert BACKEND.priority(q.cuda(), q.cuda(), Problem(lo=0, scale=0.25)) > 0
+
+
+def test_importing_the_backend_does_not_import_triton():
+    """CPU users never pay for importing triton: not at import, not on a CPU call."""
+    code = (
+        "import sys, torch, relattn; import relattn.backends.triton_backend as t; "
+        "q = torch.randn(1, 1, 8, 16); relattn.attention(q, q, q); "
+        "t.BACKEND.priority(q, q, None); print('triton' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
 
 
 def test_explicit_backend_error_names_the_reason():
@@ -191,14 +227,15 @@ def test_explicit_backend_error_names_the_reason():
         relattn.attention(q, q, q, backend="triton")
 
 
-def test_kernels_follow_the_interpreter_setting():
-    """The kernel module is loaded per mode, so TRITON_INTERPRET set after import still works."""
-    import triton
-
+def test_interpreter_mode_change_is_reported(monkeypatch):
+    """Kernels are decorated in one mode when first imported; a later change gets a reason."""
     from relattn.backends import triton_backend
 
-    mod = triton_backend._kernels()
-    assert mod._INTERPRET == bool(triton.knobs.runtime.interpret)
+    kernels = triton_backend._kernels()
+    q = torch.zeros(1, 1, 4, 16, device=DEVICE)
+    assert triton_backend.unsupported(q, q) is None
+    monkeypatch.setattr(kernels, "INTERPRET", not kernels.INTERPRET)
+    assert "TRITON_INTERPRET changed" in triton_backend.unsupported(q, q)
 
 
 def test_gpu_benchmark_needs_cuda():

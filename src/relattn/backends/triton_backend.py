@@ -1,45 +1,41 @@
 """``backend="triton"``: launch code for the FlashAttention-2 kernels in ``triton_kernels``.
 
 Runs on CUDA tensors, or anywhere with ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used by
-the tests). Triton reads that variable whenever ``@triton.jit`` runs: for its own library at
-``import triton``, for our kernels when their module is executed. This module is imported only
-when the backend is first asked for, and it loads the kernels on first use, once per mode, so the
-variable may be set at any time before that.
+the tests). Importing this module does not import triton: the kernels (and triton) are imported on
+the backend's first call, so CPU-only users never pay for it. Triton reads ``TRITON_INTERPRET``
+whenever ``@triton.jit`` runs (for its own library at ``import triton``, for our kernels when
+``triton_kernels`` is imported), so the variable may be set at any time before the first call, and
+not changed after.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import torch
-import triton  # an ImportError here makes the registry report the backend unavailable
 from torch import Tensor
+
+from ..problem import Problem
+
+__all__ = ["BACKEND", "TritonBackend"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 128
 _LOG2E = 1.4426950408889634
-_KERNELS: dict[bool, ModuleType] = {}
+
+
+@functools.cache
+def _installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 def _interpreting() -> bool:
+    import triton
+
     return bool(triton.knobs.runtime.interpret)
-
-
-def _kernels() -> ModuleType:
-    mode = _interpreting()
-    if mode not in _KERNELS:
-        name = f"relattn.backends._triton_kernels_{'interpreted' if mode else 'compiled'}"
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("triton_kernels.py")
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        _KERNELS[mode] = module
-    return _KERNELS[mode]
 
 
 def _library_interpreted() -> bool:
@@ -49,27 +45,25 @@ def _library_interpreted() -> bool:
     return isinstance(standard.zeros, InterpretedFunction)
 
 
-def unsupported(q: Tensor, k: Tensor) -> str | None:
-    """None if the kernels can run on these inputs, else the reason.
+def _kernels() -> ModuleType:
+    from . import triton_kernels
 
-    Args:
-        q: ``(B, Hq, Nq, D)``; k: ``(B, Hkv, Nk, D)``.
-    """
-    if _interpreting() and not _library_interpreted():
-        return (
-            "TRITON_INTERPRET=1 was set after triton was imported; triton reads it at import, "
-            "so set it before importing triton"
-        )
-    if q.device.type != "cuda" and not _interpreting():
-        return (
-            f"q is on {q.device.type}; Triton kernels need CUDA tensors "
-            "(or TRITON_INTERPRET=1 to run them in Triton's CPU interpreter)"
-        )
-    if q.dtype not in _DTYPES:
-        return f"q has dtype {q.dtype}; the triton backend supports float16, bfloat16 and float32"
-    if q.shape[-1] > _MAX_HEAD_DIM:
-        return f"head dim D={q.shape[-1]} is larger than the triton backend's {_MAX_HEAD_DIM}"
-    return None
+    return triton_kernels
+
+
+def _kernel_mode_changed() -> bool:
+    """The kernels were loaded in one mode (compiled or interpreted) and TRITON_INTERPRET now
+    says the other; a decorated ``@triton.jit`` function cannot change its mode."""
+    loaded = sys.modules.get(f"{__package__}.triton_kernels")
+    return loaded is not None and loaded.INTERPRET != _interpreting()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 # ----------------------------------------------------------------------------- host-side prep
@@ -108,39 +102,41 @@ def _key_bounds(key_padding_mask: Tensor) -> Tensor:
 class _Launch:
     """Arguments shared by every kernel of one call."""
 
-    def __init__(self, q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal,
-                 q_offset, window):  # fmt: skip
+    def __init__(self, K: ModuleType, q, k, v, table, slopes, problem: Problem):
         self.q, self.k, self.v = _rows(q), _rows(k), _rows(v)
         self.b, self.hq, self.nq, self.d = q.shape
         self.hkv, self.nk = k.shape[1], k.shape[2]
+        self.lo, self.scale = problem.lo, problem.scale
+        self.q_offset, self.window = problem.q_offset, problem.window
         dev = q.device
         dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
         dummy_i = torch.zeros(2, dtype=torch.int32, device=dev)
         self.table = table.contiguous() if table is not None else dummy_f
         self.slopes = slopes.contiguous() if slopes is not None else dummy_f
         self.t = table.shape[1] if table is not None else 1
-        if doc_ids is not None:
-            self.doc_start, self.doc_end = _doc_ranges(doc_ids)
+        if problem.doc_ids is not None:
+            self.doc_start, self.doc_end = _doc_ranges(problem.doc_ids)
         else:
             self.doc_start = self.doc_end = dummy_i
-        if key_padding_mask is not None:
-            self.kpm = key_padding_mask.contiguous().view(torch.uint8)
-            self.kv_bounds = _key_bounds(key_padding_mask)
+        kpm = problem.key_padding_mask
+        if kpm is not None:
+            self.kpm = kpm.contiguous().view(torch.uint8)
+            self.kv_bounds = _key_bounds(kpm)
         else:
             self.kpm, self.kv_bounds = dummy_i, dummy_i
-        self.lo, self.scale, self.q_offset, self.window = lo, scale, q_offset, window
         tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
         self.flags = dict(
             HEAD_DIM=self.d,
-            BLOCK_D=max(16, triton.next_power_of_2(self.d)),
-            CAUSAL=causal,
-            WINDOW=window > 0,
-            HAS_DOC=doc_ids is not None,
-            HAS_KPM=key_padding_mask is not None,
-            UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+            BLOCK_D=max(16, _pow2_at_least(self.d)),
+            CAUSAL=problem.causal,
+            WINDOW=problem.window > 0,
+            HAS_DOC=problem.doc_ids is not None,
+            HAS_KPM=kpm is not None,
+            UPCAST=K.INTERPRET and q.dtype == torch.bfloat16,
             PRECISION="tf32" if tf32 else "ieee",
         )
-        self.has_table, self.has_slopes = table is not None, slopes is not None
+        self.encoding = {"HAS_TABLE": table is not None, "HAS_SLOPES": slopes is not None}
+        self.seq_bucket = _pow2_at_least(max(self.nq, self.nk))  # part of the autotune key
 
     def strides(self, *tensors: Tensor) -> list[int]:
         return [s for t in tensors for s in t.stride()[:3]]
@@ -148,128 +144,254 @@ class _Launch:
     def masks(self) -> list[Tensor]:
         return [self.doc_start, self.doc_end, self.kpm]
 
-
-# ----------------------------------------------------------------------------- the contract
-
-
-def forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    table: Tensor | None,
-    slopes: Tensor | None,
-    doc_ids: Tensor | None,
-    key_padding_mask: Tensor | None,
-    lo: int,
-    scale: float,
-    causal: bool,
-    q_offset: int,
-    window: int,
-) -> tuple[Tensor, Tensor]:
-    """``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32)``; see ``backends``."""
-    K = _kernels()
-    a = _Launch(q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal,
-                q_offset, window)  # fmt: skip
-    out = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=q.device)
-    grid = lambda meta: (triton.cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
-    K.attn_fwd[grid](
-        a.q, a.k, a.v, out, lse, a.table, a.slopes, *a.masks(), a.kv_bounds,
-        *a.strides(a.q, a.k, a.v, out), a.table.stride(0),
-        a.hq, a.hq // a.hkv, a.nq, a.nk, a.t, lo, q_offset, window, scale * _LOG2E,
-        HAS_TABLE=a.has_table, HAS_SLOPES=a.has_slopes, **a.flags,
-    )  # fmt: skip
-    return out, lse
+    def sizes(self) -> list:
+        """``Nq, Nk, T, lo, q_offset, window, qk_scale`` (scale in log2 units)."""
+        return [self.nq, self.nk, self.t, self.lo, self.q_offset, self.window, self.scale * _LOG2E]
 
 
-def backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    table: Tensor | None,
-    slopes: Tensor | None,
-    doc_ids: Tensor | None,
-    key_padding_mask: Tensor | None,
-    lo: int,
-    scale: float,
-    causal: bool,
-    q_offset: int,
-    window: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """``(dq, dk, dv, dtable)``: dtable ``(Hq, T)`` like table, None without a table.
-
-    Under ``torch.use_deterministic_algorithms(True)`` no kernel uses atomics and the gradients
-    are bit-identical across runs.
-    """
-    K = _kernels()
-    a = _Launch(q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal,
-                q_offset, window)  # fmt: skip
-    out, grad_out, lse = _rows(out), _rows(grad_out), lse.contiguous()
-    dev = q.device
-    delta = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
-    pre = 16 if _interpreting() else 64
-    K.bwd_preprocess[(triton.cdiv(a.nq, pre), a.hq, a.b)](
-        out, grad_out, delta, *a.strides(out, grad_out), a.hq, a.nq,
-        HEAD_DIM=a.d, BLOCK_D=a.flags["BLOCK_D"], BLOCK_M=pre,
-    )  # fmt: skip
-
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    atomic = a.has_table and not deterministic
-    # Without atomics DTable is a placeholder; it must not alias the table (autotuning zeroes it).
-    dtable = torch.zeros((a.hq, a.t) if atomic else (1,), dtype=torch.float32, device=dev)
-    dq = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=dev)
-    dk = torch.empty((a.b, a.hkv, a.nk, a.d), dtype=k.dtype, device=dev)
-    dv = torch.empty((a.b, a.hkv, a.nk, a.d), dtype=v.dtype, device=dev)
-    common = [
-        *a.strides(a.q, a.k, a.v, grad_out), a.table.stride(0),
-    ]  # fmt: skip
-    shape = (a.nq, a.nk, a.t, lo, q_offset, window, scale * _LOG2E, scale)
-    # dq first: it sees whole rows and leaves each row's renormalization factor in inv.
-    inv = torch.empty_like(delta)
-    grid_q = lambda meta: (triton.cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
-    K.attn_bwd_dq[grid_q](
-        a.q, a.k, a.v, grad_out, lse, delta, inv, dq, a.table, a.slopes, *a.masks(),
-        a.kv_bounds, *common, a.hq, a.hq // a.hkv, *shape,
-        HAS_TABLE=a.has_table, HAS_SLOPES=a.has_slopes, **a.flags,
-    )  # fmt: skip
-    grid_kv = lambda meta: (triton.cdiv(a.nk, meta["BLOCK_N"]), a.hkv, a.b)
-    K.attn_bwd_dkdv[grid_kv](
-        a.q, a.k, a.v, grad_out, lse, delta, inv, dk, dv, a.table, dtable, a.slopes,
-        *a.masks(), a.kv_bounds, *common, a.hq, a.hkv, a.hq // a.hkv, *shape,
-        HAS_TABLE=a.has_table, HAS_SLOPES=a.has_slopes, ATOMIC_TABLE=atomic, **a.flags,
-    )  # fmt: skip
-    if not a.has_table:
-        return dq, dk, dv, None
-    if deterministic:
-        dtable = _table_grad_bands(K, a, grad_out, lse, delta, inv, common)
-    return dq, dk, dv, dtable.to(table.dtype)
+# ----------------------------------------------------------------------------- the backend
 
 
-def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, inv, common) -> Tensor:
-    """The table gradient without atomics: per-band partial sums, added in a fixed order."""
-    block = K.DIAG_BLOCK
-    n_q, n_k = triton.cdiv(a.nq, block), triton.cdiv(a.nk, block)
+class TritonBackend:
+    """FlashAttention-2 style kernels that read the position table by offset (see
+    ``triton_kernels``); the table gradient comes out of the dk/dv pass."""
+
+    name = "triton"
+    fused = True
+
+    def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
+        """20 for CUDA tensors when triton is installed; never picked automatically elsewhere
+        (the CPU interpreter is for tests), nor for float32 without TF32: exact float32 dots run
+        on CUDA cores in these kernels and spill registers (tools/gpu_compile.py), where the
+        chunked backend's matmuls do better."""
+        if q.device.type != "cuda" or not _installed():
+            return None
+        if q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+            return None
+        return 20.0
+
+    def unsupported(self, q: Tensor, k: Tensor, problem: Problem | None) -> str | None:
+        """None if the kernels can run on these inputs, else the reason.
+
+        Args:
+            q: ``(B, Hq, Nq, D)``; k: ``(B, Hkv, Nk, D)``; problem: unused (every mask runs).
+        """
+        if not _installed():
+            return "triton is not installed (pip install 'relattn[triton]')"
+        if _interpreting() and not _library_interpreted():
+            return (
+                "TRITON_INTERPRET=1 was set after triton was imported; triton reads it at import, "
+                "so set it before importing triton"
+            )
+        if q.device.type != "cuda" and not _interpreting():
+            return (
+                f"q is on {q.device.type}; Triton kernels need CUDA tensors "
+                "(or TRITON_INTERPRET=1 to run them in Triton's CPU interpreter)"
+            )
+        if _kernel_mode_changed():
+            return (
+                "TRITON_INTERPRET changed after the triton kernels were first used; set it once, "
+                "before the first call"
+            )
+        if q.dtype not in _DTYPES:
+            return (
+                f"q has dtype {q.dtype}; the triton backend supports float16, bfloat16 and float32"
+            )
+        if q.shape[-1] > _MAX_HEAD_DIM:
+            return f"head dim D={q.shape[-1]} is larger than the triton backend's {_MAX_HEAD_DIM}"
+        return None
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        table: Tensor | None,
+        slopes: Tensor | None,
+        problem: Problem,
+    ) -> tuple[Tensor, Tensor]:
+        """``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32)``.
+
+        Args:
+            q: ``(B, Hq, Nq, D)``; k, v: ``(B, Hkv, Nk, D)``; table: ``(Hq, T)`` float32, column
+            t is offset ``problem.lo + t``, or None; slopes: ``(Hq,)`` fixed ALiBi slopes
+            (``-slope·|Δ|`` in closed form), or None; never both.
+        """
+        K = _kernels()
+        a = _Launch(K, q, k, v, table, slopes, problem)
+        splits = _decode_splits(K, a)
+        if splits > 1:
+            return _forward_splitkv(K, a, splits)
+        out = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=q.device)
+        lse = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=q.device)
+        grid = lambda meta: (_cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
+        tensors = [a.q, a.k, a.v, out, lse, a.table, a.slopes, *a.masks(), a.kv_bounds]
+        strides = [*a.strides(a.q, a.k, a.v, out), a.table.stride(0)]
+        sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.seq_bucket]
+        K.attn_fwd[grid](*tensors, *strides, *sizes, **a.encoding, **a.flags)
+        return out, lse
+
+    def backward(
+        self,
+        grad_out: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        table: Tensor | None,
+        slopes: Tensor | None,
+        problem: Problem,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(dq, dk, dv, dtable)`` shaped like q, k, v and table (dtable None without one).
+
+        Under ``torch.use_deterministic_algorithms(True)`` no kernel uses atomics and the
+        gradients are bit-identical across runs.
+        """
+        K = _kernels()
+        a = _Launch(K, q, k, v, table, slopes, problem)
+        out, grad_out, lse = _rows(out), _rows(grad_out), lse.contiguous()
+        dev = q.device
+        delta_out = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
+        pre = K.PREPROCESS_BLOCK
+        tensors, shape = [out, grad_out, delta_out, *a.strides(out, grad_out)], [a.hq, a.nq]
+        sizes = {"HEAD_DIM": a.d, "BLOCK_D": a.flags["BLOCK_D"], "BLOCK_M": pre}
+        K.bwd_preprocess[(_cdiv(a.nq, pre), a.hq, a.b)](*tensors, *shape, **sizes)
+
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        atomic = table is not None and not deterministic
+        # Without atomics DTable is a placeholder; it must not alias the table (autotuning
+        # zeroes it).
+        dtable = torch.zeros((a.hq, a.t) if atomic else (1,), dtype=torch.float32, device=dev)
+        dq = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=dev)
+        # dk/dv per query head; with GQA in float32, summed over each kv head's group below.
+        per_head = k.dtype if a.hq == a.hkv else torch.float32
+        dk = torch.empty((a.b, a.hq, a.nk, a.d), dtype=per_head, device=dev)
+        dv = torch.empty((a.b, a.hq, a.nk, a.d), dtype=per_head, device=dev)
+        strides = [*a.strides(a.q, a.k, a.v, grad_out), a.table.stride(0)]
+        # dq first: it sees whole rows and leaves, per row, the renormalization factor in inv
+        # and D = Σ_j P·dP in delta, both in float32 from the recomputed weights.
+        inv, delta = torch.empty_like(delta_out), torch.empty_like(delta_out)
+        grid_q = lambda meta: (_cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
+        tensors = [a.q, a.k, a.v, grad_out, lse, delta_out, delta, inv, dq, a.table, a.slopes]
+        tensors += [*a.masks(), a.kv_bounds]
+        sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.scale, a.seq_bucket]
+        K.attn_bwd_dq[grid_q](*tensors, *strides, *sizes, **a.encoding, **a.flags)
+        grid_kv = lambda meta: (_cdiv(a.nk, meta["BLOCK_N"]), a.hq, a.b)
+        tensors = [a.q, a.k, a.v, grad_out, lse, delta, inv, dk, dv, a.table, dtable, a.slopes]
+        tensors += [*a.masks(), a.kv_bounds]
+        sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.scale, a.seq_bucket]
+        flags = {"ATOMIC_TABLE": atomic, **a.encoding, **a.flags}
+        K.attn_bwd_dkdv[grid_kv](*tensors, *strides, *sizes, **flags)
+        if a.hq != a.hkv:
+            group = (a.b, a.hkv, a.hq // a.hkv, a.nk, a.d)
+            dk = dk.view(group).sum(2).to(k.dtype)
+            dv = dv.view(group).sum(2).to(v.dtype)
+        if table is None:
+            return dq, dk, dv, None
+        if deterministic:
+            dtable = _table_grad_bands(K, a, grad_out, lse, delta, inv, strides)
+        return dq, dk, dv, dtable.to(table.dtype)
+
+
+def _decode_splits(K: ModuleType, a: _Launch) -> int:
+    """How many key splits the split-KV kernel should use (1: the ordinary forward): enough
+    programs for two waves of the GPU's SMs when a few query rows face many key blocks."""
+    block_n = K.splitkv_config(a.d, a.q.element_size())["BLOCK_N"]
+    blocks = _cdiv(a.nk, block_n)
+    if a.nq > K.SPLITKV_MAX_ROWS or blocks < K.SPLITKV_MIN_BLOCKS:
+        return 1
+    if a.q.device.type == "cuda":
+        programs = 2 * torch.cuda.get_device_properties(a.q.device).multi_processor_count
+    else:  # the interpreter: three splits a row block, so the tests cross split boundaries
+        programs = 3 * a.b * a.hq
+    per_split = _cdiv(blocks, max(1, min(blocks, _cdiv(programs, a.b * a.hq))))
+    return _cdiv(blocks, per_split)
+
+
+def _forward_splitkv(K: ModuleType, a: _Launch, splits: int) -> tuple[Tensor, Tensor]:
+    """Decoding: each split's softmax over its keys, merged by their log-sum-exp."""
+    config = K.splitkv_config(a.d, a.q.element_size())
+    per_split = _cdiv(_cdiv(a.nk, config["BLOCK_N"]), splits)
+    dev = a.q.device
+    part_out = torch.empty((a.b, a.hq, splits, a.nq, a.d), dtype=torch.float32, device=dev)
+    part_lse = torch.empty((a.b, a.hq, splits, a.nq), dtype=torch.float32, device=dev)
+    tensors = [a.q, a.k, a.v, part_out, part_lse, a.table, a.slopes, *a.masks(), a.kv_bounds]
+    strides = [*a.strides(a.q, a.k, a.v), a.table.stride(0)]
+    sizes = [a.hq, a.hq // a.hkv, *a.sizes(), splits, per_split]
+    grid = (splits, a.hq, a.b)
+    K.attn_fwd_splitkv[grid](*tensors, *strides, *sizes, **config, **a.encoding, **a.flags)
+    lse = torch.logsumexp(part_lse, 2)  # -inf for rows with no visible key
+    weight = torch.exp(part_lse - lse.unsqueeze(2)).nan_to_num(0.0)
+    out = (weight.unsqueeze(-1) * part_out).sum(2)
+    return out.to(a.q.dtype), lse
+
+
+def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, inv, strides) -> Tensor:
+    """The table gradient without atomics: per block diagonal, the elementwise sum of its tiles'
+    ∂L/∂score (every tile pair (r, c) there has offset ``q_offset + d·BLOCK + r - c``), then
+    that sum's diagonals and the overlapping neighbours added in a fixed order."""
+    config = K.band_config(a.d, a.q.element_size())
+    block = config["BLOCK"]
+    n_q, n_k = _cdiv(a.nq, block), _cdiv(a.nk, block)
     band_min, num_bands = -(n_k - 1), n_q + n_k - 1
-    partial = torch.empty(
-        (a.b * a.hq, num_bands, 2 * block), dtype=torch.float32, device=a.q.device
-    )
-    flags = {f: a.flags[f] for f in a.flags if f not in ("HAS_TABLE", "HAS_SLOPES")}
-    K.attn_bwd_table_bands[(num_bands, a.hq, a.b)](
-        a.q, a.k, a.v, grad_out, lse, delta, inv, a.table, partial, *a.masks(), *common,
-        a.hq, a.hq // a.hkv, a.nq, a.nk, a.t, a.lo, a.q_offset, a.window, a.scale * _LOG2E,
-        num_bands, band_min, BLOCK=block, num_warps=4, **flags,
-    )  # fmt: skip
-    g = partial.view(a.b, a.hq, num_bands, 2 * block).sum(0)
-    # Band d's second half and band d + 1's first half cover the same offsets.
-    zero = g.new_zeros((a.hq, 1, block))
-    slots = torch.cat([g[..., :block], zero], 1) + torch.cat([zero, g[..., block:]], 1)
-    flat = slots.reshape(a.hq, -1)  # flat[:, x] is offset q_offset + (band_min - 1)·block + x
-    start = a.lo - (a.q_offset + (band_min - 1) * block)
+    shape = (a.b, a.hq, num_bands, block, block)
+    partial = torch.empty(shape, dtype=torch.float32, device=a.q.device)
+    tensors = [a.q, a.k, a.v, grad_out, lse, delta, inv, a.table, partial, *a.masks()]
+    sizes = [a.hq, a.hq // a.hkv, *a.sizes(), num_bands, band_min]
+    grid = (num_bands, a.hq, a.b)
+    K.attn_bwd_table_bands[grid](*tensors, *strides, *sizes, **config, **a.flags)
+    partial = partial.sum(0)
+    # Diagonal sums of each (r, c) tile: flip c, pad each row with `block` zeros and re-read the
+    # rows one element shorter, so row r shifts by r and column t holds r - c = t - (block - 1).
+    skew = torch.nn.functional.pad(partial.flip(-1), (0, block)).flatten(-2)
+    skew = skew[..., : block * (2 * block - 1)].view(a.hq, num_bands, block, 2 * block - 1)
+    diag = torch.nn.functional.pad(skew.sum(-2), (0, 1))  # (Hq, bands, 2·block)
+    # Band i's t covers offset q_offset + (band_min + i)·block + t - (block - 1): its second half
+    # and band i + 1's first half cover the same offsets.
+    zero = diag.new_zeros((a.hq, block))
+    flat = torch.cat([diag[..., :block].flatten(1), zero], 1)
+    flat = flat + torch.cat([zero, diag[..., block:].flatten(1)], 1)
+    start = a.lo - (a.q_offset + band_min * block - (block - 1))  # flat[:, x]: offset ... + x
     dtable = flat.new_zeros((a.hq, a.t))
     x0, x1 = max(start, 0), min(start + a.t, flat.shape[1])
     if x1 > x0:
         dtable[:, x0 - start : x1 - start] = flat[:, x0:x1]
     return dtable
+
+
+BACKEND = TritonBackend()
+
+
+# ----------------------------------------------------------------------------- pre-protocol shims
+# relattn._op still calls backends with flat arguments; delete these three once it calls BACKEND.
+
+
+def forward(q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window):
+    problem = Problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
+    return BACKEND.forward(q, k, v, table, slopes, problem)
+
+
+def backward(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    table,
+    slopes,
+    doc_ids,
+    key_padding_mask,
+    lo,
+    scale,
+    causal,
+    q_offset,
+    window,
+):
+    problem = Problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
+    return BACKEND.backward(grad_out, q, k, v, out, lse, table, slopes, problem)
+
+
+def unsupported(q, k):
+    return BACKEND.unsupported(q, k, None)

@@ -4,17 +4,22 @@ Every kernel works in tiles of query rows r and key columns c with ``Δ = q_offs
 scores are ``scale·q·k + T[h, Δ - lo]`` (or ``-slope·|Δ|`` for fixed ALiBi), kept in base-2 units
 (``·log2 e``) so the softmax uses ``exp2``. The launch code lives in ``triton_backend``.
 
-Loops over blocks are split into three compile-time stages: masked blocks before the band that
-every row sees, the unmasked blocks inside it, and masked blocks after it. For causal attention
-that is "below the diagonal" (no masking work at all) and "on the diagonal"; a window adds masked
-blocks on its far edge. ``doc_ids`` and ``key_padding_mask`` narrow the block range and still
-mask every tile (they are per-element).
+Loops over blocks run in three compile-time stages (``tl.static_range(3)``): masked blocks before
+the band that every row sees, the unmasked blocks inside it, and masked blocks after it. For causal
+attention that is "below the diagonal" (no masking work at all) and "on the diagonal"; a window
+adds masked blocks on its far edge. ``doc_ids`` and ``key_padding_mask`` narrow the block range and
+still mask every tile (they are per-element).
 
-This module reads ``TRITON_INTERPRET`` when its decorators run, so ``triton_backend`` loads one
-copy per mode instead of importing it.
+Triton decides between compiling and interpreting (``TRITON_INTERPRET``) when a ``@triton.jit``
+decorator runs, so this module's mode is fixed when it is first imported; ``triton_backend``
+imports it on first use and reports a mode change after that.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import os
 
 import triton
 import triton.language as tl
@@ -22,41 +27,163 @@ import triton.language as tl
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
-_INTERPRET = bool(triton.knobs.runtime.interpret)
+INTERPRET = bool(triton.knobs.runtime.interpret)
 
 
 # ----------------------------------------------------------------------------- configs
 
+# Not yet tuned on a GPU. (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim (up to
+# 64, and 128), the first being the one used when autotuning is off. They are the configs that the
+# ahead-of-time compile for sm_80 and sm_90a (tools/gpu_compile.py, triton 3.6 and 3.9) shows
+# compiling without register spills in bf16 with a table, causal; larger tiles spilled there (the
+# per-score table loads and atomics cost registers). Autotuning picks among those the device's
+# shared memory holds.
+CANDIDATES = {
+    "attn_fwd": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
+                 128: [(64, 32, 4, 3), (64, 32, 4, 2)]},
+    "attn_bwd_dq": {64: [(64, 32, 4, 2)],
+                    128: [(64, 32, 4, 2), (32, 32, 4, 2)]},
+    "attn_bwd_dkdv": {64: [(32, 64, 4, 2)],
+                      128: [(32, 32, 4, 2), (16, 64, 4, 2)]},
+}
+AUTOTUNED = set(CANDIDATES)
+PREPROCESS_BLOCK = 16 if INTERPRET else 64
+# Decoding (at most this many query rows) takes the split-KV kernel when the keys span at least
+# SPLITKV_MIN_BLOCKS of its key blocks; below that one query block already has enough work.
+SPLITKV_MAX_ROWS = 16
+SPLITKV_MIN_BLOCKS = 4
+# Autotuning on (the default) or off (RELATTN_TRITON_AUTOTUNE=0: the first kept config, as the
+# GPU check's test steps use so that each compile-time variant compiles one config).
+AUTOTUNE = os.environ.get("RELATTN_TRITON_AUTOTUNE", "1") != "0"
 
-def _configs(gpu: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples; one tiny config on the interpreter."""
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu
-    ]
+
+def band_config(head_dim: int, elt: int) -> dict[str, int]:
+    """Tile size and launch options of the (not autotuned) band kernel of the deterministic path:
+    64 × 64 tiles for 16-bit inputs up to D = 64, else 32 × 32 (64 × 64 spilled registers)."""
+    if INTERPRET:
+        return {"BLOCK": 16, "num_warps": 1, "num_stages": 1}
+    block = 64 if head_dim <= 64 and elt == 2 else 32
+    return {"BLOCK": block, "num_warps": 4, "num_stages": 3 if elt == 2 else 2}
 
 
-def _by_head_dim(limit: dict[int, int]):
-    """Keep configs whose tile area ``BLOCK_M·BLOCK_N`` fits the head dim's register budget."""
+def splitkv_config(head_dim: int, elt: int) -> dict[str, int]:
+    """Tile sizes and launch options of the split-KV decoding kernel (not autotuned): up to
+    SPLITKV_MAX_ROWS query rows, 64 keys a block."""
+    if INTERPRET:
+        return {"BLOCK_M": SPLITKV_MAX_ROWS, "BLOCK_N": 16, "num_warps": 1, "num_stages": 1}
+    return {"BLOCK_M": SPLITKV_MAX_ROWS, "BLOCK_N": 64, "num_warps": 4,
+            "num_stages": 3 if elt == 2 else 2}
 
+
+# Kernels the ahead-of-time compile check covers, with the constexprs and launch options of those
+# that are not autotuned (a function of head dim and element size).
+AOT_KERNELS = {
+    "attn_fwd": {},
+    "attn_fwd_splitkv": {"options": splitkv_config},
+    "bwd_preprocess": {"options": lambda d, e: {"BLOCK_M": PREPROCESS_BLOCK}},
+    "attn_bwd_dq": {},
+    "attn_bwd_dkdv": {},
+    "attn_bwd_table_bands": {"options": band_config},
+}
+
+
+def config_constexprs(kernel: str, config: tuple[int, int, int, int]) -> dict[str, int]:
+    return {"BLOCK_M": config[0], "BLOCK_N": config[1]}
+
+
+def shared_memory_estimate(kernel: str, config, block_d: int, elt: int, has_table: bool) -> int:
+    """Bytes of shared memory a config needs, from what Triton's pipeliner stages: each stage's
+    streamed tiles (k, v; q, dO for dk/dv), the table tile (float32, one stage fewer), the
+    resident tiles and layout conversions, plus 2 KiB. An upper bound, checked against every
+    ahead-of-time compile."""
+    m, n, _, stages = config
+    table = (stages - 1) * m * n * 4 if has_table else 0
+    if kernel == "attn_fwd":  # + p converted for the p·v dot
+        size = stages * 2 * n * block_d * elt + m * block_d * elt + m * n * elt
+    elif kernel == "attn_bwd_dq":
+        size = stages * 2 * n * block_d * elt + 2 * m * block_d * elt
+    else:  # dk/dv: q and dO stream; k, v resident; p and dS transposed through shared memory
+        size = stages * 2 * m * block_d * elt + 2 * n * block_d * elt + 2 * m * n * elt
+    return size + table + 2048
+
+
+def kept_configs(kernel: str, head_dim: int, elt: int, smem_limit: int | None,
+                 has_table: bool = True) -> list:
+    """The candidates of an autotuned kernel that pruning keeps for this head dim, element size
+    and per-block shared memory limit (all of them when the limit is None); [None] for a kernel
+    that is not autotuned. Never empty: the smallest candidate stays if none fits."""
+    if kernel not in CANDIDATES:
+        return [None]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    candidates = CANDIDATES[kernel][64 if block_d <= 64 else 128]
+    if smem_limit is None:
+        return list(candidates)
+    size = lambda c: shared_memory_estimate(kernel, c, block_d, elt, has_table)
+    kept = [c for c in candidates if size(c) <= smem_limit]
+    return kept or [min(candidates, key=size)]
+
+
+@functools.cache
+def device_shared_memory(device: int) -> int:
+    """The per-block shared memory limit (opt-in maximum) of a CUDA device, in bytes."""
+    props = triton.runtime.driver.active.utils.get_device_properties(device)
+    return int(props["max_shared_mem"])
+
+
+_FORCED: dict[str, tuple[int, int, int, int]] = {}
+
+
+@contextlib.contextmanager
+def forced_config(kernel: str, config: tuple[int, int, int, int]):
+    """Run ``kernel`` with exactly this config inside the block (for tests of every config)."""
+    tuner = globals()[kernel]
+    _FORCED[kernel] = config
+    tuner.cache.clear()
+    try:
+        yield
+    finally:
+        del _FORCED[kernel]
+        tuner.cache.clear()
+
+
+def _prune(kernel: str):
     def prune(configs, named_args, **kwargs):
-        budget = limit.get(kwargs.get("BLOCK_D", named_args.get("BLOCK_D")), 128 * 64)
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= budget]
-        return kept or configs[-1:]
+        if INTERPRET:
+            return configs
+        args = {**named_args, **kwargs}
+        q = args["Q"]
+        if kernel in _FORCED:
+            wanted = [_FORCED[kernel]]
+        else:
+            limit = device_shared_memory(q.device.index)
+            wanted = kept_configs(kernel, args["HEAD_DIM"], q.element_size(), limit,
+                                  bool(args.get("HAS_TABLE", True)))
+            if not AUTOTUNE:
+                wanted = wanted[:1]
+        by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
+                    for c in configs}
+        return [by_shape[w] for w in wanted]
 
     return prune
 
 
-# H100 shapes: wide query tiles for the forward and dq passes, wide key tiles for dk/dv (whose
-# table reduction gathers along the key axis and needs BLOCK_M <= BLOCK_N + 1).
-_FWD = _configs([(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4)])
-_DQ = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 4)])
-_DKDV = _configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 4)])
-_PRUNE = {"early_config_prune": _by_head_dim({16: 128 * 128, 32: 128 * 128, 64: 128 * 128})}
-_KEY = ["BLOCK_D", "CAUSAL", "WINDOW", "HAS_TABLE", "HAS_SLOPES", "HAS_DOC", "HAS_KPM"]
-# The table-gradient band kernel of the deterministic path uses square tiles of this size.
-DIAG_BLOCK = 16 if _INTERPRET else 64
+def _configs(kernel: str) -> list[triton.Config]:
+    """Every candidate of ``kernel`` as a triton.Config (pruning picks per call); one tiny config
+    on the interpreter."""
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    shapes = dict.fromkeys(c for lists in CANDIDATES[kernel].values() for c in lists)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in shapes]
+
+
+def _autotune(kernel: str, **kwargs):
+    # seq_bucket (the next power of two of the longer sequence) makes the sequence length part of
+    # the key without retuning for every length.
+    key = ["BLOCK_D", "CAUSAL", "WINDOW", "HAS_TABLE", "HAS_SLOPES", "HAS_DOC", "HAS_KPM",
+           "seq_bucket"]
+    return triton.autotune(configs=_configs(kernel), key=key,
+                           prune_configs_by={"early_config_prune": _prune(kernel)}, **kwargs)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -89,8 +216,47 @@ def _store_rows(base, offs, stride, n_rows, offs_d, x, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _load_lse(Lse_row, offs_m, Nq, CHECK: tl.constexpr):
+    """Rows' log-sum-exp with +inf for rows past Nq and rows that see no key, so their p is 0."""
+    if CHECK:
+        lse = tl.load(Lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
+    else:
+        lse = tl.load(Lse_row + offs_m)
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+@triton.jit
+def _load_row_stat(Row, offs_m, Nq, CHECK: tl.constexpr):
+    """A float32 per-row statistic (D_i, the renormalization factor); 0 past Nq."""
+    if CHECK:
+        return tl.load(Row + offs_m, mask=offs_m < Nq, other=0.0)
+    return tl.load(Row + offs_m)
+
+
+@triton.jit
+def _doc_range(DocStart_row, DocEnd_row, q_offset, offs_m, Nq, HAS_DOC: tl.constexpr):
+    """First and last key position of each query row's document (documents are contiguous runs);
+    placeholders without documents."""
+    doc_lo = offs_m
+    doc_hi = offs_m
+    if HAS_DOC:
+        doc_lo = tl.load(DocStart_row + q_offset + offs_m, mask=offs_m < Nq, other=0)
+        doc_hi = tl.load(DocEnd_row + q_offset + offs_m, mask=offs_m < Nq, other=-1)
+    return doc_lo, doc_hi
+
+
+@triton.jit
+def _key_padding(Kpm_row, offs_n, Nk, HAS_KPM: tl.constexpr):
+    """key_padding_mask of keys ``offs_n`` (nonzero: real key); a placeholder without one."""
+    kp = offs_n
+    if HAS_KPM:
+        kp = tl.load(Kpm_row + offs_n, mask=offs_n < Nk, other=0)
+    return kp
+
+
+@triton.jit
 def _score(qk, r, c, table_row, slope, q_offset, lo, T, qk_scale,
-           HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr):  # fmt: skip
+           HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr):
     """Scores in base-2 units for query indices ``r`` and key indices ``c`` (broadcastable to
     qk's shape, either orientation), and the offsets Δ."""
     delta = q_offset + r - c
@@ -105,12 +271,13 @@ def _score(qk, r, c, table_row, slope, q_offset, lo, T, qk_scale,
 
 
 @triton.jit
-def _visible(r, c, delta, Nq, Nk, window, doc_lo, doc_hi, kp,
-             MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-             HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr):  # fmt: skip
-    """Visibility of each pair (see relattn.masks). ``doc_lo/doc_hi`` broadcast like ``r``: the
-    key positions of the query's document (documents are contiguous runs); ``kp`` like ``c``."""
-    vis = (r < Nq) & (c < Nk)
+def _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
+          MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+          HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Scores of a (queries × keys) tile with the pairs hidden by the masks (see relattn.masks)
+    set to -inf. ``doc_lo/doc_hi`` run along the queries (:func:`_doc_range`), ``kp`` along the
+    keys (:func:`_key_padding`); MASKED adds the causal and window masks and the ragged edges."""
+    vis = (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
     if MASKED:
         if CAUSAL:
             vis = vis & (delta >= 0)
@@ -119,24 +286,9 @@ def _visible(r, c, delta, Nq, Nk, window, doc_lo, doc_hi, kp,
             if not CAUSAL:
                 vis = vis & (delta > -window)
     if HAS_DOC:
-        vis = vis & (c >= doc_lo) & (c <= doc_hi)
+        vis = vis & (offs_n[None, :] >= doc_lo[:, None]) & (offs_n[None, :] <= doc_hi[:, None])
     if HAS_KPM:
-        vis = vis & (kp != 0)
-    return vis
-
-
-@triton.jit
-def _hide(s, delta, offs_m, offs_n, Kpm_row, doc_lo, doc_hi, Nq, Nk, window,
-          MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-          HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr):  # fmt: skip
-    """Scores of a (queries × keys) tile with the pairs hidden by the masks set to -inf.
-    ``Kpm_row`` points at this batch's key_padding_mask row (read only with HAS_KPM)."""
-    kp = offs_n
-    if HAS_KPM:
-        kp = tl.load(Kpm_row + offs_n, mask=offs_n < Nk, other=0)
-    vis = _visible(offs_m[:, None], offs_n[None, :], delta, Nq, Nk, window,
-                   doc_lo[:, None], doc_hi[:, None], kp[None, :],
-                   MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
+        vis = vis & (kp[None, :] != 0)
     return tl.where(vis, s, float("-inf"))
 
 
@@ -158,8 +310,22 @@ def _stages(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _stage_blocks(begin, mid_begin, mid_end, end, STAGE: tl.constexpr):
+    """The block range of one stage: 0 and 2 are masked, 1 is the band every pair sees."""
+    first = mid_end
+    last = end
+    if STAGE == 0:
+        first = begin
+        last = mid_begin
+    if STAGE == 1:
+        first = mid_begin
+        last = mid_end
+    return first, last
+
+
+@triton.jit
 def _key_range(row_first, row_last, q_offset, Nk, window,
-               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """Keys seen by some row of ``row_first..row_last`` and keys seen by all of them."""
     p0 = q_offset + row_first
     p1 = q_offset + row_last
@@ -181,7 +347,7 @@ def _key_range(row_first, row_last, q_offset, Nk, window,
 
 @triton.jit
 def _query_range(col_first, col_last, q_offset, Nq, window,
-                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr):  # fmt: skip
+                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """Query rows that see some key of ``col_first..col_last`` and rows that see all of them."""
     lo = 0
     hi = Nq - 1
@@ -200,58 +366,29 @@ def _query_range(col_first, col_last, q_offset, Nq, window,
 
 
 @triton.jit
-def _narrow_keys(lo, hi, b, row_first, row_last, q_offset, Nk, DocStart, DocEnd, KvBounds,
-                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr):  # fmt: skip
-    """Narrow a key range to the documents of the rows and to the real (unpadded) keys."""
+def _query_block(b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset,
+                 window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """What a program over one block of query rows needs before its key loop: the ALiBi slope
+    (log2 units), each row's document key range, and the key blocks of its three stages."""
+    slope = 0.0
+    if HAS_SLOPES:
+        slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
+    doc_lo, doc_hi = _doc_range(DocStart + b * Nk, DocEnd + b * Nk, q_offset, offs_m, Nq, HAS_DOC)
+    row_first = pid_m * BLOCK_M
+    row_last = tl.minimum(row_first + BLOCK_M, Nq) - 1
+    lo, hi, full_lo, full_hi = _key_range(row_first, row_last, q_offset, Nk, window, CAUSAL,
+                                          WINDOW)
+    # Narrow to the documents of the first and last row and to the real (unpadded) keys.
     if HAS_DOC:
         lo = tl.maximum(lo, tl.load(DocStart + b * Nk + q_offset + row_first))
         hi = tl.minimum(hi, tl.load(DocEnd + b * Nk + q_offset + row_last))
     if HAS_KPM:
         lo = tl.maximum(lo, tl.load(KvBounds + 2 * b))
         hi = tl.minimum(hi, tl.load(KvBounds + 2 * b + 1))
-    return lo, hi
-
-
-@triton.jit
-def _query_block(b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset,
-                 window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_SLOPES: tl.constexpr,
-                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):  # fmt: skip
-    """What a program over one block of query rows needs before its key loop: the ALiBi slope
-    (log2 units), each row's document key range, and the key blocks of its three stages."""
-    slope = 0.0
-    if HAS_SLOPES:
-        slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
-    doc_lo = offs_m
-    doc_hi = offs_m
-    if HAS_DOC:
-        pos = b * Nk + q_offset + offs_m
-        doc_lo = tl.load(DocStart + pos, mask=offs_m < Nq, other=0)
-        doc_hi = tl.load(DocEnd + pos, mask=offs_m < Nq, other=-1)
-    row_first = pid_m * BLOCK_M
-    row_last = tl.minimum(row_first + BLOCK_M, Nq) - 1
-    c_lo, c_hi, f_lo, f_hi = _key_range(row_first, row_last, q_offset, Nk, window, CAUSAL, WINDOW)
-    c_lo, c_hi = _narrow_keys(c_lo, c_hi, b, row_first, row_last, q_offset, Nk,
-                              DocStart, DocEnd, KvBounds, HAS_DOC, HAS_KPM)  # fmt: skip
-    begin, mid_begin, mid_end, end = _stages(c_lo, c_hi, f_lo, f_hi, BLOCK_N)
+    begin, mid_begin, mid_end, end = _stages(lo, hi, full_lo, full_hi, BLOCK_N)
     return slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end
-
-
-@triton.jit
-def _diagonal_sums(x, R: tl.constexpr, C: tl.constexpr):
-    """Sums of an (R, C) tile along its diagonals, C <= R + 1: ``lower[i]`` sums ``a - b = i``,
-    ``upper[i]`` sums ``a - b = i - R`` (nonzero only for i > R - C).
-
-    Rotating column b up by b puts diagonal a - b in row (a - b) mod R; the wrapped part of each
-    column holds the negative diagonals, so one gather and two row sums separate them.
-    """
-    i = tl.arange(0, R)[:, None]
-    b = tl.arange(0, C)[None, :]
-    wrap = i + b >= R
-    skew = tl.gather(x, tl.where(wrap, i + b - R, i + b), 0)
-    lower = tl.sum(tl.where(wrap, 0.0, skew), 1)
-    upper = tl.sum(tl.where(wrap, skew, 0.0), 1)
-    return lower, upper
 
 
 # ----------------------------------------------------------------------------- forward
@@ -264,17 +401,18 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_be
                 HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
     for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, HAS_TABLE, HAS_SLOPES)  # fmt: skip
+                          T, qk_scale, HAS_TABLE, HAS_SLOPES)
         if NEED_MASK:
-            s = _hide(s, delta, offs_m, offs_n, Kpm_row, doc_lo, doc_hi, Nq, Nk, window,
-                      MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
+            kp = _key_padding(Kpm_row, offs_n, Nk, HAS_KPM)
+            s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
+                      MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtracting 0 keeps p = 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -287,16 +425,16 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_be
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD, key=_KEY, prune_configs_by=_PRUNE)
+@_autotune("attn_fwd")
 @triton.jit
 def attn_fwd(Q, K, V, Out, Lse, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, stride_t,
-             Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale,
+             Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, seq_bucket,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
              WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
              HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query block, head, batch): out (B, Hq, Nq, D) and lse (B, Hq, Nq)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -308,41 +446,20 @@ def attn_fwd(Q, K, V, Out, Lse, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, True)
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
-    table_row = Table + h * stride_t
     slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end = _query_block(
         b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
-        CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)  # fmt: skip
-    Kpm_row = Kpm + b * Nk
+        CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for stage in tl.static_range(3):
-        # stage 1 is the band every row sees: no causal/window/ragged masking there.
-        if stage == 0:
-            acc, l_i, m_i = _fwd_blocks(
-                acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, begin, mid_begin,
-                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                Nq, Nk, T, lo, q_offset, window, qk_scale,
-                HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM,
-                UPCAST, PRECISION, BLOCK_N,
-            )  # fmt: skip
-        elif stage == 1:
-            acc, l_i, m_i = _fwd_blocks(
-                acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, mid_begin, mid_end,
-                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                Nq, Nk, T, lo, q_offset, window, qk_scale,
-                HEAD_DIM, False, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM,
-                UPCAST, PRECISION, BLOCK_N,
-            )  # fmt: skip
-        else:
-            acc, l_i, m_i = _fwd_blocks(
-                acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, mid_end, end,
-                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                Nq, Nk, T, lo, q_offset, window, qk_scale,
-                HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM,
-                UPCAST, PRECISION, BLOCK_N,
-            )  # fmt: skip
+        first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, first, last, offs_m, offs_d,
+            Table + h * stride_t, slope, doc_lo, doc_hi, Kpm + b * Nk, Nq, Nk, T, lo, q_offset,
+            window, qk_scale, HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
+            HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N)
 
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -351,183 +468,81 @@ def attn_fwd(Q, K, V, Out, Lse, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
     tl.store(Lse + bh * Nq + offs_m, lse, mask=offs_m < Nq)
 
 
+# ----------------------------------------------------------------------------- decoding
+
+
+@triton.jit
+def attn_fwd_splitkv(Q, K, V, PartialOut, PartialLse, Table, Slopes, DocStart, DocEnd, Kpm,
+                     KvBounds, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn, stride_t, Hq, group, Nq, Nk, T, lo,
+                     q_offset, window, qk_scale, num_splits, split_blocks,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                     WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                     HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-KV forward for a few query rows (Nq <= BLOCK_M) against many keys: one program per
+    (key split, head, batch) runs the forward's key loop over ``split_blocks`` key blocks and
+    writes that split's normalized output and log-sum-exp, PartialOut (B, Hq, splits, Nq, D)
+    and PartialLse (B, Hq, splits, Nq) float32; the host merges the splits. One query block
+    alone would leave all but B·Hq of the GPU's programs idle."""
+    split = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = h // group
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, True)
+    slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end = _query_block(
+        b, h, 0, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
+        CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)
+    first = tl.maximum(begin, split * split_blocks)
+    last = tl.minimum(end, (split + 1) * split_blocks)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Every block masked: decoding reads few keys per row, and one loop keeps the code small.
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+        stride_kn, stride_vn, first, last, offs_m, offs_d, Table + h * stride_t, slope, doc_lo,
+        doc_hi, Kpm + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, True, CAUSAL,
+        WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    row = (b * Hq + h) * num_splits + split
+    _store_rows(PartialOut + row * Nq * HEAD_DIM, offs_m, HEAD_DIM, Nq, offs_d, out, HEAD_DIM)
+    tl.store(PartialLse + row * Nq + offs_m, lse, mask=offs_m < Nq)
+
+
 # ----------------------------------------------------------------------------- backward
 
 
 @triton.jit
-def bwd_preprocess(Out, dOut, Delta, stride_ob, stride_oh, stride_on,
+def bwd_preprocess(Out, dOut, DeltaOut, stride_ob, stride_oh, stride_on,
                    stride_db, stride_dh, stride_dn, Hq, Nq, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
-    """``Delta = rowsum(dO · O)`` (B, Hq, Nq) in float32."""
+                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``DeltaOut = rowsum(dO · O)`` (B, Hq, Nq) in float32, from the stored output (dq only)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    bh = b * Hq + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, stride_on, Nq, offs_d,
-                   HEAD_DIM, True)  # fmt: skip
+                   HEAD_DIM, True)
     do = _load_rows(dOut + b * stride_db + h * stride_dh, offs_m, stride_dn, Nq, offs_d,
-                    HEAD_DIM, True)  # fmt: skip
+                    HEAD_DIM, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + bh * Nq + offs_m, delta, mask=offs_m < Nq)
+    tl.store(DeltaOut + (b * Hq + h) * Nq + offs_m, delta, mask=offs_m < Nq)
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, Delta_row, Inv_row,
-                 block_begin, block_end, start_n, offs_n, offs_d, kp, table_row, DTable_row, slope,
-                 DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset, window, qk_scale,
-                 HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
-                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
-                 UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
-    for start_m in tl.range(block_begin * BLOCK_M, block_end * BLOCK_M, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q_base, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, MASKED)
-        do = _load_rows(dO_base, offs_m, stride_dn, Nq, offs_d, HEAD_DIM, MASKED)
-        if MASKED:
-            lse = tl.load(Lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
-            di = tl.load(Delta_row + offs_m, mask=offs_m < Nq, other=0.0)
-            inv = tl.load(Inv_row + offs_m, mask=offs_m < Nq, other=0.0)
-        else:
-            lse = tl.load(Lse_row + offs_m)
-            di = tl.load(Delta_row + offs_m)
-            inv = tl.load(Inv_row + offs_m)
-        # Scores in the (queries × keys) orientation of the forward and dq kernels: the same
-        # dot gives the same rounding, so p here matches the p that inv normalizes (with scores
-        # of 1e4 a transposed dot's rounding alone would move p by 1e-3).
-        qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
-        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, HAS_TABLE, HAS_SLOPES)  # fmt: skip
-        if NEED_MASK:
-            doc_lo = offs_m
-            doc_hi = offs_m
-            if HAS_DOC:
-                doc_lo = tl.load(DocStart_row + q_offset + offs_m, mask=offs_m < Nq, other=0)
-                doc_hi = tl.load(DocEnd_row + q_offset + offs_m, mask=offs_m < Nq, other=-1)
-            vis = _visible(offs_m[:, None], offs_n[None, :], delta, Nq, Nk, window,
-                           doc_lo[:, None], doc_hi[:, None], kp[None, :],
-                           MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
-            s = tl.where(vis, s, float("-inf"))
-        p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
-        dv += _dot(tl.trans(p).to(do.dtype), do, UPCAST, PRECISION)
-        dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
-        dsT = tl.trans(p * (dp - di[:, None]))  # ∂L/∂score, keys × queries
-        dk += _dot(dsT.to(q.dtype), q, UPCAST, PRECISION)
-        if ATOMIC_TABLE:
-            # The tile has BLOCK_M + BLOCK_N - 1 offsets: reduce to them first, then add.
-            lower, upper = _diagonal_sums(dsT, BLOCK_N, BLOCK_M)
-            i = tl.arange(0, BLOCK_N)
-            col0 = q_offset + start_m - start_n - lo  # table column of the tile's corner
-            t_lower = col0 - i  # key - query = i
-            t_upper = col0 + BLOCK_N - i  # key - query = i - BLOCK_N
-            ok_lower = (t_lower >= 0) & (t_lower < T)
-            ok_upper = (i > BLOCK_N - BLOCK_M) & (t_upper >= 0) & (t_upper < T)
-            tl.atomic_add(DTable_row + t_lower, lower, mask=ok_lower, sem="relaxed")
-            tl.atomic_add(DTable_row + t_upper, upper, mask=ok_upper, sem="relaxed")
-    return dk, dv
-
-
-@triton.autotune(configs=_DKDV, key=_KEY, prune_configs_by=_PRUNE, reset_to_zero=["DTable"])
-@triton.jit
-def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
-                  DocStart, DocEnd, Kpm, KvBounds,
-                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                  stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
-                  Hq, Hkv, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                  WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
-                  HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """One program per (key block, kv head, batch): dk, dv summed over the kv head's query heads
-    (no atomics), and, unless deterministic, the table gradient added per tile diagonal.
-    dK, dV are contiguous (B, Hkv, Nk, D)."""
-    tl.static_assert(BLOCK_M <= BLOCK_N + 1)
-    pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
-    b = tl.program_id(2)
-    bhk = b * Hkv + hk
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(
-        K + b * stride_kb + hk * stride_kh, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, True
-    )
-    v = _load_rows(
-        V + b * stride_vb + hk * stride_vh, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, True
-    )
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-
-    col_last = tl.minimum(start_n + BLOCK_N, Nk) - 1
-    r_lo, r_hi, f_lo, f_hi = _query_range(start_n, col_last, q_offset, Nq, window, CAUSAL, WINDOW)
-    kp = offs_n
-    if HAS_DOC:
-        r_lo = tl.maximum(r_lo, tl.load(DocStart + b * Nk + start_n) - q_offset)
-        r_hi = tl.minimum(r_hi, tl.load(DocEnd + b * Nk + col_last) - q_offset)
-    if HAS_KPM:
-        kp = tl.load(Kpm + b * Nk + offs_n, mask=offs_n < Nk, other=0)
-        padded = (col_last < tl.load(KvBounds + 2 * b)) | (start_n > tl.load(KvBounds + 2 * b + 1))
-        r_hi = tl.where(padded, -1, r_hi)
-    # A ragged key block needs its column mask on every tile.
-    f_hi = tl.where(start_n + BLOCK_N > Nk, -1, f_hi)
-    begin, mid_begin, mid_end, end = _stages(tl.maximum(r_lo, 0), r_hi, f_lo, f_hi, BLOCK_M)
-
-    DocStart_row = DocStart + b * Nk
-    DocEnd_row = DocEnd + b * Nk
-    for g in range(group):
-        h = hk * group + g
-        bh = b * Hq + h
-        Q_base = Q + b * stride_qb + h * stride_qh
-        dO_base = dOut + b * stride_db + h * stride_dh
-        table_row = Table + h * stride_t
-        DTable_row = DTable + h * T
-        slope = 0.0
-        if HAS_SLOPES:
-            slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
-        for stage in tl.static_range(3):
-            if stage == 0:
-                dk, dv = _dkdv_blocks(
-                    dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse + bh * Nq,
-                    Delta + bh * Nq, Inv + bh * Nq, begin, mid_begin, start_n, offs_n, offs_d, kp,
-                    table_row, DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset,
-                    window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
-                    HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
-                )  # fmt: skip
-            elif stage == 1:
-                dk, dv = _dkdv_blocks(
-                    dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse + bh * Nq,
-                    Delta + bh * Nq, Inv + bh * Nq, mid_begin, mid_end, start_n, offs_n, offs_d, kp,
-                    table_row, DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset,
-                    window, qk_scale, HEAD_DIM, False, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
-                    HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
-                )  # fmt: skip
-            else:
-                dk, dv = _dkdv_blocks(
-                    dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse + bh * Nq,
-                    Delta + bh * Nq, Inv + bh * Nq, mid_end, end, start_n, offs_n, offs_d, kp,
-                    table_row, DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset,
-                    window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
-                    HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N,
-                )  # fmt: skip
-
-    kv = bhk * Nk * HEAD_DIM
-    _store_rows(dK + kv, offs_n, HEAD_DIM, Nk, offs_d, dk * scale, HEAD_DIM)
-    _store_rows(dV + kv, offs_n, HEAD_DIM, Nk, offs_d, dv, HEAD_DIM)
-
-
-@triton.jit
-def _dq_blocks(dq, l_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, block_begin,
-               block_end, offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
+def _dq_blocks(dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn,
+               block_begin, block_end, offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
                Nq, Nk, T, lo, q_offset, window, qk_scale,
                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
     for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -535,28 +550,31 @@ def _dq_blocks(dq, l_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, bl
         v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, MASKED)
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, HAS_TABLE, HAS_SLOPES)  # fmt: skip
+                          T, qk_scale, HAS_TABLE, HAS_SLOPES)
         if NEED_MASK:
-            s = _hide(s, delta, offs_m, offs_n, Kpm_row, doc_lo, doc_hi, Nq, Nk, window,
-                      MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
+            kp = _key_padding(Kpm_row, offs_n, Nk, HAS_KPM)
+            s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
+                      MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
         p = tl.math.exp2(s - lse[:, None] * LOG2E)
         l_i += tl.sum(p, 1)
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+        pdp_i += tl.sum(p * dp, 1)
         ds = p * (dp - di[:, None])
         dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
-    return dq, l_i
+    return dq, l_i, pdp_i
 
 
-@triton.autotune(configs=_DQ, key=_KEY, prune_configs_by=_PRUNE)
+@_autotune("attn_bwd_dq")
 @triton.jit
-def attn_bwd_dq(Q, K, V, dOut, Lse, Delta, Inv, dQ, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
+def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, DocStart, DocEnd,
+                Kpm, KvBounds,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
-                Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale,
+                Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale, seq_bucket,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query block, head, batch); the key loop mirrors the forward's.
     dQ is contiguous (B, Hq, Nq, D)."""
     pid_m = tl.program_id(0)
@@ -568,50 +586,142 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, Delta, Inv, dQ, Table, Slopes, DocStart, Doc
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, True)
     do = _load_rows(dOut + b * stride_db + h * stride_dh, offs_m, stride_dn, Nq, offs_d,
-                    HEAD_DIM, True)  # fmt: skip
-    # Rows past Nq get lse = +inf so their p is 0 in every stage.
-    lse = tl.load(Lse + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
-    di = tl.load(Delta + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+                    HEAD_DIM, True)
+    lse = _load_lse(Lse + bh * Nq, offs_m, Nq, True)
+    # D_i from the stored low-precision output: its rounding moves dq by about one unit of q's
+    # dtype (as rounding ds does). The table gradient cannot take that: there each row's dS must
+    # sum to zero, or the residue lands on every offset the row sees, so this kernel also sums
+    # the exact D_i = Σ_j P·dP in float32 and leaves it in Delta for the dk/dv and band kernels.
+    di = _load_row_stat(DeltaOut + bh * Nq, offs_m, Nq, True)
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
-    table_row = Table + h * stride_t
     slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end = _query_block(
         b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
-        CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)  # fmt: skip
-    Kpm_row = Kpm + b * Nk
+        CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    pdp_i = tl.zeros([BLOCK_M], tl.float32)
     for stage in tl.static_range(3):
-        if stage == 0:
-            dq, l_i = _dq_blocks(
-                dq, l_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, begin, mid_begin,
-                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW,
-                HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
-            )  # fmt: skip
-        elif stage == 1:
-            dq, l_i = _dq_blocks(
-                dq, l_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, mid_begin, mid_end,
-                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, False, CAUSAL, WINDOW,
-                HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
-            )  # fmt: skip
-        else:
-            dq, l_i = _dq_blocks(
-                dq, l_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, mid_end, end,
-                offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, True, CAUSAL, WINDOW,
-                HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
-            )  # fmt: skip
+        first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
+        dq, l_i, pdp_i = _dq_blocks(
+            dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, first, last,
+            offs_m, offs_d, Table + h * stride_t, slope, doc_lo, doc_hi, Kpm + b * Nk, Nq, Nk, T,
+            lo, q_offset, window, qk_scale, HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE,
+            HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N)
     # lse is float32, so exp(s - lse) carries its rounding (|lse|·2^-24, 1e-3 at scores of 1e4)
     # as a per-row scale error that does not average out: rescale each row of p to sum to 1.
     # Inv is that factor for the dk/dv and band kernels, which do not see whole rows.
     inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
     tl.store(Inv + bh * Nq + offs_m, inv, mask=offs_m < Nq)
+    tl.store(Delta + bh * Nq + offs_m, pdp_i * inv, mask=offs_m < Nq)
     dq = dq * (inv * scale)[:, None]
     _store_rows(dQ + bh * Nq * HEAD_DIM, offs_m, HEAD_DIM, Nq, offs_d, dq, HEAD_DIM)
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, Delta_row, Inv_row,
+                 block_begin, block_end, start_n, offs_n, offs_d, kp, table_row, DTable_row, slope,
+                 DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset, window, qk_scale,
+                 HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
+    for start_m in tl.range(block_begin * BLOCK_M, block_end * BLOCK_M, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q_base, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, MASKED)
+        do = _load_rows(dO_base, offs_m, stride_dn, Nq, offs_d, HEAD_DIM, MASKED)
+        lse = _load_lse(Lse_row, offs_m, Nq, MASKED)
+        di = _load_row_stat(Delta_row, offs_m, Nq, MASKED)
+        inv = _load_row_stat(Inv_row, offs_m, Nq, MASKED)
+        # Scores in the (queries × keys) orientation of the forward and dq kernels: the same
+        # dot gives the same rounding, so p here matches the p that inv normalizes (with scores
+        # of 1e4 a transposed dot's rounding alone would move p by 1e-3).
+        qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
+        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
+                          T, qk_scale, HAS_TABLE, HAS_SLOPES)
+        if NEED_MASK:
+            doc_lo, doc_hi = _doc_range(DocStart_row, DocEnd_row, q_offset, offs_m, Nq, HAS_DOC)
+            s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
+                      MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
+        p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
+        dv += _dot(tl.trans(p).to(do.dtype), do, UPCAST, PRECISION)
+        dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+        ds = p * (dp - di[:, None])  # ∂L/∂score, queries × keys
+        dk += _dot(tl.trans(ds).to(q.dtype), q, UPCAST, PRECISION)
+        if ATOMIC_TABLE:
+            # One relaxed atomic add per score into T's gradient at column Δ - lo. Reducing the
+            # tile along its diagonals first needs a gather that compiles to local memory on
+            # sm_80/sm_90 (tools/gpu_compile.py); hidden and ragged pairs have ds = 0.
+            col = delta - lo
+            if MASKED:
+                tl.atomic_add(DTable_row + col, ds, mask=(col >= 0) & (col < T), sem="relaxed")
+            else:
+                tl.atomic_add(DTable_row + col, ds, sem="relaxed")
+    return dk, dv
+
+
+@_autotune("attn_bwd_dkdv", reset_to_zero=["DTable"])
+@triton.jit
+def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
+                  DocStart, DocEnd, Kpm, KvBounds,
+                  stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                  stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
+                  Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale, seq_bucket,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                  WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                  HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (key block, query head, batch): that head's share of dk, dv, and, unless
+    deterministic, of the table gradient (atomics). dK, dV are contiguous (B, Hq, Nk, D); with
+    GQA the host sums each kv head's group (a loop over the group here would keep every stage's
+    hoisted values live across it and spill registers at D = 128)."""
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * Hq + h
+    hk = h // group
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b * stride_kb + hk * stride_kh, offs_n, stride_kn, Nk, offs_d, HEAD_DIM,
+                   True)
+    v = _load_rows(V + b * stride_vb + hk * stride_vh, offs_n, stride_vn, Nk, offs_d, HEAD_DIM,
+                   True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    col_last = tl.minimum(start_n + BLOCK_N, Nk) - 1
+    r_lo, r_hi, f_lo, f_hi = _query_range(start_n, col_last, q_offset, Nq, window, CAUSAL, WINDOW)
+    kp = _key_padding(Kpm + b * Nk, offs_n, Nk, HAS_KPM)
+    if HAS_DOC:
+        r_lo = tl.maximum(r_lo, tl.load(DocStart + b * Nk + start_n) - q_offset)
+        r_hi = tl.minimum(r_hi, tl.load(DocEnd + b * Nk + col_last) - q_offset)
+    if HAS_KPM:
+        padded = (col_last < tl.load(KvBounds + 2 * b)) | (start_n > tl.load(KvBounds + 2 * b + 1))
+        r_hi = tl.where(padded, -1, r_hi)
+    # A ragged key block needs its column mask on every tile.
+    f_hi = tl.where(start_n + BLOCK_N > Nk, -1, f_hi)
+    begin, mid_begin, mid_end, end = _stages(tl.maximum(r_lo, 0), r_hi, f_lo, f_hi, BLOCK_M)
+
+    slope = 0.0
+    if HAS_SLOPES:
+        slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
+    for stage in tl.static_range(3):
+        first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, Q + b * stride_qb + h * stride_qh, dOut + b * stride_db + h * stride_dh,
+            stride_qn, stride_dn, Lse + bh * Nq, Delta + bh * Nq, Inv + bh * Nq, first, last,
+            start_n, offs_n, offs_d, kp, Table + h * stride_t, DTable + h * T, slope,
+            DocStart + b * Nk, DocEnd + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale,
+            HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM,
+            ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+
+    _store_rows(dK + bh * Nk * HEAD_DIM, offs_n, HEAD_DIM, Nk, offs_d, dk * scale, HEAD_DIM)
+    _store_rows(dV + bh * Nk * HEAD_DIM, offs_n, HEAD_DIM, Nk, offs_d, dv, HEAD_DIM)
 
 
 @triton.jit
@@ -622,14 +732,13 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
                          num_bands, band_min,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                          WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr,
-                         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK: tl.constexpr):  # fmt: skip
+                         UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr):
     """Deterministic table gradient: one program per (block diagonal d = m - n, head, batch).
 
-    Every tile on a block diagonal covers the same offsets ``q_offset + d·BLOCK + (-BLOCK, BLOCK)``,
-    so the program sums its tiles' diagonal sums in registers, in a fixed order, and writes
-    ``Partial[bh, band, j]`` for ``Δ = q_offset + d·BLOCK + j - BLOCK`` (no atomics). The host adds
-    neighbouring bands and batches in a fixed order. Recomputes p and dp (two extra dots a tile).
+    Pair (r, c) of every tile on a block diagonal has the same offset
+    ``Δ = q_offset + d·BLOCK + r - c``, so the program adds its tiles' ∂L/∂score elementwise, in a
+    fixed order, and writes the sum to ``Partial[b, h, band]`` (BLOCK × BLOCK, no atomics); the
+    host sums batches and diagonals. Recomputes p and dp (two extra dots a tile).
     """
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -638,20 +747,17 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
     hk = h // group
     d = band_min + pid
     delta0 = q_offset + d * BLOCK
-    n_blocks_q = tl.cdiv(Nq, BLOCK)
     n_begin = tl.maximum(0, -d)
-    n_end = tl.minimum(tl.cdiv(Nk, BLOCK), n_blocks_q - d)
+    n_end = tl.minimum(tl.cdiv(Nk, BLOCK), tl.cdiv(Nq, BLOCK) - d)
     # The band's offsets miss the table's range [lo, lo + T - 1]: nothing visible there.
     outside = (delta0 + BLOCK - 1 < lo) | (delta0 - BLOCK + 1 > lo + T - 1)
     n_end = tl.where(outside, n_begin, n_end)
     offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK, BLOCK], tl.float32)
     Q_base = Q + b * stride_qb + h * stride_qh
     dO_base = dOut + b * stride_db + h * stride_dh
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
-    table_row = Table + h * stride_t
-    lower_acc = tl.zeros([BLOCK], tl.float32)
-    upper_acc = tl.zeros([BLOCK], tl.float32)
     for n in range(n_begin, n_end):
         offs_m = (n + d) * BLOCK + tl.arange(0, BLOCK)
         offs_n = n * BLOCK + tl.arange(0, BLOCK)
@@ -659,27 +765,20 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
         do = _load_rows(dO_base, offs_m, stride_dn, Nq, offs_d, HEAD_DIM, True)
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, True)
         v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, True)
-        lse = tl.load(Lse + bh * Nq + offs_m, mask=offs_m < Nq, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
-        di = tl.load(Delta + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
-        inv = tl.load(Inv + bh * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+        lse = _load_lse(Lse + bh * Nq, offs_m, Nq, True)
+        di = _load_row_stat(Delta + bh * Nq, offs_m, Nq, True)
+        inv = _load_row_stat(Inv + bh * Nq, offs_m, Nq, True)
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
-        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, 0.0, q_offset, lo, T,
-                          qk_scale, True, False)  # fmt: skip
-        doc_lo = offs_m
-        doc_hi = offs_m
-        if HAS_DOC:
-            pos = b * Nk + q_offset + offs_m
-            doc_lo = tl.load(DocStart + pos, mask=offs_m < Nq, other=0)
-            doc_hi = tl.load(DocEnd + pos, mask=offs_m < Nq, other=-1)
-        s = _hide(s, delta, offs_m, offs_n, Kpm + b * Nk, doc_lo, doc_hi, Nq, Nk, window,
-                  True, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)  # fmt: skip
+        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], Table + h * stride_t, 0.0,
+                          q_offset, lo, T, qk_scale, True, False)
+        doc_lo, doc_hi = _doc_range(DocStart + b * Nk, DocEnd + b * Nk, q_offset, offs_m, Nq,
+                                    HAS_DOC)
+        kp = _key_padding(Kpm + b * Nk, offs_n, Nk, HAS_KPM)
+        s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
+                  True, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
         p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
-        lower, upper = _diagonal_sums(p * (dp - di[:, None]), BLOCK, BLOCK)
-        lower_acc += lower  # query - key = i
-        upper_acc += upper  # query - key = i - BLOCK
-    i = tl.arange(0, BLOCK)
-    row = Partial + (bh * num_bands + pid) * (2 * BLOCK)
-    tl.store(row + i, upper_acc)
-    tl.store(row + BLOCK + i, lower_acc)
+        acc += p * (dp - di[:, None])
+    r = tl.arange(0, BLOCK)
+    tile = Partial + (bh * num_bands + pid) * (BLOCK * BLOCK)
+    tl.store(tile + r[:, None] * BLOCK + r[None, :], acc)

@@ -3,8 +3,9 @@ compiled ``score_mod``, SDPA with the bias materialized, and SDPA's flash/cuDNN 
 ``is_causal`` and no position term (the bias-free limit).
 
 fp16 and bf16, D = 64 and 128, N = 1k … 16k at B·N = 16k tokens and H·D = 2048, causal, a
-learnable T5 bias. Speed is reported as TFLOP/s on causal FLOPs (lower triangle only) and as a
-ratio to SDPA is_causal measured in the same run.
+learnable T5 bias (and fixed ALiBi in closed form). Speed is reported as TFLOP/s on causal FLOPs
+(lower triangle only) and as a ratio to SDPA is_causal measured in the same run; :func:`targets`
+compares one run with the H100 targets of the GPU-readiness issue.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import relattn
-from relattn.pe import T5Bias
+from relattn.pe import ALiBi, T5Bias
 
 from .common import machine_info, markdown_table, peak_memory, time_interleaved
 
@@ -31,6 +32,7 @@ MEMORY_SHARE = 0.6
 
 CONTENDERS = {
     "triton": "relattn triton (T5 table)",
+    "triton_alibi": "relattn triton, fixed ALiBi (closed form)",
     "flex": "FlexAttention, T5 table as score_mod",
     "sdpa_bias": "SDPA + materialized bias (attn_mask)",
     "sdpa_causal": "SDPA flash/cuDNN is_causal, no position term",
@@ -90,6 +92,10 @@ def _contenders(n: int, d: int, dtype: torch.dtype):
         return f, fbwd
 
     fwd["triton"], fb["triton"] = both(lambda: relattn.attention(q, k, v, pe, backend="triton"))
+    alibi = ALiBi(h).to(dev)
+    fwd["triton_alibi"], fb["triton_alibi"] = both(
+        lambda: relattn.attention(q, k, v, alibi, backend="triton")
+    )
 
     try:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -129,12 +135,16 @@ def _contenders(n: int, d: int, dtype: torch.dtype):
     return (b, h), fwd, fb, notes, extra
 
 
-def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> list[dict]:
+def run(
+    quick: bool = False, progress: Callable[[str], None] | None = None, check: bool = False
+) -> list[dict]:
     """Time every contender at every (dtype, D, N).
 
     Args:
         quick: bf16, N = 1024 and 4096 only, 3 repetitions, no memory measurement.
         progress: called with a line of text as each measurement finishes.
+        check: what the targets need (bf16, D = 128, N = 8192 and 16384, 5 repetitions, peak
+            memory), a few minutes on an H100; ``make gpu-check`` runs this.
 
     Returns:
         One dict per (dtype, D, N, contender): ``dtype``, ``d``, ``n``, ``b``, ``h``, ``key``,
@@ -150,12 +160,13 @@ def run(quick: bool = False, progress: Callable[[str], None] | None = None) -> l
             "the GPU benchmark needs CUDA; torch.cuda.is_available() is False on this machine"
         )
     say = progress or (lambda line: None)
-    dtypes = [torch.bfloat16] if quick else DTYPES
-    ns = [1024, 4096] if quick else NS
-    repeats = 3 if quick else 10
+    dtypes = [torch.bfloat16] if quick or check else DTYPES
+    ns = [1024, 4096] if quick else ([8192, 16384] if check else NS)
+    head_dims = [128] if check else HEAD_DIMS
+    repeats = 3 if quick else (5 if check else 10)
     rows: list[dict] = []
     for dtype in dtypes:
-        for d in HEAD_DIMS:
+        for d in head_dims:
             for n in ns:
                 (b, h), fwd, fb, notes, extra = _contenders(n, d, dtype)
                 t_fwd = time_interleaved(fwd, repeats, warmup=2, device="cuda")
@@ -178,9 +189,14 @@ def _rows(dtype, d, n, b, h, t_fwd, t_fb, mem_fwd, mem_fb, notes, extra) -> list
     rows = []
     for name, label in CONTENDERS.items():
         row: dict[str, Any] = {
-            "dtype": str(dtype).removeprefix("torch."), "d": d, "n": n, "b": b, "h": h,
-            "key": name, "contender": label,
-        }  # fmt: skip
+            "dtype": str(dtype).removeprefix("torch."),
+            "d": d,
+            "n": n,
+            "b": b,
+            "h": h,
+            "key": name,
+            "contender": label,
+        }
         note = [notes[name]] if name in notes else []
         for key, times, backward in (("fwd", t_fwd, False), ("fwdbwd", t_fb, True)):
             t, base = times.get(name), times.get("sdpa_causal")
@@ -220,6 +236,53 @@ COLUMNS = [
 def to_markdown(rows: list[dict]) -> str:
     """The results of :func:`run` as a Markdown table."""
     return markdown_table(rows, COLUMNS)
+
+
+# The GPU-readiness issue's targets: H100, bf16, D = 128, B·N = 16k tokens, H·D = 2048, N = 8192
+# (memory at N = 16384). Each is (what, contender, reference, column, at least or at most, bound);
+# speed columns are times, so "TFLOP/s >= x × reference" is "reference time / time >= x".
+TARGETS = [
+    ("forward vs SDPA flash causal", "triton", "sdpa_causal", "fwd_ms", 0.9),
+    ("forward+backward vs SDPA flash causal", "triton", "sdpa_causal", "fwdbwd_ms", 0.75),
+    ("forward+backward vs FlexAttention", "triton", "flex", "fwdbwd_ms", 1.2),
+    ("fixed ALiBi forward vs SDPA flash causal", "triton_alibi", "sdpa_causal", "fwd_ms", 0.95),
+]
+
+
+def targets(rows: list[dict], n: int = 8192, n_memory: int = 16384) -> list[dict]:
+    """The issue's targets from one run's rows (bf16, D = 128): measured value, bound, met."""
+
+    def pick(key: str, at: int) -> dict:
+        for r in rows:
+            if (r["key"], r["n"], r["d"], r["dtype"]) == (key, at, 128, "bfloat16"):
+                return r
+        return {}
+
+    def entry(what: str, value: float | None, bound: str, met: bool | None) -> dict:
+        return {"target": what, "value": value, "bound": bound, "met": met}
+
+    out = []
+    for what, mine, ref, column, bound in TARGETS:
+        a, b = pick(mine, n).get(column), pick(ref, n).get(column)
+        value = b / a if a and b else None
+        met = None if value is None else value >= bound
+        out.append(entry(f"{what} (N = {n})", value, f">= {bound}", met))
+    a = pick("triton", n_memory).get("peak_fwdbwd_mib")
+    b = pick("sdpa_causal", n_memory).get("peak_fwdbwd_mib")
+    value = a / b if a and b else None
+    met = None if value is None else value <= 1.1
+    out.append(entry(f"peak memory fwd+bwd vs SDPA flash (N = {n_memory})", value, "<= 1.1", met))
+    return out
+
+
+def targets_markdown(rows: list[dict]) -> str:
+    """:func:`targets` as a Markdown table (values are ratios; blank: not measured)."""
+    lines = ["| target | measured | bound | met |", "|---|---|---|---|"]
+    for t in targets(rows):
+        value = "" if t["value"] is None else f"{t['value']:.2f}"
+        met = "" if t["met"] is None else ("yes" if t["met"] else "no")
+        lines.append(f"| {t['target']} | {value} | {t['bound']} | {met} |")
+    return "\n".join(lines)
 
 
 def describe() -> str:

@@ -1,0 +1,106 @@
+"""The Triton kernels compile for A100 (sm_80) and H100 (sm_90a) without a GPU.
+
+``tools/gpu_compile.py --ci`` compiles every kernel (forward, the dq preprocessing, dq, dk/dv, the
+deterministic table-gradient bands) for both architectures at bf16, D = 128 with the config that
+pruning keeps first, using the ``ptxas`` in the triton wheel, and fails on a compile error, on
+shared memory above the architecture's limit or above pruning's estimate, and on register spills.
+`make gpu-compile` runs the full matrix (every kept config, dtype, head dim and compile-time
+variant). Compiled results are cached per job, keyed on the kernel source and triton's version.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from relattn.backends import triton_kernels as K  # noqa: E402  (pure config functions)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "gpu_compile.py"
+
+
+def _tool():
+    """tools/gpu_compile.py as a module (its pure functions; compiling runs in a subprocess)."""
+    if "gpu_compile" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("gpu_compile", TOOL)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_compile"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["gpu_compile"]
+
+
+def test_every_kernel_compiles_for_a100_and_h100(tmp_path):
+    """The CI subset; a separate process because this one may have decorated the kernels for
+    Triton's interpreter."""
+    out = tmp_path / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    cmd = [sys.executable, str(TOOL), "--ci", "-j", "2", "--json", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    failures = [line for line in res.stderr.splitlines() if line.startswith("FAIL")]
+    assert res.returncode == 0, "\n".join(failures) or res.stderr[-3000:]
+    results = json.loads(out.read_text())
+    tool = _tool()
+    kernels = set(K.AOT_KERNELS)
+    compiled = {(r["kernel"], r["arch"]) for r in results if "error" not in r}
+    assert compiled == {(k, a) for k in kernels for a in tool.ARCHS}
+    assert all(r["regs"] and r["regs"] <= 255 for r in results)
+
+
+def test_problems_are_reported():
+    """The check fails on each kind of problem (it can fail)."""
+    tool = _tool()
+    problems = lambda results: tool.problems(results, K.shared_memory_estimate)
+    base = {
+        "label": "k",
+        "kernel": "attn_fwd",
+        "arch": 80,
+        "dtype": "bf16",
+        "head_dim": 128,
+        "config": [64, 32, 4, 3],
+        "variant": [["HAS_TABLE", True]],
+        "gated": True,
+        "regs": 200,
+        "spill_stores": 0,
+        "spill_loads": 0,
+        "shared": 1024,
+    }
+    assert problems([base]) == []
+    assert "compile error" in problems([{**base, "error": "x"}])[0]
+    assert "per block" in " ".join(problems([{**base, "shared": 200 * 1024}]))
+    assert "estimate" in " ".join(problems([{**base, "shared": 150 * 1024}]))
+    assert "spill" in problems([{**base, "spill_stores": 4}])[0]
+    assert problems([{**base, "spill_stores": 4, "gated": False}]) == []
+
+
+def test_occupancy_estimate():
+    tool = _tool()
+    # 255 registers × 128 threads: 4 warps × 256 registers per lane group → 2 blocks of 4 warps
+    assert tool.occupancy(255, 0, 4, 80) == pytest.approx(8 / 64)
+    # shared memory binds first: 100 KiB blocks, two would need 202 KiB > 164 KiB
+    assert tool.occupancy(32, 100 * 1024, 4, 80) == pytest.approx(4 / 64)
+    assert tool.occupancy(32, 0, 4, 90) == pytest.approx(1.0)  # 16 blocks: 2048 threads
+    assert tool.occupancy(32, 0, 1, 90) == pytest.approx(32 / 64)  # the 32-block limit
+
+
+def test_pruning_keeps_a_config_within_the_limit():
+    for kernel in K.AUTOTUNED:
+        for d in (16, 32, 64, 128):
+            for elt in (2, 4):
+                for limit in (48 * 1024, 99 * 1024, 163 * 1024, 227 * 1024):
+                    kept = K.kept_configs(kernel, d, elt, limit)
+                    assert kept, (kernel, d, elt, limit)
+                    block_d = max(16, 1 << (d - 1).bit_length())
+                    fits = [
+                        K.shared_memory_estimate(kernel, c, block_d, elt, True) <= limit
+                        for c in kept
+                    ]
+                    assert all(fits) or len(kept) == 1, (kernel, d, elt, limit)
