@@ -233,9 +233,10 @@ def test_interpreter_mode_change_is_reported(monkeypatch):
 
     kernels = triton_backend._kernels()
     q = torch.zeros(1, 1, 4, 16, device=DEVICE)
-    assert triton_backend.unsupported(q, q) is None
+    problem = relattn.Problem(lo=0, scale=1.0)
+    assert triton_backend.BACKEND.unsupported(q, q, problem) is None
     monkeypatch.setattr(kernels, "INTERPRET", not kernels.INTERPRET)
-    assert "TRITON_INTERPRET changed" in triton_backend.unsupported(q, q)
+    assert "TRITON_INTERPRET changed" in triton_backend.BACKEND.unsupported(q, q, problem)
 
 
 def test_gpu_benchmark_needs_cuda():

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from conftest import assert_close_f64, run_math, run_relattn, seed_of  # noqa: E402
+from oracle import assert_close_f64, run_math, run_relattn, seed_of  # noqa: E402
 
 from relattn.pe import ALiBi, Kerple, T5Bias  # noqa: E402
 

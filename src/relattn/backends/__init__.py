@@ -67,35 +67,7 @@ def get(name: str) -> Backend:
     except ImportError as e:
         _UNAVAILABLE[name] = f"backend={name!r} is not available here: {e}"
         raise RuntimeError(_UNAVAILABLE[name]) from e
-    backend = getattr(module, "BACKEND", None)
-    if backend is None:  # a module written to the flat contract (triton, until it moves over)
-        backend = _FlatModule(name, module)
-    return register(backend)
-
-
-class _FlatModule(Backend):
-    """Adapts a module with flat ``forward``/``backward``/``unsupported(q, k)`` functions."""
-
-    def __init__(self, name, module) -> None:
-        self.name, self.module = name, module
-
-    def priority(self, q, k, problem):
-        return 20.0 if q.device.type == "cuda" else None
-
-    def unsupported(self, q, k, problem):
-        return self.module.unsupported(q, k)
-
-    def forward(self, q, k, v, table, slopes, p):
-        return self.module.forward(
-            q, k, v, table, slopes, p.doc_ids, p.key_padding_mask,
-            p.lo, p.scale, p.causal, p.q_offset, p.window,
-        )  # fmt: skip
-
-    def backward(self, grad_out, q, k, v, out, lse, table, slopes, p):
-        return self.module.backward(
-            grad_out, q, k, v, out, lse, table, slopes, p.doc_ids, p.key_padding_mask,
-            p.lo, p.scale, p.causal, p.q_offset, p.window,
-        )  # fmt: skip
+    return register(module.BACKEND)
 
 
 def _all(device_type: str) -> list[Backend]:
@@ -136,12 +108,15 @@ def choose(name: str, q: Tensor, k: Tensor, problem: Problem) -> Backend:
     return backend
 
 
-def _load_cpu_backends() -> None:
-    """Import the cheap built-ins now, so that no import happens while torch.compile traces a
-    first call (Dynamo cannot trace ``import_module``; fullgraph=True would fail)."""
-    for name, devices in ((n, _AUTO_DEVICES.get(n, ("cpu",))) for n in _BUILTIN):
-        if "cpu" in devices:
+def _load_builtins() -> None:
+    """Import the built-in backend modules now (each is cheap: triton's imports Triton only on
+    its first call), so that no import happens while torch.compile traces a first call (Dynamo
+    cannot trace ``import_module``; fullgraph=True would fail)."""
+    for name in _BUILTIN:
+        try:
             get(name)
+        except RuntimeError:
+            pass  # remembered in _UNAVAILABLE; an explicit backend=name says why
 
 
-_load_cpu_backends()
+_load_builtins()

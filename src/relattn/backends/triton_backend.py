@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..problem import Problem
+from .base import Backend
 
 __all__ = ["BACKEND", "TritonBackend"]
 
@@ -152,7 +153,7 @@ class _Launch:
 # ----------------------------------------------------------------------------- the backend
 
 
-class TritonBackend:
+class TritonBackend(Backend):
     """FlashAttention-2 style kernels that read the position table by offset (see
     ``triton_kernels``); the table gradient comes out of the dk/dv pass."""
 
@@ -361,37 +362,3 @@ def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, inv, stri
 
 
 BACKEND = TritonBackend()
-
-
-# ----------------------------------------------------------------------------- pre-protocol shims
-# relattn._op still calls backends with flat arguments; delete these three once it calls BACKEND.
-
-
-def forward(q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window):
-    problem = Problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
-    return BACKEND.forward(q, k, v, table, slopes, problem)
-
-
-def backward(
-    grad_out,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    table,
-    slopes,
-    doc_ids,
-    key_padding_mask,
-    lo,
-    scale,
-    causal,
-    q_offset,
-    window,
-):
-    problem = Problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
-    return BACKEND.backward(grad_out, q, k, v, out, lse, table, slopes, problem)
-
-
-def unsupported(q, k):
-    return BACKEND.unsupported(q, k, None)

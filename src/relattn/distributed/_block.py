@@ -30,7 +30,9 @@ from ..masks import key_span
 from ..problem import Problem
 
 # Backends whose backward computes D_i = rowsum(grad_out ∘ out) from the ``out`` it is given.
-_ROW_TERM_FROM_OUT = frozenset({"triton"})
+# None today: triton's dk/dv and table gradient take D_i = Σ_j P·dP from their own recomputed
+# weights (exact for a whole call in low precision, not for one block of a ring).
+_ROW_TERM_FROM_OUT: frozenset[str] = frozenset()
 
 # Scores per block of the stand-in backward: 2M fp32 (8 MiB) per live (H, rows, keys) tensor.
 _SCORES_PER_BLOCK = 1 << 21
