@@ -263,3 +263,38 @@ def test_bad_input(call, error, pattern):
 
 def test_corpus_size():
     assert len(CORPUS) >= 90
+
+
+def test_malformed_tables_are_caught_under_no_grad_and_on_repeated_calls():
+    """The table cache (active without grad) never trims a wrong-width table into shape."""
+    q, k, v = qkv()
+    for short in (-1, 1):
+        enc = ShortTable(H, short=short)
+        for _ in range(2):
+            with torch.no_grad(), pytest.raises(ValueError, match="must return shape"):
+                relattn.attention(q, k, v, enc)
+
+
+class ViewOfAnotherModule(PositionEncoding):
+    """Reads a weight held by an unregistered module (as the integrations' T5 view does)."""
+
+    def __init__(self, source: torch.nn.Embedding):
+        super().__init__(H)
+        object.__setattr__(self, "_source", source)
+
+    def table(self, lo, hi):
+        return self._source.weight[: hi - lo + 1].t().contiguous()[:H]
+
+
+def test_table_cache_follows_weights_it_cannot_see():
+    source = torch.nn.Embedding(64, H)
+    enc = ViewOfAnotherModule(source)
+    q, k, v = qkv()
+    with torch.no_grad():
+        first = relattn.attention(q, k, v, enc)
+        source.weight.add_(1.0)
+        second = relattn.attention(q, k, v, enc)
+    assert not torch.equal(first, second)
+    out = relattn.attention(q, k, v, enc)
+    out.sum().backward()
+    assert source.weight.grad is not None and source.weight.grad.abs().sum() > 0

@@ -16,14 +16,18 @@ EXPECT = {
     "nanogpt_block.py": "T5 bias of block 0 got gradients: True",
     "train_and_generate.py": "reloaded checkpoint generates the same text",
 }
-SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py"))
+# Scripts that need a launcher are run where the launcher is: cp_train.py under torchrun in
+# tests/test_distributed.py (it starts two processes and compares them with a third run, which
+# is why it is longer than the others).
+ELSEWHERE = {"cp_train.py": 110}
+SCRIPTS = sorted(p.name for p in EXAMPLES.glob("*.py") if p.name not in ELSEWHERE)
 
 
 def test_the_examples_are_there_and_short():
     assert set(EXPECT) <= set(SCRIPTS)
-    for name in SCRIPTS:
+    for name in [*SCRIPTS, *ELSEWHERE]:
         lines = (EXAMPLES / name).read_text().splitlines()
-        assert len(lines) <= 60, f"{name} has {len(lines)} lines"
+        assert len(lines) <= ELSEWHERE.get(name, 60), f"{name} has {len(lines)} lines"
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -87,8 +87,13 @@ class PositionEncoding(nn.Module):
         else:
             new_lo, new_hi = lo, hi
         table = self.table(new_lo, new_hi)
-        if not isinstance(table, Tensor) or table.dim() != 2 or table.requires_grad:
-            return self.table(lo, hi)  # the caller reports a malformed table
+        malformed = (
+            not isinstance(table, Tensor)
+            or table.dim() != 2
+            or table.shape[1] != new_hi - new_lo + 1
+        )
+        if malformed or table.requires_grad:
+            return self.table(lo, hi)  # uncached: the caller reports a malformed table
         # The entry holds every keyed tensor and its storage, so while it lives no other tensor
         # can take their ids or memory and match the key by accident.
         refs = [(t, t.untyped_storage()) for t in inputs if isinstance(t, Tensor)]
@@ -103,8 +108,12 @@ class PositionEncoding(nn.Module):
         for module in self.modules() if self._modules else (self,):
             inputs.append(type(module))
             for name, value in vars(module).items():
-                if name in _MODULE_INTERNALS or isinstance(value, nn.Module):
+                if name in _MODULE_INTERNALS:
                     continue
+                if isinstance(value, nn.Module):
+                    # Held without registration (e.g. the integrations' view of a model's
+                    # weight): its tensors are not tracked, so the table must not be cached.
+                    return None
                 if not isinstance(value, (Tensor, *_PLAIN)):
                     return None  # a list, a callable, ...: cannot tell if it changed
                 inputs += [name, value]
