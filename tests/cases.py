@@ -22,8 +22,17 @@ from oracle import (
 import relattn
 from relattn.pe import ALiBi, Kerple, OffsetBias, RoPE, T5Bias
 
-# Every backend the suites run, from the registry.
-BACKENDS = relattn.backends.names()[1:]
+# Every backend the CPU suites run, from the registry. With CUDA present the Triton interpreter is
+# off and triton refuses CPU tensors, so it runs in the CUDA cases instead (backends_for).
+_ALL_BACKENDS = relattn.backends.names()[1:]
+BACKENDS = [b for b in _ALL_BACKENDS if not (b == "triton" and torch.cuda.is_available())]
+
+
+def backends_for(device: str) -> list[str]:
+    """The backends a suite runs on ``device``."""
+    return BACKENDS if device == "cpu" else _ALL_BACKENDS
+
+
 # Every device the suites run on: CUDA joins where there is one (``make gpu-check``).
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Every name a layer or TinyLM accepts for ``pe``.

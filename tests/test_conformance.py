@@ -14,6 +14,7 @@ from cases import (
     BACKENDS,
     DEVICES,
     MASKS,
+    backends_for,
     check_fp32,
     check_low_precision,
     registry_variants,
@@ -39,7 +40,7 @@ def _id(device: str) -> str:
 GRID = [
     pytest.param(be, enc, mask, dev, id=f"{be}-{enc}-{mask}{_id(dev)}")
     for dev in DEVICES
-    for be in BACKENDS
+    for be in backends_for(dev)
     for enc in ENCODINGS
     for mask in MASKS
 ]
@@ -54,7 +55,7 @@ def test_fp32_every_encoding_every_mask(backend, enc_name, mask_name, device):
 SHAPE_GRID = [
     pytest.param(be, enc, mask, sh, dev, id=f"{be}-{enc}-{mask}-{sh}{_id(dev)}")
     for dev in DEVICES
-    for be in BACKENDS
+    for be in backends_for(dev)
     for sh in shapes_for(be, dev)
     if sh != "gqa_odd"  # the main shape is in GRID already
     for enc in ("none", "t5", "alibi", "rope+t5")
@@ -74,7 +75,7 @@ LOW = [torch.bfloat16, torch.float16]
 LOW_GRID = [
     pytest.param(be, enc, mask, dt, dev, id=f"{be}-{enc}-{mask}-{str(dt)[6:]}{_id(dev)}")
     for dev in DEVICES
-    for be in BACKENDS
+    for be in backends_for(dev)
     for dt in LOW
     for enc, mask in [(e, "causal") for e in ENCODINGS]
     + [(e, m) for e in ("t5", "alibi") for m in MASKS if m != "causal"]
