@@ -185,7 +185,7 @@ def test_cached_steps_match_reference_backend(monkeypatch):
     from relattn.models import TinyLM, TinyLMConfig
 
     calls = []
-    monkeypatch.setattr(decode, "forward", lambda *a: calls.append(1) or _forward(*a))
+    monkeypatch.setattr(decode, "step", lambda *a: calls.append(1) or _step(*a))
     torch.manual_seed(0)
     model = TinyLM(TinyLMConfig(num_heads=4, num_kv_heads=2, d_model=64, max_seq_len=96)).eval()
     ref = copy.deepcopy(model)
@@ -201,7 +201,167 @@ def test_cached_steps_match_reference_backend(monkeypatch):
     assert len(calls) == 60 * model.config.num_layers
 
 
-_forward = decode.forward
+_step = decode.step
+
+
+# ----------------------------------------------------------------------------- one-token shortcut
+
+
+def _general(q, k, v, pe, **kw):
+    """The same call through validation, dispatch and the decode backend's forward."""
+    saved = relattn.functional._decode_step
+    relattn.functional._decode_step = lambda *a: None
+    try:
+        return relattn.attention(q, k, v, pe, **kw)
+    finally:
+        relattn.functional._decode_step = saved
+
+
+class _OwnCache(T5Bias):
+    """An encoding that overrides cached_table (the shortcut must still call it)."""
+
+    def cached_table(self, lo, hi):
+        return self.table(lo, hi)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(
+    "pe_name", ["none", "t5", "alibi", "alibi_learnable", "kerple", "own_cache"]
+)
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("nk,extra", [(1, 0), (29, 0), (29, 5), (300, 0)])
+def test_one_token_shortcut_is_bit_exact(dtype, pe_name, heads, nk, extra, monkeypatch):
+    """A generation step takes the shortcut (dispatch never runs) and returns bit for bit what
+    the general path returns, which the conformance suite checks against float64 math."""
+    hq, hkv = heads
+    pe = {
+        "none": None,
+        "t5": T5Bias(hq),
+        "alibi": ALiBi(hq),
+        "alibi_learnable": ALiBi(hq, learnable=True),
+        "kerple": relattn.pe.create("kerple", num_heads=hq),
+        "own_cache": _OwnCache(hq),
+    }[pe_name]
+    if pe is not None:
+        with torch.no_grad():
+            for p in pe.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+    torch.manual_seed(nk)
+    q = torch.randn(2, hq, 1, 16, dtype=dtype)
+    k, v = (torch.randn(2, hkv, nk, 16, dtype=dtype) for _ in range(2))
+    kw = {"q_offset": nk - 1 + extra}
+    with torch.no_grad():
+        want = _general(q, k, v, pe, **kw)
+        monkeypatch.setattr(relattn.backends, "choose", lambda *a: pytest.fail("dispatched"))
+        for _ in range(2):  # the second call reads the cached, reversed table
+            got = relattn.attention(q, k, v, pe, **kw)
+            assert got.dtype == dtype and got.shape == q.shape and got.is_contiguous()
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    math = attention_math(q64, k64, v64, pe, **kw)
+    tol = 1e-5 if dtype != torch.bfloat16 else 3e-2
+    torch.testing.assert_close(got.double(), math, rtol=tol, atol=tol)
+
+
+def test_auto_would_pick_decode_where_the_shortcut_answers():
+    """The shortcut stands in for auto's choice: decode, for every shape it accepts."""
+    for nq_heads in [(8, 8), (8, 2), (8, 1)]:
+        for nk in (1, 2, 64, 129, 5000, 70000):
+            q = torch.zeros(1, nq_heads[0], 1, 16)
+            k = torch.zeros(1, nq_heads[1], nk, 16)
+            p = Problem(0, 1.0, q_offset=nk - 1)
+            assert relattn.backends.choose("auto", q, k, p) is decode.BACKEND
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "grad",
+        "window",
+        "doc_ids",
+        "padding",
+        "rope",
+        "list",
+        "early_offset",
+        "two_rows",
+        "explicit_chunked",
+        "not_causal",
+        "int_scale",
+        "registered_backend",
+    ],
+)
+def test_one_token_shortcut_stands_aside(case, monkeypatch):
+    """Anything beyond a plain generation step goes through validation and dispatch."""
+    pe, nk, kw = T5Bias(4), 20, {"q_offset": 19}
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 4, nk, 8), torch.randn(1, 4, nk, 8)
+    if case == "grad":
+        q.requires_grad_(True)
+    elif case == "window":
+        kw["window"] = 50
+    elif case == "doc_ids":
+        kw["doc_ids"] = torch.zeros(1, nk, dtype=torch.long)
+    elif case == "padding":
+        kw["key_padding_mask"] = torch.ones(1, nk, dtype=torch.bool)
+    elif case == "rope":
+        pe = relattn.pe.RoPE(8)
+    elif case == "list":
+        pe = [pe]
+    elif case == "early_offset":
+        kw["q_offset"] = 10
+    elif case == "two_rows":
+        q = torch.randn(1, 4, 2, 8)
+    elif case == "explicit_chunked":
+        kw["backend"] = "chunked"
+    elif case == "not_causal":
+        kw["causal"] = False
+    elif case == "int_scale":
+        kw["scale"] = 1
+    elif case == "registered_backend":
+        monkeypatch.setattr(relattn.backends, "customized", True)
+    chosen = []
+    real = relattn.backends.choose
+    monkeypatch.setattr(relattn.backends, "choose", lambda *a: chosen.append(1) or real(*a))
+    monkeypatch.setattr(decode, "step", lambda *a: pytest.fail("took the shortcut"))
+    relattn.attention(q, k, v, pe, **kw)
+    assert chosen
+
+
+def test_registering_a_backend_turns_the_shortcut_off(monkeypatch):
+    monkeypatch.setattr(relattn.backends, "customized", False)
+    monkeypatch.setattr(relattn.backends, "_REGISTRY", dict(relattn.backends._REGISTRY))
+    relattn.backends.register(decode.BACKEND)  # a built-in's own: still off the hook
+    assert relattn.backends.customized is False
+
+    class Mine(relattn.backends.Backend):
+        name = "mine_for_shortcut_test"
+
+    relattn.backends.register(Mine())
+    assert relattn.backends.customized is True
+
+
+def test_one_token_shortcut_sees_weight_changes():
+    """The reversed table kept for decoding follows the encoding's weights like the table."""
+    pe = T5Bias(4)
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 40, 8), torch.randn(1, 4, 40, 8)
+    with torch.no_grad():
+        before = relattn.attention(q, k, v, pe, q_offset=39)
+        pe.weight.mul_(3.0)
+        after = relattn.attention(q, k, v, pe, q_offset=39)
+        torch.testing.assert_close(after, _general(q, k, v, pe, q_offset=39), rtol=0, atol=0)
+    assert not torch.equal(before, after)
+
+
+def test_one_token_shortcut_reports_bad_input_like_the_general_path():
+    pe = T5Bias(4)
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 20, 8)
+    with pytest.raises(ValueError, match="v must have shape"):
+        relattn.attention(q, k, torch.randn(1, 4, 21, 8), pe, q_offset=19)
+    with pytest.raises(ValueError, match="num_heads=4"):
+        relattn.attention(torch.randn(1, 8, 1, 8), k, k, pe, q_offset=19)
+    with pytest.raises(ValueError, match="scale"):
+        relattn.attention(q, k, k, pe, q_offset=19, scale=float("nan"))
+    with pytest.raises(TypeError, match="q_offset"):
+        relattn.attention(q, k, k, pe, q_offset=19.0)
 
 
 # ----------------------------------------------------------------------------- the table cache

@@ -30,7 +30,7 @@ from ._validate import (
     shape_str,
     show,
 )
-from .backends import reference
+from .backends import decode, reference
 from .masks import contiguous_documents, offset_range
 from .pe import PositionEncoding, RoPE
 from .problem import Problem
@@ -78,6 +78,10 @@ def attention(
         whose scores ``scale·q·k + PE`` are finite give finite outputs; NaN or Inf in q, k or
         v propagate to the rows that see them (as in any attention); they are not masked.
     """
+    if doc_ids is None and key_padding_mask is None and window is None:
+        out = _decode_step(q, k, v, pe, causal, scale, q_offset, backend)
+        if out is not None:
+            return out
     q, k, additive, problem, hi = _prepare(
         q, k, v, pe, causal, scale, q_offset, window, doc_ids, key_padding_mask
     )
@@ -116,6 +120,80 @@ def attention_weights(
     table = _table(additive, problem.lo, hi, q)
     _, _, weights = reference.scores_and_weights(q, k, table, None, problem)
     return weights
+
+
+# ----------------------------------------------------------------------------- one token
+
+_STEP_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _decode_step(q, k, v, pe, causal, scale, q_offset, backend) -> Tensor | None:
+    """A generation loop's call, answered with a few µs of Python rather than ~40: one query
+    row on the CPU at position ``Nk - 1`` or later, causal, every key visible, no autograd, at
+    most one additive encoding, ``backend`` ``"auto"`` or ``"decode"``. The checks below only
+    recognise that case (anything unusual, including every invalid argument, returns None and
+    takes the general path, which validates and reports); the answer is the decode backend's,
+    computed from the same cached table, so it is bit for bit what the general path returns.
+    """
+    if causal is not True or (backend != "auto" and backend != "decode"):
+        return None
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+        return None
+    if q.dim() != 4 or k.dim() != 4 or q.shape[2] != 1 or k.shape != v.shape:
+        return None
+    b, hq, _, d = q.shape
+    kb, hkv, nk, kd = k.shape
+    if kb != b or kd != d or hkv == 0 or hq % hkv or nk == 0 or d == 0 or b == 0:
+        return None
+    if (
+        q.device.type != "cpu"
+        or k.device.type != "cpu"
+        or v.device.type != "cpu"
+        or q.dtype not in _STEP_DTYPES
+        or k.dtype != q.dtype
+        or v.dtype != q.dtype
+    ):
+        return None
+    if type(q_offset) is not int or not nk - 1 <= q_offset <= _STEP_MAX_OFFSET:
+        return None
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif type(scale) is not float or not math.isfinite(scale):
+        return None
+    grad = torch.is_grad_enabled()
+    if grad and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if backends.customized or torch.compiler.is_compiling():
+        return None  # a registered backend may outrank decode; compile traces the general path
+    if pe is None:
+        return decode.step(q, k, v, None, 0, scale)
+    if not isinstance(pe, PositionEncoding) or getattr(pe, "num_heads", None) != hq:
+        return None
+    lo = q_offset - nk + 1
+    if type(pe).cached_table is PositionEncoding.cached_table:
+        rows, start = pe._cached(lo, q_offset, True)  # kept reversed: no flip per token
+    else:
+        rows, start = pe.cached_table(lo, q_offset), 0
+        if type(rows) is not Tensor or rows.shape != (hq, nk):
+            return None
+        rows = rows.flip(-1)
+    if (
+        type(rows) is not Tensor
+        or rows.dim() != 2
+        or rows.shape[0] != hq
+        or rows.shape[1] - start < nk
+        or start < 0
+        or rows.stride(1) != 1
+        or not rows.is_floating_point()
+        or rows.device.type != "cpu"
+        or (grad and rows.requires_grad)
+    ):
+        return None
+    return decode.step(q, k, v, rows, start, scale)
+
+
+# Positions up to 2^62: offsets and q_offset + 1 stay far inside int64 (the general path's bound).
+_STEP_MAX_OFFSET = 1 << 62
 
 
 # ----------------------------------------------------------------------------- validation

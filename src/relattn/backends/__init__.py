@@ -31,6 +31,9 @@ _BUILTIN = {
 # import them (importing triton costs about 0.4 s of a first call on the CPU).
 _AUTO_DEVICES = {"triton": ("cuda",)}
 _UNAVAILABLE: dict[str, str] = {}
+# True once a backend other than a built-in module's own was registered: ``auto`` may then pick
+# it, so relattn.functional's decode-step shortcut (which assumes the built-ins) stands aside.
+customized = False
 
 
 def register(backend: Backend) -> Backend:
@@ -45,6 +48,10 @@ def register(backend: Backend) -> Backend:
         raise ValueError(
             f"backend.name must be an identifier other than 'auto'; got {backend.name!r}"
         )
+    global customized
+    module = _BUILTIN.get(backend.name)
+    if module is None or getattr(importlib.import_module(module), "BACKEND", None) is not backend:
+        customized = True
     _REGISTRY[backend.name] = backend
     return backend
 

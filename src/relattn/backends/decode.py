@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.functional import scaled_dot_product_attention as _sdpa
 
 from ..masks import key_span
 from ..problem import Problem
 from .base import Backend
 from .chunked import _antidiagonal_sums, _check, _softmax_backward, _stat_dtype
 
-__all__ = ["MAX_ROWS", "DecodeBackend", "backward", "forward"]
+__all__ = ["MAX_ROWS", "DecodeBackend", "backward", "forward", "step"]
 
 # ``auto`` sends CPU calls with at most this many query rows here. Measured (no grad, fp32,
 # B = 1, H = 8, D = 64, T5Bias, 1 thread, 2-core AMD EPYC Zen 4 under load): decode took
@@ -260,6 +261,35 @@ def _one_token(q, k, v, table, problem: Problem) -> tuple[Tensor, Tensor] | None
         attn_mask=f.as_strided((1, hkv, g, keys), (0, g * f0, f0, 1)), scale=problem.scale,
     )  # fmt: skip
     return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
+
+
+def step(q: Tensor, k: Tensor, v: Tensor, rows: Tensor | None, start: int, scale: float) -> Tensor:
+    """One generated token, no autograd: ``q (B, Hq, 1, D)`` at position ``Nk - 1`` or later
+    against every key of ``k, v (B, Hkv, Nk, D)``, all of them visible (causal, no window,
+    doc_ids or padding). ``rows (Hq, W)``, columns contiguous, holds the position term of key
+    ``c`` in column ``start + c``: the encoding's table for offsets ``q_offset - Nk + 1 ..
+    q_offset`` in reverse (or None). Returns ``out (B, Hq, 1, D)`` in q's dtype.
+
+    The caller (``relattn.functional``) has checked all of that; this is :func:`forward`'s
+    single-row case without the log-sum-exp, through the public
+    ``scaled_dot_product_attention`` (the same fused kernel on the CPU, about 4 µs cheaper to
+    call than the ATen op itself).
+    """
+    b, hq, _, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    mask = None
+    if rows is not None:
+        compute = torch.promote_types(q.dtype, torch.float32)
+        if rows.dtype != compute:
+            rows, start = rows.narrow(1, start, nk).to(compute), 0
+        f0 = rows.stride(0)
+        offset = rows.storage_offset() + start
+        mask = rows.as_strided((1, hkv, g, nk), (0, g * f0, f0, 1), offset)
+    if g == 1:
+        return _sdpa(q, k, v, attn_mask=mask, scale=scale)
+    out = _sdpa(q.reshape(b, hkv, g, d), k, v, attn_mask=mask, scale=scale)
+    return out.reshape(b, hq, 1, d)
 
 
 def forward(

@@ -15,9 +15,9 @@ def token_ids(
 ) -> Tensor:
     """``idx`` as int64 ids after checking type, shape ``(B, N)``, dtype, device and range.
 
-    Any integer dtype is accepted. The range check reads the values (a device sync), so it is
-    skipped while ``torch.compile`` traces, where it would break the graph: compiled code then
-    relies on the embedding's own index check (an error, never a wrong row).
+    Any integer dtype is accepted. The range check reads the values (a device sync); while
+    ``torch.compile`` traces, where that would break the graph, it is an asynchronous assert
+    instead (a RuntimeError naming the argument and the range, not the values).
     """
     if not isinstance(idx, Tensor):
         raise TypeError(
@@ -34,7 +34,15 @@ def token_ids(
         raise ValueError(f"{name} must be on the model's device {device}; got {idx.device}")
     if idx.dtype not in (torch.int32, torch.int64):
         idx = idx.long()  # nn.Embedding takes int32 and int64 only
-    if not torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
+        # Reading the values would break the graph; an asynchronous assert stays in it. (The
+        # embedding's own bounds check alone is not enough: inside a parallel region of the
+        # compiled CPU code it aborts the process rather than raising.)
+        torch._assert_async(
+            ((idx >= 0) & (idx < config.vocab_size)).all(),
+            f"{name} must be token ids in [0, vocab_size={config.vocab_size})",
+        )
+    else:
         lo, hi = (int(t) for t in torch.aminmax(idx))
         if lo < 0 or hi >= config.vocab_size:
             raise ValueError(

@@ -104,9 +104,9 @@ class TinyLM(nn.Module):
         """Next-token logits.
 
         Args:
-            idx: ``(B, N)`` token ids in ``[0, vocab_size)``, any integer dtype. The range is
-                checked in eager mode only: under ``torch.compile`` the check would break the
-                graph, and the embedding's own bounds check stands in for it.
+            idx: ``(B, N)`` token ids in ``[0, vocab_size)``, any integer dtype; the range is
+                checked (under ``torch.compile`` by an asynchronous assert, which keeps the
+                graph whole and reports the range but not the offending values).
             cache: a cache from :meth:`new_cache`; ``idx`` continues the cached sequence.
             doc_ids, window, key_padding_mask: as :class:`relattn.nn.RelativeSelfAttention`
                 (``(B, N)`` for the new tokens).

@@ -64,20 +64,33 @@ class PositionEncoding(nn.Module):
             ``(H, hi - lo + 1)``, as :meth:`table` (possibly a view of a wider kept table; do
             not modify it in place).
         """
+        return self._cached(lo, hi, False)
+
+    def _cached(self, lo: int, hi: int, reverse: bool):
+        """:meth:`cached_table`; with ``reverse``, ``(rows, start)`` such that
+        ``rows[:, start : start + hi - lo + 1]`` holds its columns in reverse order (offset
+        ``hi`` first), as decoding lays them over the keys: kept flipped beside the table, and
+        not narrowed here (a view costs a few µs, which a decoding step counts)."""
         if torch.compiler.is_compiling():
-            return self.table(lo, hi)
+            return _flip(self.table(lo, hi), reverse)
         inputs = self._table_inputs()
         try:
             key = tuple(_tensor_key(t) if isinstance(t, Tensor) else t for t in inputs or ())
         except RuntimeError:  # a tensor without storage or version counter (functorch)
             inputs = None
         if inputs is None:
-            return self.table(lo, hi)
+            return _flip(self.table(lo, hi), reverse)
         entry = _CACHE.get(self)
         if entry is not None and entry[0] == key:
-            _, c_lo, c_hi, kept, version, _ = entry
+            _, c_lo, c_hi, kept, version, _, flipped = entry
             if c_lo <= lo and hi <= c_hi and _version(kept) == version:
-                return kept[:, lo - c_lo : hi - c_lo + 1]
+                if not reverse:
+                    return kept.narrow(1, lo - c_lo, hi - lo + 1)
+                if flipped and _version(flipped[0]) == flipped[1]:
+                    return flipped[0], c_hi - hi
+                rev = kept.flip(-1)
+                flipped[:] = [rev, _version(rev)]
+                return rev, c_hi - hi
             # Widen on the side that moved by the kept width, so a decoding loop recomputes the
             # table O(log N) times rather than at every token.
             width = c_hi - c_lo + 1
@@ -93,11 +106,13 @@ class PositionEncoding(nn.Module):
             or table.shape[1] != new_hi - new_lo + 1
         )
         if malformed or table.requires_grad:
-            return self.table(lo, hi)  # uncached: the caller reports a malformed table
+            return _flip(self.table(lo, hi), reverse)  # uncached: the caller reports it
         # The entry holds every keyed tensor and its storage, so while it lives no other tensor
         # can take their ids or memory and match the key by accident.
         refs = [(t, t.untyped_storage()) for t in inputs if isinstance(t, Tensor)]
-        _CACHE[self] = (key, new_lo, new_hi, table, _version(table), refs)
+        _CACHE[self] = (key, new_lo, new_hi, table, _version(table), refs, [])
+        if reverse:
+            return self._cached(lo, hi, True)
         return table[:, lo - new_lo : hi - new_lo + 1]
 
     def _table_inputs(self) -> list | None:
@@ -142,6 +157,14 @@ class PositionEncoding(nn.Module):
 
     def forward(self, lo: int, hi: int) -> Tensor:
         return self.table(lo, hi)
+
+
+def _flip(t, reverse: bool):
+    """``t``, or with ``reverse`` ``(t with its columns reversed, 0)`` (a malformed table
+    goes back as it is, for the caller to report)."""
+    if not reverse:
+        return t
+    return (t.flip(-1) if isinstance(t, Tensor) and t.dim() == 2 else t), 0
 
 
 def _version(t: Tensor) -> int | None:
