@@ -5,9 +5,11 @@ Models are random, built from configs: a T5-small-sized T5 (6 + 6 layers, d_mode
 and a BLOOM-560m-sized BLOOM (24 layers, hidden 1024, 16 heads; ``--bloom-layers`` and
 ``--bloom-vocab`` shrink it to what a machine's memory holds). Batch 1; T5 gets N encoder and N
 decoder tokens. Contenders run interleaved, round by round; each measurement is one step,
-timed, while the resident set is sampled for its peak (``relattn.bench.common.peak_memory``).
+timed, while the resident set is sampled for its peak (``relattn.bench.common.peak_memory``;
+on CUDA, ``torch.cuda.max_memory_allocated``).
 
     python benchmarks/hf_models.py --ns 1024 2048 4096 --repeats 1 --out hf.md
+    python benchmarks/hf_models.py --device cuda --dtype bfloat16 --repeats 3  # with a GPU
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ import time
 import torch
 import transformers
 
-from relattn.bench.common import format_machine, machine_info, markdown_table, peak_memory
+from relattn.bench.common import (
+    format_machine,
+    machine_info,
+    markdown_table,
+    peak_memory,
+    synchronize,
+)
 from relattn.integrations.transformers import apply
 
 T5_SMALL = dict(
@@ -52,12 +60,13 @@ def bloom_contenders(layers: int, vocab: int) -> dict[str, torch.nn.Module]:
 
 
 def step(model: torch.nn.Module, n: int, seq2seq: bool) -> None:
-    """One training step's forward and backward at N tokens (batch 1)."""
+    """One training step's forward and backward at N tokens (batch 1), on the model's device."""
     g = torch.Generator().manual_seed(n)
-    ids = torch.randint(2, model.config.vocab_size, (1, n), generator=g)
+    device = next(model.parameters()).device
+    ids = torch.randint(2, model.config.vocab_size, (1, n), generator=g).to(device)
     model.zero_grad(set_to_none=True)
     if seq2seq:
-        labels = torch.randint(2, model.config.vocab_size, (1, n), generator=g)
+        labels = torch.randint(2, model.config.vocab_size, (1, n), generator=g).to(device)
         loss = model(input_ids=ids, labels=labels).loss
     else:
         loss = model(input_ids=ids, labels=ids).loss
@@ -65,8 +74,10 @@ def step(model: torch.nn.Module, n: int, seq2seq: bool) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def available_mib() -> float:
-    """MemAvailable from /proc/meminfo, in MiB."""
+def available_mib(device: torch.device) -> float:
+    """Free memory in MiB: the GPU's on CUDA, else MemAvailable from /proc/meminfo."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**20
     with open("/proc/meminfo") as fh:
         for line in fh:
             if line.startswith("MemAvailable:"):
@@ -88,7 +99,9 @@ def predict_peak(history: list[tuple[int, float]], n: int) -> float | None:
     return a * n + c * n * n
 
 
-def measure(name: str, models: dict, ns: list[int], repeats: int, share: float, say) -> list[dict]:
+def measure(
+    name: str, models: dict, ns: list[int], repeats: int, share: float, say, device: torch.device
+) -> list[dict]:
     seq2seq = name == "t5"
     history: dict[str, list[tuple[int, float]]] = {c: [] for c in models}  # (N, peak MiB)
     for model in models.values():
@@ -103,10 +116,10 @@ def measure(name: str, models: dict, ns: list[int], repeats: int, share: float, 
             # has free is skipped, not attempted (the kernel's OOM killer would end it).
             predicted = predict_peak(history[contender], n)
             if predicted is not None:
-                if predicted > share * available_mib():
+                if predicted > share * available_mib(device):
                     times[contender] = (
                         f"skipped: predicted {predicted / 1024:.1f} GiB > {share:.0%} of the "
-                        f"{available_mib() / 1024:.1f} GiB available"
+                        f"{available_mib(device) / 1024:.1f} GiB available"
                     )
         for _ in range(repeats):
             for contender, model in models.items():
@@ -115,11 +128,13 @@ def measure(name: str, models: dict, ns: list[int], repeats: int, share: float, 
                 elapsed = []
 
                 def run(model=model, elapsed=elapsed, n=n) -> None:
+                    synchronize(device)
                     start = time.perf_counter()
                     step(model, n, seq2seq)
+                    synchronize(device)
                     elapsed.append(time.perf_counter() - start)
 
-                peak = peak_memory(run) / 2**20
+                peak = peak_memory(run, device) / 2**20
                 times[contender].append(elapsed[0])
                 peaks[contender].append(peak)
                 history[contender].append((n, peak))
@@ -164,11 +179,20 @@ def main(argv: list[str] | None = None) -> int:
         help="skip a run whose predicted peak passes this share of the available memory",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="the models' parameter dtype",
+    )  # fmt: skip
     parser.add_argument("--out", help="write the Markdown report here")
     args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    dtype = getattr(torch, args.dtype)
 
     def say(s: str) -> None:
         print(s, file=sys.stderr, flush=True)
@@ -180,13 +204,14 @@ def main(argv: list[str] | None = None) -> int:
             if name == "t5"
             else bloom_contenders(args.bloom_layers, args.bloom_vocab)
         )
-        rows += measure(name, models, args.ns, args.repeats, args.memory_share, say)
+        models = {c: m.to(device=device, dtype=dtype) for c, m in models.items()}
+        rows += measure(name, models, args.ns, args.repeats, args.memory_share, say, device)
         del models
     info = machine_info()
     bloom = f"BLOOM: {args.bloom_layers} layers, vocabulary {args.bloom_vocab}; "
     text = (
         f"transformers {transformers.__version__}; {bloom if 'bloom' in args.models else ''}"
-        f"{args.repeats} round(s)\n\n{format_machine(info)}\n\n"
+        f"{args.device}, {args.dtype}; {args.repeats} round(s)\n\n{format_machine(info)}\n\n"
         f"{markdown_table(rows, COLUMNS)}\n"
     )
     print(text)
