@@ -427,6 +427,80 @@ def test_plain_attribute_change_and_uncacheable_attributes():
         torch.testing.assert_close(pe.cached_table(0, 50), pe.table(0, 50), rtol=0, atol=0)
 
 
+class _Scaled(T5Bias):
+    """A table that also reads an unregistered tensor attribute."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.factor = torch.tensor(2.0)
+
+    def table(self, lo, hi):
+        return super().table(lo, hi) * self.factor
+
+
+def _both_ways(pe, lo, hi):
+    """cached_table and the decoding shortcut's reversed read, each checked against table()."""
+    want = pe.table(lo, hi)
+    torch.testing.assert_close(pe.cached_table(lo, hi), want, rtol=0, atol=0)
+    rows, start = pe._cached(lo, hi, True)
+    got = rows[:, start : start + hi - lo + 1].flip(-1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["tensor_attr_in_place", "tensor_attr_replaced", "param_replaced", "equal_plain_value",
+     "new_attribute", "buffer_added", "weight_data_swapped", "requires_grad_toggled"],
+)  # fmt: skip
+def test_quick_cache_check_sees_every_change(change):
+    """The quick identity check a decoding step runs before the full key never serves a table
+    that the full key (or a fresh table()) would not."""
+    pe = _Scaled(4, 8, 20)
+    pe.weight.requires_grad_(False)
+    with torch.no_grad():
+        _both_ways(pe, 0, 40)
+        _both_ways(pe, 0, 40)  # now served by the quick check
+        if change == "tensor_attr_in_place":
+            pe.factor.mul_(3.0)
+        elif change == "tensor_attr_replaced":
+            pe.factor = torch.tensor(5.0)
+        elif change == "param_replaced":
+            pe.weight = torch.nn.Parameter(torch.randn_like(pe.weight), requires_grad=False)
+        elif change == "equal_plain_value":
+            pe.max_distance = int("20")
+        elif change == "new_attribute":
+            pe.extra = 1.5
+        elif change == "buffer_added":
+            pe.register_buffer("unused", torch.zeros(2))
+        elif change == "weight_data_swapped":
+            pe.weight.data = torch.randn_like(pe.weight)
+    if change == "requires_grad_toggled":
+        pe.weight.requires_grad_(True)
+        t = pe.cached_table(0, 40)
+        assert t.requires_grad and t.grad_fn is not None  # the live table, not the kept one
+        return
+    with torch.no_grad():
+        _both_ways(pe, 0, 40)
+        _both_ways(pe, 0, 40)
+
+
+def test_the_cache_does_not_keep_an_encoding_alive():
+    """Hooks that refer back to the module stay out of the cache's entry."""
+    import gc
+    import weakref
+
+    pe = T5Bias(4)
+    pe.register_forward_hook(lambda mod, args, out: None)
+    pe.register_forward_pre_hook(lambda mod, args, me=pe: None)  # refers to pe itself
+    with torch.no_grad():
+        pe.cached_table(0, 10)
+        pe._cached(0, 10, True)
+    ref = weakref.ref(pe)
+    del pe
+    gc.collect()
+    assert ref() is None
+
+
 def test_cached_table_keeps_gradients_and_modes():
     pe = T5Bias(4, 8, 20)
     t = pe.cached_table(0, 9)  # grad enabled and weight requires grad: the live table

@@ -73,6 +73,14 @@ class PositionEncoding(nn.Module):
         not narrowed here (a view costs a few µs, which a decoding step counts)."""
         if torch.compiler.is_compiling():
             return _flip(self.table(lo, hi), reverse)
+        entry = _CACHE.get(self)
+        if entry is not None and self._unchanged(entry[7]):
+            c_lo, c_hi, kept, version, flipped = entry[1], entry[2], entry[3], entry[4], entry[6]
+            if c_lo <= lo and hi <= c_hi and _version(kept) == version:
+                if not reverse:
+                    return kept.narrow(1, lo - c_lo, hi - lo + 1)
+                if flipped and _version(flipped[0]) == flipped[1]:
+                    return flipped[0], c_hi - hi
         inputs = self._table_inputs()
         try:
             key = tuple(_tensor_key(t) if isinstance(t, Tensor) else t for t in inputs or ())
@@ -80,9 +88,11 @@ class PositionEncoding(nn.Module):
             inputs = None
         if inputs is None:
             return _flip(self.table(lo, hi), reverse)
-        entry = _CACHE.get(self)
+        snap = self._snapshot()  # taken with the key, before table() runs
         if entry is not None and entry[0] == key:
-            _, c_lo, c_hi, kept, version, _, flipped = entry
+            if not self._unchanged(entry[7]):  # e.g. a plain value replaced by an equal one
+                entry = _CACHE[self] = (*entry[:7], snap)
+            _, c_lo, c_hi, kept, version, _, flipped, _ = entry
             if c_lo <= lo and hi <= c_hi and _version(kept) == version:
                 if not reverse:
                     return kept.narrow(1, lo - c_lo, hi - lo + 1)
@@ -110,10 +120,56 @@ class PositionEncoding(nn.Module):
         # The entry holds every keyed tensor and its storage, so while it lives no other tensor
         # can take their ids or memory and match the key by accident.
         refs = [(t, t.untyped_storage()) for t in inputs if isinstance(t, Tensor)]
-        _CACHE[self] = (key, new_lo, new_hi, table, _version(table), refs, [])
+        _CACHE[self] = (key, new_lo, new_hi, table, _version(table), refs, [], snap)
         if reverse:
             return self._cached(lo, hi, True)
         return table[:, lo - new_lo : hi - new_lo + 1]
+
+    def _snapshot(self) -> tuple | None:
+        """What :meth:`_unchanged` compares: for a module without submodules, every attribute
+        by identity (tensors also by :func:`_tensor_key`) and every parameter and buffer by
+        name, identity and key. None (no quick check) for a module with submodules."""
+        if self._modules:
+            return None
+        # nn.Module's own internals are left out, as from the key (their hooks may refer back to
+        # the module, which the cache must not keep alive).
+        attrs = tuple(
+            (k, v, _tensor_key(v) if isinstance(v, Tensor) else None)
+            for k, v in vars(self).items()
+            if k not in _MODULE_INTERNALS
+        )
+        tensors = tuple(
+            (k, t, None if t is None else _tensor_key(t))
+            for k, t in (*self._parameters.items(), *self._buffers.items())
+        )
+        return torch.is_inference_mode_enabled(), attrs, tensors
+
+    def _unchanged(self, snap: tuple | None) -> bool:
+        """True only if nothing the cache key covers can have changed since :meth:`_snapshot`
+        (stricter than the key: a plain value counts as changed when it is another object, even
+        an equal one), and no gradient is needed. A decoding step then skips building the key,
+        which costs more than a short step's attention (False: the full key decides)."""
+        if snap is None or torch.is_inference_mode_enabled() != snap[0]:
+            return False
+        saved = iter(snap[1])
+        for k, v in vars(self).items():
+            if k in _MODULE_INTERNALS:
+                continue
+            k0, v0, key0 = next(saved, (None, None, None))
+            if v is not v0 or k != k0 or (key0 is not None and _tensor_key(v) != key0):
+                return False
+        if next(saved, None) is not None:
+            return False
+        tensors = (*self._parameters.items(), *self._buffers.items())
+        if len(tensors) != len(snap[2]):
+            return False
+        grad = torch.is_grad_enabled()
+        for (k, t), (k0, t0, key0) in zip(tensors, snap[2], strict=True):
+            if t is not t0 or k != k0:
+                return False
+            if t is not None and ((grad and t.requires_grad) or _tensor_key(t) != key0):
+                return False
+        return True
 
     def _table_inputs(self) -> list | None:
         """Everything :meth:`table` may read (tensors, plain values, types, names), or None
