@@ -1,0 +1,437 @@
+// Exact attention with a relative position term on the CPU: one parallel region per pass.
+//
+// relattn's chunked backend issues a few ATen ops per query block, each an OpenMP parallel
+// region; on cores that other processes also use, every region waits for a descheduled thread.
+// Here each pass is ONE at::parallel_for over the threads, which take (batch, query head,
+// query block) tasks from a shared counter (heaviest first), so a thread that loses its core
+// only takes fewer tasks. Inside a task:
+//
+//   * matrix products call the BLAS that libtorch_cpu exports (MKL's sgemm_/dgemm_, which runs
+//     on one thread inside a parallel region), or at::addmm_ on views of the tile when the
+//     symbol is absent (weak reference); nested ATen ops also run inline on one thread;
+//   * the exponentials are one at::exp_ per tile (ATen's vectorized kernel, inline);
+//   * the position term is a contiguous slice of F_h[u] = PE_h(Δ) with u = c - r + Nq - 1 and
+//     Δ = q_offset + r - c, -inf where causality, the window or the table's range hide Δ: row r
+//     of a tile of keys [k0, k0 + L) reads F_h[k0 - r + Nq - 1 ...] (a Toeplitz tile).
+//
+// Forward: online softmax over key tiles of up to block_n keys inside the block's visible span.
+// Backward: P = exp(s - lse) recomputed per tile; dq rows owned by the task; dk, dv summed into
+// per-thread buffers and the table gradient into per-thread G_h[u] += dS[r, j] (a contiguous
+// add per row), all reduced once after the region.
+//
+// Shapes: q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D) contiguous, float32 or float64;
+// table (Hq, T) or slopes (Hq,) in the same dtype, or empty tensors.
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*, const int*)
+    __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
+namespace {
+
+bool g_use_blas = true;  // tests and benchmarks switch to the ATen fallback
+
+bool blas_available() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+template <typename T>
+at::ScalarType scalar_type_of();
+template <>
+at::ScalarType scalar_type_of<float>() { return at::kFloat; }
+template <>
+at::ScalarType scalar_type_of<double>() { return at::kDouble; }
+
+// A row-major matrix view (rows x cols, row stride ld) of external memory, as a tensor.
+template <typename T>
+at::Tensor view(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(scalar_type_of<T>()));
+}
+
+// Row-major C (m x n) = alpha * op(A) op(B) + beta * C, op(A) (m x kk), op(B) (kk x n).
+template <typename T>
+void gemm(bool ta, bool tb, int m, int n, int kk, T alpha, const T* a, int lda, const T* b,
+          int ldb, T beta, T* c, int ldc) {
+  if (m == 0 || n == 0) return;
+  if (g_use_blas && blas_available()) {
+    // Column-major BLAS on row-major data: C^T = op(B)^T op(A)^T.
+    const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+    if constexpr (std::is_same_v<T, float>) {
+      sgemm_(&cb, &ca, &n, &m, &kk, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+    } else {
+      dgemm_(&cb, &ca, &n, &m, &kk, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+    }
+    return;
+  }
+  at::Tensor A = ta ? view(a, kk, m, lda).t() : view(a, m, kk, lda);
+  at::Tensor B = tb ? view(b, n, kk, ldb).t() : view(b, kk, n, ldb);
+  at::Tensor C = view(c, m, n, ldc);
+  if (kk == 0) {
+    C.mul_(beta);
+    return;
+  }
+  C.addmm_(A, B, beta, alpha);
+}
+
+template <typename T>
+void exp_inplace(T* p, int64_t n) {
+  at::from_blob(p, {n}, at::TensorOptions().dtype(scalar_type_of<T>())).exp_();
+}
+
+// Keys [c0, c1) that the Δ rules leave visible to some query at positions p0 .. p1
+// (relattn.masks.key_span).
+void key_span(int64_t p0, int64_t p1, int64_t nk, bool causal, int64_t window, int64_t& c0,
+              int64_t& c1) {
+  c0 = window > 0 ? std::max<int64_t>(0, p0 - window + 1) : 0;
+  if (causal) {
+    c1 = p1 + 1;
+  } else if (window > 0) {
+    c1 = p1 + window;
+  } else {
+    c1 = nk;
+  }
+  c1 = std::min(std::max<int64_t>(c1, 0), nk);
+}
+
+struct Shape {
+  int64_t B, Hq, Hkv, Nq, Nk, D, G, U, n_blocks, block_m, block_n;
+  int64_t q_offset, window;
+  bool causal;
+};
+
+Shape make_shape(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
+                 bool causal, int64_t q_offset, int64_t window) {
+  Shape s{};
+  s.B = q.size(0);
+  s.Hq = q.size(1);
+  s.Nq = q.size(2);
+  s.D = q.size(3);
+  s.Hkv = k.size(1);
+  s.Nk = k.size(2);
+  s.G = s.Hq / s.Hkv;
+  s.U = s.Nq + s.Nk - 1;
+  s.block_m = std::max<int64_t>(1, block_m);
+  s.block_n = std::max<int64_t>(1, block_n);
+  s.n_blocks = (s.Nq + s.block_m - 1) / s.block_m;
+  s.causal = causal;
+  s.q_offset = q_offset;
+  s.window = window;
+  return s;
+}
+
+// F[h, u] = PE_h(Δ = q_offset - (u - (Nq - 1))), -inf where Δ is hidden: (Hq, U).
+template <typename T>
+std::vector<T> extended(const Shape& s, const at::Tensor& table, const at::Tensor& slopes,
+                        int64_t lo) {
+  const T inf = std::numeric_limits<T>::infinity();
+  std::vector<T> f(static_cast<size_t>(s.Hq * s.U));
+  const bool has_table = table.numel() > 0, has_slopes = slopes.numel() > 0;
+  const int64_t T_cols = has_table ? table.size(1) : 0;
+  const T* tp = has_table ? table.data_ptr<T>() : nullptr;
+  const T* sp = has_slopes ? slopes.data_ptr<T>() : nullptr;
+  for (int64_t h = 0; h < s.Hq; ++h) {
+    for (int64_t u = 0; u < s.U; ++u) {
+      const int64_t delta = s.q_offset - (u - (s.Nq - 1));
+      bool vis = true;
+      if (s.causal && delta < 0) vis = false;
+      if (s.window > 0 && (delta >= s.window || (!s.causal && delta <= -s.window))) vis = false;
+      T val = 0;
+      if (has_table) {
+        const int64_t t = delta - lo;
+        if (t < 0 || t >= T_cols) {
+          vis = false;
+        } else {
+          val = tp[h * T_cols + t];
+        }
+      } else if (has_slopes) {
+        val = -sp[h] * static_cast<T>(delta < 0 ? -delta : delta);
+      }
+      f[h * s.U + u] = vis ? val : -inf;
+    }
+  }
+  return f;
+}
+
+// Runs task(slot, t) for t in [0, n_tasks) on the pool's threads, in ONE parallel region;
+// slot in [0, n_slots) is private to the thread running it.
+template <typename F>
+void run_tasks(int64_t n_slots, int64_t n_tasks, const F& task) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, n_slots, 1, [&](int64_t begin, int64_t end) {
+    // No Python dispatch (TorchDispatchMode, profiler hooks in Python) for the nested ops.
+    c10::impl::ExcludeDispatchKeyGuard no_python(
+        c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot}));
+    at::NoGradGuard no_grad;
+    for (int64_t slot = begin; slot < end; ++slot) {
+      for (int64_t t = next.fetch_add(1); t < n_tasks; t = next.fetch_add(1)) task(slot, t);
+    }
+  });
+}
+
+// Task t -> (bh, query block), the last (heaviest under causality) blocks first.
+inline void task_of(const Shape& s, int64_t t, int64_t& bh, int64_t& blk) {
+  const int64_t bhs = s.B * s.Hq;
+  blk = s.n_blocks - 1 - t / bhs;
+  bh = t % bhs;
+}
+
+template <typename T>
+void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f, T scale,
+                  T* out, T* lse, int64_t n_slots) {
+  const T inf = std::numeric_limits<T>::infinity();
+  const int64_t D = s.D;
+  std::vector<std::vector<T>> scratch(n_slots);
+  run_tasks(n_slots, s.B * s.Hq * s.n_blocks, [&](int64_t slot, int64_t t) {
+    int64_t bh, blk;
+    task_of(s, t, bh, blk);
+    const int64_t b = bh / s.Hq, h = bh % s.Hq, kvh = b * s.Hkv + h / s.G;
+    const int64_t r0 = blk * s.block_m, m = std::min(s.block_m, s.Nq - r0);
+    T* o = out + (bh * s.Nq + r0) * D;
+    T* ls = lse + bh * s.Nq + r0;
+    std::fill(o, o + m * D, T(0));
+    std::fill(ls, ls + m, -inf);
+    int64_t c0, c1;
+    key_span(s.q_offset + r0, s.q_offset + r0 + m - 1, s.Nk, s.causal, s.window, c0, c1);
+    if (c1 <= c0) return;
+    const int64_t bn = std::min(s.block_n, c1 - c0);
+    auto& buf = scratch[slot];
+    buf.resize(static_cast<size_t>(s.block_m * s.block_n + 3 * s.block_m));
+    T* S = buf.data();
+    T* mx = S + s.block_m * s.block_n;
+    T* l = mx + s.block_m;
+    T* alpha = l + s.block_m;
+    std::fill(mx, mx + m, -inf);
+    std::fill(l, l + m, T(0));
+    const T* qb = q + (bh * s.Nq + r0) * D;
+    const T* kb = k + kvh * s.Nk * D;
+    const T* vb = v + kvh * s.Nk * D;
+    const T* fh = f + h * s.U;
+    for (int64_t k0 = c0; k0 < c1; k0 += bn) {
+      const int64_t L = std::min(bn, c1 - k0);
+      for (int64_t r = 0; r < m; ++r) {
+        std::copy_n(fh + (k0 - r0 - r + s.Nq - 1), L, S + r * L);
+      }
+      gemm<T>(false, true, m, L, D, scale, qb, D, kb + k0 * D, D, T(1), S, L);
+      for (int64_t r = 0; r < m; ++r) {
+        T* row = S + r * L;
+        T rmax = -inf;
+        for (int64_t j = 0; j < L; ++j) rmax = row[j] > rmax ? row[j] : rmax;
+        const T mnew = std::max(mx[r], rmax);
+        if (mnew == -inf) {
+          alpha[r] = T(1);  // nothing visible yet: the row stays 0 (row of -inf -> exp 0)
+          continue;
+        }
+        alpha[r] = std::exp(mx[r] - mnew);
+        mx[r] = mnew;
+        for (int64_t j = 0; j < L; ++j) row[j] -= mnew;
+      }
+      exp_inplace(S, m * L);
+      for (int64_t r = 0; r < m; ++r) {
+        const T* row = S + r * L;
+        T sum = 0;
+        for (int64_t j = 0; j < L; ++j) sum += row[j];
+        l[r] = l[r] * alpha[r] + sum;
+        if (alpha[r] != T(1)) {
+          T* orow = o + r * D;
+          for (int64_t d = 0; d < D; ++d) orow[d] *= alpha[r];
+        }
+      }
+      gemm<T>(false, false, m, D, L, T(1), S, L, vb + k0 * D, D, T(1), o, D);
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      T* orow = o + r * D;
+      if (mx[r] == -inf || !(l[r] > 0)) {
+        std::fill(orow, orow + D, T(0));
+        ls[r] = -inf;
+        continue;
+      }
+      const T inv = T(1) / l[r];
+      for (int64_t d = 0; d < D; ++d) orow[d] *= inv;
+      ls[r] = mx[r] + std::log(l[r]);
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f, T scale,
+                   const T* out, const T* lse, const T* dout, T* dq, T* dk_t, T* dv_t, T* g_t,
+                   int64_t n_slots) {
+  const T inf = std::numeric_limits<T>::infinity();
+  const int64_t D = s.D;
+  const int64_t kv_size = s.B * s.Hkv * s.Nk * D;
+  std::vector<std::vector<T>> scratch(n_slots);
+  run_tasks(n_slots, s.B * s.Hq * s.n_blocks, [&](int64_t slot, int64_t t) {
+    int64_t bh, blk;
+    task_of(s, t, bh, blk);
+    const int64_t b = bh / s.Hq, h = bh % s.Hq, kvh = b * s.Hkv + h / s.G;
+    const int64_t r0 = blk * s.block_m, m = std::min(s.block_m, s.Nq - r0);
+    int64_t c0, c1;
+    key_span(s.q_offset + r0, s.q_offset + r0 + m - 1, s.Nk, s.causal, s.window, c0, c1);
+    if (c1 <= c0) return;
+    const int64_t bn = std::min(s.block_n, c1 - c0);
+    auto& buf = scratch[slot];
+    buf.resize(static_cast<size_t>(2 * s.block_m * s.block_n + s.block_m));
+    T* P = buf.data();
+    T* dS = P + s.block_m * s.block_n;
+    T* Di = dS + s.block_m * s.block_n;
+    const T* qb = q + (bh * s.Nq + r0) * D;
+    const T* ob = out + (bh * s.Nq + r0) * D;
+    const T* dob = dout + (bh * s.Nq + r0) * D;
+    const T* lb = lse + bh * s.Nq + r0;
+    T* dqb = dq + (bh * s.Nq + r0) * D;
+    const T* kb = k + kvh * s.Nk * D;
+    const T* vb = v + kvh * s.Nk * D;
+    T* dkb = dk_t + slot * kv_size + kvh * s.Nk * D;
+    T* dvb = dv_t + slot * kv_size + kvh * s.Nk * D;
+    const T* fh = f + h * s.U;
+    T* gh = g_t ? g_t + (slot * s.Hq + h) * s.U : nullptr;
+    bool any = false;
+    for (int64_t r = 0; r < m; ++r) {
+      T acc = 0;
+      for (int64_t d = 0; d < D; ++d) acc += dob[r * D + d] * ob[r * D + d];
+      Di[r] = acc;
+      any = any || lb[r] != -inf;
+    }
+    if (!any) return;
+    for (int64_t k0 = c0; k0 < c1; k0 += bn) {
+      const int64_t L = std::min(bn, c1 - k0);
+      for (int64_t r = 0; r < m; ++r) {
+        std::copy_n(fh + (k0 - r0 - r + s.Nq - 1), L, P + r * L);
+      }
+      gemm<T>(false, true, m, L, D, scale, qb, D, kb + k0 * D, D, T(1), P, L);
+      for (int64_t r = 0; r < m; ++r) {
+        T* row = P + r * L;
+        const T x = lb[r];
+        if (x == -inf) {
+          std::fill(row, row + L, -inf);
+        } else {
+          for (int64_t j = 0; j < L; ++j) row[j] -= x;
+        }
+      }
+      exp_inplace(P, m * L);
+      gemm<T>(false, true, m, L, D, T(1), dob, D, vb + k0 * D, D, T(0), dS, L);  // dP
+      gemm<T>(true, false, L, D, m, T(1), P, L, dob, D, T(1), dvb + k0 * D, D);   // dV += Pᵀ dO
+      for (int64_t r = 0; r < m; ++r) {
+        T* ds = dS + r * L;
+        const T* p = P + r * L;
+        const T di = Di[r];
+        for (int64_t j = 0; j < L; ++j) ds[j] = p[j] * (ds[j] - di);
+        if (gh) {
+          T* gr = gh + (k0 - r0 - r + s.Nq - 1);
+          for (int64_t j = 0; j < L; ++j) gr[j] += ds[j];
+        }
+      }
+      gemm<T>(true, false, L, D, m, scale, dS, L, qb, D, T(1), dkb + k0 * D, D);   // dK
+      gemm<T>(false, false, m, D, L, scale, dS, L, kb + k0 * D, D, T(1), dqb, D);  // dQ
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "relattn cpu kernel: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "relattn cpu kernel: float32 or float64 only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-d");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k, v must share a dtype");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
+              "q, k, v must be contiguous");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "Hq must be a multiple of Hkv");
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape");
+  TORCH_CHECK(q.size(3) == k.size(3), "q and k must have the same head size");
+}
+
+// Returns (out (B, Hq, Nq, D), lse (B, Hq, Nq)), both in q's dtype.
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& table, const at::Tensor& slopes, int64_t lo,
+                                double scale, bool causal, int64_t q_offset, int64_t window,
+                                int64_t block_m, int64_t block_n) {
+  check_inputs(q, k, v);
+  const Shape s = make_shape(q, k, block_m, block_n, causal, q_offset, window);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({s.B, s.Hq, s.Nq}, q.options());
+  const int64_t n_slots = std::max<int64_t>(1, at::get_num_threads());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "relattn_cpu_forward", [&] {
+    const auto f = extended<scalar_t>(s, table, slopes, lo);
+    forward_impl<scalar_t>(s, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                           v.data_ptr<scalar_t>(), f.data(), static_cast<scalar_t>(scale),
+                           out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), n_slots);
+  });
+  return {out, lse};
+}
+
+// Returns (dq, dk, dv, dtable): dtable (Hq, T) in q's dtype, or an empty tensor without a table.
+std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& out,
+                                 const at::Tensor& lse, const at::Tensor& table,
+                                 const at::Tensor& slopes, int64_t lo, double scale, bool causal,
+                                 int64_t q_offset, int64_t window, int64_t block_m,
+                                 int64_t block_n) {
+  check_inputs(q, k, v);
+  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous(),
+              "dout, out, lse must be contiguous");
+  TORCH_CHECK(lse.scalar_type() == q.scalar_type(), "lse must have q's dtype");
+  const Shape s = make_shape(q, k, block_m, block_n, causal, q_offset, window);
+  const int64_t n_slots =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), s.B * s.Hq * s.n_blocks));
+  const bool has_table = table.numel() > 0;
+  at::Tensor dq = at::zeros(q.sizes(), q.options());
+  at::Tensor dk_t = at::zeros({n_slots, s.B, s.Hkv, s.Nk, s.D}, q.options());
+  at::Tensor dv_t = at::zeros({n_slots, s.B, s.Hkv, s.Nk, s.D}, q.options());
+  at::Tensor g_t = has_table ? at::zeros({n_slots, s.Hq, s.U}, q.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "relattn_cpu_backward", [&] {
+    const auto f = extended<scalar_t>(s, table, slopes, lo);
+    backward_impl<scalar_t>(s, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                            v.data_ptr<scalar_t>(), f.data(), static_cast<scalar_t>(scale),
+                            out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                            dout.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+                            dk_t.data_ptr<scalar_t>(), dv_t.data_ptr<scalar_t>(),
+                            has_table ? g_t.data_ptr<scalar_t>() : nullptr, n_slots);
+  });
+  at::Tensor dk = n_slots == 1 ? dk_t[0] : dk_t.sum(0);
+  at::Tensor dv = n_slots == 1 ? dv_t[0] : dv_t.sum(0);
+  at::Tensor dtable = at::empty({0}, q.options());
+  if (has_table) {
+    const int64_t T_cols = table.size(1);
+    dtable = at::zeros({s.Hq, T_cols}, q.options());
+    at::Tensor g = n_slots == 1 ? g_t[0] : g_t.sum(0);
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "relattn_cpu_dtable", [&] {
+      const scalar_t* gp = g.data_ptr<scalar_t>();
+      scalar_t* dp = dtable.data_ptr<scalar_t>();
+      for (int64_t h = 0; h < s.Hq; ++h) {
+        for (int64_t t = 0; t < T_cols; ++t) {
+          const int64_t u = s.q_offset - (lo + t) + s.Nq - 1;
+          if (u >= 0 && u < s.U) dp[h * T_cols + t] = gp[h * s.U + u];
+        }
+      }
+    });
+  }
+  return {dq, dk, dv, dtable};
+}
+
+void set_use_blas(bool use) { g_use_blas = use; }
+
+bool uses_blas() { return g_use_blas && blas_available(); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "(out, lse) of exact attention with a relative position term");
+  m.def("backward", &backward, "(dq, dk, dv, dtable)");
+  m.def("set_use_blas", &set_use_blas, "use the exported BLAS (True) or at::addmm_ (False)");
+  m.def("uses_blas", &uses_blas, "whether gemms call the exported BLAS");
+}

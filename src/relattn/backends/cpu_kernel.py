@@ -1,0 +1,216 @@
+"""Exact attention on the CPU in one fused C++ kernel: one parallel region per pass.
+
+The chunked backend runs a few ATen ops per query block, and every op is an OpenMP parallel
+region; on cores that other processes also use, each region waits for a descheduled thread, so
+with torch's default threads it becomes several times slower than under one thread. This
+backend's kernel (``_cpu_kernel.cpp``, shipped with the package) runs each pass as ONE
+``at::parallel_for`` whose threads take (batch, head, query block) tasks from a shared counter.
+The forward pass is an online softmax over key tiles; the backward pass recomputes the
+probabilities from lse, sums dk, dv and the table gradient into per-thread buffers and reduces
+them once. Float32 and float64; any causal / window / q_offset, GQA, a table, slopes or no
+position term. ``doc_ids`` and ``key_padding_mask`` are left to the chunked backend.
+
+The extension is compiled with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and
+``ninja``) at its first use, into torch's extensions directory or ``RELATTN_CPU_KERNEL_DIR``,
+and reused from there by later processes. That first call blocks for about a minute while it
+compiles (one line on stderr says so), like a first ``torch.compile``. ``RELATTN_CPU_KERNEL=0``
+turns the backend off. If the build fails, the reason is kept, one warning is given, the build
+is not tried again in this process, ``backend="auto"`` uses the chunked backend, and
+``backend="cpu_kernel"`` raises a RuntimeError with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..problem import Problem
+from .base import Backend
+from .decode import MAX_ROWS
+
+__all__ = ["CpuKernelBackend", "available", "backward", "build_error", "forward", "load"]
+
+SOURCE = Path(__file__).with_name("_cpu_kernel.cpp")
+# Query rows per task and keys per tile: a tile's scores (64 x 1024 floats, 256 KiB) and the
+# backward's second tile stay in a 1 MiB L2 next to the tile's k and v.
+BLOCK_M = 64
+BLOCK_N = 1024
+
+_lock = threading.Lock()
+_module: Any = None
+_error: str | None = None
+
+
+def _disabled() -> str | None:
+    if os.environ.get("RELATTN_CPU_KERNEL", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "the CPU kernel is turned off (RELATTN_CPU_KERNEL=0)"
+    return None
+
+
+def _build_dir() -> str | None:
+    d = os.environ.get("RELATTN_CPU_KERNEL_DIR")
+    if d:
+        os.makedirs(d, exist_ok=True)
+    return d or None
+
+
+def _build() -> Any:
+    """Compile (or load from the cache) the extension module."""
+    from torch.utils import cpp_extension
+
+    name = "relattn_cpu_kernel"
+    build_dir = _build_dir()
+    base = build_dir or cpp_extension._get_build_directory(name, verbose=False)
+    if not (Path(base) / f"{name}.so").exists():
+        print("relattn: compiling the CPU attention kernel once (about a minute)…", file=sys.stderr)
+    return cpp_extension.load(
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3"],
+        build_directory=build_dir,
+        verbose=False,
+    )
+
+
+def load() -> Any:
+    """The compiled extension module, building it on first use; raises RuntimeError with the
+    reason if it cannot be built (remembered: the build is tried once per process)."""
+    global _module, _error
+    if _module is not None:
+        return _module
+    reason = _disabled()
+    if reason:
+        raise RuntimeError(reason)
+    with _lock:
+        if _module is None and _error is None:
+            try:
+                _module = _build()
+            except Exception as e:  # no compiler, no ninja, a compile error, ...
+                _error = f"the CPU kernel could not be built: {type(e).__name__}: {e}"
+                warnings.warn(
+                    f"relattn: {_error}; falling back to the chunked backend", stacklevel=2
+                )
+    if _module is None:
+        raise RuntimeError(_error)
+    return _module
+
+
+def build_error() -> str | None:
+    """Why the kernel is unavailable (turned off, or a failed build), or None."""
+    return _disabled() or _error
+
+
+def available() -> bool:
+    """Whether the kernel is built or may still be built in this process (no failed try)."""
+    return build_error() is None
+
+
+def _dtype_ok(q: Tensor) -> bool:
+    return q.dtype in (torch.float32, torch.float64)
+
+
+def _prepare(q, k, v, table, slopes):
+    dt = q.dtype
+    q, k, v = (x.to(dt).contiguous() for x in (q, k, v))
+    empty = q.new_empty(0)
+    table = table.to(dt).contiguous() if table is not None else empty
+    slopes = slopes.to(dt).contiguous() if slopes is not None else empty
+    return q, k, v, table, slopes
+
+
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, slopes: Tensor | None, problem: Problem
+) -> tuple[Tensor, Tensor]:
+    """``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq))``; lse is float32 (float64 for
+    float64 inputs), ``-inf`` for rows that see no key (their out is 0).
+
+    q ``(B, Hq, Nq, D)``; k, v ``(B, Hkv, Nk, D)``; table ``(Hq, T)`` or slopes ``(Hq,)``.
+    """
+    mod = load()
+    q, k, v, t, s = _prepare(q, k, v, table, slopes)
+    p = problem
+    out, lse = mod.forward(
+        q, k, v, t, s, p.lo, p.scale, p.causal, p.q_offset, p.window, BLOCK_M, BLOCK_N
+    )
+    return out, lse
+
+
+def backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    table: Tensor | None,
+    slopes: Tensor | None,
+    problem: Problem,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(dq, dk, dv, dtable)`` shaped like q, k, v and table (None without a table)."""
+    mod = load()
+    dt = q.dtype
+    q2, k2, v2, t, s = _prepare(q, k, v, table, slopes)
+    p = problem
+    dq, dk, dv, dtable = mod.backward(
+        grad_out.to(dt).contiguous(),
+        q2,
+        k2,
+        v2,
+        out.to(dt).contiguous(),
+        lse.to(dt).contiguous(),
+        t,
+        s,
+        p.lo,
+        p.scale,
+        p.causal,
+        p.q_offset,
+        p.window,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    if table is None:
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dtable.to(table.dtype)
+
+
+class CpuKernelBackend(Backend):
+    """The fused C++ CPU kernel: float32/float64, no doc_ids or key padding."""
+
+    name = "cpu_kernel"
+
+    def unsupported(self, q: Tensor, k: Tensor, problem: Problem) -> str | None:
+        if q.device.type != "cpu":
+            return f"CPU tensors only; got {q.device.type}"
+        if not _dtype_ok(q):
+            return f"float32 or float64 only; got {q.dtype} (the chunked backend runs it)"
+        if problem.doc_ids is not None or problem.key_padding_mask is not None:
+            return "doc_ids and key_padding_mask are not supported (the chunked backend runs them)"
+        return build_error()
+
+    def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
+        # Above chunked (10) wherever it runs, below decode (40) for few rows. Whether the
+        # kernel wins with one thread as well as under load: see benchmarks/cpu_kernel.py and
+        # the measured crossover noted where the numbers are.
+        if q.device.type != "cpu" or not _dtype_ok(q) or q.shape[2] <= MAX_ROWS:
+            return None
+        if problem.doc_ids is not None or problem.key_padding_mask is not None:
+            return None
+        if not available():
+            return None
+        return 20.0
+
+    def forward(self, q, k, v, table, slopes, problem):
+        return forward(q, k, v, table, slopes, problem)
+
+    def backward(self, grad_out, q, k, v, out, lse, table, slopes, problem):
+        return backward(grad_out, q, k, v, out, lse, table, slopes, problem)
+
+
+BACKEND = CpuKernelBackend()
