@@ -43,7 +43,8 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 
 namespace {
 
-bool g_use_blas = true;  // tests and benchmarks switch to the ATen fallback
+bool g_use_blas = true;
+  // tests and benchmarks switch to the ATen fallback
 
 bool blas_available() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 
@@ -89,6 +90,51 @@ void gemm(bool ta, bool tb, int m, int n, int kk, T alpha, const T* a, int lda, 
 template <typename T>
 void exp_inplace(T* p, int64_t n) {
   at::from_blob(p, {n}, at::TensorOptions().dtype(scalar_type_of<T>())).exp_();
+}
+
+// Reductions with independent lanes (the compiler vectorizes them; one running sum or max
+// would be a chain of dependent additions).
+constexpr int kLanes = 16;
+
+template <typename T>
+T row_max(const T* x, int64_t n) {
+  const T inf = std::numeric_limits<T>::infinity();
+  T acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = -inf;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] = x[j + l] > acc[l] ? x[j + l] : acc[l];
+  }
+  T out = -inf;
+  for (int l = 0; l < kLanes; ++l) out = acc[l] > out ? acc[l] : out;
+  for (; j < n; ++j) out = x[j] > out ? x[j] : out;
+  return out;
+}
+
+template <typename T>
+T row_sum(const T* x, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l];
+  }
+  T out = 0;
+  for (int l = 0; l < kLanes; ++l) out += acc[l];
+  for (; j < n; ++j) out += x[j];
+  return out;
+}
+
+template <typename T>
+T dot(const T* x, const T* y, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l] * y[j + l];
+  }
+  T out = 0;
+  for (int l = 0; l < kLanes; ++l) out += acc[l];
+  for (; j < n; ++j) out += x[j] * y[j];
+  return out;
 }
 
 // Keys [c0, c1) that the Δ rules leave visible to some query at positions p0 .. p1
@@ -165,6 +211,16 @@ std::vector<T> extended(const Shape& s, const at::Tensor& table, const at::Tenso
   return f;
 }
 
+// A buffer of at least n elements private to the calling thread, kept for the thread's life
+// (a fresh allocation per call would map and fault its pages in again, and unmapping them
+// interrupts every core the process runs on).
+template <typename T>
+T* scratch(int64_t n) {
+  thread_local std::vector<T> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
 // Runs task(slot, t) for t in [0, n_tasks) on the pool's threads, in ONE parallel region;
 // slot in [0, n_slots) is private to the thread running it.
 template <typename F>
@@ -193,7 +249,6 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
                   T* out, T* lse, int64_t n_slots) {
   const T inf = std::numeric_limits<T>::infinity();
   const int64_t D = s.D;
-  std::vector<std::vector<T>> scratch(n_slots);
   run_tasks(n_slots, s.B * s.Hq * s.n_blocks, [&](int64_t slot, int64_t t) {
     int64_t bh, blk;
     task_of(s, t, bh, blk);
@@ -207,9 +262,7 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
     key_span(s.q_offset + r0, s.q_offset + r0 + m - 1, s.Nk, s.causal, s.window, c0, c1);
     if (c1 <= c0) return;
     const int64_t bn = std::min(s.block_n, c1 - c0);
-    auto& buf = scratch[slot];
-    buf.resize(static_cast<size_t>(s.block_m * s.block_n + 3 * s.block_m));
-    T* S = buf.data();
+    T* S = scratch<T>(s.block_m * s.block_n + 3 * s.block_m);
     T* mx = S + s.block_m * s.block_n;
     T* l = mx + s.block_m;
     T* alpha = l + s.block_m;
@@ -227,8 +280,7 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
       gemm<T>(false, true, m, L, D, scale, qb, D, kb + k0 * D, D, T(1), S, L);
       for (int64_t r = 0; r < m; ++r) {
         T* row = S + r * L;
-        T rmax = -inf;
-        for (int64_t j = 0; j < L; ++j) rmax = row[j] > rmax ? row[j] : rmax;
+        const T rmax = row_max(row, L);
         const T mnew = std::max(mx[r], rmax);
         if (mnew == -inf) {
           alpha[r] = T(1);  // nothing visible yet: the row stays 0 (row of -inf -> exp 0)
@@ -240,9 +292,7 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
       }
       exp_inplace(S, m * L);
       for (int64_t r = 0; r < m; ++r) {
-        const T* row = S + r * L;
-        T sum = 0;
-        for (int64_t j = 0; j < L; ++j) sum += row[j];
+        const T sum = row_sum(S + r * L, L);
         l[r] = l[r] * alpha[r] + sum;
         if (alpha[r] != T(1)) {
           T* orow = o + r * D;
@@ -272,7 +322,6 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
   const T inf = std::numeric_limits<T>::infinity();
   const int64_t D = s.D;
   const int64_t kv_size = s.B * s.Hkv * s.Nk * D;
-  std::vector<std::vector<T>> scratch(n_slots);
   run_tasks(n_slots, s.B * s.Hq * s.n_blocks, [&](int64_t slot, int64_t t) {
     int64_t bh, blk;
     task_of(s, t, bh, blk);
@@ -282,9 +331,7 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
     key_span(s.q_offset + r0, s.q_offset + r0 + m - 1, s.Nk, s.causal, s.window, c0, c1);
     if (c1 <= c0) return;
     const int64_t bn = std::min(s.block_n, c1 - c0);
-    auto& buf = scratch[slot];
-    buf.resize(static_cast<size_t>(2 * s.block_m * s.block_n + s.block_m));
-    T* P = buf.data();
+    T* P = scratch<T>(2 * s.block_m * s.block_n + s.block_m);
     T* dS = P + s.block_m * s.block_n;
     T* Di = dS + s.block_m * s.block_n;
     const T* qb = q + (bh * s.Nq + r0) * D;
@@ -300,9 +347,7 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
     T* gh = g_t ? g_t + (slot * s.Hq + h) * s.U : nullptr;
     bool any = false;
     for (int64_t r = 0; r < m; ++r) {
-      T acc = 0;
-      for (int64_t d = 0; d < D; ++d) acc += dob[r * D + d] * ob[r * D + d];
-      Di[r] = acc;
+      Di[r] = dot(dob + r * D, ob + r * D, D);
       any = any || lb[r] != -inf;
     }
     if (!any) return;
@@ -424,6 +469,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
 }
 
 void set_use_blas(bool use) { g_use_blas = use; }
+
 
 bool uses_blas() { return g_use_blas && blas_available(); }
 
