@@ -331,9 +331,11 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
     key_span(s.q_offset + r0, s.q_offset + r0 + m - 1, s.Nk, s.causal, s.window, c0, c1);
     if (c1 <= c0) return;
     const int64_t bn = std::min(s.block_n, c1 - c0);
-    T* P = scratch<T>(2 * s.block_m * s.block_n + s.block_m);
+    T* P = scratch<T>(2 * s.block_m * s.block_n + 3 * s.block_m);
     T* dS = P + s.block_m * s.block_n;
     T* Di = dS + s.block_m * s.block_n;
+    T* mx = Di + s.block_m;  // P = exp((s - mx) - lg)
+    T* lg = mx + s.block_m;
     const T* qb = q + (bh * s.Nq + r0) * D;
     const T* ob = out + (bh * s.Nq + r0) * D;
     const T* dob = dout + (bh * s.Nq + r0) * D;
@@ -351,6 +353,51 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
       any = any || lb[r] != -inf;
     }
     if (!any) return;
+    // lse arrives rounded to float32: exp(s - lse) is off by the factor exp(|lse|·2⁻²⁴) in a
+    // row, which matters for |lse| in the thousands (scores near ±1e4). Rows like that get
+    // their max and log-sum recomputed here, in one more pass over the keys.
+    bool exact_stats = false;
+    for (int64_t r = 0; r < m; ++r) {
+      mx[r] = lb[r];
+      lg[r] = 0;
+      exact_stats = exact_stats || (std::is_same_v<T, float> && lb[r] != -inf &&
+                                    std::abs(lb[r]) > T(64));
+    }
+    if (exact_stats) {
+      T* l = dS;  // the dP tile is free until the main loop
+      for (int64_t r = 0; r < m; ++r) {
+        mx[r] = -inf;
+        l[r] = 0;
+      }
+      for (int64_t k0 = c0; k0 < c1; k0 += bn) {
+        const int64_t L = std::min(bn, c1 - k0);
+        for (int64_t r = 0; r < m; ++r) {
+          std::copy_n(fh + (k0 - r0 - r + s.Nq - 1), L, P + r * L);
+        }
+        gemm<T>(false, true, m, L, D, scale, qb, D, kb + k0 * D, D, T(1), P, L);
+        for (int64_t r = 0; r < m; ++r) {
+          T* row = P + r * L;
+          const T mnew = std::max(mx[r], row_max(row, L));
+          if (mnew == -inf) {
+            std::fill(row, row + L, -inf);
+            continue;
+          }
+          l[r] *= std::exp(mx[r] - mnew);
+          mx[r] = mnew;
+          for (int64_t j = 0; j < L; ++j) row[j] -= mnew;
+        }
+        exp_inplace(P, m * L);
+        for (int64_t r = 0; r < m; ++r) l[r] += row_sum(P + r * L, L);
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        if (lb[r] == -inf || mx[r] == -inf) {
+          mx[r] = -inf;
+          lg[r] = 0;
+        } else {
+          lg[r] = std::log(l[r]);
+        }
+      }
+    }
     for (int64_t k0 = c0; k0 < c1; k0 += bn) {
       const int64_t L = std::min(bn, c1 - k0);
       for (int64_t r = 0; r < m; ++r) {
@@ -359,11 +406,13 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
       gemm<T>(false, true, m, L, D, scale, qb, D, kb + k0 * D, D, T(1), P, L);
       for (int64_t r = 0; r < m; ++r) {
         T* row = P + r * L;
-        const T x = lb[r];
+        const T x = mx[r], y = lg[r];
         if (x == -inf) {
           std::fill(row, row + L, -inf);
-        } else {
+        } else if (y == T(0)) {
           for (int64_t j = 0; j < L; ++j) row[j] -= x;
+        } else {
+          for (int64_t j = 0; j < L; ++j) row[j] = (row[j] - x) - y;
         }
       }
       exp_inplace(P, m * L);
