@@ -108,6 +108,11 @@ T row_max(const T* x, int64_t n) {
   T out = -inf;
   for (int l = 0; l < kLanes; ++l) out = acc[l] > out ? acc[l] : out;
   for (; j < n; ++j) out = x[j] > out ? x[j] : out;
+  if (out == -inf) {  // the comparisons skip NaN: a row of only NaN and -inf is NaN
+    for (j = 0; j < n; ++j) {
+      if (x[j] != x[j]) return x[j];
+    }
+  }
   return out;
 }
 
@@ -156,11 +161,29 @@ struct Shape {
   int64_t B, Hq, Hkv, Nq, Nk, D, G, U, n_blocks, block_m, block_n;
   int64_t q_offset, window;
   bool causal;
+  const int64_t* doc_lo = nullptr;  // (B, Nq): first key of row r's document, or null
+  const int64_t* doc_hi = nullptr;  // (B, Nq): one past its last key
+  const bool* kpm = nullptr;        // (B, Nk): true for real keys, or null
 };
 
 Shape make_shape(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
-                 bool causal, int64_t q_offset, int64_t window) {
+                 bool causal, int64_t q_offset, int64_t window, const at::Tensor& doc_lo,
+                 const at::Tensor& doc_hi, const at::Tensor& kpm) {
   Shape s{};
+  if (doc_lo.numel() > 0) {
+    TORCH_CHECK(doc_lo.scalar_type() == at::kLong && doc_hi.scalar_type() == at::kLong &&
+                    doc_lo.is_contiguous() && doc_hi.is_contiguous() &&
+                    doc_lo.numel() == q.size(0) * q.size(2) && doc_hi.numel() == doc_lo.numel(),
+                "doc_lo, doc_hi must be contiguous int64 (B, Nq)");
+    s.doc_lo = doc_lo.data_ptr<int64_t>();
+    s.doc_hi = doc_hi.data_ptr<int64_t>();
+  }
+  if (kpm.numel() > 0) {
+    TORCH_CHECK(kpm.scalar_type() == at::kBool && kpm.is_contiguous() &&
+                    kpm.numel() == k.size(0) * k.size(2),
+                "key_padding_mask must be contiguous bool (B, Nk)");
+    s.kpm = kpm.data_ptr<bool>();
+  }
   s.B = q.size(0);
   s.Hq = q.size(1);
   s.Nq = q.size(2);
@@ -221,6 +244,28 @@ T* scratch(int64_t n) {
   return buf.data();
 }
 
+// The scores' additive term of keys [k0, k0 + L) for rows r0 .. r0 + m - 1 into S (m x L):
+// the position term (a slice of F_h per row), -inf for keys in other documents or padding.
+template <typename T>
+void load_tile(const Shape& s, const T* fh, int64_t b, int64_t r0, int64_t m, int64_t k0,
+               int64_t L, T* S) {
+  const T inf = std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < m; ++r) {
+    T* row = S + r * L;
+    std::copy_n(fh + (k0 - r0 - r + s.Nq - 1), L, row);
+    if (s.doc_lo) {
+      const int64_t lo = std::clamp<int64_t>(s.doc_lo[b * s.Nq + r0 + r] - k0, 0, L);
+      const int64_t hi = std::clamp<int64_t>(s.doc_hi[b * s.Nq + r0 + r] - k0, lo, L);
+      std::fill(row, row + lo, -inf);
+      std::fill(row + hi, row + L, -inf);
+    }
+    if (s.kpm) {
+      const bool* kp = s.kpm + b * s.Nk + k0;
+      for (int64_t j = 0; j < L; ++j) row[j] = kp[j] ? row[j] : -inf;
+    }
+  }
+}
+
 // Runs task(slot, t) for t in [0, n_tasks) on the pool's threads, in ONE parallel region;
 // slot in [0, n_slots) is private to the thread running it.
 template <typename F>
@@ -260,6 +305,10 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
     std::fill(ls, ls + m, -inf);
     int64_t c0, c1;
     key_span(s.q_offset + r0, s.q_offset + r0 + m - 1, s.Nk, s.causal, s.window, c0, c1);
+    if (s.doc_lo) {  // documents are contiguous runs: the block's rows see their union
+      c0 = std::max(c0, s.doc_lo[b * s.Nq + r0]);
+      c1 = std::min(c1, s.doc_hi[b * s.Nq + r0 + m - 1]);
+    }
     if (c1 <= c0) return;
     const int64_t bn = std::min(s.block_n, c1 - c0);
     T* S = scratch<T>(s.block_m * s.block_n + 3 * s.block_m);
@@ -274,14 +323,12 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
     const T* fh = f + h * s.U;
     for (int64_t k0 = c0; k0 < c1; k0 += bn) {
       const int64_t L = std::min(bn, c1 - k0);
-      for (int64_t r = 0; r < m; ++r) {
-        std::copy_n(fh + (k0 - r0 - r + s.Nq - 1), L, S + r * L);
-      }
+      load_tile(s, fh, b, r0, m, k0, L, S);
       gemm<T>(false, true, m, L, D, scale, qb, D, kb + k0 * D, D, T(1), S, L);
       for (int64_t r = 0; r < m; ++r) {
         T* row = S + r * L;
         const T rmax = row_max(row, L);
-        const T mnew = std::max(mx[r], rmax);
+        const T mnew = rmax != rmax ? rmax : std::max(mx[r], rmax);  // NaN stays NaN
         if (mnew == -inf) {
           alpha[r] = T(1);  // nothing visible yet: the row stays 0 (row of -inf -> exp 0)
           continue;
@@ -303,7 +350,7 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
     }
     for (int64_t r = 0; r < m; ++r) {
       T* orow = o + r * D;
-      if (mx[r] == -inf || !(l[r] > 0)) {
+      if (mx[r] == -inf) {  // saw no key (NaN scores stay NaN, as documented)
         std::fill(orow, orow + D, T(0));
         ls[r] = -inf;
         continue;
@@ -329,6 +376,10 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
     const int64_t r0 = blk * s.block_m, m = std::min(s.block_m, s.Nq - r0);
     int64_t c0, c1;
     key_span(s.q_offset + r0, s.q_offset + r0 + m - 1, s.Nk, s.causal, s.window, c0, c1);
+    if (s.doc_lo) {  // documents are contiguous runs: the block's rows see their union
+      c0 = std::max(c0, s.doc_lo[b * s.Nq + r0]);
+      c1 = std::min(c1, s.doc_hi[b * s.Nq + r0 + m - 1]);
+    }
     if (c1 <= c0) return;
     const int64_t bn = std::min(s.block_n, c1 - c0);
     T* P = scratch<T>(2 * s.block_m * s.block_n + 3 * s.block_m);
@@ -371,13 +422,12 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
       }
       for (int64_t k0 = c0; k0 < c1; k0 += bn) {
         const int64_t L = std::min(bn, c1 - k0);
-        for (int64_t r = 0; r < m; ++r) {
-          std::copy_n(fh + (k0 - r0 - r + s.Nq - 1), L, P + r * L);
-        }
+        load_tile(s, fh, b, r0, m, k0, L, P);
         gemm<T>(false, true, m, L, D, scale, qb, D, kb + k0 * D, D, T(1), P, L);
         for (int64_t r = 0; r < m; ++r) {
           T* row = P + r * L;
-          const T mnew = std::max(mx[r], row_max(row, L));
+          const T rmax = row_max(row, L);
+          const T mnew = rmax != rmax ? rmax : std::max(mx[r], rmax);
           if (mnew == -inf) {
             std::fill(row, row + L, -inf);
             continue;
@@ -400,9 +450,7 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
     }
     for (int64_t k0 = c0; k0 < c1; k0 += bn) {
       const int64_t L = std::min(bn, c1 - k0);
-      for (int64_t r = 0; r < m; ++r) {
-        std::copy_n(fh + (k0 - r0 - r + s.Nq - 1), L, P + r * L);
-      }
+      load_tile(s, fh, b, r0, m, k0, L, P);
       gemm<T>(false, true, m, L, D, scale, qb, D, kb + k0 * D, D, T(1), P, L);
       for (int64_t r = 0; r < m; ++r) {
         T* row = P + r * L;
@@ -453,9 +501,11 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& table, const at::Tensor& slopes, int64_t lo,
                                 double scale, bool causal, int64_t q_offset, int64_t window,
-                                int64_t block_m, int64_t block_n) {
+                                const at::Tensor& doc_lo, const at::Tensor& doc_hi,
+                                const at::Tensor& kpm, int64_t block_m, int64_t block_n) {
   check_inputs(q, k, v);
-  const Shape s = make_shape(q, k, block_m, block_n, causal, q_offset, window);
+  const Shape s = make_shape(q, k, block_m, block_n, causal, q_offset, window, doc_lo, doc_hi,
+                             kpm);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({s.B, s.Hq, s.Nq}, q.options());
   const int64_t n_slots = std::max<int64_t>(1, at::get_num_threads());
@@ -473,13 +523,15 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
                                  const at::Tensor& v, const at::Tensor& out,
                                  const at::Tensor& lse, const at::Tensor& table,
                                  const at::Tensor& slopes, int64_t lo, double scale, bool causal,
-                                 int64_t q_offset, int64_t window, int64_t block_m,
-                                 int64_t block_n) {
+                                 int64_t q_offset, int64_t window, const at::Tensor& doc_lo,
+                                 const at::Tensor& doc_hi, const at::Tensor& kpm,
+                                 int64_t block_m, int64_t block_n) {
   check_inputs(q, k, v);
   TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous(),
               "dout, out, lse must be contiguous");
   TORCH_CHECK(lse.scalar_type() == q.scalar_type(), "lse must have q's dtype");
-  const Shape s = make_shape(q, k, block_m, block_n, causal, q_offset, window);
+  const Shape s = make_shape(q, k, block_m, block_n, causal, q_offset, window, doc_lo, doc_hi,
+                             kpm);
   const int64_t n_slots =
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), s.B * s.Hq * s.n_blocks));
   const bool has_table = table.numel() > 0;

@@ -8,7 +8,7 @@ backend's kernel (``_cpu_kernel.cpp``, shipped with the package) runs each pass 
 The forward pass is an online softmax over key tiles; the backward pass recomputes the
 probabilities from lse, sums dk, dv and the table gradient into per-thread buffers and reduces
 them once. Float32 and float64; any causal / window / q_offset, GQA, a table, slopes or no
-position term. ``doc_ids`` and ``key_padding_mask`` are left to the chunked backend.
+position term, ``doc_ids`` and ``key_padding_mask`` (bf16 / fp16 are left to chunked).
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and
 ``ninja``) at its first use, into torch's extensions directory or ``RELATTN_CPU_KERNEL_DIR``,
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..masks import doc_bounds
 from ..problem import Problem
 from .base import Backend
 from .decode import MAX_ROWS
@@ -125,6 +126,21 @@ def _prepare(q, k, v, table, slopes):
     return q, k, v, table, slopes
 
 
+def _masks(q: Tensor, problem: Problem) -> tuple[Tensor, Tensor, Tensor]:
+    """``(doc_lo, doc_hi, kpm)``: per query row the keys ``[doc_lo, doc_hi)`` of its document
+    (int64 ``(B, Nq)``), the key padding mask (bool ``(B, Nk)``); empty tensors for none."""
+    none = torch.empty(0, dtype=torch.int64)
+    doc_lo = doc_hi = none
+    if problem.doc_ids is not None:
+        start, end = doc_bounds(problem.doc_ids)
+        rows = slice(problem.q_offset, problem.q_offset + q.shape[2])
+        doc_lo, doc_hi = start[:, rows].contiguous(), end[:, rows].contiguous()
+    kpm = torch.empty(0, dtype=torch.bool)
+    if problem.key_padding_mask is not None:
+        kpm = problem.key_padding_mask.to(torch.bool).contiguous()
+    return doc_lo, doc_hi, kpm
+
+
 def forward(
     q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, slopes: Tensor | None, problem: Problem
 ) -> tuple[Tensor, Tensor]:
@@ -137,7 +153,19 @@ def forward(
     q, k, v, t, s = _prepare(q, k, v, table, slopes)
     p = problem
     out, lse = mod.forward(
-        q, k, v, t, s, p.lo, p.scale, p.causal, p.q_offset, p.window, BLOCK_M, BLOCK_N
+        q,
+        k,
+        v,
+        t,
+        s,
+        p.lo,
+        p.scale,
+        p.causal,
+        p.q_offset,
+        p.window,
+        *_masks(q, p),
+        BLOCK_M,
+        BLOCK_N,
     )
     return out, lse
 
@@ -172,6 +200,7 @@ def backward(
         p.causal,
         p.q_offset,
         p.window,
+        *_masks(q, p),
         BLOCK_M,
         BLOCK_N,
     )
@@ -181,7 +210,7 @@ def backward(
 
 
 class CpuKernelBackend(Backend):
-    """The fused C++ CPU kernel: float32/float64, no doc_ids or key padding."""
+    """The fused C++ CPU kernel: float32/float64, every mask."""
 
     name = "cpu_kernel"
 
@@ -190,8 +219,10 @@ class CpuKernelBackend(Backend):
             return f"CPU tensors only; got {q.device.type}"
         if not _dtype_ok(q):
             return f"float32 or float64 only; got {q.dtype} (the chunked backend runs it)"
-        if problem.doc_ids is not None or problem.key_padding_mask is not None:
-            return "doc_ids and key_padding_mask are not supported (the chunked backend runs them)"
+        if problem.doc_ids is not None and not (
+            0 <= problem.q_offset and problem.q_offset + q.shape[2] <= problem.doc_ids.shape[1]
+        ):
+            return "doc_ids must cover the query positions q_offset .. q_offset + Nq - 1"
         return build_error()
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
@@ -199,8 +230,6 @@ class CpuKernelBackend(Backend):
         # kernel wins with one thread as well as under load: see benchmarks/cpu_kernel.py and
         # the measured crossover noted where the numbers are.
         if q.device.type != "cpu" or not _dtype_ok(q) or q.shape[2] <= MAX_ROWS:
-            return None
-        if problem.doc_ids is not None or problem.key_padding_mask is not None:
             return None
         if not available():
             return None
