@@ -92,55 +92,79 @@ void exp_inplace(T* p, int64_t n) {
   at::from_blob(p, {n}, at::TensorOptions().dtype(scalar_type_of<T>())).exp_();
 }
 
-// Reductions with independent lanes (the compiler vectorizes them; one running sum or max
-// would be a chain of dependent additions).
+// Row kernels. Reductions keep independent lanes (one running sum or max would be a chain of
+// dependent operations). The build is -O3 for any x86-64, so on GCC each kernel is also cloned
+// for AVX2 and AVX-512 and picked at load time by the CPU (target_clones).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RELATTN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RELATTN_CLONES
+#endif
+
 constexpr int kLanes = 16;
 
-template <typename T>
-T row_max(const T* x, int64_t n) {
-  const T inf = std::numeric_limits<T>::infinity();
-  T acc[kLanes];
-  for (int l = 0; l < kLanes; ++l) acc[l] = -inf;
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] = x[j + l] > acc[l] ? x[j + l] : acc[l];
+#define RELATTN_ROW_KERNELS(T)                                                           \
+  RELATTN_CLONES T row_max(const T* x, int64_t n) {                                       \
+    const T inf = std::numeric_limits<T>::infinity();                                     \
+    T acc[kLanes];                                                                        \
+    for (int l = 0; l < kLanes; ++l) acc[l] = -inf;                                       \
+    int64_t j = 0;                                                                        \
+    for (; j + kLanes <= n; j += kLanes) {                                                \
+      for (int l = 0; l < kLanes; ++l) acc[l] = x[j + l] > acc[l] ? x[j + l] : acc[l];    \
+    }                                                                                     \
+    T out = -inf;                                                                         \
+    for (int l = 0; l < kLanes; ++l) out = acc[l] > out ? acc[l] : out;                   \
+    for (; j < n; ++j) out = x[j] > out ? x[j] : out;                                     \
+    if (out == -inf) { /* the comparisons skip NaN: only NaN and -inf is NaN */           \
+      for (j = 0; j < n; ++j) {                                                           \
+        if (x[j] != x[j]) return x[j];                                                    \
+      }                                                                                   \
+    }                                                                                     \
+    return out;                                                                           \
+  }                                                                                       \
+  RELATTN_CLONES T row_sum(const T* x, int64_t n) {                                       \
+    T acc[kLanes] = {};                                                                   \
+    int64_t j = 0;                                                                        \
+    for (; j + kLanes <= n; j += kLanes) {                                                \
+      for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l];                                \
+    }                                                                                     \
+    T out = 0;                                                                            \
+    for (int l = 0; l < kLanes; ++l) out += acc[l];                                       \
+    for (; j < n; ++j) out += x[j];                                                       \
+    return out;                                                                           \
+  }                                                                                       \
+  RELATTN_CLONES T dot(const T* x, const T* y, int64_t n) {                               \
+    T acc[kLanes] = {};                                                                   \
+    int64_t j = 0;                                                                        \
+    for (; j + kLanes <= n; j += kLanes) {                                                \
+      for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l] * y[j + l];                     \
+    }                                                                                     \
+    T out = 0;                                                                            \
+    for (int l = 0; l < kLanes; ++l) out += acc[l];                                       \
+    for (; j < n; ++j) out += x[j] * y[j];                                                \
+    return out;                                                                           \
+  }                                                                                       \
+  /* x <- (x - a) - b */                                                                  \
+  RELATTN_CLONES void row_sub(T* x, int64_t n, T a, T b) {                                \
+    if (b == T(0)) {                                                                      \
+      for (int64_t j = 0; j < n; ++j) x[j] -= a;                                          \
+    } else {                                                                              \
+      for (int64_t j = 0; j < n; ++j) x[j] = (x[j] - a) - b;                              \
+    }                                                                                     \
+  }                                                                                       \
+  RELATTN_CLONES void row_scale(T* x, int64_t n, T a) {                                   \
+    for (int64_t j = 0; j < n; ++j) x[j] *= a;                                            \
+  }                                                                                       \
+  /* ds <- p * (ds - di) */                                                               \
+  RELATTN_CLONES void softmax_grad(T* ds, const T* p, int64_t n, T di) {                  \
+    for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - di);                          \
+  }                                                                                       \
+  RELATTN_CLONES void row_add(T* y, const T* x, int64_t n) {                              \
+    for (int64_t j = 0; j < n; ++j) y[j] += x[j];                                         \
   }
-  T out = -inf;
-  for (int l = 0; l < kLanes; ++l) out = acc[l] > out ? acc[l] : out;
-  for (; j < n; ++j) out = x[j] > out ? x[j] : out;
-  if (out == -inf) {  // the comparisons skip NaN: a row of only NaN and -inf is NaN
-    for (j = 0; j < n; ++j) {
-      if (x[j] != x[j]) return x[j];
-    }
-  }
-  return out;
-}
 
-template <typename T>
-T row_sum(const T* x, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l];
-  }
-  T out = 0;
-  for (int l = 0; l < kLanes; ++l) out += acc[l];
-  for (; j < n; ++j) out += x[j];
-  return out;
-}
-
-template <typename T>
-T dot(const T* x, const T* y, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l] * y[j + l];
-  }
-  T out = 0;
-  for (int l = 0; l < kLanes; ++l) out += acc[l];
-  for (; j < n; ++j) out += x[j] * y[j];
-  return out;
-}
+RELATTN_ROW_KERNELS(float)
+RELATTN_ROW_KERNELS(double)
 
 // Keys [c0, c1) that the Δ rules leave visible to some query at positions p0 .. p1
 // (relattn.masks.key_span).
@@ -335,7 +359,7 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
         }
         alpha[r] = std::exp(mx[r] - mnew);
         mx[r] = mnew;
-        for (int64_t j = 0; j < L; ++j) row[j] -= mnew;
+        row_sub(row, L, mnew, T(0));
       }
       exp_inplace(S, m * L);
       for (int64_t r = 0; r < m; ++r) {
@@ -343,7 +367,7 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
         l[r] = l[r] * alpha[r] + sum;
         if (alpha[r] != T(1)) {
           T* orow = o + r * D;
-          for (int64_t d = 0; d < D; ++d) orow[d] *= alpha[r];
+          row_scale(orow, D, alpha[r]);
         }
       }
       gemm<T>(false, false, m, D, L, T(1), S, L, vb + k0 * D, D, T(1), o, D);
@@ -356,7 +380,7 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
         continue;
       }
       const T inv = T(1) / l[r];
-      for (int64_t d = 0; d < D; ++d) orow[d] *= inv;
+      row_scale(orow, D, inv);
       ls[r] = mx[r] + std::log(l[r]);
     }
   });
@@ -434,7 +458,7 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
           }
           l[r] *= std::exp(mx[r] - mnew);
           mx[r] = mnew;
-          for (int64_t j = 0; j < L; ++j) row[j] -= mnew;
+          row_sub(row, L, mnew, T(0));
         }
         exp_inplace(P, m * L);
         for (int64_t r = 0; r < m; ++r) l[r] += row_sum(P + r * L, L);
@@ -457,10 +481,8 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
         const T x = mx[r], y = lg[r];
         if (x == -inf) {
           std::fill(row, row + L, -inf);
-        } else if (y == T(0)) {
-          for (int64_t j = 0; j < L; ++j) row[j] -= x;
         } else {
-          for (int64_t j = 0; j < L; ++j) row[j] = (row[j] - x) - y;
+          row_sub(row, L, x, y);
         }
       }
       exp_inplace(P, m * L);
@@ -470,10 +492,10 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
         T* ds = dS + r * L;
         const T* p = P + r * L;
         const T di = Di[r];
-        for (int64_t j = 0; j < L; ++j) ds[j] = p[j] * (ds[j] - di);
+        softmax_grad(ds, p, L, di);
         if (gh) {
           T* gr = gh + (k0 - r0 - r + s.Nq - 1);
-          for (int64_t j = 0; j < L; ++j) gr[j] += ds[j];
+          row_add(gr, ds, L);
         }
       }
       gemm<T>(true, false, L, D, m, scale, dS, L, qb, D, T(1), dkb + k0 * D, D);   // dK
