@@ -65,6 +65,18 @@ def _build_dir() -> str | None:
     return d or None
 
 
+def _cflags() -> list[str]:
+    """-O3 for any CPU of the architecture (a cached build may move between machines; the row
+    kernels are cloned per ISA inside). With torch's OpenMP thread pool, -fopenmp too: without
+    it, at::parallel_for in the extension's code runs its body on the calling thread, and the
+    nested ATen and MKL calls each open their own parallel region again. The OpenMP symbols then
+    resolve to the runtime torch already loaded (nothing else is linked)."""
+    flags = ["-O3"]
+    if "OpenMP" in torch.__config__.parallel_info():
+        flags.append("-fopenmp")
+    return flags
+
+
 def _build() -> Any:
     """Compile (or load from the cache) the extension module."""
     from torch.utils import cpp_extension
@@ -77,7 +89,7 @@ def _build() -> Any:
     return cpp_extension.load(
         name=name,
         sources=[str(SOURCE)],
-        extra_cflags=["-O3"],
+        extra_cflags=_cflags(),
         build_directory=build_dir,
         verbose=False,
     )
