@@ -11,6 +11,7 @@ its matrix products as nested ``at::addmm_`` calls instead of the exported BLAS.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -80,6 +81,15 @@ def run(ns: list[int], rounds: int, threads: int, names: tuple[str, ...]) -> lis
     return rows
 
 
+def _pressure() -> str:
+    """The kernel's CPU pressure line (how much runnable work waited for a core), if any."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return "(cpu pressure: " + f.readline().strip() + ")"
+    except OSError:
+        return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ns", type=int, nargs="+", default=[2048, 4096])
@@ -106,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             if busy is not None:
                 busy.kill()
                 busy.wait()
+        print(f"{setting}: load average {os.getloadavg()[0]:.1f} {_pressure()}", flush=True)
         for row in rows:
             med = row["median"]
             cells = " | ".join(f"{med[n]:.3f}" if isinstance(med[n], float) else "-" for n in names)

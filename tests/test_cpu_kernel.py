@@ -163,6 +163,16 @@ def test_failed_build_falls_back_to_chunked_and_is_not_retried(monkeypatch):
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
+def test_no_toolchain_means_auto_never_tries(monkeypatch):
+    """Without ninja or a compiler, auto does not pick the kernel, and no build is tried."""
+    monkeypatch.setattr(cpu_kernel, "_module", None)
+    monkeypatch.setattr(cpu_kernel, "_error", None)
+    monkeypatch.setattr(cpu_kernel, "_toolchain", lambda: False)
+    q, k, p = _inputs(300)
+    assert relattn.backends.choose("auto", q, k, p).name == "chunked"
+    assert cpu_kernel._module is None and cpu_kernel._error is None
+
+
 def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("RELATTN_CPU_KERNEL", "0")
     q, k, p = _inputs(300)

@@ -21,7 +21,10 @@ is not tried again in this process, ``backend="auto"`` uses the chunked backend,
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import shutil
 import sys
 import threading
 import warnings
@@ -58,13 +61,6 @@ def _disabled() -> str | None:
     return None
 
 
-def _build_dir() -> str | None:
-    d = os.environ.get("RELATTN_CPU_KERNEL_DIR")
-    if d:
-        os.makedirs(d, exist_ok=True)
-    return d or None
-
-
 def _cflags() -> list[str]:
     """-O3 for any CPU of the architecture (a cached build may move between machines; the row
     kernels are cloned per ISA inside). With torch's OpenMP thread pool, -fopenmp too: without
@@ -77,14 +73,32 @@ def _cflags() -> list[str]:
     return flags
 
 
+def _name() -> str:
+    """The module's name: one per source, torch version and flags, so a cached build is never
+    loaded into a torch it was not compiled against."""
+    key = SOURCE.read_bytes() + f"{torch.__version__} {sys.version} {_cflags()}".encode()
+    return "relattn_cpu_kernel_" + hashlib.sha256(key).hexdigest()[:12]
+
+
+def _build_dir(name: str) -> str:
+    """``RELATTN_CPU_KERNEL_DIR/<name>``, else torch's extensions directory for ``name``."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("RELATTN_CPU_KERNEL_DIR")
+    if not root:
+        return cpp_extension._get_build_directory(name, verbose=False)
+    path = os.path.join(root, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 def _build() -> Any:
     """Compile (or load from the cache) the extension module."""
     from torch.utils import cpp_extension
 
-    name = "relattn_cpu_kernel"
-    build_dir = _build_dir()
-    base = build_dir or cpp_extension._get_build_directory(name, verbose=False)
-    if not (Path(base) / f"{name}.so").exists():
+    name = _name()
+    build_dir = _build_dir(name)
+    if not (Path(build_dir) / f"{name}.so").exists():
         print("relattn: compiling the CPU attention kernel once (about a minute)…", file=sys.stderr)
     return cpp_extension.load(
         name=name,
@@ -93,6 +107,15 @@ def _build() -> Any:
         build_directory=build_dir,
         verbose=False,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _toolchain() -> bool:
+    """Whether a build can be tried here: ninja and a C++ compiler on the PATH (or $CXX)."""
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX", "c++")
+    return cpp_extension.is_ninja_available() and shutil.which(cxx) is not None
 
 
 def load() -> Any:
@@ -124,8 +147,11 @@ def build_error() -> str | None:
 
 
 def available() -> bool:
-    """Whether the kernel is built or may still be built in this process (no failed try)."""
-    return build_error() is None
+    """Whether the kernel is built, or can be built here and no try has failed in this
+    process."""
+    if build_error() is not None:
+        return False
+    return _module is not None or _toolchain()
 
 
 def _dtype_ok(q: Tensor) -> bool:
@@ -241,9 +267,16 @@ class CpuKernelBackend(Backend):
         return build_error()
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
-        # Above chunked (10) wherever it runs, below decode (40) for few rows. Whether the
-        # kernel wins with one thread as well as under load: see benchmarks/cpu_kernel.py and
-        # the measured crossover noted where the numbers are.
+        """20 (above chunked's 10, below decode's 40) on the CPU for float32/float64 with more
+        than decode's ``MAX_ROWS`` query rows, where the kernel is built or can be built here
+        (ninja and a compiler found, no failed try). The first such call in a machine's life
+        blocks for the compile, about a minute (announced on stderr).
+
+        Measured crossover (benchmarks/cpu_kernel.py, fp32 training, B=1, H=8, D=64, T5,
+        causal, 2-core AMD EPYC Zen 4): with one thread the kernel and chunked are within noise
+        of each other at N = 2048 and 4096; with two threads, and with two threads while
+        another process holds a core, the kernel is faster at every N measured; so it is
+        preferred wherever it runs. Below 129 rows decode wins (its own measurements)."""
         if q.device.type != "cpu" or not _dtype_ok(q) or q.shape[2] <= MAX_ROWS:
             return None
         if not available():
