@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -165,6 +166,84 @@ constexpr int kLanes = 16;
 
 RELATTN_ROW_KERNELS(float)
 RELATTN_ROW_KERNELS(double)
+
+// exp for float32 in a form the compiler vectorizes (Cephes' expf: 2^n times a degree-6
+// polynomial on [-ln2/2, ln2/2], about 1 ulp); exp(t) for t < -87 (below the smallest normal
+// float, 1.2e-38) is 0, NaN stays NaN.
+__attribute__((always_inline)) inline float exp_poly(float t) {
+  const float t0 = t;
+  t = t < -88.0f ? -88.0f : t;
+  t = t > 88.0f ? 88.0f : t;
+  // n = round(t / ln 2) by the 1.5·2²³ trick (vectorizes where floor may be a libm call)
+  const float n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = t - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  float res = p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  res = t0 < -87.0f ? 0.0f : res;
+  res = t0 != t0 ? t0 : res;
+  return res;
+}
+
+// x <- exp((x - a) - b), returning the row's sum.
+RELATTN_CLONES float exp_shift(float* x, int64_t n, float a, float b) {
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float e = exp_poly((x[j + l] - a) - b);
+      x[j + l] = e;
+      acc[l] += e;
+    }
+  }
+  float out = 0;
+  for (int l = 0; l < kLanes; ++l) out += acc[l];
+  for (; j < n; ++j) {
+    const float e = exp_poly((x[j] - a) - b);
+    x[j] = e;
+    out += e;
+  }
+  return out;
+}
+
+// S (m x L) row r <- exp((S - a[r]) - b[r]) (b may be null: 0), 0 for rows with a[r] = -inf;
+// the rows' sums into sums (if not null). Float32: one fused pass per row; float64: ATen's exp.
+inline void exp_rows(float* S, int64_t m, int64_t L, const float* a, const float* b,
+                     float* sums) {
+  for (int64_t r = 0; r < m; ++r) {
+    float* row = S + r * L;
+    float sum = 0;
+    if (a[r] == -std::numeric_limits<float>::infinity()) {
+      std::fill(row, row + L, 0.0f);
+    } else {
+      sum = exp_shift(row, L, a[r], b ? b[r] : 0.0f);
+    }
+    if (sums) sums[r] = sum;
+  }
+}
+
+inline void exp_rows(double* S, int64_t m, int64_t L, const double* a, const double* b,
+                     double* sums) {
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int64_t r = 0; r < m; ++r) {
+    double* row = S + r * L;
+    if (a[r] == -inf) {
+      std::fill(row, row + L, -inf);
+    } else {
+      row_sub(row, L, a[r], b ? b[r] : 0.0);
+    }
+  }
+  exp_inplace(S, m * L);
+  if (sums) {
+    for (int64_t r = 0; r < m; ++r) sums[r] = row_sum(S + r * L, L);
+  }
+}
 
 // Keys [c0, c1) that the Δ rules leave visible to some query at positions p0 .. p1
 // (relattn.masks.key_span).
@@ -335,10 +414,11 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
     }
     if (c1 <= c0) return;
     const int64_t bn = std::min(s.block_n, c1 - c0);
-    T* S = scratch<T>(s.block_m * s.block_n + 3 * s.block_m);
+    T* S = scratch<T>(s.block_m * s.block_n + 4 * s.block_m);
     T* mx = S + s.block_m * s.block_n;
     T* l = mx + s.block_m;
     T* alpha = l + s.block_m;
+    T* sums = alpha + s.block_m;
     std::fill(mx, mx + m, -inf);
     std::fill(l, l + m, T(0));
     const T* qb = q + (bh * s.Nq + r0) * D;
@@ -354,17 +434,15 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
         const T rmax = row_max(row, L);
         const T mnew = rmax != rmax ? rmax : std::max(mx[r], rmax);  // NaN stays NaN
         if (mnew == -inf) {
-          alpha[r] = T(1);  // nothing visible yet: the row stays 0 (row of -inf -> exp 0)
+          alpha[r] = T(1);  // nothing visible yet: the row stays 0
           continue;
         }
         alpha[r] = std::exp(mx[r] - mnew);
         mx[r] = mnew;
-        row_sub(row, L, mnew, T(0));
       }
-      exp_inplace(S, m * L);
+      exp_rows(S, m, L, mx, nullptr, sums);
       for (int64_t r = 0; r < m; ++r) {
-        const T sum = row_sum(S + r * L, L);
-        l[r] = l[r] * alpha[r] + sum;
+        l[r] = l[r] * alpha[r] + sums[r];
         if (alpha[r] != T(1)) {
           T* orow = o + r * D;
           row_scale(orow, D, alpha[r]);
@@ -452,16 +530,13 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
           T* row = P + r * L;
           const T rmax = row_max(row, L);
           const T mnew = rmax != rmax ? rmax : std::max(mx[r], rmax);
-          if (mnew == -inf) {
-            std::fill(row, row + L, -inf);
-            continue;
-          }
+          if (mnew == -inf) continue;
           l[r] *= std::exp(mx[r] - mnew);
           mx[r] = mnew;
-          row_sub(row, L, mnew, T(0));
         }
-        exp_inplace(P, m * L);
-        for (int64_t r = 0; r < m; ++r) l[r] += row_sum(P + r * L, L);
+        T* sums = l + s.block_m;
+        exp_rows(P, m, L, mx, nullptr, sums);
+        for (int64_t r = 0; r < m; ++r) l[r] += sums[r];
       }
       for (int64_t r = 0; r < m; ++r) {
         if (lb[r] == -inf || mx[r] == -inf) {
@@ -476,16 +551,7 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
       const int64_t L = std::min(bn, c1 - k0);
       load_tile(s, fh, b, r0, m, k0, L, P);
       gemm<T>(false, true, m, L, D, scale, qb, D, kb + k0 * D, D, T(1), P, L);
-      for (int64_t r = 0; r < m; ++r) {
-        T* row = P + r * L;
-        const T x = mx[r], y = lg[r];
-        if (x == -inf) {
-          std::fill(row, row + L, -inf);
-        } else {
-          row_sub(row, L, x, y);
-        }
-      }
-      exp_inplace(P, m * L);
+      exp_rows(P, m, L, mx, lg, nullptr);
       gemm<T>(false, true, m, L, D, T(1), dob, D, vb + k0 * D, D, T(0), dS, L);  // dP
       gemm<T>(true, false, L, D, m, T(1), P, L, dob, D, T(1), dvb + k0 * D, D);   // dV += Pᵀ dO
       for (int64_t r = 0; r < m; ++r) {

@@ -67,7 +67,7 @@ def _cflags() -> list[str]:
     it, at::parallel_for in the extension's code runs its body on the calling thread, and the
     nested ATen and MKL calls each open their own parallel region again. The OpenMP symbols then
     resolve to the runtime torch already loaded (nothing else is linked)."""
-    flags = ["-O3"]
+    flags = ["-O3", "-fno-trapping-math"]  # lets selects in the row loops vectorize
     if "OpenMP" in torch.__config__.parallel_info():
         flags.append("-fopenmp")
     return flags
