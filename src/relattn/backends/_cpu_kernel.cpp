@@ -8,8 +8,12 @@
 //
 //   * matrix products call the BLAS that libtorch_cpu exports (MKL's sgemm_/dgemm_, which runs
 //     on one thread inside a parallel region), or at::addmm_ on views of the tile when the
-//     symbol is absent (weak reference); nested ATen ops also run inline on one thread;
-//   * the exponentials are one at::exp_ per tile (ATen's vectorized kernel, inline);
+//     symbol is absent (weak reference); nested ATen ops also run inline on one thread. This
+//     needs the file compiled with -fopenmp under torch's OpenMP pool: without it the
+//     at::parallel_for below runs on the calling thread only, and every nested exp/MKL call
+//     opens a parallel region of its own (measured: no speed-up with 2 threads);
+//   * float32 exponentials are a vectorized polynomial fused with the row's shift and sum;
+//     float64 ones one at::exp_ per tile (ATen's vectorized kernel, inline);
 //   * the position term is a contiguous slice of F_h[u] = PE_h(Δ) with u = c - r + Nq - 1 and
 //     Δ = q_offset + r - c, -inf where causality, the window or the table's range hide Δ: row r
 //     of a tile of keys [k0, k0 + L) reads F_h[k0 - r + Nq - 1 ...] (a Toeplitz tile).
@@ -26,7 +30,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -185,7 +188,7 @@ __attribute__((always_inline)) inline float exp_poly(float t) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  float res = p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  float res = p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
   res = t0 < -87.0f ? 0.0f : res;
   res = t0 != t0 ? t0 : res;
   return res;
@@ -294,7 +297,7 @@ Shape make_shape(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int6
   s.Hkv = k.size(1);
   s.Nk = k.size(2);
   s.G = s.Hq / s.Hkv;
-  s.U = s.Nq + s.Nk - 1;
+  s.U = std::max<int64_t>(1, s.Nq + s.Nk - 1);
   s.block_m = std::max<int64_t>(1, block_m);
   s.block_n = std::max<int64_t>(1, block_n);
   s.n_blocks = (s.Nq + s.block_m - 1) / s.block_m;
