@@ -37,7 +37,6 @@ from torch import Tensor
 from ..masks import doc_bounds
 from ..problem import Problem
 from .base import Backend
-from .decode import MAX_ROWS
 
 __all__ = ["CpuKernelBackend", "available", "backward", "build_error", "forward", "load"]
 
@@ -267,19 +266,22 @@ class CpuKernelBackend(Backend):
         return build_error()
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
-        """20 (above chunked's 10, below decode's 40) on the CPU for float32/float64 with more
-        than decode's ``MAX_ROWS`` query rows, where the kernel is built or can be built here
-        (ninja and a compiler found, no failed try). The first such call in a machine's life
-        blocks for the compile, about a minute (announced on stderr).
+        """20 (above chunked's 10, below decode's 40) on the CPU for float32/float64, where the
+        kernel is built or can be built here (ninja and a compiler found, no failed try). So
+        decode keeps up to its ``MAX_ROWS`` query rows, and this kernel takes the rest,
+        including the few-row calls that decode declines (its live-score budget: 0.24 s against
+        chunked's 0.48 s for a training step at Nq = 128, Nk = 16384, 1 thread). The first
+        such call in a machine's life blocks for the compile, about a minute (announced on
+        stderr).
 
         Measured (benchmarks/cpu_kernel.py; fp32 training, B=1, H=8, D=64, T5, causal; 2-core
         AMD EPYC Zen 4; seconds per step, kernel / chunked / SDPA without bias): N=2048, 1
         thread 0.218 / 0.306 / 0.246; N=4096, 1 thread 0.821 / 1.100 / 0.876; 2 threads
         0.421 / 0.867 / 0.476; 2 threads with one core busy 0.695 / 2.345 / 0.723; and at
-        N = 160, 256, 512, 1024 with 1 and 2 threads the kernel took 0.43-0.71x chunked's
+        N = 160, 256, 512, 1024 with 1 and 2 threads the kernel took 0.43-0.75x chunked's
         time. No crossover was found from N = 160 up, with 1 thread too, so it is preferred
-        wherever it runs. Below 129 rows decode wins (its own measurements)."""
-        if q.device.type != "cpu" or not _dtype_ok(q) or q.shape[2] <= MAX_ROWS:
+        wherever it runs."""
+        if q.device.type != "cpu" or not _dtype_ok(q):
             return None
         if not available():
             return None
