@@ -21,7 +21,6 @@ is not tried again in this process, ``backend="auto"`` uses the chunked backend,
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import shutil
@@ -95,6 +94,9 @@ def _build() -> Any:
     """Compile (or load from the cache) the extension module."""
     from torch.utils import cpp_extension
 
+    ninja = _ninja_dir()
+    if ninja and not shutil.which("ninja"):  # torch's build runs "ninja" from the PATH
+        os.environ["PATH"] = ninja + os.pathsep + os.environ.get("PATH", "")
     name = _name()
     build_dir = _build_dir(name)
     if not (Path(build_dir) / f"{name}.so").exists():
@@ -108,13 +110,30 @@ def _build() -> Any:
     )
 
 
-@functools.lru_cache(maxsize=1)
-def _toolchain() -> bool:
-    """Whether a build can be tried here: ninja and a C++ compiler on the PATH (or $CXX)."""
-    from torch.utils import cpp_extension
+def _ninja_dir() -> str | None:
+    """Where the ``ninja`` executable is: on the PATH, or next to this interpreter (pip puts
+    the ninja package's there, which is not on the PATH of an interpreter run without its
+    virtual environment activated)."""
+    found = shutil.which("ninja")
+    if found:
+        return os.path.dirname(found)
+    here = os.path.dirname(sys.executable)
+    return here if shutil.which("ninja", path=here) else None
 
+
+def _find_toolchain() -> bool:
+    """Whether a build can be tried here: ninja and a C++ compiler (``$CXX`` or ``c++``)."""
     cxx = os.environ.get("CXX", "c++")
-    return cpp_extension.is_ninja_available() and shutil.which(cxx) is not None
+    return _ninja_dir() is not None and shutil.which(cxx) is not None
+
+
+# Read by priority(), which torch.compile traces: a plain value, found once at import (two
+# PATH lookups, no subprocess).
+_TOOLCHAIN = _find_toolchain()
+
+
+def _toolchain() -> bool:
+    return _TOOLCHAIN
 
 
 def load() -> Any:
