@@ -668,8 +668,10 @@ bool uses_blas() { return g_use_blas && blas_available(); }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "(out, lse) of exact attention with a relative position term");
-  m.def("backward", &backward, "(dq, dk, dv, dtable)");
+  // The kernels touch no Python object: other Python threads run meanwhile.
+  m.def("forward", &forward, "(out, lse) of exact attention with a relative position term",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &backward, "(dq, dk, dv, dtable)", py::call_guard<py::gil_scoped_release>());
   m.def("set_use_blas", &set_use_blas, "use the exported BLAS (True) or at::addmm_ (False)");
   m.def("uses_blas", &uses_blas, "whether gemms call the exported BLAS");
 }
