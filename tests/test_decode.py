@@ -18,7 +18,7 @@ from oracle import assert_close_f64, assert_flash_accuracy, attention_math, max_
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import relattn
-from relattn.backends import decode
+from relattn.backends import cpu_kernel, decode
 from relattn.pe import ALiBi, T5Bias
 from relattn.problem import Problem
 
@@ -164,17 +164,19 @@ def _chosen(nq, nk, grad=False, **problem):
 
 
 def test_auto_dispatch():
+    # Beyond decode, the fused CPU kernel where it can be built, else chunked.
+    blocks = "cpu_kernel" if cpu_kernel.available() else "chunked"
     assert _chosen(1, 16384) == "decode"
     assert _chosen(1, 8) == "decode"
     assert _chosen(decode.MAX_ROWS, 4096) == "decode"
-    assert _chosen(decode.MAX_ROWS + 1, 4096) == "chunked"
+    assert _chosen(decode.MAX_ROWS + 1, 4096) == blocks
     assert _chosen(1, 4096, grad=True) == "decode"
-    # beyond the live-score budget with autograd or an extra mask, chunked works by blocks
+    # beyond the live-score budget with autograd or an extra mask, a blocked backend
     big = decode.MAX_LIVE_SCORES // (8 * decode.MAX_ROWS) + 1
     assert _chosen(decode.MAX_ROWS, big) == "decode"
-    assert _chosen(decode.MAX_ROWS, big, grad=True) == "chunked"
+    assert _chosen(decode.MAX_ROWS, big, grad=True) == blocks
     kpm = torch.ones(1, big, dtype=torch.bool)
-    assert _chosen(decode.MAX_ROWS, big, key_padding_mask=kpm) == "chunked"
+    assert _chosen(decode.MAX_ROWS, big, key_padding_mask=kpm) == blocks
     meta = torch.zeros(1, 8, 1, 16, device="meta")
     assert decode.BACKEND.priority(meta, meta, Problem(0, 1.0)) is None
 

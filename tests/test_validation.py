@@ -200,7 +200,7 @@ def test_causal_not_a_bool(value):
 def test_unknown_backend_lists_the_valid_names(name):
     q, k, v = qkv()
     # every built-in name is listed (tests may register more, e.g. test_extensibility's "toy")
-    valid = r"\['auto', 'reference', 'chunked', 'decode', 'triton'[^]]*\]"
+    valid = r"\['auto', 'reference', 'chunked', 'decode', 'cpu_kernel', 'triton'[^]]*\]"
     with pytest.raises(ValueError, match=rf"backend must be one of {valid}; got '{name}'"):
         relattn.attention(q, k, v, backend=name)
 

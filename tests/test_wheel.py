@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -43,6 +44,8 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
         str(source),
     )
     (wheel,) = dist.glob("relattn-*.whl")
+    with zipfile.ZipFile(wheel) as zf:  # the CPU kernel's source, compiled at first use
+        assert "relattn/backends/_cpu_kernel.cpp" in zf.namelist()
 
     # A fresh environment with the wheel installed; its dependencies (torch, numpy) come from
     # the running environment's site-packages through a .pth line, which does not run that
@@ -72,6 +75,8 @@ def test_wheel_installs_and_runs_outside_the_source_tree(tmp_path):
         "from relattn.pe import ALiBi\n"
         "q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))\n"
         "out = relattn.attention(q, k, v, ALiBi(2))\n"
+        "from relattn.backends import cpu_kernel\n"
+        "assert cpu_kernel.SOURCE.is_file(), cpu_kernel.SOURCE\n"
         "print(relattn.__file__, tuple(out.shape), relattn.__version__)\n"
     )
     proc = _run(str(python), "-c", code, cwd=tmp_path, env=env)

@@ -2,8 +2,9 @@
 
 Built in: ``reference`` (the specification, plain autograd), ``chunked`` (block by block in
 PyTorch; CPU, and CUDA without Triton), ``decode`` (few query rows against a long KV cache, one
-pass over the keys), ``triton`` (FlashAttention-2-style GPU kernels). A new backend subclasses
-:class:`Backend` and calls :func:`register`; ``backend="auto"`` then weighs its
+pass over the keys), ``cpu_kernel`` (a fused C++ CPU kernel, one parallel region per pass,
+compiled at first use), ``triton`` (FlashAttention-2-style GPU kernels). A new backend
+subclasses :class:`Backend` and calls :func:`register`; ``backend="auto"`` then weighs its
 :meth:`~Backend.priority` with the others'.
 """
 
@@ -25,6 +26,7 @@ _BUILTIN = {
     "reference": "relattn.backends.reference",
     "chunked": "relattn.backends.chunked",
     "decode": "relattn.backends.decode",
+    "cpu_kernel": "relattn.backends.cpu_kernel",
     "triton": "relattn.backends.triton_backend",
 }
 # Built-in backends that ``auto`` can pick only on these device types: on others it does not

@@ -1,0 +1,143 @@
+"""CPU training speed of the fused C++ kernel (``backend="cpu_kernel"``) against the chunked
+backend and SDPA, side by side in one process: forward+backward, fp32, B=1, H=8, D=64, causal,
+learnable T5Bias (SDPA: no position term, and with the bias materialized), per-round medians
+round-robin. Settings: 1 thread, 2 threads, and 2 threads while a busy loop
+(``python -c 'while True: pass'``) holds one core. ``cpu_kernel_aten`` is the same kernel with
+its matrix products as nested ``at::addmm_`` calls instead of the exported BLAS.
+
+    python benchmarks/cpu_kernel.py --ns 2048 4096 --rounds 7 --out cpu_kernel.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+NAMES = ("cpu_kernel", "cpu_kernel_aten", "chunked", "sdpa_causal", "sdpa_bias")
+
+
+def _contenders(n: int, names: tuple[str, ...]) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    import relattn
+    from relattn.backends import cpu_kernel
+    from relattn.pe import T5Bias
+
+    b, h, d = 1, 8, 64
+    g = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(b, h, n, d, generator=g).requires_grad_() for _ in range(3))
+    grad = torch.randn(b, h, n, d, generator=g)
+    pe = T5Bias(h)
+    causal = torch.ones(n, n, dtype=torch.bool).triu_(1)
+    mod = cpu_kernel.load()
+
+    def kernel():
+        mod.set_use_blas(True)
+        relattn.attention(q, k, v, pe, backend="cpu_kernel").backward(grad)
+
+    def kernel_aten():
+        mod.set_use_blas(False)
+        try:
+            relattn.attention(q, k, v, pe, backend="cpu_kernel").backward(grad)
+        finally:
+            mod.set_use_blas(True)
+
+    def chunked():
+        relattn.attention(q, k, v, pe, backend="chunked").backward(grad)
+
+    def sdpa_causal():
+        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
+
+    def sdpa_bias():
+        bias = pe.bias(n, n).masked_fill(causal, float("-inf"))[None]
+        F.scaled_dot_product_attention(q, k, v, attn_mask=bias).backward(grad)
+
+    fns = {
+        "cpu_kernel": kernel,
+        "cpu_kernel_aten": kernel_aten,
+        "chunked": chunked,
+        "sdpa_causal": sdpa_causal,
+        "sdpa_bias": sdpa_bias,
+    }
+    return {name: fns[name] for name in names}
+
+
+def run(ns: list[int], rounds: int, threads: int, names: tuple[str, ...]) -> list[dict]:
+    """Median seconds of each contender at each N, round-robin (same process)."""
+    import torch
+
+    from relattn.bench.common import time_rounds
+
+    torch.set_num_threads(threads)
+    rows = []
+    for n in ns:
+        times = time_rounds(_contenders(n, names), rounds, warmup=1)
+        rows.append({"n": n, "median": {k: statistics.median(t) for k, t in times.items()}})
+    return rows
+
+
+def _pressure() -> str:
+    """The kernel's CPU pressure line (how much runnable work waited for a core), if any."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return "(cpu pressure: " + f.readline().strip() + ")"
+    except OSError:
+        return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ns", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--names", nargs="+", default=list(NAMES), choices=NAMES)
+    parser.add_argument("--settings", nargs="+", default=["1", "2", "2+busy"])
+    parser.add_argument("--out", default=None, help="write the markdown table here too")
+    args = parser.parse_args(argv)
+    names = tuple(args.names)
+    lines = [
+        "| threads | N | " + " | ".join(f"{n} s" for n in names) + " | kernel / SDPA causal "
+        "| chunked / SDPA causal | SDPA+bias / kernel |",
+        "|" + "---|" * (len(names) + 5),
+    ]
+    for setting in args.settings:
+        threads = int(setting.split("+")[0])
+        busy = None
+        if setting.endswith("+busy"):
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            time.sleep(0.5)
+        try:
+            rows = run(args.ns, args.rounds, threads, names)
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+        print(f"{setting}: load average {os.getloadavg()[0]:.1f} {_pressure()}", flush=True)
+        for row in rows:
+            med = row["median"]
+            cells = " | ".join(f"{med[n]:.3f}" if isinstance(med[n], float) else "-" for n in names)
+
+            def ratio(a: str, b: str, med=med) -> str:
+                x, y = med.get(a), med.get(b)
+                ok = isinstance(x, float) and isinstance(y, float)
+                return f"{x / y:.2f}×" if ok else "-"
+
+            lines.append(
+                f"| {setting} | {row['n']} | {cells} | {ratio('cpu_kernel', 'sdpa_causal')} | "
+                f"{ratio('chunked', 'sdpa_causal')} | {ratio('sdpa_bias', 'cpu_kernel')} |"
+            )
+            print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,677 @@
+// Exact attention with a relative position term on the CPU: one parallel region per pass.
+//
+// relattn's chunked backend issues a few ATen ops per query block, each an OpenMP parallel
+// region; on cores that other processes also use, every region waits for a descheduled thread.
+// Here each pass is ONE at::parallel_for over the threads, which take (batch, query head,
+// query block) tasks from a shared counter (heaviest first), so a thread that loses its core
+// only takes fewer tasks. Inside a task:
+//
+//   * matrix products call the BLAS that libtorch_cpu exports (MKL's sgemm_/dgemm_, which runs
+//     on one thread inside a parallel region), or at::addmm_ on views of the tile when the
+//     symbol is absent (weak reference); nested ATen ops also run inline on one thread. This
+//     needs the file compiled with -fopenmp under torch's OpenMP pool: without it the
+//     at::parallel_for below runs on the calling thread only, and every nested exp/MKL call
+//     opens a parallel region of its own (measured: no speed-up with 2 threads);
+//   * float32 exponentials are a vectorized polynomial fused with the row's shift and sum;
+//     float64 ones one at::exp_ per tile (ATen's vectorized kernel, inline);
+//   * the position term is a contiguous slice of F_h[u] = PE_h(Δ) with u = c - r + Nq - 1 and
+//     Δ = q_offset + r - c, -inf where causality, the window or the table's range hide Δ: row r
+//     of a tile of keys [k0, k0 + L) reads F_h[k0 - r + Nq - 1 ...] (a Toeplitz tile).
+//
+// Forward: online softmax over key tiles of up to block_n keys inside the block's visible span.
+// Backward: P = exp(s - lse) recomputed per tile; dq rows owned by the task; dk, dv summed into
+// per-thread buffers and the table gradient into per-thread G_h[u] += dS[r, j] (a contiguous
+// add per row), all reduced once after the region.
+//
+// Shapes: q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D) contiguous, float32 or float64;
+// table (Hq, T) or slopes (Hq,) in the same dtype, or empty tensors.
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*, const int*)
+    __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
+namespace {
+
+bool g_use_blas = true;
+  // tests and benchmarks switch to the ATen fallback
+
+bool blas_available() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+template <typename T>
+at::ScalarType scalar_type_of();
+template <>
+at::ScalarType scalar_type_of<float>() { return at::kFloat; }
+template <>
+at::ScalarType scalar_type_of<double>() { return at::kDouble; }
+
+// A row-major matrix view (rows x cols, row stride ld) of external memory, as a tensor.
+template <typename T>
+at::Tensor view(const T* p, int64_t rows, int64_t cols, int64_t ld) {
+  return at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1},
+                       at::TensorOptions().dtype(scalar_type_of<T>()));
+}
+
+// Row-major C (m x n) = alpha * op(A) op(B) + beta * C, op(A) (m x kk), op(B) (kk x n).
+template <typename T>
+void gemm(bool ta, bool tb, int m, int n, int kk, T alpha, const T* a, int lda, const T* b,
+          int ldb, T beta, T* c, int ldc) {
+  if (m == 0 || n == 0) return;
+  if (g_use_blas && blas_available()) {
+    // Column-major BLAS on row-major data: C^T = op(B)^T op(A)^T.
+    const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
+    if constexpr (std::is_same_v<T, float>) {
+      sgemm_(&cb, &ca, &n, &m, &kk, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+    } else {
+      dgemm_(&cb, &ca, &n, &m, &kk, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+    }
+    return;
+  }
+  at::Tensor A = ta ? view(a, kk, m, lda).t() : view(a, m, kk, lda);
+  at::Tensor B = tb ? view(b, n, kk, ldb).t() : view(b, kk, n, ldb);
+  at::Tensor C = view(c, m, n, ldc);
+  if (kk == 0) {
+    C.mul_(beta);
+    return;
+  }
+  C.addmm_(A, B, beta, alpha);
+}
+
+template <typename T>
+void exp_inplace(T* p, int64_t n) {
+  at::from_blob(p, {n}, at::TensorOptions().dtype(scalar_type_of<T>())).exp_();
+}
+
+// Row kernels. Reductions keep independent lanes (one running sum or max would be a chain of
+// dependent operations). The build is -O3 for any x86-64, so on GCC each kernel is also cloned
+// for AVX2 and AVX-512 and picked at load time by the CPU (target_clones).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RELATTN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RELATTN_CLONES
+#endif
+
+constexpr int kLanes = 16;
+
+#define RELATTN_ROW_KERNELS(T)                                                           \
+  RELATTN_CLONES T row_max(const T* x, int64_t n) {                                       \
+    const T inf = std::numeric_limits<T>::infinity();                                     \
+    T acc[kLanes];                                                                        \
+    for (int l = 0; l < kLanes; ++l) acc[l] = -inf;                                       \
+    int64_t j = 0;                                                                        \
+    for (; j + kLanes <= n; j += kLanes) {                                                \
+      for (int l = 0; l < kLanes; ++l) acc[l] = x[j + l] > acc[l] ? x[j + l] : acc[l];    \
+    }                                                                                     \
+    T out = -inf;                                                                         \
+    for (int l = 0; l < kLanes; ++l) out = acc[l] > out ? acc[l] : out;                   \
+    for (; j < n; ++j) out = x[j] > out ? x[j] : out;                                     \
+    if (out == -inf) { /* the comparisons skip NaN: only NaN and -inf is NaN */           \
+      for (j = 0; j < n; ++j) {                                                           \
+        if (x[j] != x[j]) return x[j];                                                    \
+      }                                                                                   \
+    }                                                                                     \
+    return out;                                                                           \
+  }                                                                                       \
+  RELATTN_CLONES T row_sum(const T* x, int64_t n) {                                       \
+    T acc[kLanes] = {};                                                                   \
+    int64_t j = 0;                                                                        \
+    for (; j + kLanes <= n; j += kLanes) {                                                \
+      for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l];                                \
+    }                                                                                     \
+    T out = 0;                                                                            \
+    for (int l = 0; l < kLanes; ++l) out += acc[l];                                       \
+    for (; j < n; ++j) out += x[j];                                                       \
+    return out;                                                                           \
+  }                                                                                       \
+  RELATTN_CLONES T dot(const T* x, const T* y, int64_t n) {                               \
+    T acc[kLanes] = {};                                                                   \
+    int64_t j = 0;                                                                        \
+    for (; j + kLanes <= n; j += kLanes) {                                                \
+      for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l] * y[j + l];                     \
+    }                                                                                     \
+    T out = 0;                                                                            \
+    for (int l = 0; l < kLanes; ++l) out += acc[l];                                       \
+    for (; j < n; ++j) out += x[j] * y[j];                                                \
+    return out;                                                                           \
+  }                                                                                       \
+  /* x <- (x - a) - b */                                                                  \
+  RELATTN_CLONES void row_sub(T* x, int64_t n, T a, T b) {                                \
+    if (b == T(0)) {                                                                      \
+      for (int64_t j = 0; j < n; ++j) x[j] -= a;                                          \
+    } else {                                                                              \
+      for (int64_t j = 0; j < n; ++j) x[j] = (x[j] - a) - b;                              \
+    }                                                                                     \
+  }                                                                                       \
+  RELATTN_CLONES void row_scale(T* x, int64_t n, T a) {                                   \
+    for (int64_t j = 0; j < n; ++j) x[j] *= a;                                            \
+  }                                                                                       \
+  /* ds <- p * (ds - di) */                                                               \
+  RELATTN_CLONES void softmax_grad(T* ds, const T* p, int64_t n, T di) {                  \
+    for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - di);                          \
+  }                                                                                       \
+  RELATTN_CLONES void row_add(T* y, const T* x, int64_t n) {                              \
+    for (int64_t j = 0; j < n; ++j) y[j] += x[j];                                         \
+  }
+
+RELATTN_ROW_KERNELS(float)
+RELATTN_ROW_KERNELS(double)
+
+// exp for float32 in a form the compiler vectorizes (Cephes' expf: 2^n times a degree-6
+// polynomial on [-ln2/2, ln2/2], about 1 ulp); exp(t) for t < -87 (below the smallest normal
+// float, 1.2e-38) is 0, NaN stays NaN.
+__attribute__((always_inline)) inline float exp_poly(float t) {
+  const float t0 = t;
+  t = t < -88.0f ? -88.0f : t;
+  t = t > 88.0f ? 88.0f : t;
+  // n = round(t / ln 2) by the 1.5·2²³ trick (vectorizes where floor may be a libm call)
+  const float n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = t - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  float res = p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+  res = t0 < -87.0f ? 0.0f : res;
+  res = t0 != t0 ? t0 : res;
+  return res;
+}
+
+// x <- exp((x - a) - b), returning the row's sum.
+RELATTN_CLONES float exp_shift(float* x, int64_t n, float a, float b) {
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float e = exp_poly((x[j + l] - a) - b);
+      x[j + l] = e;
+      acc[l] += e;
+    }
+  }
+  float out = 0;
+  for (int l = 0; l < kLanes; ++l) out += acc[l];
+  for (; j < n; ++j) {
+    const float e = exp_poly((x[j] - a) - b);
+    x[j] = e;
+    out += e;
+  }
+  return out;
+}
+
+// S (m x L) row r <- exp((S - a[r]) - b[r]) (b may be null: 0), 0 for rows with a[r] = -inf;
+// the rows' sums into sums (if not null). Float32: one fused pass per row; float64: ATen's exp.
+inline void exp_rows(float* S, int64_t m, int64_t L, const float* a, const float* b,
+                     float* sums) {
+  for (int64_t r = 0; r < m; ++r) {
+    float* row = S + r * L;
+    float sum = 0;
+    if (a[r] == -std::numeric_limits<float>::infinity()) {
+      std::fill(row, row + L, 0.0f);
+    } else {
+      sum = exp_shift(row, L, a[r], b ? b[r] : 0.0f);
+    }
+    if (sums) sums[r] = sum;
+  }
+}
+
+inline void exp_rows(double* S, int64_t m, int64_t L, const double* a, const double* b,
+                     double* sums) {
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int64_t r = 0; r < m; ++r) {
+    double* row = S + r * L;
+    if (a[r] == -inf) {
+      std::fill(row, row + L, -inf);
+    } else {
+      row_sub(row, L, a[r], b ? b[r] : 0.0);
+    }
+  }
+  exp_inplace(S, m * L);
+  if (sums) {
+    for (int64_t r = 0; r < m; ++r) sums[r] = row_sum(S + r * L, L);
+  }
+}
+
+// Keys [c0, c1) that the Δ rules leave visible to some query at positions p0 .. p1
+// (relattn.masks.key_span).
+void key_span(int64_t p0, int64_t p1, int64_t nk, bool causal, int64_t window, int64_t& c0,
+              int64_t& c1) {
+  c0 = window > 0 ? std::max<int64_t>(0, p0 - window + 1) : 0;
+  if (causal) {
+    c1 = p1 + 1;
+  } else if (window > 0) {
+    c1 = p1 + window;
+  } else {
+    c1 = nk;
+  }
+  c1 = std::min(std::max<int64_t>(c1, 0), nk);
+}
+
+struct Shape {
+  int64_t B, Hq, Hkv, Nq, Nk, D, G, U, n_blocks, block_m, block_n;
+  int64_t q_offset, window;
+  bool causal;
+  const int64_t* doc_lo = nullptr;  // (B, Nq): first key of row r's document, or null
+  const int64_t* doc_hi = nullptr;  // (B, Nq): one past its last key
+  const bool* kpm = nullptr;        // (B, Nk): true for real keys, or null
+};
+
+Shape make_shape(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
+                 bool causal, int64_t q_offset, int64_t window, const at::Tensor& doc_lo,
+                 const at::Tensor& doc_hi, const at::Tensor& kpm) {
+  Shape s{};
+  if (doc_lo.numel() > 0) {
+    TORCH_CHECK(doc_lo.scalar_type() == at::kLong && doc_hi.scalar_type() == at::kLong &&
+                    doc_lo.is_contiguous() && doc_hi.is_contiguous() &&
+                    doc_lo.numel() == q.size(0) * q.size(2) && doc_hi.numel() == doc_lo.numel(),
+                "doc_lo, doc_hi must be contiguous int64 (B, Nq)");
+    s.doc_lo = doc_lo.data_ptr<int64_t>();
+    s.doc_hi = doc_hi.data_ptr<int64_t>();
+  }
+  if (kpm.numel() > 0) {
+    TORCH_CHECK(kpm.scalar_type() == at::kBool && kpm.is_contiguous() &&
+                    kpm.numel() == k.size(0) * k.size(2),
+                "key_padding_mask must be contiguous bool (B, Nk)");
+    s.kpm = kpm.data_ptr<bool>();
+  }
+  s.B = q.size(0);
+  s.Hq = q.size(1);
+  s.Nq = q.size(2);
+  s.D = q.size(3);
+  s.Hkv = k.size(1);
+  s.Nk = k.size(2);
+  s.G = s.Hq / s.Hkv;
+  s.U = std::max<int64_t>(1, s.Nq + s.Nk - 1);
+  s.block_m = std::max<int64_t>(1, block_m);
+  s.block_n = std::max<int64_t>(1, block_n);
+  s.n_blocks = (s.Nq + s.block_m - 1) / s.block_m;
+  s.causal = causal;
+  s.q_offset = q_offset;
+  s.window = window;
+  return s;
+}
+
+// F[h, u] = PE_h(Δ = q_offset - (u - (Nq - 1))), -inf where Δ is hidden: (Hq, U).
+template <typename T>
+std::vector<T> extended(const Shape& s, const at::Tensor& table, const at::Tensor& slopes,
+                        int64_t lo) {
+  const T inf = std::numeric_limits<T>::infinity();
+  std::vector<T> f(static_cast<size_t>(s.Hq * s.U));
+  const bool has_table = table.numel() > 0, has_slopes = slopes.numel() > 0;
+  const int64_t T_cols = has_table ? table.size(1) : 0;
+  const T* tp = has_table ? table.data_ptr<T>() : nullptr;
+  const T* sp = has_slopes ? slopes.data_ptr<T>() : nullptr;
+  for (int64_t h = 0; h < s.Hq; ++h) {
+    for (int64_t u = 0; u < s.U; ++u) {
+      const int64_t delta = s.q_offset - (u - (s.Nq - 1));
+      bool vis = true;
+      if (s.causal && delta < 0) vis = false;
+      if (s.window > 0 && (delta >= s.window || (!s.causal && delta <= -s.window))) vis = false;
+      T val = 0;
+      if (has_table) {
+        const int64_t t = delta - lo;
+        if (t < 0 || t >= T_cols) {
+          vis = false;
+        } else {
+          val = tp[h * T_cols + t];
+        }
+      } else if (has_slopes) {
+        val = -sp[h] * static_cast<T>(delta < 0 ? -delta : delta);
+      }
+      f[h * s.U + u] = vis ? val : -inf;
+    }
+  }
+  return f;
+}
+
+// A buffer of at least n elements private to the calling thread, kept for the thread's life
+// (a fresh allocation per call would map and fault its pages in again, and unmapping them
+// interrupts every core the process runs on).
+template <typename T>
+T* scratch(int64_t n) {
+  thread_local std::vector<T> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
+// The scores' additive term of keys [k0, k0 + L) for rows r0 .. r0 + m - 1 into S (m x L):
+// the position term (a slice of F_h per row), -inf for keys in other documents or padding.
+template <typename T>
+void load_tile(const Shape& s, const T* fh, int64_t b, int64_t r0, int64_t m, int64_t k0,
+               int64_t L, T* S) {
+  const T inf = std::numeric_limits<T>::infinity();
+  for (int64_t r = 0; r < m; ++r) {
+    T* row = S + r * L;
+    std::copy_n(fh + (k0 - r0 - r + s.Nq - 1), L, row);
+    if (s.doc_lo) {
+      const int64_t lo = std::clamp<int64_t>(s.doc_lo[b * s.Nq + r0 + r] - k0, 0, L);
+      const int64_t hi = std::clamp<int64_t>(s.doc_hi[b * s.Nq + r0 + r] - k0, lo, L);
+      std::fill(row, row + lo, -inf);
+      std::fill(row + hi, row + L, -inf);
+    }
+    if (s.kpm) {
+      const bool* kp = s.kpm + b * s.Nk + k0;
+      for (int64_t j = 0; j < L; ++j) row[j] = kp[j] ? row[j] : -inf;
+    }
+  }
+}
+
+// Runs task(slot, t) for t in [0, n_tasks) on the pool's threads, in ONE parallel region;
+// slot in [0, n_slots) is private to the thread running it.
+template <typename F>
+void run_tasks(int64_t n_slots, int64_t n_tasks, const F& task) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, n_slots, 1, [&](int64_t begin, int64_t end) {
+    // No Python dispatch (TorchDispatchMode, profiler hooks in Python) for the nested ops.
+    c10::impl::ExcludeDispatchKeyGuard no_python(
+        c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot}));
+    at::NoGradGuard no_grad;
+    for (int64_t slot = begin; slot < end; ++slot) {
+      for (int64_t t = next.fetch_add(1); t < n_tasks; t = next.fetch_add(1)) task(slot, t);
+    }
+  });
+}
+
+// Task t -> (bh, query block), the last (heaviest under causality) blocks first.
+inline void task_of(const Shape& s, int64_t t, int64_t& bh, int64_t& blk) {
+  const int64_t bhs = s.B * s.Hq;
+  blk = s.n_blocks - 1 - t / bhs;
+  bh = t % bhs;
+}
+
+template <typename T>
+void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f, T scale,
+                  T* out, T* lse, int64_t n_slots) {
+  const T inf = std::numeric_limits<T>::infinity();
+  const int64_t D = s.D;
+  run_tasks(n_slots, s.B * s.Hq * s.n_blocks, [&](int64_t slot, int64_t t) {
+    int64_t bh, blk;
+    task_of(s, t, bh, blk);
+    const int64_t b = bh / s.Hq, h = bh % s.Hq, kvh = b * s.Hkv + h / s.G;
+    const int64_t r0 = blk * s.block_m, m = std::min(s.block_m, s.Nq - r0);
+    T* o = out + (bh * s.Nq + r0) * D;
+    T* ls = lse + bh * s.Nq + r0;
+    std::fill(o, o + m * D, T(0));
+    std::fill(ls, ls + m, -inf);
+    int64_t c0, c1;
+    key_span(s.q_offset + r0, s.q_offset + r0 + m - 1, s.Nk, s.causal, s.window, c0, c1);
+    if (s.doc_lo) {  // documents are contiguous runs: the block's rows see their union
+      c0 = std::max(c0, s.doc_lo[b * s.Nq + r0]);
+      c1 = std::min(c1, s.doc_hi[b * s.Nq + r0 + m - 1]);
+    }
+    if (c1 <= c0) return;
+    const int64_t bn = std::min(s.block_n, c1 - c0);
+    T* S = scratch<T>(s.block_m * s.block_n + 4 * s.block_m);
+    T* mx = S + s.block_m * s.block_n;
+    T* l = mx + s.block_m;
+    T* alpha = l + s.block_m;
+    T* sums = alpha + s.block_m;
+    std::fill(mx, mx + m, -inf);
+    std::fill(l, l + m, T(0));
+    const T* qb = q + (bh * s.Nq + r0) * D;
+    const T* kb = k + kvh * s.Nk * D;
+    const T* vb = v + kvh * s.Nk * D;
+    const T* fh = f + h * s.U;
+    for (int64_t k0 = c0; k0 < c1; k0 += bn) {
+      const int64_t L = std::min(bn, c1 - k0);
+      load_tile(s, fh, b, r0, m, k0, L, S);
+      gemm<T>(false, true, m, L, D, scale, qb, D, kb + k0 * D, D, T(1), S, L);
+      for (int64_t r = 0; r < m; ++r) {
+        T* row = S + r * L;
+        const T rmax = row_max(row, L);
+        const T mnew = rmax != rmax ? rmax : std::max(mx[r], rmax);  // NaN stays NaN
+        if (mnew == -inf) {
+          alpha[r] = T(1);  // nothing visible yet: the row stays 0
+          continue;
+        }
+        alpha[r] = std::exp(mx[r] - mnew);
+        mx[r] = mnew;
+      }
+      exp_rows(S, m, L, mx, nullptr, sums);
+      for (int64_t r = 0; r < m; ++r) {
+        l[r] = l[r] * alpha[r] + sums[r];
+        if (alpha[r] != T(1)) {
+          T* orow = o + r * D;
+          row_scale(orow, D, alpha[r]);
+        }
+      }
+      gemm<T>(false, false, m, D, L, T(1), S, L, vb + k0 * D, D, T(1), o, D);
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      T* orow = o + r * D;
+      if (mx[r] == -inf) {  // saw no key (NaN scores stay NaN, as documented)
+        std::fill(orow, orow + D, T(0));
+        ls[r] = -inf;
+        continue;
+      }
+      const T inv = T(1) / l[r];
+      row_scale(orow, D, inv);
+      ls[r] = mx[r] + std::log(l[r]);
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f, T scale,
+                   const T* out, const T* lse, const T* dout, T* dq, T* dk_t, T* dv_t, T* g_t,
+                   int64_t n_slots) {
+  const T inf = std::numeric_limits<T>::infinity();
+  const int64_t D = s.D;
+  const int64_t kv_size = s.B * s.Hkv * s.Nk * D;
+  run_tasks(n_slots, s.B * s.Hq * s.n_blocks, [&](int64_t slot, int64_t t) {
+    int64_t bh, blk;
+    task_of(s, t, bh, blk);
+    const int64_t b = bh / s.Hq, h = bh % s.Hq, kvh = b * s.Hkv + h / s.G;
+    const int64_t r0 = blk * s.block_m, m = std::min(s.block_m, s.Nq - r0);
+    int64_t c0, c1;
+    key_span(s.q_offset + r0, s.q_offset + r0 + m - 1, s.Nk, s.causal, s.window, c0, c1);
+    if (s.doc_lo) {  // documents are contiguous runs: the block's rows see their union
+      c0 = std::max(c0, s.doc_lo[b * s.Nq + r0]);
+      c1 = std::min(c1, s.doc_hi[b * s.Nq + r0 + m - 1]);
+    }
+    if (c1 <= c0) return;
+    const int64_t bn = std::min(s.block_n, c1 - c0);
+    T* P = scratch<T>(2 * s.block_m * s.block_n + 3 * s.block_m);
+    T* dS = P + s.block_m * s.block_n;
+    T* Di = dS + s.block_m * s.block_n;
+    T* mx = Di + s.block_m;  // P = exp((s - mx) - lg)
+    T* lg = mx + s.block_m;
+    const T* qb = q + (bh * s.Nq + r0) * D;
+    const T* ob = out + (bh * s.Nq + r0) * D;
+    const T* dob = dout + (bh * s.Nq + r0) * D;
+    const T* lb = lse + bh * s.Nq + r0;
+    T* dqb = dq + (bh * s.Nq + r0) * D;
+    const T* kb = k + kvh * s.Nk * D;
+    const T* vb = v + kvh * s.Nk * D;
+    T* dkb = dk_t + slot * kv_size + kvh * s.Nk * D;
+    T* dvb = dv_t + slot * kv_size + kvh * s.Nk * D;
+    const T* fh = f + h * s.U;
+    T* gh = g_t ? g_t + (slot * s.Hq + h) * s.U : nullptr;
+    bool any = false;
+    for (int64_t r = 0; r < m; ++r) {
+      Di[r] = dot(dob + r * D, ob + r * D, D);
+      any = any || lb[r] != -inf;
+    }
+    if (!any) return;
+    // lse arrives rounded to float32: exp(s - lse) is off by the factor exp(|lse|·2⁻²⁴) in a
+    // row, which matters for |lse| in the thousands (scores near ±1e4). Rows like that get
+    // their max and log-sum recomputed here, in one more pass over the keys.
+    bool exact_stats = false;
+    for (int64_t r = 0; r < m; ++r) {
+      mx[r] = lb[r];
+      lg[r] = 0;
+      exact_stats = exact_stats || (std::is_same_v<T, float> && lb[r] != -inf &&
+                                    std::abs(lb[r]) > T(64));
+    }
+    if (exact_stats) {
+      T* l = dS;  // the dP tile is free until the main loop
+      for (int64_t r = 0; r < m; ++r) {
+        mx[r] = -inf;
+        l[r] = 0;
+      }
+      for (int64_t k0 = c0; k0 < c1; k0 += bn) {
+        const int64_t L = std::min(bn, c1 - k0);
+        load_tile(s, fh, b, r0, m, k0, L, P);
+        gemm<T>(false, true, m, L, D, scale, qb, D, kb + k0 * D, D, T(1), P, L);
+        for (int64_t r = 0; r < m; ++r) {
+          T* row = P + r * L;
+          const T rmax = row_max(row, L);
+          const T mnew = rmax != rmax ? rmax : std::max(mx[r], rmax);
+          if (mnew == -inf) continue;
+          l[r] *= std::exp(mx[r] - mnew);
+          mx[r] = mnew;
+        }
+        T* sums = l + s.block_m;
+        exp_rows(P, m, L, mx, nullptr, sums);
+        for (int64_t r = 0; r < m; ++r) l[r] += sums[r];
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        if (lb[r] == -inf || mx[r] == -inf) {
+          mx[r] = -inf;
+          lg[r] = 0;
+        } else {
+          lg[r] = std::log(l[r]);
+        }
+      }
+    }
+    for (int64_t k0 = c0; k0 < c1; k0 += bn) {
+      const int64_t L = std::min(bn, c1 - k0);
+      load_tile(s, fh, b, r0, m, k0, L, P);
+      gemm<T>(false, true, m, L, D, scale, qb, D, kb + k0 * D, D, T(1), P, L);
+      exp_rows(P, m, L, mx, lg, nullptr);
+      gemm<T>(false, true, m, L, D, T(1), dob, D, vb + k0 * D, D, T(0), dS, L);  // dP
+      gemm<T>(true, false, L, D, m, T(1), P, L, dob, D, T(1), dvb + k0 * D, D);   // dV += Pᵀ dO
+      for (int64_t r = 0; r < m; ++r) {
+        T* ds = dS + r * L;
+        const T* p = P + r * L;
+        const T di = Di[r];
+        softmax_grad(ds, p, L, di);
+        if (gh) {
+          T* gr = gh + (k0 - r0 - r + s.Nq - 1);
+          row_add(gr, ds, L);
+        }
+      }
+      gemm<T>(true, false, L, D, m, scale, dS, L, qb, D, T(1), dkb + k0 * D, D);   // dK
+      gemm<T>(false, false, m, D, L, scale, dS, L, kb + k0 * D, D, T(1), dqb, D);  // dQ
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "relattn cpu kernel: CPU tensors only");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
+              "relattn cpu kernel: float32 or float64 only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-d");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k, v must share a dtype");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
+              "q, k, v must be contiguous");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "Hq must be a multiple of Hkv");
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape");
+  TORCH_CHECK(q.size(3) == k.size(3), "q and k must have the same head size");
+}
+
+// Returns (out (B, Hq, Nq, D), lse (B, Hq, Nq)), both in q's dtype.
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& table, const at::Tensor& slopes, int64_t lo,
+                                double scale, bool causal, int64_t q_offset, int64_t window,
+                                const at::Tensor& doc_lo, const at::Tensor& doc_hi,
+                                const at::Tensor& kpm, int64_t block_m, int64_t block_n) {
+  check_inputs(q, k, v);
+  const Shape s = make_shape(q, k, block_m, block_n, causal, q_offset, window, doc_lo, doc_hi,
+                             kpm);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({s.B, s.Hq, s.Nq}, q.options());
+  const int64_t n_slots = std::max<int64_t>(1, at::get_num_threads());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "relattn_cpu_forward", [&] {
+    const auto f = extended<scalar_t>(s, table, slopes, lo);
+    forward_impl<scalar_t>(s, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                           v.data_ptr<scalar_t>(), f.data(), static_cast<scalar_t>(scale),
+                           out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), n_slots);
+  });
+  return {out, lse};
+}
+
+// Returns (dq, dk, dv, dtable): dtable (Hq, T) in q's dtype, or an empty tensor without a table.
+std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& out,
+                                 const at::Tensor& lse, const at::Tensor& table,
+                                 const at::Tensor& slopes, int64_t lo, double scale, bool causal,
+                                 int64_t q_offset, int64_t window, const at::Tensor& doc_lo,
+                                 const at::Tensor& doc_hi, const at::Tensor& kpm,
+                                 int64_t block_m, int64_t block_n) {
+  check_inputs(q, k, v);
+  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous(),
+              "dout, out, lse must be contiguous");
+  TORCH_CHECK(lse.scalar_type() == q.scalar_type(), "lse must have q's dtype");
+  const Shape s = make_shape(q, k, block_m, block_n, causal, q_offset, window, doc_lo, doc_hi,
+                             kpm);
+  const int64_t n_slots =
+      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), s.B * s.Hq * s.n_blocks));
+  const bool has_table = table.numel() > 0;
+  at::Tensor dq = at::zeros(q.sizes(), q.options());
+  at::Tensor dk_t = at::zeros({n_slots, s.B, s.Hkv, s.Nk, s.D}, q.options());
+  at::Tensor dv_t = at::zeros({n_slots, s.B, s.Hkv, s.Nk, s.D}, q.options());
+  at::Tensor g_t = has_table ? at::zeros({n_slots, s.Hq, s.U}, q.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "relattn_cpu_backward", [&] {
+    const auto f = extended<scalar_t>(s, table, slopes, lo);
+    backward_impl<scalar_t>(s, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                            v.data_ptr<scalar_t>(), f.data(), static_cast<scalar_t>(scale),
+                            out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                            dout.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+                            dk_t.data_ptr<scalar_t>(), dv_t.data_ptr<scalar_t>(),
+                            has_table ? g_t.data_ptr<scalar_t>() : nullptr, n_slots);
+  });
+  at::Tensor dk = n_slots == 1 ? dk_t[0] : dk_t.sum(0);
+  at::Tensor dv = n_slots == 1 ? dv_t[0] : dv_t.sum(0);
+  at::Tensor dtable = at::empty({0}, q.options());
+  if (has_table) {
+    const int64_t T_cols = table.size(1);
+    dtable = at::zeros({s.Hq, T_cols}, q.options());
+    at::Tensor g = n_slots == 1 ? g_t[0] : g_t.sum(0);
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "relattn_cpu_dtable", [&] {
+      const scalar_t* gp = g.data_ptr<scalar_t>();
+      scalar_t* dp = dtable.data_ptr<scalar_t>();
+      for (int64_t h = 0; h < s.Hq; ++h) {
+        for (int64_t t = 0; t < T_cols; ++t) {
+          const int64_t u = s.q_offset - (lo + t) + s.Nq - 1;
+          if (u >= 0 && u < s.U) dp[h * T_cols + t] = gp[h * s.U + u];
+        }
+      }
+    });
+  }
+  return {dq, dk, dv, dtable};
+}
+
+void set_use_blas(bool use) { g_use_blas = use; }
+
+
+bool uses_blas() { return g_use_blas && blas_available(); }
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The kernels touch no Python object: other Python threads run meanwhile.
+  m.def("forward", &forward, "(out, lse) of exact attention with a relative position term",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &backward, "(dq, dk, dv, dtable)", py::call_guard<py::gil_scoped_release>());
+  m.def("set_use_blas", &set_use_blas, "use the exported BLAS (True) or at::addmm_ (False)");
+  m.def("uses_blas", &uses_blas, "whether gemms call the exported BLAS");
+}

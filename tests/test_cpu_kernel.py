@@ -1,0 +1,219 @@
+"""The fused C++ CPU kernel (``backend="cpu_kernel"``): its build and fallback, its exactness on
+small tiles (online softmax across key tiles, several query blocks, the ATen fallback for the
+matrix products), ``auto``'s choice, and that a pass dispatches O(1) ATen ops from Python.
+
+The conformance suite runs it on every encoding × mask × shape too (it is in ``BACKENDS``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from cases import check_fp32, make_case
+from oracle import run_math, run_relattn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import relattn
+from relattn.backends import chunked, cpu_kernel
+from relattn.problem import Problem
+
+OFF = os.environ.get("RELATTN_CPU_KERNEL", "1") == "0"
+pytestmark = pytest.mark.skipif(OFF, reason="RELATTN_CPU_KERNEL=0")
+
+
+def test_the_kernel_builds():
+    """One clear failure where the extension cannot be built (the conformance suite skips)."""
+    mod = cpu_kernel.load()
+    assert cpu_kernel.build_error() is None
+    assert hasattr(mod, "forward") and hasattr(mod, "backward")
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 7 query rows and 16 keys: many blocks, the online softmax across tiles."""
+    monkeypatch.setattr(cpu_kernel, "BLOCK_M", 7)
+    monkeypatch.setattr(cpu_kernel, "BLOCK_N", 16)
+
+
+@pytest.fixture(params=["blas", "aten"])
+def gemm(request):
+    """The exported BLAS, and the nested at::addmm_ fallback."""
+    mod = cpu_kernel.load()
+    mod.set_use_blas(request.param == "blas")
+    yield request.param
+    mod.set_use_blas(True)
+
+
+@pytest.mark.parametrize("enc", ["t5", "alibi", "kerple_log", "none"])
+@pytest.mark.parametrize(
+    "mask",
+    ["causal", "bidirectional", "window", "q_offset", "neg_q_offset", "doc_ids", "key_padding"],
+)
+def test_small_tiles_against_float64(small_tiles, gemm, enc, mask):
+    """Out and every gradient (the table's too) against float64 math and the reference, with
+    GQA, odd N and rows that see no key, across many tiles."""
+    check_fp32("cpu_kernel", enc, mask, (2, 4, 2, 37, 16))
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 1, 50, 16), (1, 2, 2, 5, 8), (2, 2, 1, 1, 16)])
+def test_shapes_against_float64(small_tiles, shape):
+    """MQA, Nk smaller than a tile, N = 1."""
+    check_fp32("cpu_kernel", "t5", "cross_bidir", shape)
+
+
+def _fwd_bwd(backend, q, k, v, table, slopes, problem, grad_out):
+    out, lse = backend.forward(q, k, v, table, slopes, problem)
+    return (out, lse, *backend.backward(grad_out, q, k, v, out, lse, table, slopes, problem))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("pe", ["table", "slopes", "none"])
+@pytest.mark.parametrize(
+    "causal, q_offset, window, nq, nk",
+    [(True, 0, 0, 70, 70), (False, 0, 0, 33, 90), (True, 60, 0, 30, 90), (True, 0, 9, 70, 70),
+     (False, 3, 5, 40, 45), (True, -20, 0, 40, 40)],
+)  # fmt: skip
+def test_backend_against_chunked(small_tiles, dtype, pe, causal, q_offset, window, nq, nk):
+    """The backend protocol directly (lse, dtable included) against the chunked backend; float64
+    to float64 precision."""
+    g = torch.Generator().manual_seed(nq * 1000 + nk)
+    b, hq, hkv, d = 2, 4, 2, 8
+    q = torch.randn(b, hq, nq, d, generator=g, dtype=dtype)
+    k, v = (torch.randn(b, hkv, nk, d, generator=g, dtype=dtype) for _ in range(2))
+    grad_out = torch.randn(b, hq, nq, d, generator=g, dtype=dtype)
+    lo = q_offset - (nk - 1)
+    table = torch.randn(hq, nq + nk - 1, generator=g, dtype=dtype) if pe == "table" else None
+    slopes = torch.rand(hq, generator=g, dtype=dtype) if pe == "slopes" else None
+    problem = Problem(lo=lo, scale=d**-0.5, causal=causal, q_offset=q_offset, window=window)
+    want = _fwd_bwd(chunked, q, k, v, table, slopes, problem, grad_out)
+    got = _fwd_bwd(cpu_kernel, q, k, v, table, slopes, problem, grad_out)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for name, w, x in zip(["out", "lse", "dq", "dk", "dv", "dtable"], want, got, strict=True):
+        if w is None:
+            assert x is None
+            continue
+        assert x.dtype == w.dtype and x.shape == w.shape, name
+        torch.testing.assert_close(x, w, rtol=tol, atol=tol, msg=name)
+
+
+def test_huge_scores_across_tiles(small_tiles):
+    """Scores near -1e4 in float32 across several key tiles: the backward recomputes the rows'
+    statistics rather than trusting the float32 lse (off by exp(|lse|·2⁻²⁴))."""
+    q, k, v, pe, grad_out, kw = make_case("alibi", "causal", (1, 2, 2, 40, 16), torch.float32)
+    direction = torch.ones(16) / 4
+    q = q * 0.3 + direction * 200
+    k = k * 0.3 - direction * 200
+    got = run_relattn(q, k, v, pe, grad_out, "cpu_kernel", **kw)
+    truth = run_math(q, k, v, pe, grad_out, torch.float64, **kw)
+    ref = run_relattn(q, k, v, pe, grad_out, "chunked", **kw)
+    for name in truth:
+        err = (got[name].double() - truth[name]).abs().max().item()
+        err_ref = (ref[name].double() - truth[name]).abs().max().item()
+        assert err <= 2 * err_ref + 1e-5, (name, err, err_ref)
+
+
+# ----------------------------------------------------------------------------- auto
+
+
+def _inputs(n, dtype=torch.float32):
+    q = torch.randn(1, 2, n, 16, dtype=dtype)
+    return q, q.clone(), Problem(lo=-(n - 1), scale=0.25)
+
+
+def test_auto_prefers_the_kernel_for_long_float_inputs():
+    q, k, p = _inputs(300)
+    assert relattn.backends.choose("auto", q, k, p).name == "cpu_kernel"
+    q64, k64, p = _inputs(300, torch.float64)
+    assert relattn.backends.choose("auto", q64, k64, p).name == "cpu_kernel"
+    q, k, p = _inputs(64)  # few rows: decode
+    assert relattn.backends.choose("auto", q, k, p).name == "decode"
+    q, k, p = _inputs(300, torch.bfloat16)
+    assert relattn.backends.choose("auto", q, k, p).name == "chunked"
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        relattn.backends.choose("cpu_kernel", q, k, p)
+
+
+def test_failed_build_falls_back_to_chunked_and_is_not_retried(monkeypatch):
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise OSError("no C++ compiler here")
+
+    monkeypatch.setattr(cpu_kernel, "_module", None)
+    monkeypatch.setattr(cpu_kernel, "_error", None)
+    monkeypatch.setattr(cpu_kernel, "_build", broken)
+    q, k, p = _inputs(300)
+    v = torch.randn_like(q)
+    with pytest.warns(UserWarning, match="no C.. compiler here"):
+        with pytest.raises(RuntimeError, match="no C.. compiler here"):
+            cpu_kernel.load()
+    assert not cpu_kernel.available()
+    assert relattn.backends.choose("auto", q, k, p).name == "chunked"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        out = relattn.attention(q, k, v, causal=True)
+        with pytest.raises(RuntimeError, match="could not be built: OSError: no C.. compiler"):
+            relattn.attention(q, k, v, backend="cpu_kernel")
+    assert len(calls) == 1
+    want = relattn.attention(q, k, v, backend="chunked")
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_no_toolchain_means_auto_never_tries(monkeypatch):
+    """Without ninja or a compiler, auto does not pick the kernel, and no build is tried."""
+    monkeypatch.setattr(cpu_kernel, "_module", None)
+    monkeypatch.setattr(cpu_kernel, "_error", None)
+    monkeypatch.setattr(cpu_kernel, "_toolchain", lambda: False)
+    q, k, p = _inputs(300)
+    assert relattn.backends.choose("auto", q, k, p).name == "chunked"
+    assert cpu_kernel._module is None and cpu_kernel._error is None
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("RELATTN_CPU_KERNEL", "0")
+    q, k, p = _inputs(300)
+    assert relattn.backends.choose("auto", q, k, p).name == "chunked"
+    with pytest.raises(RuntimeError, match="RELATTN_CPU_KERNEL=0"):
+        relattn.backends.choose("cpu_kernel", q, k, p)
+
+
+# ----------------------------------------------------------------------------- O(1) ops
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_of_a_training_step(backend, n):
+    """ATen ops dispatched from Python by the backend's forward and backward (called directly:
+    through the custom op a dispatch mode would see one op)."""
+    g = torch.Generator().manual_seed(n)
+    q, k, v, grad_out = (torch.randn(1, 2, n, 16, generator=g) for _ in range(4))
+    table = torch.randn(2, n, generator=g)
+    problem = Problem(lo=0, scale=0.25)
+    _fwd_bwd(backend, q, k, v, table, None, problem, grad_out)  # warm (and build)
+    with _CountOps() as mode:
+        _fwd_bwd(backend, q, k, v, table, None, problem, grad_out)
+    return mode.ops
+
+
+def test_a_training_step_dispatches_o1_ops(small_tiles, monkeypatch):
+    """Forward + backward dispatch as many ATen ops at 64 query blocks as at 8, where the
+    chunked backend dispatches a few per block: the kernel's per-tile work stays inside its
+    one parallel region per pass."""
+    few, many = _ops_of_a_training_step(cpu_kernel, 56), _ops_of_a_training_step(cpu_kernel, 448)
+    assert few == many and many < 40, (few, many)
+    monkeypatch.setattr(chunked, "BLOCK_M", 7)
+    chunked_few = _ops_of_a_training_step(chunked, 56)
+    chunked_many = _ops_of_a_training_step(chunked, 448)
+    assert chunked_many > 4 * chunked_few and chunked_few > many, (chunked_few, chunked_many)
