@@ -446,6 +446,40 @@ def test_bad_input_raises_on_every_rank_and_no_rank_hangs(pool2):
     pool2.run(_errors_worker)
 
 
+# ----------------------------------------------------------------------------- explicit backends
+
+
+def _backend_worker(rank: int, world: int, backend: str) -> None:
+    # chunked: the ring's PyTorch stand-in backward; cpu_kernel: the kernel's own backward,
+    # which takes the softmax backward's row term from the global `out`.
+    case = Case("rope+t5", docs=True, padding=True, hkv=2, n=16, b=1, d=16)
+    q, k, v, pe, grad_out, kw = make(case, (backend,))
+    for strategy, layout in (("ring", "zigzag"), ("ring", "contiguous"), ("all_to_all", "zigzag")):
+        got = run_cp(q, k, v, pe, grad_out, kw, None, strategy, layout, backend=backend)
+        truth = run_math(q, k, v, pe, grad_out, torch.float64, **kw)
+        assert_close_f64(got, truth, label=f"{strategy}/{layout}/{backend}: ")
+
+
+@pytest.mark.parametrize("backend", ["chunked", "cpu_kernel"])
+def test_ring_through_each_cpu_backend(pool2, backend):
+    if backend == "cpu_kernel":
+        from relattn.backends import cpu_kernel
+
+        if not cpu_kernel.available():
+            pytest.skip(f"the CPU kernel cannot be built here: {cpu_kernel.build_error()}")
+    pool2.run(_backend_worker, backend)
+
+
+def test_auto_ring_backend_on_cpu():
+    from relattn.backends import cpu_kernel
+    from relattn.distributed._block import resolve_backend
+
+    q = torch.zeros(1, 2, 8, 4)
+    want = "cpu_kernel" if cpu_kernel.available() else "chunked"
+    assert resolve_backend("auto", q, q) == want
+    assert resolve_backend("auto", q.bfloat16(), q.bfloat16()) == "chunked"
+
+
 # ----------------------------------------------------------------------------- triton route
 
 

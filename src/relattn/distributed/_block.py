@@ -15,9 +15,10 @@ A ring step's backward sees only one block of the keys a query row attends to. I
 where ``α = exp(lse_block - lse_global)`` is the share of the row's softmax mass in the block.
 Then ``dS = P_block ∘ (grad_out·vᵀ - rowsum(grad_out ∘ out))`` is exactly the global
 ``P ∘ (dO·vᵀ - rowsum(dO ∘ O))`` on the block's keys, *provided the backend takes the softmax
-backward's row term from ``out``*. The triton backend does. The chunked backend takes it from
-its own block probabilities (exact for one whole call, wrong for a block of a ring), so for it
-``_backward_from_out`` below stands in: blockwise PyTorch with the same contract.
+backward's row term from ``out``*. The fused CPU kernel (``cpu_kernel``) does. The chunked
+backend takes it from its own block probabilities (exact for one whole call, wrong for a block
+of a ring), and so do triton's dk/dv, so for them ``_backward_from_out`` below stands in:
+blockwise PyTorch with the same contract.
 """
 
 from __future__ import annotations
@@ -29,20 +30,25 @@ from .. import backends
 from ..masks import key_span
 from ..problem import Problem
 
-# Backends whose backward computes D_i = rowsum(grad_out ∘ out) from the ``out`` it is given.
-# None today: triton's dk/dv and table gradient take D_i = Σ_j P·dP from their own recomputed
-# weights (exact for a whole call in low precision, not for one block of a ring).
-_ROW_TERM_FROM_OUT: frozenset[str] = frozenset()
+# Backends whose backward computes D_i = rowsum(grad_out ∘ out) from the ``out`` it is given:
+# the CPU kernel (its P from the given lse, which for a ring block is the block's own). Not
+# triton: its dk/dv and table gradient take D_i = Σ_j P·dP from their own recomputed weights
+# (exact for a whole call in low precision, not for one block of a ring).
+_ROW_TERM_FROM_OUT: frozenset[str] = frozenset({"cpu_kernel"})
 
 # Scores per block of the stand-in backward: 2M fp32 (8 MiB) per live (H, rows, keys) tensor.
 _SCORES_PER_BLOCK = 1 << 21
 
 
 def resolve_backend(backend: str, q: Tensor, k: Tensor) -> str:
-    """The fused backend ``backend`` names here (``"auto"``: triton on CUDA, else chunked)."""
+    """The fused backend ``backend`` names here (``"auto"``: triton on CUDA, the CPU kernel on
+    the CPU where it runs (float32/float64, a compiler found), else chunked)."""
     if backend == "auto":
         if q.device.type == "cuda" and _unsupported("triton", q, k) is None:
             return "triton"
+        if q.device.type == "cpu" and _unsupported("cpu_kernel", q, k) is None:
+            if backends.get("cpu_kernel").priority(q, k, Problem(lo=0, scale=1.0)) is not None:
+                return "cpu_kernel"
         return "chunked"
     reason = _unsupported(backend, q, k)
     if reason:

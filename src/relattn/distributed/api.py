@@ -24,7 +24,7 @@ from .layout import check_layout, gather, shard, shard_positions, unshard, world
 __all__ = ["STRATEGIES", "ContextParallel", "context_parallel_attention"]
 
 STRATEGIES = ("ring", "all_to_all")
-_FUSED_BACKENDS = ("auto", "chunked", "triton")
+_FUSED_BACKENDS = ("auto", "chunked", "cpu_kernel", "triton")
 
 PE = PositionEncoding | RoPE | Sequence[PositionEncoding | RoPE] | None
 
@@ -65,8 +65,9 @@ def context_parallel_attention(
         doc_ids: ``(B, N/W)`` this rank's shard of the document ids (each document one
             contiguous run of global positions; documents may cross shards).
         key_padding_mask: ``(B, N/W)`` bool shard, True for real tokens.
-        backend: ``"auto"``, ``"chunked"`` or ``"triton"`` (a fused backend: blocks merge by
-            their log-sum-exp, which the reference backend does not return).
+        backend: ``"auto"`` (triton on CUDA, the CPU kernel on the CPU where it can be built,
+            else chunked), ``"chunked"``, ``"cpu_kernel"`` or ``"triton"`` (a fused backend:
+            blocks merge by their log-sum-exp, which the reference backend does not return).
 
     Returns:
         ``(B, Hq, N/W, D)`` in q's dtype: this rank's shard of the output.
