@@ -1,12 +1,14 @@
 """CPU training speed under two machine settings on the machine at hand: forward+backward of
-relattn (chunked) against SDPA without a position term and SDPA with the bias materialized,
-fp32, B=1, H=8, D=64, learnable T5Bias, causal; per-round ratios (median and IQR).
+relattn (the fused C++ kernel ``cpu_kernel``, which ``auto`` picks, and the pure-PyTorch
+``chunked``) against SDPA without a position term and SDPA with the bias materialized, fp32,
+B=1, H=8, D=64, learnable T5Bias, causal; per-round ratios (median and IQR).
 
 Settings (each in a fresh process, so torch and relattn read them at import):
 
 - ``avx512``: the machine as it is (torch's kernels at their best ISA, caches from sysfs);
 - ``avx2``: an AVX2-class machine: torch's kernels at AVX2 (``ATEN_CPU_CAPABILITY``), MKL and
-  oneDNN capped at AVX2, and relattn's schedule for a Zen 3 core's caches (32 KiB L1d,
+  oneDNN capped at AVX2, relattn's C++ kernel built without its AVX-512 clone
+  (``RELATTN_CPU_KERNEL_ISA``), and chunked's schedule for a Zen 3 core's caches (32 KiB L1d,
   512 KiB L2, 32 MiB L3) through ``RELATTN_CPU_CACHES``. The cache sizes themselves are still
   this machine's.
 
@@ -29,9 +31,10 @@ SETTINGS = {
         "MKL_ENABLE_INSTRUCTIONS": "AVX2",
         "ONEDNN_MAX_CPU_ISA": "AVX2",
         "RELATTN_CPU_CACHES": "l1d=32K,l2=512K,l3=32M",
+        "RELATTN_CPU_KERNEL_ISA": "avx2",
     },
 }
-NAMES = ("chunked", "sdpa_causal", "sdpa_bias")
+NAMES = ("cpu_kernel", "chunked", "sdpa_causal", "sdpa_bias")
 
 
 def worker(ns: list[int], rounds: int, threads: int | None) -> dict:
@@ -69,6 +72,9 @@ def _contenders(n: int) -> dict:
     pe = T5Bias(h)
     causal = torch.ones(n, n, dtype=torch.bool).triu_(1)
 
+    def cpu_kernel():
+        relattn.attention(q, k, v, pe, backend="cpu_kernel").backward(grad)
+
     def chunked():
         relattn.attention(q, k, v, pe, backend="chunked").backward(grad)
 
@@ -79,7 +85,12 @@ def _contenders(n: int) -> dict:
         bias = pe.bias(n, n).masked_fill(causal, float("-inf"))[None]
         F.scaled_dot_product_attention(q, k, v, attn_mask=bias).backward(grad)
 
-    return {"chunked": chunked, "sdpa_causal": sdpa_causal, "sdpa_bias": sdpa_bias}
+    return {
+        "cpu_kernel": cpu_kernel,
+        "chunked": chunked,
+        "sdpa_causal": sdpa_causal,
+        "sdpa_bias": sdpa_bias,
+    }
 
 
 def _quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -119,22 +130,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{setting}, {run['threads']} threads: {time.perf_counter() - start:.0f} s",
                   file=sys.stderr)  # fmt: skip
     lines = [
-        "| setting | threads | N | chunked s | SDPA causal s | SDPA + bias s | "
-        "chunked ÷ SDPA causal | SDPA + bias ÷ chunked |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | threads | N | cpu_kernel s | chunked s | SDPA causal s | SDPA + bias s | "
+        "cpu_kernel ÷ SDPA causal | SDPA + bias ÷ cpu_kernel | chunked ÷ SDPA causal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def ratio(a: list[float], b: list[float], digits: int) -> str:
+        q1, q2, q3 = _quartiles([x / y for x, y in zip(a, b, strict=True)])
+        return f"{q2:.{digits}f} ({q1:.{digits}f}–{q3:.{digits}f})"
+
     for run in runs:
         for row in run["rows"]:
             t = row["times"]
             med = {name: _quartiles(t[name])[1] for name in NAMES}
-            ours = t["chunked"]
-            vs_sdpa = _quartiles([a / b for a, b in zip(ours, t["sdpa_causal"], strict=True)])
-            vs_bias = _quartiles([b / a for a, b in zip(ours, t["sdpa_bias"], strict=True)])
             lines.append(
-                f"| {run['setting']} | {run['threads']} | {row['n']} | {med['chunked']:.3f} | "
+                f"| {run['setting']} | {run['threads']} | {row['n']} | "
+                f"{med['cpu_kernel']:.3f} | {med['chunked']:.3f} | "
                 f"{med['sdpa_causal']:.3f} | {med['sdpa_bias']:.3f} | "
-                f"{vs_sdpa[1]:.3f} ({vs_sdpa[0]:.3f}–{vs_sdpa[2]:.3f}) | "
-                f"{vs_bias[1]:.2f} ({vs_bias[0]:.2f}–{vs_bias[2]:.2f}) |"
+                f"{ratio(t['cpu_kernel'], t['sdpa_causal'], 3)} | "
+                f"{ratio(t['sdpa_bias'], t['cpu_kernel'], 2)} | "
+                f"{ratio(t['chunked'], t['sdpa_causal'], 3)} |"
             )
     machines = "\n".join(
         f"- {r['setting']} ({r['threads']} threads, load {r['loadavg']:.1f}): {r['cpu']}; "

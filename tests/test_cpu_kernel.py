@@ -181,6 +181,18 @@ def test_turned_off_by_the_environment(monkeypatch):
         relattn.backends.choose("cpu_kernel", q, k, p)
 
 
+def test_isa_switch_is_a_separate_build(monkeypatch):
+    """RELATTN_CPU_KERNEL_ISA=avx2 (the benchmarks' AVX2-class setting) compiles without the
+    AVX-512 clone, under its own cached name, never reusing the default build."""
+    monkeypatch.delenv("RELATTN_CPU_KERNEL_ISA", raising=False)
+    default_flags, default_name = cpu_kernel._cflags(), cpu_kernel._name()
+    assert "-DRELATTN_ISA_AVX2" not in default_flags
+    monkeypatch.setenv("RELATTN_CPU_KERNEL_ISA", "avx2")
+    assert "-DRELATTN_ISA_AVX2" in cpu_kernel._cflags()
+    assert cpu_kernel._name() != default_name
+    assert "RELATTN_ISA_AVX2" in cpu_kernel.SOURCE.read_text()
+
+
 # ----------------------------------------------------------------------------- O(1) ops
 
 

@@ -99,7 +99,11 @@ void exp_inplace(T* p, int64_t n) {
 // Row kernels. Reductions keep independent lanes (one running sum or max would be a chain of
 // dependent operations). The build is -O3 for any x86-64, so on GCC each kernel is also cloned
 // for AVX2 and AVX-512 and picked at load time by the CPU (target_clones).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// RELATTN_ISA_AVX2 (RELATTN_CPU_KERNEL_ISA=avx2) leaves the AVX-512 clone out, so an AVX-512
+// machine can measure what an AVX2-class one runs.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(RELATTN_ISA_AVX2)
+#define RELATTN_CLONES __attribute__((target_clones("avx2", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define RELATTN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define RELATTN_CLONES

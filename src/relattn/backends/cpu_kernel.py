@@ -68,6 +68,9 @@ def _cflags() -> list[str]:
     flags = ["-O3", "-fno-trapping-math"]  # lets selects in the row loops vectorize
     if "OpenMP" in torch.__config__.parallel_info():
         flags.append("-fopenmp")
+    # RELATTN_CPU_KERNEL_ISA=avx2: no AVX-512 clone (benchmarks emulate an AVX2-class machine).
+    if os.environ.get("RELATTN_CPU_KERNEL_ISA", "").strip().lower() == "avx2":
+        flags.append("-DRELATTN_ISA_AVX2")
     return flags
 
 
