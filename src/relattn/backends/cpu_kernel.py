@@ -11,7 +11,7 @@ them once. Float32 and float64; any causal / window / q_offset, GQA, a table, sl
 position term, ``doc_ids`` and ``key_padding_mask`` (bf16 / fp16 are left to chunked).
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and
-``ninja``) at its first use, into torch's extensions directory or ``RELATTN_CPU_KERNEL_DIR``,
+``ninja``) at its first use, into ``~/.cache/relattn`` or ``RELATTN_CPU_KERNEL_DIR``,
 and reused from there by later processes. That first call blocks for about a minute while it
 compiles (one line on stderr says so), like a first ``torch.compile``. ``RELATTN_CPU_KERNEL=0``
 turns the backend off. If the build fails, the reason is kept, one warning is given, the build
@@ -22,6 +22,7 @@ is not tried again in this process, ``backend="auto"`` uses the chunked backend,
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -82,12 +83,14 @@ def _name() -> str:
 
 
 def _build_dir(name: str) -> str:
-    """``RELATTN_CPU_KERNEL_DIR/<name>``, else torch's extensions directory for ``name``."""
-    from torch.utils import cpp_extension
-
+    """``RELATTN_CPU_KERNEL_DIR/<name>``, else ``<XDG cache>/relattn/<name>`` (``~/.cache`` by
+    default). Not torch's extensions directory: finding that imports
+    ``torch.utils.cpp_extension`` (and setuptools), a tenth of a second of every process's
+    first call even when the build is there."""
     root = os.environ.get("RELATTN_CPU_KERNEL_DIR")
     if not root:
-        return cpp_extension._get_build_directory(name, verbose=False)
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(cache, "relattn")
     path = os.path.join(root, name)
     os.makedirs(path, exist_ok=True)
     return path
@@ -95,14 +98,23 @@ def _build_dir(name: str) -> str:
 
 def _build() -> Any:
     """Compile (or load from the cache) the extension module."""
-    from torch.utils import cpp_extension
-
     ninja = _ninja_dir()
     if ninja and not shutil.which("ninja"):  # torch's build runs "ninja" from the PATH
         os.environ["PATH"] = ninja + os.pathsep + os.environ.get("PATH", "")
     name = _name()
     build_dir = _build_dir(name)
-    if not (Path(build_dir) / f"{name}.so").exists():
+    built = Path(build_dir) / f"{name}.so"
+    # A finished build (its name is keyed by source, torch, Python and flags) is imported
+    # directly: cpp_extension.load would hash the source and run ninja first, about 0.2 s of a
+    # process's first call. No lock file: no other process is building it right now.
+    if built.exists() and not (Path(build_dir) / "lock").exists():
+        try:
+            return _import(name, built)
+        except ImportError:
+            pass  # e.g. a build cut short: let the builder redo it
+    from torch.utils import cpp_extension
+
+    if not built.exists():
         print("relattn: compiling the CPU attention kernel once (about a minute)…", file=sys.stderr)
     return cpp_extension.load(
         name=name,
@@ -111,6 +123,15 @@ def _build() -> Any:
         build_directory=build_dir,
         verbose=False,
     )
+
+
+def _import(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _ninja_dir() -> str | None:
