@@ -156,7 +156,9 @@ class PositionEncoding(nn.Module):
             if k in _MODULE_INTERNALS:
                 continue
             k0, v0, key0 = next(saved, (None, None, None))
-            if v is not v0 or k != k0 or (key0 is not None and _tensor_key(v) != key0):
+            if v is not v0 or k != k0:
+                return False
+            if key0 is not None and (not isinstance(v, Tensor) or _tensor_key(v) != key0):
                 return False
         if next(saved, None) is not None:
             return False
