@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import relattn
+import relattn._custom_op  # noqa: F401  (registers torch.ops.relattn.attention)
 from relattn.nn import RelativeSelfAttention
 from relattn.pe import ALiBi, T5Bias
 

@@ -6,6 +6,7 @@ generation loop takes (no custom op), the non-CPU code path, and what the path m
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from oracle import assert_close_f64, assert_flash_accuracy, attention_math, max_
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import relattn
+import relattn._custom_op  # noqa: F401  (registers torch.ops.relattn.attention)
 from relattn.backends import cpu_kernel, decode
 from relattn.pe import ALiBi, T5Bias
 from relattn.problem import Problem
@@ -181,7 +183,7 @@ def test_auto_dispatch():
     assert decode.BACKEND.priority(meta, meta, Problem(0, 1.0)) is None
 
 
-def test_cached_steps_match_reference_backend(monkeypatch):
+def test_cached_steps_match_reference_backend(monkeypatch, builtin_backends):
     """TinyLM (GQA) fed one token at a time through its KV cache: every step goes to decode
     under auto and gives the reference backend's logits."""
     from relattn.models import TinyLM, TinyLMConfig
@@ -209,6 +211,20 @@ _step = decode.step
 # ----------------------------------------------------------------------------- one-token shortcut
 
 
+@pytest.fixture
+def builtin_backends(monkeypatch):
+    """Only the built-in backends registered (other test modules register toys at import)."""
+    builtins = {
+        name: relattn.backends.get(name)
+        for name in relattn.backends._BUILTIN
+        if name not in relattn.backends._UNAVAILABLE
+    }
+    builtins = {n: b for n, b in builtins.items() if b is importlib.import_module(
+        relattn.backends._BUILTIN[n]).BACKEND}  # fmt: skip
+    monkeypatch.setattr(relattn.backends, "_REGISTRY", builtins)
+    monkeypatch.setattr(relattn.backends, "customized", False)
+
+
 def _general(q, k, v, pe, **kw):
     """The same call through validation, dispatch and the decode backend's forward."""
     saved = relattn.functional._decode_step
@@ -232,7 +248,9 @@ class _OwnCache(T5Bias):
 )
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("nk,extra", [(1, 0), (29, 0), (29, 5), (300, 0)])
-def test_one_token_shortcut_is_bit_exact(dtype, pe_name, heads, nk, extra, monkeypatch):
+def test_one_token_shortcut_is_bit_exact(
+    dtype, pe_name, heads, nk, extra, monkeypatch, builtin_backends
+):
     """A generation step takes the shortcut (dispatch never runs) and returns bit for bit what
     the general path returns, which the conformance suite checks against float64 math."""
     hq, hkv = heads
@@ -292,7 +310,7 @@ def test_auto_would_pick_decode_where_the_shortcut_answers():
         "registered_backend",
     ],
 )
-def test_one_token_shortcut_stands_aside(case, monkeypatch):
+def test_one_token_shortcut_stands_aside(case, monkeypatch, builtin_backends):
     """Anything beyond a plain generation step goes through validation and dispatch."""
     pe, nk, kw = T5Bias(4), 20, {"q_offset": 19}
     q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 4, nk, 8), torch.randn(1, 4, nk, 8)
@@ -318,8 +336,8 @@ def test_one_token_shortcut_stands_aside(case, monkeypatch):
         kw["causal"] = False
     elif case == "int_scale":
         kw["scale"] = 1
-    elif case == "registered_backend":
-        monkeypatch.setattr(relattn.backends, "customized", True)
+    elif case == "registered_backend":  # a user backend that outranks decode here
+        relattn.backends.register(_Eager())
     chosen = []
     real = relattn.backends.choose
     monkeypatch.setattr(relattn.backends, "choose", lambda *a: chosen.append(1) or real(*a))
@@ -328,17 +346,40 @@ def test_one_token_shortcut_stands_aside(case, monkeypatch):
     assert chosen
 
 
-def test_registering_a_backend_turns_the_shortcut_off(monkeypatch):
-    monkeypatch.setattr(relattn.backends, "customized", False)
-    monkeypatch.setattr(relattn.backends, "_REGISTRY", dict(relattn.backends._REGISTRY))
-    relattn.backends.register(decode.BACKEND)  # a built-in's own: still off the hook
+class _Eager(relattn.backends.Backend):
+    """A user backend that wants every call (the reference's math, unfused)."""
+
+    name = "eager_for_shortcut_test"
+    fused = False
+
+    def priority(self, q, k, problem):
+        return 1000.0
+
+    def attention(self, q, k, v, table, slopes, problem):
+        return relattn.backends.get("reference").attention(q, k, v, table, slopes, problem)
+
+
+class _Idle(relattn.backends.Backend):
+    """A user backend that never asks for a call."""
+
+    name = "idle_for_shortcut_test"
+
+
+def test_registered_backends_and_the_shortcut(monkeypatch, builtin_backends):
+    """Registering a built-in's own backend changes nothing; a user backend makes the shortcut
+    ask dispatch first, and it is still taken where dispatch picks decode."""
+    relattn.backends.register(decode.BACKEND)
     assert relattn.backends.customized is False
-
-    class Mine(relattn.backends.Backend):
-        name = "mine_for_shortcut_test"
-
-    relattn.backends.register(Mine())
+    relattn.backends.register(_Idle())
     assert relattn.backends.customized is True
+    pe = T5Bias(4)
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 20, 8)
+    steps = []
+    monkeypatch.setattr(decode, "step", lambda *a: steps.append(1) or _step(*a))
+    with torch.no_grad():
+        got = relattn.attention(q, k, k, pe, q_offset=19)
+    assert steps  # dispatch still picks decode: the shortcut answers
+    torch.testing.assert_close(got, _general(q, k, k, pe, q_offset=19), rtol=0, atol=0)
 
 
 def test_one_token_shortcut_sees_weight_changes():

@@ -16,6 +16,7 @@ from cases import BACKENDS, MASKS, check_fp32, check_low_precision, randomize
 from oracle import ORACLES
 
 import relattn
+import relattn._custom_op  # noqa: F401  (registers torch.ops.relattn.attention)
 from relattn.backends import Backend
 from relattn.models import TinyLM, TinyLMConfig
 from relattn.nn import RelativeSelfAttention

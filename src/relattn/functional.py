@@ -130,7 +130,8 @@ _STEP_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 def _decode_step(q, k, v, pe, causal, scale, q_offset, backend) -> Tensor | None:
     """A generation loop's call, answered with a few µs of Python rather than ~40: one query
     row on the CPU at position ``Nk - 1`` or later, causal, every key visible, no autograd, at
-    most one additive encoding, ``backend`` ``"auto"`` or ``"decode"``. The checks below only
+    most one additive encoding, ``backend`` ``"auto"`` or ``"decode"`` (and, once a user has
+    registered a backend, only where dispatch still picks decode). The checks below only
     recognise that case (anything unusual, including every invalid argument, returns None and
     takes the general path, which validates and reports); the answer is the decode backend's,
     computed from the same cached table, so it is bit for bit what the general path returns.
@@ -163,8 +164,12 @@ def _decode_step(q, k, v, pe, causal, scale, q_offset, backend) -> Tensor | None
     grad = torch.is_grad_enabled()
     if grad and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
-    if backends.customized or torch.compiler.is_compiling():
-        return None  # a registered backend may outrank decode; compile traces the general path
+    if torch.compiler.is_compiling():
+        return None  # compile traces the general path
+    if backends.customized:  # a registered backend may outrank decode: let auto decide
+        problem = Problem(q_offset - nk + 1, float(scale), True, q_offset, 0, None, None)
+        if backends.choose(backend, q, k, problem) is not decode.BACKEND:
+            return None
     if pe is None:
         return decode.step(q, k, v, None, 0, scale)
     if not isinstance(pe, PositionEncoding) or getattr(pe, "num_heads", None) != hq:
