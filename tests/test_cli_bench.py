@@ -111,9 +111,14 @@ def test_rounds_and_paired_ratios():
 def test_cpu_report_has_the_paired_ratio_table():
     from relattn.bench import cpu
 
-    rows = cpu.run([64], repeats=1, quick=True)
-    chunked = next(r for r in rows if r["key"] == "chunked")
-    assert chunked["rounds"] == 1 and len(chunked["speedup_over_bias"]) == 3
+    rows = cpu.run([64, 300], repeats=1, quick=True)
+    for key in ("auto", "chunked"):
+        row = next(r for r in rows if r["key"] == key)
+        assert row["rounds"] == 1 and len(row["speedup_over_bias"]) == 3
+    # auto names the backend it ran, as dispatch chooses it for a training call
+    auto = {r["n"]: r["contender"] for r in rows if r["key"] == "auto"}
+    assert auto == {n: f"relattn auto (ran {cpu.auto_choice(n)})" for n in (64, 300)}
+    assert cpu.auto_choice(300) != "reference"
     text = cpu.to_markdown(rows)
-    assert "Per-round ratios of relattn chunked" in text
-    assert "SDPA + bias fwd+bwd ÷ chunked" in text
+    assert "Per-round ratios of relattn" in text
+    assert "SDPA + bias fwd+bwd ÷ relattn" in text and "relattn auto (ran" in text

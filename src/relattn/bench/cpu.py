@@ -1,6 +1,8 @@
-"""The CPU comparison: relattn's chunked and reference backends against torch's SDPA (with the
-bias materialized, and bias-free as the limit) and FlexAttention, fp32, B=1, H=8, D=64, a
-learnable T5 bias, causal."""
+"""The CPU comparison: relattn (``backend="auto"``, which names the backend it picked, and the
+chunked and reference backends) against torch's SDPA (with the bias materialized, and bias-free
+as the limit) and FlexAttention, fp32, B=1, H=8, D=64, a learnable T5 bias, causal. Every
+contender is warmed up once before it is timed (a first call builds caches, and auto's C++
+kernel on its first use on a machine)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 import relattn
 from relattn.pe import T5Bias
+from relattn.problem import Problem
 
 from .common import machine_info, markdown_table, medians, peak_memory, round_ratios, time_rounds
 
@@ -26,6 +29,7 @@ MEMORY_LIMIT = 16 * 2**30
 _QUADRATIC_COPIES = {"reference": 5, "sdpa_bias": 4}
 
 CONTENDERS = {
+    "auto": "relattn auto",
     "chunked": "relattn chunked",
     "reference": "relattn reference",
     "sdpa_bias": "SDPA + materialized bias (attn_mask, requires grad)",
@@ -139,7 +143,7 @@ def _contenders(n: int, names: list[str]):
             need = _QUADRATIC_COPIES[name] * B * H * n * n * 4 / 2**30
             notes[name] = f"skipped: N² tensors need ~{need:.0f} GiB"
             continue
-        if name in ("chunked", "reference"):
+        if name in ("auto", "chunked", "reference"):
             fwd[name], fb[name] = relattn_fn(name, False), relattn_fn(name, True)
         elif name == "sdpa_bias":
             fwd[name], fb[name] = sdpa_bias(False), sdpa_bias(True)
@@ -158,7 +162,7 @@ def _contenders(n: int, names: list[str]):
 
 def _names_for(n: int, quick: bool) -> list[str]:
     if n > 16384:
-        return ["chunked"]  # the others are quadratic in memory or too slow to be useful
+        return ["auto", "chunked"]  # the others are quadratic in memory or too slow here
     if quick:  # a smoke run: FlexAttention alone would spend its time compiling
         return [name for name in CONTENDERS if name != "flex"]
     return list(CONTENDERS)
@@ -166,6 +170,17 @@ def _names_for(n: int, quick: bool) -> list[str]:
 
 def _repeats_for(n: int, repeats: int) -> int:
     return max(1, repeats if n <= 4096 else repeats // 2 if n <= 8192 else repeats // 4)
+
+
+# relattn's rows that get per-round ratios.
+_PAIRED = ("auto", "chunked")
+
+
+def auto_choice(n: int) -> str:
+    """The backend ``backend="auto"`` runs for this benchmark's training call at length n."""
+    q = torch.empty(B, H, n, D, requires_grad=True)
+    with torch.enable_grad():
+        return relattn.backends.choose("auto", q, q, Problem(-(n - 1), D**-0.5)).name
 
 
 def run(
@@ -179,16 +194,17 @@ def run(
     Args:
         ns: sequence lengths.
         repeats: timed repetitions at N <= 4096 (fewer at larger N); medians are reported.
-        quick: one repetition, no warm-up and no memory measurement (a smoke run).
+        quick: one repetition and no memory measurement (a smoke run; still warmed up).
         progress: called with a line of text as each measurement finishes.
 
     Returns:
         One dict per (N, contender): ``n``, ``contender``, ``fwd_s``, ``fwdbwd_s``,
         ``fwd_ratio`` and ``fwdbwd_ratio`` (to SDPA is_causal in the same run),
-        ``peak_fwd_mib``, ``peak_fwdbwd_mib``, ``compile_s`` and ``note``; the chunked rows
-        add ``rounds`` and, as (p25, median, p75) over the rounds, ``fwd_round_ratio`` and
-        ``fwdbwd_round_ratio`` (to SDPA is_causal) and ``speedup_over_bias`` (SDPA with the
-        materialized bias ÷ chunked, fwd+bwd).
+        ``peak_fwd_mib``, ``peak_fwdbwd_mib``, ``compile_s`` and ``note``; the auto and
+        chunked rows add ``rounds`` and, as (p25, median, p75) over the rounds,
+        ``fwd_round_ratio`` and ``fwdbwd_round_ratio`` (to SDPA is_causal) and
+        ``speedup_over_bias`` (SDPA with the materialized bias ÷ that row, fwd+bwd); the auto
+        row's contender names the backend auto picked.
     """
     say = progress or (lambda line: None)
     rows = []
@@ -196,7 +212,7 @@ def run(
         names = _names_for(n, quick)
         fwd, fb, notes, extra = _contenders(n, names)
         reps = 1 if quick else _repeats_for(n, repeats)
-        warmup = 0 if quick else 1
+        warmup = 1  # a cold first call is not what a user's loop sees
         r_fwd = time_rounds(fwd, reps, warmup=warmup)
         t_fwd = medians(r_fwd)
         say(f"N={n} fwd: {t_fwd}")
@@ -215,6 +231,8 @@ def run(
         base_f, base_fb = t_fwd.get("sdpa_causal"), t_fb.get("sdpa_causal")
         for name in names:
             row: dict[str, Any] = {"n": n, "contender": CONTENDERS[name], "key": name}
+            if name == "auto":
+                row["contender"] = f"relattn auto (ran {auto_choice(n)})"
             note = [notes[name]] if name in notes else []
             for key, times, base in (("fwd", t_fwd, base_f), ("fwdbwd", t_fb, base_fb)):
                 t = times.get(name)
@@ -228,11 +246,11 @@ def run(
             row["peak_fwdbwd_mib"] = mem_fb.get(name)
             row.update(extra.get(name, {}))
             row["note"] = "; ".join(note) or None
-            if name == "chunked":
+            if name in _PAIRED:
                 row["rounds"] = reps
-                row["fwd_round_ratio"] = round_ratios(r_fwd, "chunked", "sdpa_causal")
-                row["fwdbwd_round_ratio"] = round_ratios(r_fb, "chunked", "sdpa_causal")
-                row["speedup_over_bias"] = round_ratios(r_fb, "sdpa_bias", "chunked")
+                row["fwd_round_ratio"] = round_ratios(r_fwd, name, "sdpa_causal")
+                row["fwdbwd_round_ratio"] = round_ratios(r_fb, name, "sdpa_causal")
+                row["speedup_over_bias"] = round_ratios(r_fb, "sdpa_bias", name)
             rows.append(row)
     return rows
 
@@ -256,29 +274,31 @@ def _quartiles(q: tuple[float, float, float] | None) -> str:
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    """The results of :func:`run` as Markdown: the full table, then relattn chunked's ratios
-    taken round by round (median and interquartile range)."""
+    """The results of :func:`run` as Markdown: the full table, then relattn's ratios (auto and
+    chunked) taken round by round (median and interquartile range)."""
     paired = [
         {
             "n": r["n"],
+            "contender": r["contender"],
             "rounds": r.get("rounds"),
             "fwd": _quartiles(r.get("fwd_round_ratio")),
             "fwdbwd": _quartiles(r.get("fwdbwd_round_ratio")),
             "bias": _quartiles(r.get("speedup_over_bias")),
         }
         for r in rows
-        if r["key"] == "chunked"
+        if r["key"] in _PAIRED
     ]
     columns = [
         ("n", "N"),
+        ("contender", "contender"),
         ("rounds", "rounds"),
-        ("fwd", "chunked fwd ÷ SDPA causal"),
-        ("fwdbwd", "chunked fwd+bwd ÷ SDPA causal"),
-        ("bias", "SDPA + bias fwd+bwd ÷ chunked"),
+        ("fwd", "fwd ÷ SDPA causal"),
+        ("fwdbwd", "fwd+bwd ÷ SDPA causal"),
+        ("bias", "SDPA + bias fwd+bwd ÷ relattn"),
     ]
     return (
         markdown_table(rows, COLUMNS)
-        + "\n\nPer-round ratios of relattn chunked (median, interquartile range in brackets):\n\n"
+        + "\n\nPer-round ratios of relattn (median, interquartile range in brackets):\n\n"
         + markdown_table(paired, columns)
     )
 
