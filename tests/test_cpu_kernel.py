@@ -181,6 +181,33 @@ def test_turned_off_by_the_environment(monkeypatch):
         relattn.backends.choose("cpu_kernel", q, k, p)
 
 
+def test_backward_memory_bound_limits_the_threads_not_the_answer(monkeypatch):
+    """With the per-thread buffers capped at one, the backward (2 threads) gives what it gives
+    uncapped, up to summation order; and the cap follows the machine's memory."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v, grad = (torch.randn(1, 4, 300, 16, generator=g, dtype=torch.float64) for _ in range(4))
+    table = torch.randn(4, 599, generator=g, dtype=torch.float64)
+    problem = Problem(lo=-299, scale=0.25, causal=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out, lse = cpu_kernel.forward(q, k, v, table, None, problem)
+        want = cpu_kernel.backward(grad, q, k, v, out, lse, table, None, problem)
+        monkeypatch.setattr(cpu_kernel, "max_slots", lambda *a: 1)
+        got = cpu_kernel.backward(grad, q, k, v, out, lse, table, None, problem)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    monkeypatch.undo()
+    big = torch.empty(1, 8, 32768, 64)  # a 128 MiB buffer per thread (fp32 dk + dv)
+    monkeypatch.setattr(cpu_kernel, "_physical_memory", lambda: 16 << 30)
+    assert cpu_kernel.max_slots(big, big, False) == 12  # 10 % of 16 GiB
+    monkeypatch.setattr(cpu_kernel, "_physical_memory", lambda: 0)
+    assert cpu_kernel.max_slots(big, big, False) == 8  # the 1 GiB floor
+    assert cpu_kernel.max_slots(big[:, :, :8], big[:, :, :8], True) > 1000
+
+
 def test_isa_switch_is_a_separate_build(monkeypatch):
     """RELATTN_CPU_KERNEL_ISA=avx2 (the benchmarks' AVX2-class setting) compiles without the
     AVX-512 clone, under its own cached name, never reusing the default build."""

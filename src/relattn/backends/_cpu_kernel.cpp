@@ -620,15 +620,16 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
                                  const at::Tensor& slopes, int64_t lo, double scale, bool causal,
                                  int64_t q_offset, int64_t window, const at::Tensor& doc_lo,
                                  const at::Tensor& doc_hi, const at::Tensor& kpm,
-                                 int64_t block_m, int64_t block_n) {
+                                 int64_t block_m, int64_t block_n, int64_t max_slots) {
   check_inputs(q, k, v);
   TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous(),
               "dout, out, lse must be contiguous");
   TORCH_CHECK(lse.scalar_type() == q.scalar_type(), "lse must have q's dtype");
   const Shape s = make_shape(q, k, block_m, block_n, causal, q_offset, window, doc_lo, doc_hi,
                              kpm);
-  const int64_t n_slots =
-      std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), s.B * s.Hq * s.n_blocks));
+  // One dk/dv/table-gradient buffer per slot; max_slots bounds their memory (fewer threads).
+  const int64_t n_slots = std::max<int64_t>(
+      1, std::min<int64_t>({at::get_num_threads(), s.B * s.Hq * s.n_blocks, max_slots}));
   const bool has_table = table.numel() > 0;
   at::Tensor dq = at::zeros(q.sizes(), q.options());
   at::Tensor dk_t = at::zeros({n_slots, s.B, s.Hkv, s.Nk, s.D}, q.options());

@@ -253,6 +253,30 @@ def forward(
     return out, lse
 
 
+# The backward's per-thread buffers may take this share of the machine's memory (at least
+# _SLOTS_FLOOR bytes); beyond, fewer threads run it.
+SLOT_MEMORY_SHARE = 0.1
+_SLOTS_FLOOR = 1 << 30
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def max_slots(q: Tensor, k: Tensor, has_table: bool) -> int:
+    """How many per-thread dk/dv (and table-gradient) buffers the backward may keep: each is
+    ``2·size(k)`` plus ``Hq·(Nq + Nk)`` for the table's, and together they stay under
+    ``SLOT_MEMORY_SHARE`` of the machine's memory (at least 1 GiB). At N = 32768, 8 kv heads,
+    D = 64 a buffer is 128 MiB, so a 16 GiB machine runs the backward on up to 12 threads."""
+    table_part = q.shape[1] * (q.shape[2] + k.shape[2]) if has_table else 0
+    per_slot = (2 * k.numel() + table_part) * k.element_size()
+    budget = max(_SLOTS_FLOOR, int(SLOT_MEMORY_SHARE * _physical_memory()))
+    return max(1, budget // max(1, per_slot))
+
+
 def backward(
     grad_out: Tensor,
     q: Tensor,
@@ -286,6 +310,7 @@ def backward(
         *_masks(q, p),
         BLOCK_M,
         BLOCK_N,
+        max_slots(q2, k2, t.numel() > 0),
     )
     if table is None:
         return dq, dk.to(k.dtype), dv.to(v.dtype), None
