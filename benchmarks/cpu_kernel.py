@@ -21,49 +21,23 @@ NAMES = ("cpu_kernel", "cpu_kernel_aten", "chunked", "sdpa_causal", "sdpa_bias")
 
 
 def _contenders(n: int, names: tuple[str, ...]) -> dict:
-    import torch
-    import torch.nn.functional as F
+    """cpu_schedule.py's contenders (one set of inputs at length n) and the kernel with nested
+    ``at::addmm_`` for its matrix products."""
+    from cpu_schedule import _contenders as shared  # this folder is the script's sys.path[0]
 
-    import relattn
     from relattn.backends import cpu_kernel
-    from relattn.pe import T5Bias
 
-    b, h, d = 1, 8, 64
-    g = torch.Generator().manual_seed(n)
-    q, k, v = (torch.randn(b, h, n, d, generator=g).requires_grad_() for _ in range(3))
-    grad = torch.randn(b, h, n, d, generator=g)
-    pe = T5Bias(h)
-    causal = torch.ones(n, n, dtype=torch.bool).triu_(1)
+    fns = shared(n)
     mod = cpu_kernel.load()
-
-    def kernel():
-        mod.set_use_blas(True)
-        relattn.attention(q, k, v, pe, backend="cpu_kernel").backward(grad)
 
     def kernel_aten():
         mod.set_use_blas(False)
         try:
-            relattn.attention(q, k, v, pe, backend="cpu_kernel").backward(grad)
+            fns["cpu_kernel"]()
         finally:
             mod.set_use_blas(True)
 
-    def chunked():
-        relattn.attention(q, k, v, pe, backend="chunked").backward(grad)
-
-    def sdpa_causal():
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad)
-
-    def sdpa_bias():
-        bias = pe.bias(n, n).masked_fill(causal, float("-inf"))[None]
-        F.scaled_dot_product_attention(q, k, v, attn_mask=bias).backward(grad)
-
-    fns = {
-        "cpu_kernel": kernel,
-        "cpu_kernel_aten": kernel_aten,
-        "chunked": chunked,
-        "sdpa_causal": sdpa_causal,
-        "sdpa_bias": sdpa_bias,
-    }
+    fns["cpu_kernel_aten"] = kernel_aten
     return {name: fns[name] for name in names}
 
 

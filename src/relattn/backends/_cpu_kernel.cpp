@@ -392,6 +392,17 @@ void run_tasks(int64_t n_slots, int64_t n_tasks, const F& task) {
   });
 }
 
+// Keys [c0, c1) that any row r0 .. r0 + m - 1 of batch b may see: the Δ rules' span, narrowed
+// to the documents of the block's rows (contiguous runs, so the rows see their union).
+inline void block_key_span(const Shape& s, int64_t b, int64_t r0, int64_t m, int64_t& c0,
+                           int64_t& c1) {
+  key_span(s.q_offset + r0, s.q_offset + r0 + m - 1, s.Nk, s.causal, s.window, c0, c1);
+  if (s.doc_lo) {
+    c0 = std::max(c0, s.doc_lo[b * s.Nq + r0]);
+    c1 = std::min(c1, s.doc_hi[b * s.Nq + r0 + m - 1]);
+  }
+}
+
 // Task t -> (bh, query block), the last (heaviest under causality) blocks first.
 inline void task_of(const Shape& s, int64_t t, int64_t& bh, int64_t& blk) {
   const int64_t bhs = s.B * s.Hq;
@@ -414,11 +425,7 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
     std::fill(o, o + m * D, T(0));
     std::fill(ls, ls + m, -inf);
     int64_t c0, c1;
-    key_span(s.q_offset + r0, s.q_offset + r0 + m - 1, s.Nk, s.causal, s.window, c0, c1);
-    if (s.doc_lo) {  // documents are contiguous runs: the block's rows see their union
-      c0 = std::max(c0, s.doc_lo[b * s.Nq + r0]);
-      c1 = std::min(c1, s.doc_hi[b * s.Nq + r0 + m - 1]);
-    }
+    block_key_span(s, b, r0, m, c0, c1);
     if (c1 <= c0) return;
     const int64_t bn = std::min(s.block_n, c1 - c0);
     T* S = scratch<T>(s.block_m * s.block_n + 4 * s.block_m);
@@ -484,11 +491,7 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
     const int64_t b = bh / s.Hq, h = bh % s.Hq, kvh = b * s.Hkv + h / s.G;
     const int64_t r0 = blk * s.block_m, m = std::min(s.block_m, s.Nq - r0);
     int64_t c0, c1;
-    key_span(s.q_offset + r0, s.q_offset + r0 + m - 1, s.Nk, s.causal, s.window, c0, c1);
-    if (s.doc_lo) {  // documents are contiguous runs: the block's rows see their union
-      c0 = std::max(c0, s.doc_lo[b * s.Nq + r0]);
-      c1 = std::min(c1, s.doc_hi[b * s.Nq + r0 + m - 1]);
-    }
+    block_key_span(s, b, r0, m, c0, c1);
     if (c1 <= c0) return;
     const int64_t bn = std::min(s.block_n, c1 - c0);
     T* P = scratch<T>(2 * s.block_m * s.block_n + 3 * s.block_m);

@@ -209,6 +209,11 @@ def _prepare(q, k, v, table, slopes):
     return q, k, v, table, slopes
 
 
+def _problem_args(q: Tensor, p: Problem) -> tuple:
+    """The kernel's arguments after the tensors, as forward and backward both take them."""
+    return (p.lo, p.scale, p.causal, p.q_offset, p.window, *_masks(q, p), BLOCK_M, BLOCK_N)
+
+
 def _masks(q: Tensor, problem: Problem) -> tuple[Tensor, Tensor, Tensor]:
     """``(doc_lo, doc_hi, kpm)``: per query row the keys ``[doc_lo, doc_hi)`` of its document
     (int64 ``(B, Nq)``), the key padding mask (bool ``(B, Nk)``); empty tensors for none."""
@@ -234,22 +239,7 @@ def forward(
     """
     mod = load()
     q, k, v, t, s = _prepare(q, k, v, table, slopes)
-    p = problem
-    out, lse = mod.forward(
-        q,
-        k,
-        v,
-        t,
-        s,
-        p.lo,
-        p.scale,
-        p.causal,
-        p.q_offset,
-        p.window,
-        *_masks(q, p),
-        BLOCK_M,
-        BLOCK_N,
-    )
+    out, lse = mod.forward(q, k, v, t, s, *_problem_args(q, problem))
     return out, lse
 
 
@@ -292,26 +282,11 @@ def backward(
     mod = load()
     dt = q.dtype
     q2, k2, v2, t, s = _prepare(q, k, v, table, slopes)
-    p = problem
+    dout, out, lse = (x.to(dt).contiguous() for x in (grad_out, out, lse))
     dq, dk, dv, dtable = mod.backward(
-        grad_out.to(dt).contiguous(),
-        q2,
-        k2,
-        v2,
-        out.to(dt).contiguous(),
-        lse.to(dt).contiguous(),
-        t,
-        s,
-        p.lo,
-        p.scale,
-        p.causal,
-        p.q_offset,
-        p.window,
-        *_masks(q, p),
-        BLOCK_M,
-        BLOCK_N,
+        dout, q2, k2, v2, out, lse, t, s, *_problem_args(q, problem),
         max_slots(q2, k2, t.numel() > 0),
-    )
+    )  # fmt: skip
     if table is None:
         return dq, dk.to(k.dtype), dv.to(v.dtype), None
     return dq, dk.to(k.dtype), dv.to(v.dtype), dtable.to(table.dtype)

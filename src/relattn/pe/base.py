@@ -75,12 +75,9 @@ class PositionEncoding(nn.Module):
             return _flip(self.table(lo, hi), reverse)
         entry = _CACHE.get(self)
         if entry is not None and self._unchanged(entry[7]):
-            c_lo, c_hi, kept, version, flipped = entry[1], entry[2], entry[3], entry[4], entry[6]
-            if c_lo <= lo and hi <= c_hi and _version(kept) == version:
-                if not reverse:
-                    return kept.narrow(1, lo - c_lo, hi - lo + 1)
-                if flipped and _version(flipped[0]) == flipped[1]:
-                    return flipped[0], c_hi - hi
+            served = _serve(entry, lo, hi, reverse)
+            if served is not None:
+                return served
         inputs = self._table_inputs()
         try:
             key = tuple(_tensor_key(t) if isinstance(t, Tensor) else t for t in inputs or ())
@@ -92,15 +89,10 @@ class PositionEncoding(nn.Module):
         if entry is not None and entry[0] == key:
             if not self._unchanged(entry[7]):  # e.g. a plain value replaced by an equal one
                 entry = _CACHE[self] = (*entry[:7], snap)
-            _, c_lo, c_hi, kept, version, _, flipped, _ = entry
-            if c_lo <= lo and hi <= c_hi and _version(kept) == version:
-                if not reverse:
-                    return kept.narrow(1, lo - c_lo, hi - lo + 1)
-                if flipped and _version(flipped[0]) == flipped[1]:
-                    return flipped[0], c_hi - hi
-                rev = kept.flip(-1)
-                flipped[:] = [rev, _version(rev)]
-                return rev, c_hi - hi
+            served = _serve(entry, lo, hi, reverse)
+            if served is not None:
+                return served
+            c_lo, c_hi = entry[1], entry[2]
             # Widen on the side that moved by the kept width, so a decoding loop recomputes the
             # table O(log N) times rather than at every token.
             width = c_hi - c_lo + 1
@@ -120,10 +112,8 @@ class PositionEncoding(nn.Module):
         # The entry holds every keyed tensor and its storage, so while it lives no other tensor
         # can take their ids or memory and match the key by accident.
         refs = [(t, t.untyped_storage()) for t in inputs if isinstance(t, Tensor)]
-        _CACHE[self] = (key, new_lo, new_hi, table, _version(table), refs, [], snap)
-        if reverse:
-            return self._cached(lo, hi, True)
-        return table[:, lo - new_lo : hi - new_lo + 1]
+        entry = _CACHE[self] = (key, new_lo, new_hi, table, _version(table), refs, [], snap)
+        return _serve(entry, lo, hi, reverse)
 
     def _snapshot(self) -> tuple | None:
         """What :meth:`_unchanged` compares: for a module without submodules, every attribute
@@ -215,6 +205,20 @@ class PositionEncoding(nn.Module):
 
     def forward(self, lo: int, hi: int) -> Tensor:
         return self.table(lo, hi)
+
+
+def _serve(entry: tuple, lo: int, hi: int, reverse: bool):
+    """The answer from a valid cache entry (see ``_cached``), or None when the kept table
+    does not cover ``lo .. hi`` or was modified in place. The reversed copy is made once."""
+    c_lo, c_hi, kept, version, flipped = entry[1], entry[2], entry[3], entry[4], entry[6]
+    if not (c_lo <= lo and hi <= c_hi and _version(kept) == version):
+        return None
+    if not reverse:
+        return kept.narrow(1, lo - c_lo, hi - lo + 1)
+    if not flipped or _version(flipped[0]) != flipped[1]:
+        rev = kept.flip(-1)
+        flipped[:] = [rev, _version(rev)]
+    return flipped[0], c_hi - hi
 
 
 def _flip(t, reverse: bool):
