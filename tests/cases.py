@@ -29,9 +29,13 @@ _ALL_BACKENDS = relattn.backends.names()[1:]
 BACKENDS = [b for b in _ALL_BACKENDS if not (b == "triton" and torch.cuda.is_available())]
 
 
+# Backends for CPU tensors only (they decline CUDA tensors, and auto never offers them any).
+CPU_ONLY = {"cpu_kernel"}
+
+
 def backends_for(device: str) -> list[str]:
     """The backends a suite runs on ``device``."""
-    return BACKENDS if device == "cpu" else _ALL_BACKENDS
+    return BACKENDS if device == "cpu" else [b for b in _ALL_BACKENDS if b not in CPU_ONLY]
 
 
 # Every device the suites run on: CUDA joins where there is one (``make gpu-check``).
@@ -182,22 +186,23 @@ def make_case(enc_name, mask_name, shape, dtype, encodings=None):
     return q, k, v, pe, grad_out, kw
 
 
-def skip_unless_runs(backend, q, k, kw):
+def skip_unless_runs(backend, q, k, kw, device="cpu"):
     """Skip the case where ``backend`` declines these inputs (its ``unsupported`` reason: the
     CPU kernel's bf16 or doc_ids, which ``auto`` sends to chunked, or a kernel that could not
     be built here, which test_cpu_kernel.py reports as one failure)."""
     from relattn.problem import Problem
 
+    on = lambda t: None if t is None else t.to(device)
     problem = Problem(
         lo=0,
         scale=1.0,
         causal=kw.get("causal", True),
         q_offset=kw.get("q_offset", 0),
         window=kw.get("window") or 0,
-        doc_ids=kw.get("doc_ids"),
-        key_padding_mask=kw.get("key_padding_mask"),
+        doc_ids=on(kw.get("doc_ids")),
+        key_padding_mask=on(kw.get("key_padding_mask")),
     )
-    reason = relattn.backends.get(backend).unsupported(q, k, problem)
+    reason = relattn.backends.get(backend).unsupported(q.to(device), k.to(device), problem)
     if reason is not None:
         pytest.skip(f"{backend} declines: {reason}")
 
@@ -221,7 +226,7 @@ def check_fp32(backend, enc_name, mask_name, shape, device="cpu", encodings=None
     """Out and every gradient against float64 math and against the reference backend."""
     case = make_case(enc_name, mask_name, shape, torch.float32, encodings)
     q, k, v, pe, grad_out, kw = case
-    skip_unless_runs(backend, q, k, kw)
+    skip_unless_runs(backend, q, k, kw, device)
     got = run_relattn(q, k, v, pe, grad_out, backend, device, **kw)
     truth = run_math(q, k, v, pe, grad_out, torch.float64, **kw)
     assert_close_f64(got, truth, label=f"{backend} vs float64: ")
@@ -234,7 +239,7 @@ def check_fp32(backend, enc_name, mask_name, shape, device="cpu", encodings=None
 def check_low_precision(backend, enc_name, mask_name, shape, dtype, device="cpu", encodings=None):
     """bf16/fp16 against float64 with FlashAttention's criterion (2x the naive error)."""
     q, k, v, pe, grad_out, kw = make_case(enc_name, mask_name, shape, dtype, encodings)
-    skip_unless_runs(backend, q, k, kw)
+    skip_unless_runs(backend, q, k, kw, device)
     got = run_relattn(q, k, v, pe, grad_out, backend, device, **kw)
     truth = run_math(q, k, v, pe, grad_out, torch.float64, **kw)
     naive = run_math(q, k, v, pe, grad_out, dtype, **kw)

@@ -8,7 +8,6 @@ run.
 
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
@@ -109,10 +108,7 @@ def make_case(name: str, dtype: torch.dtype = torch.float32):
 
 def triton_run(q, k, v, pe, grad_out, kw) -> dict[str, torch.Tensor]:
     """relattn with backend="triton" on DEVICE (the interpreter on CPU); results on the CPU."""
-    move = lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t
-    pe = copy.deepcopy(pe).to(DEVICE) if pe is not None else None
-    kw = {n: move(t) for n, t in kw.items()}
-    res = run_relattn(move(q), move(k), move(v), pe, move(grad_out), "triton", **kw)
+    res = run_relattn(q, k, v, pe, grad_out, "triton", device=DEVICE, **kw)
     return {n: t.detach().cpu() for n, t in res.items()}
 
 
@@ -182,12 +178,13 @@ def test_unsupported_reasons(monkeypatch):
     from relattn.backends.triton_backend import BACKEND
 
     problem = Problem(lo=0, scale=0.25)
-    q = torch.zeros(1, 1, 4, 16)
-    assert BACKEND.unsupported(q.to(DEVICE), q.to(DEVICE), problem) is None
+    q = torch.zeros(1, 1, 4, 16, device=DEVICE)
+    assert BACKEND.unsupported(q, q, problem) is None
     assert "dtype" in BACKEND.unsupported(q.double(), q.double(), problem)
-    big = torch.zeros(1, 1, 4, 256)
+    big = torch.zeros(1, 1, 4, 256, device=DEVICE)
     assert "head dim" in BACKEND.unsupported(big, big, problem)
     monkeypatch.setattr(triton_backend, "_interpreting", lambda: False)
+    q = q.cpu()
     assert "CUDA" in BACKEND.unsupported(q, q, problem)
     with pytest.raises(RuntimeError, match="backend='triton' cannot run"):
         relattn.attention(q, q, q, backend="triton")
@@ -204,7 +201,12 @@ def test_backend_protocol():
     # The interpreter is for tests: auto dispatch never picks triton for CPU tensors.
     assert BACKEND.priority(q, q, Problem(lo=0, scale=0.25)) is None
     if torch.cuda.is_available():
-        assert BACKEND.priority(q.cuda(), q.cuda(), Problem(lo=0, scale=0.25)) > 0
+        problem = Problem(lo=0, scale=0.25)
+        half = q.cuda().bfloat16()
+        priority = BACKEND.priority(half, half, problem)
+        assert priority is not None and priority > 0
+        # Exact float32 (no TF32) is left to chunked's matmuls.
+        assert BACKEND.priority(q.cuda(), q.cuda(), problem) is None
 
 
 def test_importing_the_backend_does_not_import_triton():
@@ -246,3 +248,55 @@ def test_gpu_benchmark_needs_cuda():
 
     with pytest.raises(RuntimeError, match="CUDA"):
         gpu.run(quick=True)
+
+
+def _ends_in_torch(table: torch.Tensor) -> torch.Tensor:
+    """(H, 2): the last column equal to the first from the start, the first equal to the last
+    through the end (exact comparison)."""
+    t = table.shape[1]
+    rows = []
+    for row in table:
+        head = int((row != row[0]).nonzero()[0]) if (row != row[0]).any() else t
+        tail = int((row != row[-1]).nonzero()[-1]) + 1 if (row != row[-1]).any() else 0
+        rows.append([head - 1, tail])
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def test_table_ends_kernel():
+    from relattn.backends import triton_backend
+    from relattn.backends.triton_kernels import TABLE_ENDS_BLOCK
+
+    t = 3 * TABLE_ENDS_BLOCK + 5  # several chunks and a ragged one
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(6, t, generator=g)
+    table[0, :7] = table[0, 0]  # a constant head
+    table[1, 40:] = table[1, -1]  # a constant tail
+    table[2] = 1.5  # constant throughout
+    table[3, 10:] = table[3, -1]
+    table[3, 20] = float("nan")  # a NaN breaks the run
+    table[4, :] = float("-inf")
+    q = torch.zeros(1, 6, 4, 16, device=DEVICE)
+    launch = triton_backend._Launch(
+        triton_backend._kernels(), q, q, q, table.to(DEVICE), None, Problem(lo=0, scale=1.0)
+    )
+    got = launch.table_ends(triton_backend._kernels()).cpu()
+    assert torch.equal(got, _ends_in_torch(table)), (got, _ends_in_torch(table))
+
+
+def test_constant_table_runs_give_the_same_bits(monkeypatch):
+    """Tiles inside the table's constant tail or head add one loaded value: the results equal
+    those of the per-score loads bit for bit (T5 past max_distance, bidirectional)."""
+    from relattn.backends import triton_backend
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v, grad_out = (torch.randn(1, 2, 70, 16, generator=g) for _ in range(4))
+    pe = _randomized(T5Bias(2, 8, 12, bidirectional=True), g)
+    kw = {"causal": False}
+    fast = triton_run(q, k, v, pe, grad_out, kw)
+    sentinel = lambda self, K: torch.tensor(
+        [[-1, self.t]] * self.hq, dtype=torch.int32, device=self.q.device
+    )
+    monkeypatch.setattr(triton_backend._Launch, "table_ends", sentinel)
+    slow = triton_run(q, k, v, pe, grad_out, kw)
+    for name in fast:
+        assert torch.equal(fast[name], slow[name]), name

@@ -14,7 +14,6 @@ cancel row by row, so their rounding floor sits a few units above one).
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
@@ -88,10 +87,7 @@ def make_case(enc: str, mask: str, dtype: torch.dtype):
 
 
 def triton_run(q, k, v, pe, grad_out, kw) -> dict[str, torch.Tensor]:
-    move = lambda t: t.to(DEVICE) if isinstance(t, torch.Tensor) else t
-    pe = copy.deepcopy(pe).to(DEVICE)
-    kw = {n: move(t) for n, t in kw.items()}
-    res = run_relattn(move(q), move(k), move(v), pe, move(grad_out), "triton", **kw)
+    res = run_relattn(q, k, v, pe, grad_out, "triton", device=DEVICE, **kw)
     return {n: t.detach().cpu() for n, t in res.items()}
 
 

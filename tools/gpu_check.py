@@ -7,8 +7,8 @@ D = 128, every kept autotune config, torch.compile, deterministic mode, chunked 
 layer, cache and model tests, and then ``benchmarks/gpu_attention.py --check``. Test steps run in
 parallel processes (each compiles its own kernels); the benchmark runs alone afterwards.
 
-Logs, JUnit XML, the benchmark's tables and ``summary.md`` go to ``$OUT`` when it is set, else
-to ``./gpu-check/``. Exit status 0 only when every step passed.
+Logs, the benchmark's tables and ``summary.md`` go to ``$OUT`` when it is set, else to
+``./gpu-check/`` (JUnit XML to a temporary folder). Exit status 0 only when every step passed.
 
     python3 tools/gpu_check.py [--out DIR] [--skip-bench] [--budget SECONDS]
 """
@@ -19,6 +19,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
@@ -27,17 +28,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # name: pytest arguments. Autotuning is off in the test steps (each distinct variant would
-# otherwise compile every candidate config); test_every_kept_config covers the configs.
+# otherwise compile every candidate config); test_every_kept_config covers the configs. The
+# conformance suite runs its CUDA cases only (CI runs the CPU ones); the steps run at once, each
+# with its own pytest-xdist workers (the GPU machines have 16 cores), sharing Triton's disk cache.
 TEST_STEPS = {
-    "gpu-only cases": ["tests/test_triton_gpu.py", "-m", "gpu"],
-    "conformance and triton": [
-        "tests/test_conformance.py",
+    "gpu-only cases": ["-n", "2", "tests/test_triton_gpu.py", "-m", "gpu"],
+    "conformance on cuda": ["-n", "6", "-k", "cuda", "tests/test_conformance.py"],
+    "triton suites": [
+        "-n",
+        "4",
         "tests/test_triton.py",
         "tests/test_triton_precision.py",
         "tests/test_triton_decode.py",
         "tests/test_validation.py",
     ],
-    "layers, cache, models": ["tests/test_nn.py", "tests/test_cache.py", "tests/test_models.py"],
+    "layers, cache, models": [
+        "-n",
+        "2",
+        "tests/test_nn.py",
+        "tests/test_cache.py",
+        "tests/test_models.py",
+    ],
 }
 
 
@@ -66,7 +77,7 @@ def _junit_counts(path: Path) -> dict[str, int]:
     }
 
 
-def run_step(name: str, cmd: list[str], out: Path, timeout: float, env: dict) -> dict:
+def run_step(name: str, cmd: list[str], out: Path, timeout: float, env: dict, junit: Path) -> dict:
     slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
     log = out / f"{slug}.log"
     start = time.perf_counter()
@@ -81,7 +92,7 @@ def run_step(name: str, cmd: list[str], out: Path, timeout: float, env: dict) ->
             f.write(f"\n[gpu-check] step timed out after {timeout:.0f}s\n")
             rc = "timeout"
     result = {"step": name, "rc": rc, "seconds": time.perf_counter() - start, "log": log.name}
-    result.update(_junit_counts(out / f"{slug}.xml"))
+    result.update(_junit_counts(junit / f"{slug}.xml"))
     return result
 
 
@@ -125,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = _env()
+    # JUnit files stay out of $OUT: the device tool brings back at most 8 files (the step logs,
+    # the benchmark's log, table and JSON, and summary.md).
+    junit = Path(tempfile.mkdtemp(prefix="relattn-gpu-check-"))
     begin = time.perf_counter()
     info = machine(env)
     print(f"[gpu-check] {info}\n[gpu-check] results in {out}", flush=True)
@@ -142,12 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             "-ra",
             "-p",
             "no:cacheprovider",
-            f"--junitxml={out / (slug + '.xml')}",
+            f"--junitxml={junit / (slug + '.xml')}",
             *files,
         ]
         jobs.append((name, cmd))
     with ThreadPoolExecutor(len(jobs)) as pool:
-        futures = [pool.submit(run_step, n, c, out, test_timeout, env) for n, c in jobs]
+        futures = [pool.submit(run_step, n, c, out, test_timeout, env, junit) for n, c in jobs]
         results = [f.result() for f in futures]
     for r in results:
         print(f"[gpu-check] {r['step']}: rc={r['rc']} in {r['seconds']:.0f}s", flush=True)
@@ -166,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             str(out / "gpu-benchmark.json"),
         ]
         bench_env = {k: v for k, v in env.items() if k != "RELATTN_TRITON_AUTOTUNE"}
-        r = run_step("benchmark", cmd, out, max(left, 60), bench_env)
+        r = run_step("benchmark", cmd, out, max(left, 60), bench_env, junit)
         print(f"[gpu-check] benchmark: rc={r['rc']} in {r['seconds']:.0f}s", flush=True)
         results.append(r)
 

@@ -54,7 +54,7 @@ POINTERS = {
     **dict.fromkeys(["Q", "K", "V", "Out", "dOut", "dQ", "dK", "dV"], "x"),
     **dict.fromkeys(["Lse", "Delta", "DeltaOut", "Inv", "Table", "DTable", "Slopes"], "fp32"),
     **dict.fromkeys(["Partial", "PartialOut", "PartialLse"], "fp32"),
-    **dict.fromkeys(["DocStart", "DocEnd", "KvBounds"], "i32"),
+    **dict.fromkeys(["DocStart", "DocEnd", "KvBounds", "TableEnds"], "i32"),
     "Kpm": "u8",
 }
 FLOATS = {"qk_scale", "scale"}
@@ -107,7 +107,7 @@ def load_kernels() -> ModuleType:
 def _variants(kernel: str) -> list[dict]:
     """Compile-time variants; the first is the one the targets use (a table, causal, no other
     mask), the second the heaviest (a table and every mask)."""
-    if kernel == "bwd_preprocess":
+    if kernel in ("bwd_preprocess", "table_ends"):
         return [{}]
     masks = [{"WINDOW": w, "HAS_DOC": w, "HAS_KPM": w} for w in (False, True)]
     if kernel == "attn_bwd_table_bands":

@@ -111,7 +111,7 @@ class _Launch:
         self.q_offset, self.window = problem.q_offset, problem.window
         dev = q.device
         dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
-        dummy_i = torch.zeros(2, dtype=torch.int32, device=dev)
+        self.dummy_i = dummy_i = torch.zeros(2, dtype=torch.int32, device=dev)
         self.table = table.contiguous() if table is not None else dummy_f
         self.slopes = slopes.contiguous() if slopes is not None else dummy_f
         self.t = table.shape[1] if table is not None else 1
@@ -138,6 +138,17 @@ class _Launch:
         )
         self.encoding = {"HAS_TABLE": table is not None, "HAS_SLOPES": slopes is not None}
         self.seq_bucket = _pow2_at_least(max(self.nq, self.nk))  # part of the autotune key
+
+    def table_ends(self, K: ModuleType) -> Tensor:
+        """(Hq, 2) int32: per head, the table's constant head and tail (``table_ends``); the
+        forward and backward kernels add one value to a tile inside either."""
+        if not self.encoding["HAS_TABLE"]:
+            return self.dummy_i
+        ends = torch.empty((self.hq, 2), dtype=torch.int32, device=self.q.device)
+        K.table_ends[(self.hq,)](
+            self.table, ends, self.t, self.table.stride(0), BLOCK=K.TABLE_ENDS_BLOCK
+        )
+        return ends
 
     def strides(self, *tensors: Tensor) -> list[int]:
         return [s for t in tensors for s in t.stride()[:3]]
@@ -226,7 +237,8 @@ class TritonBackend(Backend):
         out = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=q.device)
         lse = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=q.device)
         grid = lambda meta: (_cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
-        tensors = [a.q, a.k, a.v, out, lse, a.table, a.slopes, *a.masks(), a.kv_bounds]
+        ends = a.table_ends(K)
+        tensors = [a.q, a.k, a.v, out, lse, a.table, ends, a.slopes, *a.masks(), a.kv_bounds]
         strides = [*a.strides(a.q, a.k, a.v, out), a.table.stride(0)]
         sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.seq_bucket]
         K.attn_fwd[grid](*tensors, *strides, *sizes, **a.encoding, **a.flags)
@@ -274,12 +286,15 @@ class TritonBackend(Backend):
         # and D = Σ_j P·dP in delta, both in float32 from the recomputed weights.
         inv, delta = torch.empty_like(delta_out), torch.empty_like(delta_out)
         grid_q = lambda meta: (_cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
-        tensors = [a.q, a.k, a.v, grad_out, lse, delta_out, delta, inv, dq, a.table, a.slopes]
+        ends = a.table_ends(K)
+        tensors = [a.q, a.k, a.v, grad_out, lse, delta_out, delta, inv, dq, a.table, ends]
+        tensors += [a.slopes]
         tensors += [*a.masks(), a.kv_bounds]
         sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.scale, a.seq_bucket]
         K.attn_bwd_dq[grid_q](*tensors, *strides, *sizes, **a.encoding, **a.flags)
         grid_kv = lambda meta: (_cdiv(a.nk, meta["BLOCK_N"]), a.hq, a.b)
-        tensors = [a.q, a.k, a.v, grad_out, lse, delta, inv, dk, dv, a.table, dtable, a.slopes]
+        tensors = [a.q, a.k, a.v, grad_out, lse, delta, inv, dk, dv, a.table, ends, dtable]
+        tensors += [a.slopes]
         tensors += [*a.masks(), a.kv_bounds]
         sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.scale, a.seq_bucket]
         flags = {"ATOMIC_TABLE": atomic, **a.encoding, **a.flags}

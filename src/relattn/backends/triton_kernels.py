@@ -48,6 +48,7 @@ CANDIDATES = {
 }
 AUTOTUNED = set(CANDIDATES)
 PREPROCESS_BLOCK = 16 if INTERPRET else 64
+TABLE_ENDS_BLOCK = 16 if INTERPRET else 1024
 # Decoding (at most this many query rows) takes the split-KV kernel when the keys span at least
 # SPLITKV_MIN_BLOCKS of its key blocks; below that one query block already has enough work.
 SPLITKV_MAX_ROWS = 16
@@ -84,6 +85,7 @@ AOT_KERNELS = {
     "attn_bwd_dq": {},
     "attn_bwd_dkdv": {},
     "attn_bwd_table_bands": {"options": band_config},
+    "table_ends": {"options": lambda d, e: {"BLOCK": TABLE_ENDS_BLOCK}},
 }
 
 
@@ -162,7 +164,8 @@ def _prune(kernel: str):
                 wanted = wanted[:1]
         by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
                     for c in configs}
-        return [by_shape[w] for w in wanted]
+        # A forced config need not be a candidate (benchmarks/triton_configs.py sweeps others).
+        return [by_shape.get(w) or _config(*w) for w in wanted]
 
     return prune
 
@@ -173,8 +176,11 @@ def _configs(kernel: str) -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     shapes = dict.fromkeys(c for lists in CANDIDATES[kernel].values() for c in lists)
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in shapes]
+    return [_config(*shape) for shape in shapes]
+
+
+def _config(m: int, n: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
 
 
 def _autotune(kernel: str, **kwargs):
@@ -255,16 +261,25 @@ def _key_padding(Kpm_row, offs_n, Nk, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def _score(qk, r, c, table_row, slope, q_offset, lo, T, qk_scale,
-           HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr):
+def _score(qk, r, c, table_row, slope, q_offset, lo, T, qk_scale, tile_lo, tile_hi, ends_lo,
+           ends_hi, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr):
     """Scores in base-2 units for query indices ``r`` and key indices ``c`` (broadcastable to
-    qk's shape, either orientation), and the offsets Δ."""
+    qk's shape, either orientation), and the offsets Δ. ``tile_lo..tile_hi`` bound the tile's
+    table columns Δ - lo; the table row equals its last column from ``ends_hi`` on and its
+    first up to ``ends_lo`` (:func:`table_ends`; -1 and T when unknown)."""
     delta = q_offset + r - c
     s = qk * qk_scale
     if HAS_TABLE:
+        # A tile inside the table's constant tail (T5 past max_distance, a clipped OffsetBias)
+        # or head adds one value: one load instead of one per score (the per-score loads are
+        # masked off, which a branch would not need but costs registers), the same result.
+        tail = tile_lo >= ends_hi
+        uniform = tail | (tile_hi <= ends_lo)
+        one = tl.load(table_row + tl.where(tail, T - 1, 0))
         # Masked pairs may fall off the table: clamp, they are discarded by the mask.
         col = tl.minimum(tl.maximum(delta - lo, 0), T - 1)
-        s += tl.load(table_row + col).to(tl.float32) * LOG2E
+        each = tl.load(table_row + col, mask=(col >= 0) & (not uniform), other=0.0)
+        s += tl.where(uniform, one, each).to(tl.float32) * LOG2E
     if HAS_SLOPES:
         s -= slope * tl.abs(delta).to(tl.float32)
     return s, delta
@@ -391,13 +406,46 @@ def _query_block(b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk
     return slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end
 
 
+@triton.jit
+def _table_ends_of(TableEnds, h, T, HAS_TABLE: tl.constexpr):
+    """Head ``h``'s (ends_lo, ends_hi) from :func:`table_ends`; (-1, T) without a table."""
+    ends_lo = -1
+    ends_hi = T
+    if HAS_TABLE:
+        ends_lo = tl.load(TableEnds + 2 * h)
+        ends_hi = tl.load(TableEnds + 2 * h + 1)
+    return ends_lo, ends_hi
+
+
+@triton.jit
+def table_ends(Table, TableEnds, T, stride_t, BLOCK: tl.constexpr):
+    """One program per head: TableEnds[h] = (ends_lo, ends_hi), the last column up to which the
+    row equals its first column and the first column from which it equals its last (exact
+    comparison; a NaN breaks a run). The attention kernels add one value to a tile whose
+    columns all lie in such a run instead of loading one per score."""
+    h = tl.program_id(0)
+    row = Table + h * stride_t
+    first = tl.load(row)
+    last = tl.load(row + T - 1)
+    head_end = T  # first column that differs from the first
+    tail_start = 0  # one past the last column that differs from the last
+    for c0 in range(0, T, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        inside = cols < T
+        x = tl.load(row + cols, mask=inside, other=0.0)
+        head_end = tl.minimum(head_end, tl.min(tl.where(inside & (x != first), cols, T)))
+        tail_start = tl.maximum(tail_start, tl.max(tl.where(inside & (x != last), cols + 1, 0)))
+    tl.store(TableEnds + 2 * h, head_end - 1)
+    tl.store(TableEnds + 2 * h + 1, tail_start)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_begin, block_end,
                 offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                Nq, Nk, T, lo, q_offset, window, qk_scale,
+                Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, row_last, ends_lo, ends_hi,
                 HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
@@ -407,8 +455,10 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_be
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
+        tile_lo = q_offset + row_first - (start_n + BLOCK_N - 1) - lo
+        tile_hi = q_offset + row_last - start_n - lo
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, HAS_TABLE, HAS_SLOPES)
+                          T, qk_scale, tile_lo, tile_hi, ends_lo, ends_hi, HAS_TABLE, HAS_SLOPES)
         if NEED_MASK:
             kp = _key_padding(Kpm_row, offs_n, Nk, HAS_KPM)
             s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
@@ -427,7 +477,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_be
 
 @_autotune("attn_fwd")
 @triton.jit
-def attn_fwd(Q, K, V, Out, Lse, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
+def attn_fwd(Q, K, V, Out, Lse, Table, TableEnds, Slopes, DocStart, DocEnd, Kpm, KvBounds,
              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, stride_t,
              Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, seq_bucket,
@@ -450,16 +500,20 @@ def attn_fwd(Q, K, V, Out, Lse, Table, Slopes, DocStart, DocEnd, Kpm, KvBounds,
         b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
         CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)
 
+    ends_lo, ends_hi = _table_ends_of(TableEnds, h, T, HAS_TABLE)
+
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    row_first = pid_m * BLOCK_M
     for stage in tl.static_range(3):
         first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, first, last, offs_m, offs_d,
             Table + h * stride_t, slope, doc_lo, doc_hi, Kpm + b * Nk, Nq, Nk, T, lo, q_offset,
-            window, qk_scale, HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
-            HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N)
+            window, qk_scale, row_first, row_first + BLOCK_M - 1, ends_lo, ends_hi, HEAD_DIM,
+            stage != 1, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST,
+            PRECISION, BLOCK_N)
 
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -504,8 +558,9 @@ def attn_fwd_splitkv(Q, K, V, PartialOut, PartialLse, Table, Slopes, DocStart, D
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
         stride_kn, stride_vn, first, last, offs_m, offs_d, Table + h * stride_t, slope, doc_lo,
-        doc_hi, Kpm + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, True, CAUSAL,
-        WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N)
+        doc_hi, Kpm + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale, 0, BLOCK_M - 1, -1, T,
+        HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST,
+        PRECISION, BLOCK_N)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
@@ -538,7 +593,7 @@ def bwd_preprocess(Out, dOut, DeltaOut, stride_ob, stride_oh, stride_on,
 @triton.jit
 def _dq_blocks(dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn,
                block_begin, block_end, offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-               Nq, Nk, T, lo, q_offset, window, qk_scale,
+               Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, row_last, ends_lo, ends_hi,
                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
@@ -549,8 +604,10 @@ def _dq_blocks(dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
         v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, MASKED)
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
+        tile_lo = q_offset + row_first - (start_n + BLOCK_N - 1) - lo
+        tile_hi = q_offset + row_last - start_n - lo
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, HAS_TABLE, HAS_SLOPES)
+                          T, qk_scale, tile_lo, tile_hi, ends_lo, ends_hi, HAS_TABLE, HAS_SLOPES)
         if NEED_MASK:
             kp = _key_padding(Kpm_row, offs_n, Nk, HAS_KPM)
             s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
@@ -566,7 +623,8 @@ def _dq_blocks(dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride
 
 @_autotune("attn_bwd_dq")
 @triton.jit
-def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, DocStart, DocEnd,
+def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, TableEnds, Slopes, DocStart,
+                DocEnd,
                 Kpm, KvBounds,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
@@ -599,16 +657,20 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
         b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
         CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)
 
+    ends_lo, ends_hi = _table_ends_of(TableEnds, h, T, HAS_TABLE)
+
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     pdp_i = tl.zeros([BLOCK_M], tl.float32)
+    row_first = pid_m * BLOCK_M
     for stage in tl.static_range(3):
         first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
         dq, l_i, pdp_i = _dq_blocks(
             dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, first, last,
             offs_m, offs_d, Table + h * stride_t, slope, doc_lo, doc_hi, Kpm + b * Nk, Nq, Nk, T,
-            lo, q_offset, window, qk_scale, HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE,
-            HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N)
+            lo, q_offset, window, qk_scale, row_first, row_first + BLOCK_M - 1, ends_lo, ends_hi,
+            HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST,
+            PRECISION, BLOCK_N)
     # lse is float32, so exp(s - lse) carries its rounding (|lse|·2^-24, 1e-3 at scores of 1e4)
     # as a per-row scale error that does not average out: rescale each row of p to sum to 1.
     # Inv is that factor for the dk/dv and band kernels, which do not see whole rows.
@@ -622,7 +684,8 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, Delta_row, Inv_row,
                  block_begin, block_end, start_n, offs_n, offs_d, kp, table_row, DTable_row, slope,
-                 DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset, window, qk_scale,
+                 DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset, window, qk_scale, ends_lo,
+                 ends_hi,
                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                  WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                  HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
@@ -640,8 +703,10 @@ def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, D
         # dot gives the same rounding, so p here matches the p that inv normalizes (with scores
         # of 1e4 a transposed dot's rounding alone would move p by 1e-3).
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
+        tile_lo = q_offset + start_m - (start_n + BLOCK_N - 1) - lo
+        tile_hi = q_offset + start_m + BLOCK_M - 1 - start_n - lo
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, HAS_TABLE, HAS_SLOPES)
+                          T, qk_scale, tile_lo, tile_hi, ends_lo, ends_hi, HAS_TABLE, HAS_SLOPES)
         if NEED_MASK:
             doc_lo, doc_hi = _doc_range(DocStart_row, DocEnd_row, q_offset, offs_m, Nq, HAS_DOC)
             s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
@@ -665,7 +730,7 @@ def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, D
 
 @_autotune("attn_bwd_dkdv", reset_to_zero=["DTable"])
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
+def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, TableEnds, DTable, Slopes,
                   DocStart, DocEnd, Kpm, KvBounds,
                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
@@ -710,6 +775,7 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
     slope = 0.0
     if HAS_SLOPES:
         slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
+    ends_lo, ends_hi = _table_ends_of(TableEnds, h, T, HAS_TABLE)
     for stage in tl.static_range(3):
         first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
         dk, dv = _dkdv_blocks(
@@ -717,8 +783,8 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
             stride_qn, stride_dn, Lse + bh * Nq, Delta + bh * Nq, Inv + bh * Nq, first, last,
             start_n, offs_n, offs_d, kp, Table + h * stride_t, DTable + h * T, slope,
             DocStart + b * Nk, DocEnd + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale,
-            HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM,
-            ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+            ends_lo, ends_hi, HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
+            HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
 
     _store_rows(dK + bh * Nk * HEAD_DIM, offs_n, HEAD_DIM, Nk, offs_d, dk * scale, HEAD_DIM)
     _store_rows(dV + bh * Nk * HEAD_DIM, offs_n, HEAD_DIM, Nk, offs_d, dv, HEAD_DIM)
@@ -770,7 +836,7 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
         inv = _load_row_stat(Inv + bh * Nq, offs_m, Nq, True)
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], Table + h * stride_t, 0.0,
-                          q_offset, lo, T, qk_scale, True, False)
+                          q_offset, lo, T, qk_scale, 0, 0, -1, T, True, False)
         doc_lo, doc_hi = _doc_range(DocStart + b * Nk, DocEnd + b * Nk, q_offset, offs_m, Nq,
                                     HAS_DOC)
         kp = _key_padding(Kpm + b * Nk, offs_n, Nk, HAS_KPM)

@@ -46,14 +46,26 @@ def causal_flops(b: int, h: int, n: int, d: int, backward: bool) -> float:
     return fwd * 3.5 if backward else fwd
 
 
-def _flex_attention(q, k, v, table, block_mask):
+# FlexAttention's kernel options, tried in turn: its defaults, then smaller backward tiles (with a
+# captured table whose gradient it computes, its default D = 128 backward needs more shared memory
+# than an H100 has: "No valid triton configs" in torch 2.11).
+FLEX_OPTIONS: list[dict[str, int] | None] = [
+    None,
+    {"BLOCK_M1": 32, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 32},
+    {"BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16, "num_stages": 1},
+]
+
+
+def _flex_attention(q, k, v, table, block_mask, kernel_options=None):
     from torch.nn.attention.flex_attention import flex_attention
 
     def score_mod(score, b, h, q_idx, kv_idx):
         # the block mask hides q_idx < kv_idx; the clamp keeps partial blocks in bounds
         return score + table[h, (q_idx - kv_idx).clamp(min=0)]
 
-    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    return flex_attention(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=kernel_options
+    )
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -102,12 +114,23 @@ def _contenders(n: int, d: int, dtype: torch.dtype):
 
         mask = create_block_mask(lambda b_, h_, qi, ki: qi >= ki, None, None, n, n, device=dev)
         flex = _flex_compiled()
-        run_flex = lambda: flex(q, k, v, pe.table(0, n - 1), mask)
         start = time.perf_counter()
-        run_flex().backward(grad)
-        torch.cuda.synchronize()
-        extra["flex"] = {"compile_s": time.perf_counter() - start}
-        fwd["flex"], fb["flex"] = both(run_flex)
+        failures = []
+        for options in FLEX_OPTIONS:
+            run_flex = lambda o=options: flex(q, k, v, pe.table(0, n - 1), mask, o)
+            try:
+                run_flex().backward(grad)
+            except Exception as e:  # noqa: BLE001  (the next options may fit)
+                failures.append(f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                continue
+            torch.cuda.synchronize()
+            extra["flex"] = {"compile_s": time.perf_counter() - start}
+            fwd["flex"], fb["flex"] = both(run_flex)
+            if options is not None:
+                notes["flex"] = f"kernel_options {options} (its defaults failed)"
+            break
+        else:
+            notes["flex"] = "failed: " + failures[0]
     except Exception as e:  # noqa: BLE001  (the reason is the result)
         notes["flex"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
 
