@@ -283,20 +283,29 @@ def test_table_ends_kernel():
     assert torch.equal(got, _ends_in_torch(table)), (got, _ends_in_torch(table))
 
 
-def test_constant_table_runs_give_the_same_bits(monkeypatch):
-    """Tiles inside the table's constant tail or head add one loaded value: the results equal
-    those of the per-score loads bit for bit (T5 past max_distance, bidirectional)."""
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_constant_table_runs_give_the_same_bits(monkeypatch, causal):
+    """Key blocks inside the table's constant tail (T5 past max_distance) or head (its negative
+    side) add one loaded value: the results equal those of the per-score loads bit for bit
+    (deterministic mode, so the table gradient's order is fixed on a GPU too)."""
     from relattn.backends import triton_backend
 
     g = torch.Generator().manual_seed(5)
     q, k, v, grad_out = (torch.randn(1, 2, 70, 16, generator=g) for _ in range(4))
-    pe = _randomized(T5Bias(2, 8, 12, bidirectional=True), g)
-    kw = {"causal": False}
-    fast = triton_run(q, k, v, pe, grad_out, kw)
+    pe = _randomized(T5Bias(2, 8, 12, bidirectional=not causal), g)
+    kw = {"causal": causal}
     sentinel = lambda self, K: torch.tensor(
         [[-1, self.t]] * self.hq, dtype=torch.int32, device=self.q.device
     )
-    monkeypatch.setattr(triton_backend._Launch, "table_ends", sentinel)
-    slow = triton_run(q, k, v, pe, grad_out, kw)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        fast = triton_run(q, k, v, pe, grad_out, kw)
+        monkeypatch.setattr(triton_backend._Launch, "table_ends", sentinel)
+        slow = triton_run(q, k, v, pe, grad_out, kw)
+    finally:
+        torch.use_deterministic_algorithms(was)
     for name in fast:
         assert torch.equal(fast[name], slow[name]), name
+    truth = run_math(q, k, v, pe, grad_out, torch.float64, **kw)
+    assert_close_f64(fast, truth, label="triton vs float64: ")

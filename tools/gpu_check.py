@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.executable,
             "-m",
             "pytest",
-            "-q",
+            "-v",  # one line per test: a step cut off by its timeout still names its failures
             "-ra",
             "-p",
             "no:cacheprovider",

@@ -141,7 +141,7 @@ class _Launch:
 
     def table_ends(self, K: ModuleType) -> Tensor:
         """(Hq, 2) int32: per head, the table's constant head and tail (``table_ends``); the
-        forward and backward kernels add one value to a tile inside either."""
+        forward kernel adds one value to a tile inside either."""
         if not self.encoding["HAS_TABLE"]:
             return self.dummy_i
         ends = torch.empty((self.hq, 2), dtype=torch.int32, device=self.q.device)
@@ -286,15 +286,12 @@ class TritonBackend(Backend):
         # and D = Σ_j P·dP in delta, both in float32 from the recomputed weights.
         inv, delta = torch.empty_like(delta_out), torch.empty_like(delta_out)
         grid_q = lambda meta: (_cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
-        ends = a.table_ends(K)
-        tensors = [a.q, a.k, a.v, grad_out, lse, delta_out, delta, inv, dq, a.table, ends]
-        tensors += [a.slopes]
+        tensors = [a.q, a.k, a.v, grad_out, lse, delta_out, delta, inv, dq, a.table, a.slopes]
         tensors += [*a.masks(), a.kv_bounds]
         sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.scale, a.seq_bucket]
         K.attn_bwd_dq[grid_q](*tensors, *strides, *sizes, **a.encoding, **a.flags)
         grid_kv = lambda meta: (_cdiv(a.nk, meta["BLOCK_N"]), a.hq, a.b)
-        tensors = [a.q, a.k, a.v, grad_out, lse, delta, inv, dk, dv, a.table, ends, dtable]
-        tensors += [a.slopes]
+        tensors = [a.q, a.k, a.v, grad_out, lse, delta, inv, dk, dv, a.table, dtable, a.slopes]
         tensors += [*a.masks(), a.kv_bounds]
         sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.scale, a.seq_bucket]
         flags = {"ATOMIC_TABLE": atomic, **a.encoding, **a.flags}

@@ -32,15 +32,17 @@ INTERPRET = bool(triton.knobs.runtime.interpret)
 
 # ----------------------------------------------------------------------------- configs
 
-# Not yet tuned on a GPU. (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim (up to
-# 64, and 128), the first being the one used when autotuning is off. They are the configs that the
-# ahead-of-time compile for sm_80 and sm_90a (tools/gpu_compile.py, triton 3.6 and 3.9) shows
-# compiling without register spills in bf16 with a table, causal; larger tiles spilled there (the
-# per-score table loads and atomics cost registers). Autotuning picks among those the device's
-# shared memory holds.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim (up to 64, and 128), the first
+# being the one used when autotuning is off; autotuning picks among those the device's shared
+# memory holds. The first ones compile without register spills in bf16 with a table, causal, for
+# sm_80 and sm_90a (tools/gpu_compile.py, triton 3.6 and 3.9); larger backward tiles spill there.
+# D = 128 was timed on an H100 (benchmarks/triton_configs.py, BENCHMARKS.md, 2026-11-27): the
+# forward's larger tiles (128×64 with 8 warps: 414 TFLOP/s with closed-form ALiBi against 375 for
+# 64×32) joined the list; the backward's did not beat the first by more than 4 %. D <= 64 is
+# not yet timed on a GPU.
 CANDIDATES = {
     "attn_fwd": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
-                 128: [(64, 32, 4, 3), (64, 32, 4, 2), (128, 64, 8, 3), (128, 32, 8, 3),
+                 128: [(64, 32, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3),
                        (64, 64, 4, 3)]},
     "attn_bwd_dq": {64: [(64, 32, 4, 2)],
                     128: [(64, 32, 4, 2), (32, 32, 4, 2)]},
@@ -262,25 +264,23 @@ def _key_padding(Kpm_row, offs_n, Nk, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def _score(qk, r, c, table_row, slope, q_offset, lo, T, qk_scale, tile_lo, tile_hi, ends_lo,
-           ends_hi, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr):
+def _score(qk, r, c, table_row, slope, q_offset, lo, T, qk_scale,
+           HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr, UNIFORM: tl.constexpr):
     """Scores in base-2 units for query indices ``r`` and key indices ``c`` (broadcastable to
-    qk's shape, either orientation), and the offsets Δ. ``tile_lo..tile_hi`` bound the tile's
-    table columns Δ - lo; the table row equals its last column from ``ends_hi`` on and its
-    first up to ``ends_lo`` (:func:`table_ends`; -1 and T when unknown)."""
+    qk's shape, either orientation), and the offsets Δ. UNIFORM (1: tail, 2: head) says every
+    pair's table column lies in the table's constant tail or head (:func:`table_ends`): the
+    tile adds one value, loaded once, instead of one load per score; 0: no such promise."""
     delta = q_offset + r - c
     s = qk * qk_scale
     if HAS_TABLE:
-        # A tile inside the table's constant tail (T5 past max_distance, a clipped OffsetBias)
-        # or head adds one value: one load instead of one per score (the per-score loads are
-        # masked off, which a branch would not need but costs registers), the same result.
-        tail = tile_lo >= ends_hi
-        uniform = tail | (tile_hi <= ends_lo)
-        one = tl.load(table_row + tl.where(tail, T - 1, 0))
-        # Masked pairs may fall off the table: clamp, they are discarded by the mask.
-        col = tl.minimum(tl.maximum(delta - lo, 0), T - 1)
-        each = tl.load(table_row + col, mask=(col >= 0) & (not uniform), other=0.0)
-        s += tl.where(uniform, one, each).to(tl.float32) * LOG2E
+        if UNIFORM == 1:
+            s += tl.load(table_row + T - 1).to(tl.float32) * LOG2E
+        elif UNIFORM == 2:
+            s += tl.load(table_row).to(tl.float32) * LOG2E
+        else:
+            # Masked pairs may fall off the table: clamp, they are discarded by the mask.
+            col = tl.minimum(tl.maximum(delta - lo, 0), T - 1)
+            s += tl.load(table_row + col).to(tl.float32) * LOG2E
     if HAS_SLOPES:
         s -= slope * tl.abs(delta).to(tl.float32)
     return s, delta
@@ -408,14 +408,48 @@ def _query_block(b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk
 
 
 @triton.jit
-def _table_ends_of(TableEnds, h, T, HAS_TABLE: tl.constexpr):
-    """Head ``h``'s (ends_lo, ends_hi) from :func:`table_ends`; (-1, T) without a table."""
-    ends_lo = -1
-    ends_hi = T
+def _uniform_blocks(TableEnds, h, row_first, q_offset, lo, mid_begin, mid_end,
+                    HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split the unmasked key blocks [mid_begin, mid_end) of the query rows from ``row_first``
+    at (tail_end, head_begin): blocks before tail_end see only the table's constant tail
+    (every column Δ - lo >= ends_hi), blocks from head_begin only its constant head (<=
+    ends_lo), as :func:`table_ends` found them for head ``h``. Keys further left have larger
+    offsets. Without a table: (mid_begin, mid_end), every block plain."""
+    tail_end = mid_begin
+    head_begin = mid_end
     if HAS_TABLE:
         ends_lo = tl.load(TableEnds + 2 * h)
         ends_hi = tl.load(TableEnds + 2 * h + 1)
-    return ends_lo, ends_hi
+        # key block j: smallest column q_offset + row_first - (j·BLOCK_N + BLOCK_N - 1) - lo,
+        # largest q_offset + row_first + BLOCK_M - 1 - j·BLOCK_N - lo
+        x = q_offset + row_first - lo - ends_hi + 1
+        y = q_offset + row_first + BLOCK_M - 1 - lo - ends_lo
+        tail = tl.maximum(x, 0) // BLOCK_N  # j < tail: smallest column >= ends_hi
+        head = (tl.maximum(y, 0) + BLOCK_N - 1) // BLOCK_N  # j >= head: largest <= ends_lo
+        tail_end = tl.minimum(tl.maximum(tail, mid_begin), mid_end)
+        head_begin = tl.minimum(tl.maximum(head, tail_end), mid_end)
+    return tail_end, head_begin
+
+
+@triton.jit
+def _key_stage(begin, mid_begin, tail_end, head_begin, mid_end, end, STAGE: tl.constexpr):
+    """The key blocks of one of five stages: 0 and 4 masked, 1 the unmasked blocks in the
+    table's constant tail, 2 the other unmasked blocks, 3 those in its constant head."""
+    first = begin
+    last = mid_begin
+    if STAGE == 1:
+        first = mid_begin
+        last = tail_end
+    if STAGE == 2:
+        first = tail_end
+        last = head_begin
+    if STAGE == 3:
+        first = head_begin
+        last = mid_end
+    if STAGE == 4:
+        first = mid_end
+        last = end
+    return first, last
 
 
 @triton.jit
@@ -446,20 +480,18 @@ def table_ends(Table, TableEnds, T, stride_t, BLOCK: tl.constexpr):
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_begin, block_end,
                 offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, row_last, ends_lo, ends_hi,
+                Nq, Nk, T, lo, q_offset, window, qk_scale,
                 HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, UNIFORM: tl.constexpr):
     NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
     for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
-        tile_lo = q_offset + row_first - (start_n + BLOCK_N - 1) - lo
-        tile_hi = q_offset + row_last - start_n - lo
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, tile_lo, tile_hi, ends_lo, ends_hi, HAS_TABLE, HAS_SLOPES)
+                          T, qk_scale, HAS_TABLE, HAS_SLOPES, UNIFORM)
         if NEED_MASK:
             kp = _key_padding(Kpm_row, offs_n, Nk, HAS_KPM)
             s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
@@ -501,20 +533,22 @@ def attn_fwd(Q, K, V, Out, Lse, Table, TableEnds, Slopes, DocStart, DocEnd, Kpm,
         b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
         CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)
 
-    ends_lo, ends_hi = _table_ends_of(TableEnds, h, T, HAS_TABLE)
+    tail_end, head_begin = _uniform_blocks(TableEnds, h, pid_m * BLOCK_M, q_offset, lo,
+                                           mid_begin, mid_end, HAS_TABLE, BLOCK_M, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    row_first = pid_m * BLOCK_M
-    for stage in tl.static_range(3):
-        first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
-        acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, first, last, offs_m, offs_d,
-            Table + h * stride_t, slope, doc_lo, doc_hi, Kpm + b * Nk, Nq, Nk, T, lo, q_offset,
-            window, qk_scale, row_first, row_first + BLOCK_M - 1, ends_lo, ends_hi, HEAD_DIM,
-            stage != 1, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST,
-            PRECISION, BLOCK_N)
+    for stage in tl.static_range(5):
+        # Causal attention has no constant head worth a stage (offsets start at 0).
+        if (HAS_TABLE or stage % 2 == 0) and not (CAUSAL and stage == 3):
+            first, last = _key_stage(begin, mid_begin, tail_end, head_begin, mid_end, end, stage)
+            acc, l_i, m_i = _fwd_blocks(
+                acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, first, last, offs_m,
+                offs_d, Table + h * stride_t, slope, doc_lo, doc_hi, Kpm + b * Nk, Nq, Nk, T, lo,
+                q_offset, window, qk_scale, HEAD_DIM, stage == 0 or stage == 4, CAUSAL, WINDOW,
+                HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
+                (stage == 1) + 2 * (stage == 3))
 
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -559,9 +593,8 @@ def attn_fwd_splitkv(Q, K, V, PartialOut, PartialLse, Table, Slopes, DocStart, D
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
         stride_kn, stride_vn, first, last, offs_m, offs_d, Table + h * stride_t, slope, doc_lo,
-        doc_hi, Kpm + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale, 0, BLOCK_M - 1, -1, T,
-        HEAD_DIM, True, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST,
-        PRECISION, BLOCK_N)
+        doc_hi, Kpm + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, True, CAUSAL,
+        WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N, 0)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
@@ -594,21 +627,19 @@ def bwd_preprocess(Out, dOut, DeltaOut, stride_ob, stride_oh, stride_on,
 @triton.jit
 def _dq_blocks(dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn,
                block_begin, block_end, offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-               Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, row_last, ends_lo, ends_hi,
+               Nq, Nk, T, lo, q_offset, window, qk_scale,
                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, UNIFORM: tl.constexpr):
     NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
     for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
         v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, MASKED)
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
-        tile_lo = q_offset + row_first - (start_n + BLOCK_N - 1) - lo
-        tile_hi = q_offset + row_last - start_n - lo
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, tile_lo, tile_hi, ends_lo, ends_hi, HAS_TABLE, HAS_SLOPES)
+                          T, qk_scale, HAS_TABLE, HAS_SLOPES, UNIFORM)
         if NEED_MASK:
             kp = _key_padding(Kpm_row, offs_n, Nk, HAS_KPM)
             s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
@@ -624,8 +655,7 @@ def _dq_blocks(dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride
 
 @_autotune("attn_bwd_dq")
 @triton.jit
-def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, TableEnds, Slopes, DocStart,
-                DocEnd,
+def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, DocStart, DocEnd,
                 Kpm, KvBounds,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
@@ -658,20 +688,18 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, TableEnds, 
         b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
         CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)
 
-    ends_lo, ends_hi = _table_ends_of(TableEnds, h, T, HAS_TABLE)
-
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     pdp_i = tl.zeros([BLOCK_M], tl.float32)
-    row_first = pid_m * BLOCK_M
+    # Three stages, per-score table loads throughout: the forward's constant-run stages cost
+    # this kernel register spills at D = 128 (tools/gpu_compile.py).
     for stage in tl.static_range(3):
         first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
         dq, l_i, pdp_i = _dq_blocks(
             dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, first, last,
             offs_m, offs_d, Table + h * stride_t, slope, doc_lo, doc_hi, Kpm + b * Nk, Nq, Nk, T,
-            lo, q_offset, window, qk_scale, row_first, row_first + BLOCK_M - 1, ends_lo, ends_hi,
-            HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST,
-            PRECISION, BLOCK_N)
+            lo, q_offset, window, qk_scale, HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE,
+            HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N, 0)
     # lse is float32, so exp(s - lse) carries its rounding (|lse|·2^-24, 1e-3 at scores of 1e4)
     # as a per-row scale error that does not average out: rescale each row of p to sum to 1.
     # Inv is that factor for the dk/dv and band kernels, which do not see whole rows.
@@ -685,8 +713,7 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, TableEnds, 
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, Delta_row, Inv_row,
                  block_begin, block_end, start_n, offs_n, offs_d, kp, table_row, DTable_row, slope,
-                 DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset, window, qk_scale, ends_lo,
-                 ends_hi,
+                 DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset, window, qk_scale,
                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                  WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                  HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
@@ -704,10 +731,8 @@ def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, D
         # dot gives the same rounding, so p here matches the p that inv normalizes (with scores
         # of 1e4 a transposed dot's rounding alone would move p by 1e-3).
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
-        tile_lo = q_offset + start_m - (start_n + BLOCK_N - 1) - lo
-        tile_hi = q_offset + start_m + BLOCK_M - 1 - start_n - lo
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, tile_lo, tile_hi, ends_lo, ends_hi, HAS_TABLE, HAS_SLOPES)
+                          T, qk_scale, HAS_TABLE, HAS_SLOPES, 0)
         if NEED_MASK:
             doc_lo, doc_hi = _doc_range(DocStart_row, DocEnd_row, q_offset, offs_m, Nq, HAS_DOC)
             s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
@@ -731,7 +756,7 @@ def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, D
 
 @_autotune("attn_bwd_dkdv", reset_to_zero=["DTable"])
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, TableEnds, DTable, Slopes,
+def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
                   DocStart, DocEnd, Kpm, KvBounds,
                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
@@ -776,7 +801,6 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, TableEnds, DTab
     slope = 0.0
     if HAS_SLOPES:
         slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
-    ends_lo, ends_hi = _table_ends_of(TableEnds, h, T, HAS_TABLE)
     for stage in tl.static_range(3):
         first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
         dk, dv = _dkdv_blocks(
@@ -784,7 +808,7 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, TableEnds, DTab
             stride_qn, stride_dn, Lse + bh * Nq, Delta + bh * Nq, Inv + bh * Nq, first, last,
             start_n, offs_n, offs_d, kp, Table + h * stride_t, DTable + h * T, slope,
             DocStart + b * Nk, DocEnd + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale,
-            ends_lo, ends_hi, HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
+            HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
             HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
 
     _store_rows(dK + bh * Nk * HEAD_DIM, offs_n, HEAD_DIM, Nk, offs_d, dk * scale, HEAD_DIM)
@@ -837,7 +861,7 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
         inv = _load_row_stat(Inv + bh * Nq, offs_m, Nq, True)
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], Table + h * stride_t, 0.0,
-                          q_offset, lo, T, qk_scale, 0, 0, -1, T, True, False)
+                          q_offset, lo, T, qk_scale, True, False, 0)
         doc_lo, doc_hi = _doc_range(DocStart + b * Nk, DocEnd + b * Nk, q_offset, offs_m, Nq,
                                     HAS_DOC)
         kp = _key_padding(Kpm + b * Nk, offs_n, Nk, HAS_KPM)
