@@ -510,7 +510,7 @@ if not torch.cuda.is_available():
 
 
 def test_the_corpus_is_large_enough():
-    assert len(ROWS) >= 60
+    assert len(ROWS) >= 130
     assert len({row[0] for row in ROWS}) == len(ROWS)
 
 

@@ -203,6 +203,28 @@ def test_rows_without_keys_and_very_negative_scores():
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_float64_huge_negative_table_entries_match_reference():
+    """float64 scores down to -1e39 (a T5 bucket used as padding) are beyond float32's range:
+    the softmax statistics stay in float64, so chunked's gradients equal reference's."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad_out = (torch.randn(1, 2, 40, 8, generator=g, dtype=torch.float64)
+                         for _ in range(4))  # fmt: skip
+    weight = torch.randn(2, 8, generator=g, dtype=torch.float64)
+    weight[:, 3] = -1e39  # offsets in bucket 3 are all but hidden
+    res = {}
+    for backend in ("chunked", "reference"):
+        pe = T5Bias(2, 8, 20).double()
+        with torch.no_grad():
+            pe.weight.copy_(weight.view_as(pe.weight))
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = relattn.attention(*leaves, pe, backend=backend)
+        grads = torch.autograd.grad(out, [*leaves, pe.weight], grad_out)
+        res[backend] = [out, *grads]
+    for a, b in zip(res["chunked"], res["reference"], strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_lse_of_empty_rows_is_neg_inf():
     q, k, v = _qkv(1, 2, 2, 4, 4, 4)
     kpm = torch.tensor([[False, False, True, True]])

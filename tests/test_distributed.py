@@ -433,6 +433,16 @@ def _errors_worker(rank: int, world: int) -> None:
         sq[:, :3], sk[:, :1], sv[:, :1], strategy="all_to_all"))  # fmt: skip
     _expect_error(ValueError, "reference", lambda: cpa(sq, sk, sv, backend="reference"))
     _expect_error(ValueError, "strategy", lambda: cpa(sq, sk, sv, strategy="tree"))
+
+    # A custom encoding whose table is one column short: the same ValueError on every rank.
+    class Short(T5Bias):
+        def table(self, lo, hi):
+            return super().table(lo, hi)[:, :-1]
+
+    short_enc = Short(4, 8, 20)
+    with torch.no_grad():
+        short_enc.weight.fill_(0.5)  # the same on every rank
+    _expect_error(ValueError, "must return shape", lambda: cpa(sq, sk, sv, short_enc))
     # unshard with shapes that differ between ranks.
     _expect_error(ValueError, "same shard shape", lambda: unshard(sq[:, :, : 8 if other else 16],
                                                                   dim=2))  # fmt: skip

@@ -306,6 +306,23 @@ def test_rope_matches_rotate_half_definition():
     assert math.isclose(rope.base, 100.0)
 
 
+def test_rope_float64_is_computed_in_float64():
+    """float64 inputs keep float64 angles: at positions near 1e6 a float32 angle is off by
+    ~0.06 rad, a float64 one by ~1e-10."""
+    torch.manual_seed(0)
+    rope = RoPE(8)
+    x = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    start = 1_000_003
+    pos = torch.arange(start, start + 5, dtype=torch.float64)
+    theta = pos[:, None] * 10000.0 ** (-torch.arange(0, 8, 2, dtype=torch.float64) / 8)
+    x1, x2 = x[..., :4], x[..., 4:]
+    expected = torch.cat([x1 * theta.cos() - x2 * theta.sin(), x2 * theta.cos() + x1 * theta.sin()],
+                         dim=-1)  # fmt: skip
+    got = rope.rotate(x, start)
+    assert got.dtype == torch.float64
+    assert (got - expected).abs().max().item() < 1e-9
+
+
 # ----------------------------------------------------------------------------- constructors
 
 

@@ -331,26 +331,33 @@ def _split_pe(pe, hq: int) -> tuple[RoPE | None, list[PositionEncoding]]:
 def _table(additive: list[PositionEncoding], lo: int, hi: int, q: Tensor) -> Tensor | None:
     """The summed table ``(Hq, hi - lo + 1)``, each encoding's checked once per call."""
     table = None
-    expected = (q.shape[1], hi - lo + 1)
     for enc in additive:
-        t = enc.cached_table(lo, hi)
-        name = type(enc).__name__
-        if not isinstance(t, Tensor):
-            raise TypeError(f"pe {name}.table(lo, hi) must return a Tensor; got {type(t).__name__}")
-        if tuple(t.shape) != expected:
-            raise ValueError(
-                f"pe {name}.table({lo}, {hi}) must return shape (H, hi - lo + 1) = {expected}; "
-                f"got {shape_str(t)}"
-            )
-        if not t.is_floating_point():
-            raise TypeError(f"pe {name}.table must return a floating tensor; got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(
-                f"pe {name}.table returned a tensor on {t.device}; q is on {q.device} "
-                "(move the encoding with .to(device))"
-            )
+        t = checked_table(enc, enc.cached_table(lo, hi), lo, hi, q)
         table = t if table is None else table + t
     return table
+
+
+def checked_table(enc: PositionEncoding, t: object, lo: int, hi: int, q: Tensor) -> Tensor:
+    """``t``, what ``enc.table(lo, hi)`` returned, if it is a floating ``(Hq, hi - lo + 1)``
+    tensor on q's device; else a TypeError or ValueError naming the encoding (a custom
+    encoding's wrong width would otherwise be read past its end by the kernels)."""
+    expected = (q.shape[1], hi - lo + 1)
+    name = type(enc).__name__
+    if not isinstance(t, Tensor):
+        raise TypeError(f"pe {name}.table(lo, hi) must return a Tensor; got {type(t).__name__}")
+    if tuple(t.shape) != expected:
+        raise ValueError(
+            f"pe {name}.table({lo}, {hi}) must return shape (H, hi - lo + 1) = {expected}; "
+            f"got {shape_str(t)}"
+        )
+    if not t.is_floating_point():
+        raise TypeError(f"pe {name}.table must return a floating tensor; got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(
+            f"pe {name}.table returned a tensor on {t.device}; q is on {q.device} "
+            "(move the encoding with .to(device))"
+        )
+    return t
 
 
 def _closed_form(additive: list[PositionEncoding], q: Tensor) -> Tensor | None:

@@ -13,7 +13,7 @@ from torch import Tensor
 from .._validate import check_bool, check_choice, check_optional_int, show
 from ..cache import within_doc_positions
 from ..functional import _split_pe as split_encodings
-from ..functional import attention
+from ..functional import attention, checked_table
 from ..masks import contiguous_documents, offset_range
 from ..pe import PositionEncoding, RoPE
 from . import all_to_all, ring
@@ -105,7 +105,7 @@ def context_parallel_attention(
         pos = shard_positions(n, group, layout, device=q.device)
         q, k = rope.rotate(q, pos), rope.rotate(k, pos)
     lo, hi = offset_range(n * size, n * size, causal, 0, window)
-    table, slopes = _table(additive, lo, hi, q.device)
+    table, slopes = _table(additive, lo, hi, q)
     rank = dist.get_rank(group)
     if strategy == "ring":
         chunk = n if layout == "contiguous" else n // 2
@@ -161,13 +161,13 @@ def _check_documents(docs: Tensor) -> None:
         )
 
 
-def _table(additive, lo: int, hi: int, device) -> tuple[Tensor | None, Tensor | None]:
+def _table(additive, lo: int, hi: int, q: Tensor) -> tuple[Tensor | None, Tensor | None]:
     slopes = additive[0].closed_form_slopes() if len(additive) == 1 else None
     if slopes is not None:
-        return None, slopes.detach().to(device=device, dtype=torch.float32)
+        return None, slopes.detach().to(device=q.device, dtype=torch.float32)
     table = None
     for enc in additive:
-        t = enc.table(lo, hi)
+        t = checked_table(enc, enc.table(lo, hi), lo, hi, q)
         table = t if table is None else table + t
     return table, None
 
