@@ -108,7 +108,7 @@ def _batch_range(plan: _Plan, blk: _Block, b: int, q_offset: int) -> tuple[int, 
     return c0, c1, need_mask
 
 
-def _extended(
+def _offset_terms(
     plan: _Plan,
     table: Tensor | None,
     slopes: Tensor | None,
@@ -133,10 +133,12 @@ def _extended(
     return ext.masked_fill(~visible, _NEG_INF).contiguous()
 
 
-def _toeplitz(f: Tensor, heads: slice, m: int, keys: int, base: int) -> Tensor:
-    """The view ``t[h, r', c] = f[h, base + r' + c]`` of shape ``(heads, m, keys)``."""
-    f = f[heads]
-    return f.as_strided((f.shape[0], m, keys), (f.stride(0), 1, 1), f.storage_offset() + base)
+def _toeplitz(terms: Tensor, heads: slice, m: int, keys: int, base: int) -> Tensor:
+    """The view ``t[h, r', c] = terms[h, base + r' + c]`` of shape ``(heads, m, keys)``."""
+    rows = terms[heads]
+    return rows.as_strided(
+        (rows.shape[0], m, keys), (rows.stride(0), 1, 1), rows.storage_offset() + base
+    )
 
 
 def _head_step(hkv: int, group: int, m: int, keys: int) -> int:
@@ -191,7 +193,7 @@ def _workspace(plan: _Plan, hkv: int, group: int, dtype, device) -> Tensor:
 
 def _probabilities(
     work: Tensor,
-    f: Tensor,
+    terms: Tensor,
     base: int,
     qb: Tensor,
     kt: Tensor,
@@ -214,7 +216,7 @@ def _probabilities(
     """
     hs, keys = kt.shape[0], kt.shape[-1]
     s = work[: hs * group * m * keys].view(hs, group * m, keys)
-    bias = _toeplitz(f, slice(h0 * group, (h0 + hs) * group), m, keys, base)
+    bias = _toeplitz(terms, slice(h0 * group, (h0 + hs) * group), m, keys, base)
     s.view(hs, group, m, keys).copy_(bias.view(hs, group, m, keys))
     s.baddbmm_(qb, kt)
     if hidden is not None:
@@ -246,7 +248,7 @@ def _steps(plan, bsz, hkv, group, q_offset, doc_ids, key_padding_mask):
                 yield b, blk, c0, c1, base, hidden, h0, min(hkv, h0 + step)
 
 
-def _rows(x: Tensor, b: int, h0: int, h1: int, rs: slice) -> Tensor:
+def _reversed_rows(x: Tensor, b: int, h0: int, h1: int, rs: slice) -> Tensor:
     """``x[b, h0:h1, :, rs]`` (kv head, group, row, ...) with rows reversed, as (hs, G·m, ...)."""
     block = x[b, h0:h1, :, rs].flip(2)
     return block.reshape(block.shape[0], -1, *block.shape[3:])
@@ -306,7 +308,7 @@ def forward(
     lse = torch.full((bsz, hq, nq), _NEG_INF, dtype=_stat_dtype(q), device=q.device)
     if not plan.blocks:
         return out.to(q.dtype), lse
-    f = _extended(plan, table, slopes, lo, causal, window, hq, compute, q.device)
+    terms = _offset_terms(plan, table, slopes, lo, causal, window, hq, compute, q.device)
     work = _workspace(plan, hkv, group, compute, q.device)
     qs = (q.to(compute) * scale).view(bsz, hkv, group, nq, d)  # scale folded into q once
     # kᵀ contiguous once: the score matmul runs much faster on it than on a transposed view.
@@ -317,8 +319,10 @@ def forward(
     steps = _steps(plan, bsz, hkv, group, q_offset, doc_ids, key_padding_mask)
     for b, blk, c0, c1, base, hidden, h0, h1 in steps:
         m, rs, hs = blk.m, slice(blk.r0, blk.r0 + blk.m), h1 - h0
-        qb = _rows(qs, b, h0, h1, rs)
-        p, row_max = _probabilities(work, f, base, qb, kt[b, h0:h1, :, c0:c1], hidden, group, h0, m)
+        qb = _reversed_rows(qs, b, h0, h1, rs)
+        p, row_max = _probabilities(
+            work, terms, base, qb, kt[b, h0:h1, :, c0:c1], hidden, group, h0, m
+        )
         # p is exp(s - max)/Σ, so its largest entry is 1/Σ and lse = max + log Σ
         # costs one cheap reduction instead of another exp pass.
         block_lse = row_max - p.amax(dim=-1, keepdim=True).log()
@@ -378,9 +382,9 @@ def backward(
         dtable = torch.zeros(table.shape, dtype=compute, device=q.device)
     if not plan.blocks:
         return _finish(dq, dkt, dvt, dtable, q, table)
-    f = _extended(plan, table, slopes, lo, causal, window, hq, compute, q.device)
-    # g[h, x]: the table gradient at offset e_max - x, the same columns as f.
-    g = torch.zeros_like(f) if table is not None else None
+    terms = _offset_terms(plan, table, slopes, lo, causal, window, hq, compute, q.device)
+    # dterms[h, x]: the table gradient at offset e_max - x, the same columns as terms.
+    dterms = torch.zeros_like(terms) if table is not None else None
     work_p = _workspace(plan, hkv, group, compute, q.device)
     work_ds = torch.empty_like(work_p)
     qs = (q.to(compute) * scale).view(bsz, hkv, group, nq, d)
@@ -394,12 +398,12 @@ def backward(
     for b, blk, c0, c1, base, hidden, h0, h1 in steps:
         m, rs, hs = blk.m, slice(blk.r0, blk.r0 + blk.m), h1 - h0
         keys = c1 - c0
-        qb, dob = _rows(qs, b, h0, h1, rs), _rows(do, b, h0, h1, rs)
+        qb, dob = _reversed_rows(qs, b, h0, h1, rs), _reversed_rows(do, b, h0, h1, rs)
         p, _ = _probabilities(
-            work_p, f, base, qb, kt[b, h0:h1, :, c0:c1], hidden, group, h0, m, with_max=False
+            work_p, terms, base, qb, kt[b, h0:h1, :, c0:c1], hidden, group, h0, m, with_max=False
         )
         if blk.maybe_empty:
-            p.masked_fill_(_rows(empty_rows, b, h0, h1, rs), 0.0)
+            p.masked_fill_(_reversed_rows(empty_rows, b, h0, h1, rs), 0.0)
         ds = work_ds[: p.numel()].view(p.shape)
         torch.bmm(dob, vt[b, h0:h1, :, c0:c1], out=ds)  # dP = dO·vᵀ
         # dS = P∘(dP - Σ_c dP∘P) row by row in one pass; the row sum is the softmax backward's
@@ -409,17 +413,17 @@ def backward(
         dkt[b, h0:h1, :, c0:c1].baddbmm_(qb.transpose(1, 2), ds)
         dq_rev = torch.bmm(ds, kc[b, h0:h1, c0:c1]).view(hs, group, m, d)
         dq_g[b, h0:h1, :, rs] = dq_rev.flip(2)
-        if g is not None:
+        if dterms is not None:
             # Reversed row r' against key c has offset column base + r' + c: the table
             # gradient is the sum of each anti-diagonal of dS.
             sums = _antidiagonal_sums(ds.view(hs * group, m, keys))
-            g[h0 * group : h1 * group, base : base + m + keys - 1] += sums
+            dterms[h0 * group : h1 * group, base : base + m + keys - 1] += sums
     dq.mul_(scale)
-    if g is not None:
-        g = g.flip(-1)  # column i is the offset e_min + i
+    if dterms is not None:
+        dterms = dterms.flip(-1)  # column i is the offset e_min + i
         a, z = max(lo, plan.e_min), min(lo + table.shape[1] - 1, plan.e_max)
         if a <= z:
-            dtable[:, a - lo : z - lo + 1] = g[:, a - plan.e_min : z - plan.e_min + 1]
+            dtable[:, a - lo : z - lo + 1] = dterms[:, a - plan.e_min : z - plan.e_min + 1]
     return _finish(dq, dkt, dvt, dtable, q, table)
 
 

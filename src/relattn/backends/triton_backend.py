@@ -18,6 +18,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ..masks import doc_bounds
 from ..problem import Problem
 from .base import Backend
 
@@ -70,25 +71,16 @@ def _pow2_at_least(n: int) -> int:
 # ----------------------------------------------------------------------------- host-side prep
 
 
-def _rows(x: Tensor) -> Tensor:
+def _unit_stride(x: Tensor) -> Tensor:
     """Kernels index (b, h, n) by stride and need unit stride along D."""
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _doc_ranges(doc_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """First and last position of each position's document, ``(B, Nk)`` int32 each.
-
-    Documents are contiguous runs (checked by ops), so "same document" is "inside the run".
-    """
-    b, nk = doc_ids.shape
-    pos = torch.arange(nk, device=doc_ids.device).expand(b, nk)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    ends = torch.ones_like(starts)
-    ends[:, :-1] = starts[:, 1:]
-    first = torch.where(starts, pos, 0).cummax(1).values
-    last = torch.where(ends, pos, nk).flip(1).cummin(1).values.flip(1)
-    return first.to(torch.int32).contiguous(), last.to(torch.int32).contiguous()
+    """First and last position of each position's document, ``(B, Nk)`` int32 each (the kernels
+    take inclusive ends; :func:`relattn.masks.doc_bounds` gives one past the last)."""
+    start, end = doc_bounds(doc_ids)
+    return start.to(torch.int32).contiguous(), (end - 1).to(torch.int32).contiguous()
 
 
 def _key_bounds(key_padding_mask: Tensor) -> Tensor:
@@ -104,7 +96,7 @@ class _Launch:
     """Arguments shared by every kernel of one call."""
 
     def __init__(self, K: ModuleType, q, k, v, table, slopes, problem: Problem):
-        self.q, self.k, self.v = _rows(q), _rows(k), _rows(v)
+        self.q, self.k, self.v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
         self.b, self.hq, self.nq, self.d = q.shape
         self.hkv, self.nk = k.shape[1], k.shape[2]
         self.lo, self.scale = problem.lo, problem.scale
@@ -263,7 +255,7 @@ class TritonBackend(Backend):
         """
         K = _kernels()
         a = _Launch(K, q, k, v, table, slopes, problem)
-        out, grad_out, lse = _rows(out), _rows(grad_out), lse.contiguous()
+        out, grad_out, lse = _unit_stride(out), _unit_stride(grad_out), lse.contiguous()
         dev = q.device
         delta_out = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
         pre = K.PREPROCESS_BLOCK

@@ -49,7 +49,7 @@ def _grid(tokens: list[str], cell, indent: str = "    ") -> list[str]:
     return lines
 
 
-def _query_block(ex: Explanation, i: int, heads: list[int]) -> list[str]:
+def _query_detail(ex: Explanation, i: int, heads: list[int]) -> list[str]:
     tok = ex.tokens
     seen = ", ".join(f"{t}({j})" for j, t in enumerate(tok[: i + 1]))
     count = f"{i + 1} key" + ("s" if i else "")
@@ -147,7 +147,7 @@ def render(
         )
     out.append("")
     for i in queries:
-        out += _query_block(ex, i, detail)
+        out += _query_detail(ex, i, detail)
         out.append("")
     if not single:
         for h in heads:
