@@ -194,6 +194,7 @@ FEATURES = [
 FEATURES_4 = [
     Case("t5", hq=8, hkv=4),
     Case("alibi_learnable", window=5, hq=8, hkv=4),
+    Case("kerple_log", causal=False, window=7, hq=8, hkv=4),
     Case("offset", docs=True, padding=True, hq=8, hkv=4),
     Case("offset_bidir", causal=False, docs=True, window=6, hq=4, hkv=4),
     Case("rope+t5", docs=True, window=11, hq=8, hkv=4),
@@ -260,6 +261,20 @@ def run_cp(q, k, v, pe, grad_out, kw, group, strategy, layout, backend="auto") -
             grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
             dist.all_reduce(grad, group=group)  # the recipe: sum over the group
             res[f"pe{i}.{name}"] = grad
+    return res
+
+
+def run_plain(q, k, v, pe, grad_out, kw) -> dict:
+    """Out and gradients of the plain ``relattn.attention`` call, keyed as ``run_cp``'s."""
+    lq, lk, lv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    for enc in _additive(pe):
+        enc.zero_grad(set_to_none=True)
+    out = relattn.attention(lq, lk, lv, pe, **kw)
+    out.backward(grad_out)
+    res = {"out": out.detach(), "q": lq.grad, "k": lk.grad, "v": lv.grad}
+    for i, enc in enumerate(_additive(pe)):
+        for name, p in enc.named_parameters():
+            res[f"pe{i}.{name}"] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
     return res
 
 
@@ -331,6 +346,28 @@ def _groups_worker(rank: int, world: int) -> None:
 
 def test_data_times_context_parallel_groups_and_group_of_one(pool4):
     pool4.run(_groups_worker)
+
+
+def _group_of_one_worker(rank: int, world: int) -> None:
+    # Every rank alone in its own group: out and every gradient (q, k, v, the encodings'
+    # parameters) are the plain op's, bit for bit. Every encoding of FEATURES, each under one
+    # strategy × layout in turn (with one rank they do not change the call).
+    singles = [dist.new_group([r]) for r in range(world)]
+    for i, case in enumerate(FEATURES):
+        strategy, layout = STRATEGY_LAYOUTS[i % len(STRATEGY_LAYOUTS)]
+        q, k, v, pe, grad_out, kw = make(case, ("group of one", rank))
+        got = run_cp(q, k, v, pe, grad_out, kw, singles[rank], strategy, layout)
+        want = run_plain(q, k, v, pe, grad_out, kw)
+        assert got.keys() == want.keys(), f"{case}: {sorted(got)} vs {sorted(want)}"
+        assert len(want) == 4 + sum(len(list(e.parameters())) for e in _additive(pe))
+        for name, w in want.items():
+            assert torch.equal(got[name], w), f"{strategy}/{layout}/{case}: {name}"
+
+
+def test_world_1_group_of_one_out_and_gradients(pool4):
+    """W = 1: a group of one gives the plain op's output and gradients (q, k, v and the
+    encodings' parameters)."""
+    pool4.run(_group_of_one_worker)
 
 
 def test_without_torch_distributed_is_the_plain_op():
@@ -494,8 +531,9 @@ def test_auto_ring_backend_on_cpu():
 
 
 def _triton_worker(rank: int, world: int) -> None:
-    # The triton backend takes the softmax backward's row term from `out`, so a ring block's
-    # backward goes through the fused op itself (the interpreter runs it on CPU).
+    # The triton backend runs the ring blocks' forward; their backward is the blockwise stand-in
+    # (triton takes the softmax backward's row term from its own block probabilities, not from
+    # the global `out`). The interpreter runs it on CPU.
     case = Case("rope+t5", docs=True, padding=True, hkv=2, n=16, b=1, d=16)
     q, k, v, pe, grad_out, kw = make(case, ("triton",))
     got = run_cp(q, k, v, pe, grad_out, kw, None, "ring", "zigzag", backend="triton")
