@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cases import ENCODINGS
 from oracle import assert_close_f64, run_math, seed_of, visible_mask
 
 import relattn
@@ -37,7 +38,7 @@ from relattn.distributed import (
     shard_positions,
     unshard,
 )
-from relattn.pe import ALiBi, Kerple, OffsetBias, RoPE, T5Bias
+from relattn.pe import RoPE, T5Bias
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=30)  # a hung collective fails instead of blocking
 WORKERS_TIMEOUT = 120.0  # per test; the slowest takes ~20 s on two busy cores
@@ -137,28 +138,6 @@ def pool4():
 
 
 # ----------------------------------------------------------------------------- cases
-
-
-def _randomize(enc, g: torch.Generator, std: float = 1.0):
-    with torch.no_grad():
-        for p in enc.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return enc
-
-
-ENCODINGS = {
-    "none": lambda h, d, g: None,
-    "t5": lambda h, d, g: _randomize(T5Bias(h, 8, 20), g),
-    "t5_bidir": lambda h, d, g: _randomize(T5Bias(h, 8, 20, bidirectional=True), g),
-    "alibi": lambda h, d, g: ALiBi(h),
-    "alibi_learnable": lambda h, d, g: _randomize(ALiBi(h, learnable=True), g, std=0.05),
-    "kerple_log": lambda h, d, g: _randomize(Kerple(h, "log", r1=0.5, r2=0.7), g, std=0.5),
-    "kerple_power": lambda h, d, g: _randomize(Kerple(h, "power", r1=0.5, r2=0.7), g, std=0.5),
-    "offset": lambda h, d, g: _randomize(OffsetBias(h, max_offset=9), g),
-    "offset_bidir": lambda h, d, g: _randomize(OffsetBias(h, 6, bidirectional=True), g),
-    "rope": lambda h, d, g: RoPE(d),
-    "rope+t5": lambda h, d, g: [RoPE(d), _randomize(T5Bias(h, 8, 20), g)],
-}
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,11 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
+from cases import ENCODINGS, randomize
 from oracle import assert_close_f64, assert_flash_accuracy, run_math, run_relattn, seed_of
 
 import relattn  # noqa: E402
-from relattn.pe import ALiBi, Kerple, OffsetBias, T5Bias  # noqa: E402
+from relattn.pe import OffsetBias, T5Bias  # noqa: E402
 from relattn.problem import Problem  # noqa: E402
 
 SRC = Path(relattn.__file__).resolve().parents[1]
@@ -33,24 +34,9 @@ SRC = Path(relattn.__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _randomized(enc, g: torch.Generator, std: float = 1.0):
-    with torch.no_grad():
-        for p in enc.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return enc
-
-
-ENCODINGS = {
-    "none": lambda h, g: None,
-    "t5": lambda h, g: _randomized(T5Bias(h, 8, 20), g),
-    "t5_bidir": lambda h, g: _randomized(T5Bias(h, 8, 20, bidirectional=True), g),
-    "offset": lambda h, g: _randomized(OffsetBias(h, max_offset=9), g),
-    "offset_bidir": lambda h, g: _randomized(OffsetBias(h, 6, bidirectional=True), g),
-    "alibi": lambda h, g: ALiBi(h),  # fixed: closed form from slopes, no table
-    "alibi_learnable": lambda h, g: _randomized(ALiBi(h, learnable=True), g, std=0.05),
-    "kerple_log": lambda h, g: _randomized(Kerple(h, "log", r1=0.5, r2=0.7), g, std=0.5),
-    "kerple_power": lambda h, g: _randomized(Kerple(h, "power", r1=0.5, r2=0.7), g, std=0.5),
-}
+def _encoding(name: str, h: int, g: torch.Generator):
+    """The conformance suite's encoding ``name`` (tests/cases.py), randomized from ``g``."""
+    return ENCODINGS[name](h, None, g)
 
 
 def _doc_ids(b: int, nk: int) -> torch.Tensor:
@@ -103,7 +89,7 @@ def make_case(name: str, dtype: torch.dtype = torch.float32):
     k = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
     v = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
     grad_out = torch.randn(b, hq, nq, d, generator=g).to(dtype)
-    return q, k, v, ENCODINGS[enc_name](hq, g), grad_out, kw
+    return q, k, v, _encoding(enc_name, hq, g), grad_out, kw
 
 
 def triton_run(q, k, v, pe, grad_out, kw) -> dict[str, torch.Tensor]:
@@ -167,7 +153,7 @@ def test_deterministic_gradients_are_bit_identical(name):
 def test_table_gradient_of_clipped_offsets():
     """Far offsets share OffsetBias's last column: its gradient sums every far diagonal."""
     q, k, v, _, grad_out, kw = make_case("long_n128")
-    pe = _randomized(OffsetBias(1, max_offset=3), torch.Generator().manual_seed(3))
+    pe = randomize(OffsetBias(1, max_offset=3), torch.Generator().manual_seed(3))
     got = triton_run(q, k, v, pe, grad_out, {})
     truth = run_math(q, k, v, pe, grad_out, torch.float64)
     assert_close_f64(got, truth, label="triton vs float64: ")
@@ -292,7 +278,7 @@ def test_constant_table_runs_give_the_same_bits(monkeypatch, causal):
 
     g = torch.Generator().manual_seed(5)
     q, k, v, grad_out = (torch.randn(1, 2, 70, 16, generator=g) for _ in range(4))
-    pe = _randomized(T5Bias(2, 8, 12, bidirectional=not causal), g)
+    pe = randomize(T5Bias(2, 8, 12, bidirectional=not causal), g)
     kw = {"causal": causal}
     sentinel = lambda self, K: torch.tensor(
         [[-1, self.t]] * self.hq, dtype=torch.int32, device=self.q.device
