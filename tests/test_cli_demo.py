@@ -331,3 +331,25 @@ def test_checkpoint_saves_are_atomic(tmp_path, monkeypatch):
         save_model_dir(first, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left
+
+
+def test_generate_and_explain_read_a_demo_checkpoint(tmp_path, capsys):
+    """The demo's own folder layout (report/checkpoints/NAME) feeds generate and explain."""
+    out = tmp_path / "report"
+    assert main([*TINY, "--pe", "alibi", "--out", str(out)]) == 0
+    ckpt = out / json.loads((out / "results.json").read_text())["models"]["alibi"]["checkpoint"]
+    assert ckpt == out / "checkpoints" / "alibi"
+    capsys.readouterr()
+
+    argv = ["generate", "--checkpoint", str(ckpt), "--prompt", "def f(", "--max-new-tokens", "20"]
+    assert main([*argv, "--seed", "1"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("def f(") and len(text.rstrip("\n")) > len("def f(")
+
+    png = tmp_path / "att.png"
+    argv = ["explain", "--checkpoint", str(ckpt), "x = 1", "--json", "--png", str(png)]
+    assert main([*argv, "--layer", "1"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["tokens"] == ["x", "␣", "=", "␣", "1"] and obj["layer"] == 1
+    assert obj["encoding"]["pe"] == "alibi" and not obj["encoding"]["illustrative"]
+    assert png.read_bytes()[:4] == b"\x89PNG"
