@@ -56,3 +56,19 @@ def test_triton_configs_needs_cuda():
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert res.returncode == 2
     assert "needs a CUDA GPU" in res.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the benchmark would run")
+def test_gpu_benchmark_script_is_relattn_bench():
+    """benchmarks/gpu_attention.py takes relattn bench's flags (one benchmark front end);
+    without CUDA it says so in one line."""
+    script = ROOT / "benchmarks" / "gpu_attention.py"
+    help_text = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True
+    ).stdout
+    assert "relattn bench" in help_text and "--check" in help_text
+    res = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "relattn: error: --device gpu needs CUDA; torch.cuda.is_available() is False here"
+    ]

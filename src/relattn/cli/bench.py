@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     parser.add_argument(
+        "--check",
+        action="store_true",
+        help="GPU: what the targets need (bf16, D=128, N=8k and 16k) and the targets table",
+    )
+    parser.add_argument(
         "--device",
         choices=("all", "cpu", "gpu"),
         default="all",
@@ -81,8 +86,10 @@ def _bar(total: int, desc: str):
     return bar, progress
 
 
-def measure(ns: list[int] | None, repeats: int | None, quick: bool, device: str) -> dict:
-    """Run the CPU and/or GPU benchmarks.
+def measure(
+    ns: list[int] | None, repeats: int | None, quick: bool, device: str, check: bool = False
+) -> dict:
+    """Run the CPU and/or GPU benchmarks (``check``: the GPU targets' settings and table).
 
     Returns:
         ``{"machine": {...}, "sections": [(key, title, description, markdown, rows), ...]}``.
@@ -106,13 +113,16 @@ def measure(ns: list[int] | None, repeats: int | None, quick: bool, device: str)
     if device in ("all", "gpu") and torch.cuda.is_available():
         from ..bench import gpu
 
-        steps = len(gpu.HEAD_DIMS) * (2 if quick else len(gpu.DTYPES) * len(gpu.NS))
+        steps = 2 if check else len(gpu.HEAD_DIMS) * (2 if quick else len(gpu.DTYPES) * len(gpu.NS))
         bar, progress = _bar(steps, "gpu")
         try:
-            rows = gpu.run(quick=quick, progress=progress)
+            rows = gpu.run(quick=quick, progress=progress, check=check)
         finally:
             bar.close()
-        sections.append(("gpu", "GPU", gpu.describe(), gpu.to_markdown(rows), rows))
+        table = gpu.to_markdown(rows)
+        if check:
+            table += "\nTargets (ratios from this run):\n\n" + gpu.targets_markdown(rows)
+        sections.append(("gpu", "GPU", gpu.describe(), table, rows))
     return {"machine": common.machine_info(), "sections": sections}
 
 
@@ -125,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_writable_file("--out", args.out) if args.out else None
     json_path = check_writable_file("--json", args.json) if args.json else None
     with torch_threads(args.threads or available_cores()):
-        result = measure(ns, args.repeats, args.quick, device)
+        result = measure(ns, args.repeats, args.quick, device, args.check)
     text = "# relattn bench\n\n" + common.format_machine(result["machine"]) + "\n"
     for _key, title, about, table, _rows in result["sections"]:
         text += f"\n## {title}\n\n{about}\n\n{table.rstrip()}\n"
