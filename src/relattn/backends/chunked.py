@@ -258,6 +258,15 @@ def _unpack(p: Problem):
     return p.lo, p.scale, p.causal, p.q_offset, p.window, p.doc_ids, p.key_padding_mask
 
 
+def _layout(q: Tensor, k: Tensor, p: Problem):
+    """``((B, Hq, Nq, D), (Hkv, Nk), group, compute dtype, block plan)`` of one call."""
+    hq, hkv = q.shape[1], k.shape[1]
+    plan = _plan(q.shape[2], k.shape[2], p.causal, p.q_offset, p.window, p.doc_ids,
+                 p.key_padding_mask)  # fmt: skip
+    compute = torch.promote_types(q.dtype, torch.float32)
+    return tuple(q.shape), (hkv, k.shape[2]), hq // hkv, compute, plan
+
+
 def _stat_dtype(q: Tensor) -> torch.dtype:
     """Softmax statistics hold the input's range: float64 for float64, else float32."""
     return torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -299,11 +308,7 @@ def forward(
         out, lse = forward(*_fold(q, k, v, table, slopes), problem)
         return out.view(b, hq, nq, d), lse.view(b, hq, nq)
     lo, scale, causal, q_offset, window, doc_ids, key_padding_mask = _unpack(problem)
-    bsz, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    group = hq // hkv
-    compute = torch.promote_types(q.dtype, torch.float32)
-    plan = _plan(nq, nk, causal, q_offset, window, doc_ids, key_padding_mask)
+    (bsz, hq, nq, d), (hkv, nk), group, compute, plan = _layout(q, k, problem)
     out = torch.zeros(bsz, hq, nq, d, dtype=compute, device=q.device)
     lse = torch.full((bsz, hq, nq), _NEG_INF, dtype=_stat_dtype(q), device=q.device)
     if not plan.blocks:
@@ -368,11 +373,7 @@ def backward(
             dtable = dtable.view(b, *table.shape).sum(0)
         return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dtable
     lo, scale, causal, q_offset, window, doc_ids, key_padding_mask = _unpack(problem)
-    bsz, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
-    group = hq // hkv
-    compute = torch.promote_types(q.dtype, torch.float32)
-    plan = _plan(nq, nk, causal, q_offset, window, doc_ids, key_padding_mask)
+    (bsz, hq, nq, d), (hkv, nk), group, compute, plan = _layout(q, k, problem)
     dq = torch.zeros(bsz, hq, nq, d, dtype=compute, device=q.device)
     # dk and dv accumulate transposed: (D, L) += (D, m)·(m, L) is the fast matmul layout.
     dkt = torch.zeros(bsz, hkv, d, nk, dtype=compute, device=q.device)

@@ -478,6 +478,26 @@ def table_ends(Table, TableEnds, T, stride_t, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm_row,
+                     Nq, Nk, T, lo, q_offset, window, qk_scale,
+                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                     HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr, HAS_DOC: tl.constexpr,
+                     HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                     UNIFORM: tl.constexpr):
+    """The scores (base 2) of a (query rows × keys) tile in the key loop of the forward and dq
+    kernels, hidden pairs at -inf: the rows carry their document range, the keys their
+    padding."""
+    qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
+    s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
+                      T, qk_scale, HAS_TABLE, HAS_SLOPES, UNIFORM)
+    if MASKED or HAS_DOC or HAS_KPM:
+        kp = _key_padding(Kpm_row, offs_n, Nk, HAS_KPM)
+        s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
+                  MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
+    return s
+
+
+@triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_begin, block_end,
                 offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
                 Nq, Nk, T, lo, q_offset, window, qk_scale,
@@ -485,17 +505,12 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_be
                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, UNIFORM: tl.constexpr):
-    NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
     for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
-        qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
-        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, HAS_TABLE, HAS_SLOPES, UNIFORM)
-        if NEED_MASK:
-            kp = _key_padding(Kpm_row, offs_n, Nk, HAS_KPM)
-            s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
-                      MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
+        s = _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm_row,
+                             Nq, Nk, T, lo, q_offset, window, qk_scale, MASKED, CAUSAL, WINDOW,
+                             HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, UNIFORM)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtracting 0 keeps p = 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -632,18 +647,13 @@ def _dq_blocks(dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride
                WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, UNIFORM: tl.constexpr):
-    NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
     for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
         v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, MASKED)
-        qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
-        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, HAS_TABLE, HAS_SLOPES, UNIFORM)
-        if NEED_MASK:
-            kp = _key_padding(Kpm_row, offs_n, Nk, HAS_KPM)
-            s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
-                      MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
+        s = _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm_row,
+                             Nq, Nk, T, lo, q_offset, window, qk_scale, MASKED, CAUSAL, WINDOW,
+                             HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, UNIFORM)
         p = tl.math.exp2(s - lse[:, None] * LOG2E)
         l_i += tl.sum(p, 1)
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
