@@ -326,20 +326,6 @@ def _stages(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _stage_blocks(begin, mid_begin, mid_end, end, STAGE: tl.constexpr):
-    """The block range of one stage: 0 and 2 are masked, 1 is the band every pair sees."""
-    first = mid_end
-    last = end
-    if STAGE == 0:
-        first = begin
-        last = mid_begin
-    if STAGE == 1:
-        first = mid_begin
-        last = mid_end
-    return first, last
-
-
-@triton.jit
 def _key_range(row_first, row_last, q_offset, Nk, window,
                CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """Keys seen by some row of ``row_first..row_last`` and keys seen by all of them."""
@@ -704,7 +690,8 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
     # Three stages, per-score table loads throughout: the forward's constant-run stages cost
     # this kernel register spills at D = 128 (tools/gpu_compile.py).
     for stage in tl.static_range(3):
-        first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
+        # three stages: the five of _key_stage without the constant runs
+        first, last = _key_stage(begin, mid_begin, mid_begin, mid_end, mid_end, end, 2 * stage)
         dq, l_i, pdp_i = _dq_blocks(
             dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, first, last,
             offs_m, offs_d, Table + h * stride_t, slope, doc_lo, doc_hi, Kpm + b * Nk, Nq, Nk, T,
@@ -812,7 +799,8 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
     if HAS_SLOPES:
         slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
     for stage in tl.static_range(3):
-        first, last = _stage_blocks(begin, mid_begin, mid_end, end, stage)
+        # three stages: the five of _key_stage without the constant runs
+        first, last = _key_stage(begin, mid_begin, mid_begin, mid_end, mid_end, end, 2 * stage)
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, Q + b * stride_qb + h * stride_qh, dOut + b * stride_db + h * stride_dh,
             stride_qn, stride_dn, Lse + bh * Nq, Delta + bh * Nq, Inv + bh * Nq, first, last,
