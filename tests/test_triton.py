@@ -295,3 +295,27 @@ def test_constant_table_runs_give_the_same_bits(monkeypatch, causal):
         assert torch.equal(fast[name], slow[name]), name
     truth = run_math(q, k, v, pe, grad_out, torch.float64, **kw)
     assert_close_f64(fast, truth, label="triton vs float64: ")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("shape", ["constant", "long_head", "long_tail"])
+def test_tables_with_long_constant_runs_match_float64(causal, shape):
+    """A table constant throughout, or over a long run at either end (every block of a row may
+    fall in a constant run, on the diagonal's side too): out and gradients against float64."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v, grad_out = (torch.randn(1, 2, 70, 16, generator=g) for _ in range(4))
+    pe = OffsetBias(2, max_offset=69, bidirectional=not causal)
+    with torch.no_grad():
+        w = torch.randn(pe.weight.shape, generator=g)
+        mid = w.shape[1] // 2
+        if shape == "constant":
+            w[:] = w[:, :1]
+        elif shape == "long_head":
+            w[:, : mid + 30] = w[:, :1]  # constant from the smallest offset on
+        else:
+            w[:, mid - 30 :] = w[:, -1:]  # constant up to the largest offset
+        pe.weight.copy_(w)
+    kw = {"causal": causal}
+    got = triton_run(q, k, v, pe, grad_out, kw)
+    truth = run_math(q, k, v, pe, grad_out, torch.float64, **kw)
+    assert_close_f64(got, truth, label=f"triton {shape}: ")

@@ -395,12 +395,14 @@ def _query_block(b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk
 
 @triton.jit
 def _uniform_blocks(TableEnds, h, row_first, q_offset, lo, mid_begin, mid_end,
-                    HAS_TABLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HAS_TABLE: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
     """Split the unmasked key blocks [mid_begin, mid_end) of the query rows from ``row_first``
     at (tail_end, head_begin): blocks before tail_end see only the table's constant tail
     (every column Δ - lo >= ends_hi), blocks from head_begin only its constant head (<=
     ends_lo), as :func:`table_ends` found them for head ``h``. Keys further left have larger
-    offsets. Without a table: (mid_begin, mid_end), every block plain."""
+    offsets. Without a table: (mid_begin, mid_end), every block plain; without HEAD (the
+    caller runs no head stage) head_begin is mid_end."""
     tail_end = mid_begin
     head_begin = mid_end
     if HAS_TABLE:
@@ -413,7 +415,8 @@ def _uniform_blocks(TableEnds, h, row_first, q_offset, lo, mid_begin, mid_end,
         tail = tl.maximum(x, 0) // BLOCK_N  # j < tail: smallest column >= ends_hi
         head = (tl.maximum(y, 0) + BLOCK_N - 1) // BLOCK_N  # j >= head: largest <= ends_lo
         tail_end = tl.minimum(tl.maximum(tail, mid_begin), mid_end)
-        head_begin = tl.minimum(tl.maximum(head, tail_end), mid_end)
+        if HEAD:
+            head_begin = tl.minimum(tl.maximum(head, tail_end), mid_end)
     return tail_end, head_begin
 
 
@@ -534,14 +537,15 @@ def attn_fwd(Q, K, V, Out, Lse, Table, TableEnds, Slopes, DocStart, DocEnd, Kpm,
         b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
         CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)
 
+    # Causal attention has no constant head worth a stage (offsets start at 0): no stage 3.
     tail_end, head_begin = _uniform_blocks(TableEnds, h, pid_m * BLOCK_M, q_offset, lo,
-                                           mid_begin, mid_end, HAS_TABLE, BLOCK_M, BLOCK_N)
+                                           mid_begin, mid_end, HAS_TABLE, not CAUSAL, BLOCK_M,
+                                           BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for stage in tl.static_range(5):
-        # Causal attention has no constant head worth a stage (offsets start at 0).
         if (HAS_TABLE or stage % 2 == 0) and not (CAUSAL and stage == 3):
             first, last = _key_stage(begin, mid_begin, tail_end, head_begin, mid_end, end, stage)
             acc, l_i, m_i = _fwd_blocks(
