@@ -4,11 +4,13 @@
 The shape of the GPU targets (BENCHMARKS.md): causal, B·N = 16k tokens, H·D = 2048, N = 8192,
 bf16, D = 128. For each kernel (forward, backward dq, backward dk/dv) and each config whose
 shared memory fits the device, it times the kernels alone through the backend protocol (the
-forward with a T5 table and with fixed ALiBi slopes; the backward with a table, the other
+forward with a table and with fixed ALiBi slopes; the backward with a table, the other
 backward kernel held at its first candidate), then the best configs together against SDPA's
-flash/cuDNN ``is_causal`` path in the same run.
+flash/cuDNN ``is_causal`` path in the same run. The table is a default ``T5Bias``'s (constant
+past max_distance, which the forward reads once per tile there), or with ``--random-table``
+random values (every tile reads the table per score).
 
-    python benchmarks/triton_configs.py [--n 8192] [--d 128] [--out FILE.md] [--json FILE.json]
+    python benchmarks/triton_configs.py [--n 8192] [--d 128] [--random-table] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--d", type=int, default=128)
+    parser.add_argument(
+        "--random-table", action="store_true", help="a random table instead of T5Bias's"
+    )
     parser.add_argument("--out", help="write the Markdown tables here")
     parser.add_argument("--json", help="write every measurement here")
     args = parser.parse_args(argv)
@@ -69,7 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     b, h = max(1, 16384 // n), 2048 // d
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v, do = (torch.randn(b, h, n, d, device=dev, dtype=dtype, generator=g) for _ in "qkvo")
-    table = torch.randn(h, n, device=dev, generator=g)
+    if args.random_table:
+        table = torch.randn(h, n, device=dev, generator=g)
+    else:
+        from relattn.pe import T5Bias
+
+        with torch.no_grad():
+            table = T5Bias(h).to(dev).table(0, n - 1).float().contiguous()
     slopes = torch.rand(h, device=dev, generator=g) * 0.1
     problem = Problem(lo=0, scale=1 / math.sqrt(d))
     limit = K.device_shared_memory(dev.index or 0)
@@ -149,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Triton tile configs on {gpu}",
         "",
-        f"bf16, causal, B={b}, H={h}, N={n}, D={d}; shared memory limit {limit // 1024} KiB; "
+        f"bf16, causal, B={b}, H={h}, N={n}, D={d}; "
+        f"{'a random' if args.random_table else 'a T5Bias'} table; "
+        f"shared memory limit {limit // 1024} KiB; "
         "config = (BLOCK_M, BLOCK_N, warps, stages); kernels alone (backend protocol), "
         "triton.testing.do_bench means.",
         "",
