@@ -636,14 +636,14 @@ def _dq_blocks(dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride
                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, UNIFORM: tl.constexpr):
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
         v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, MASKED)
         s = _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm_row,
                              Nq, Nk, T, lo, q_offset, window, qk_scale, MASKED, CAUSAL, WINDOW,
-                             HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, UNIFORM)
+                             HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, 0)
         p = tl.math.exp2(s - lse[:, None] * LOG2E)
         l_i += tl.sum(p, 1)
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
@@ -700,7 +700,7 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
             dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, first, last,
             offs_m, offs_d, Table + h * stride_t, slope, doc_lo, doc_hi, Kpm + b * Nk, Nq, Nk, T,
             lo, q_offset, window, qk_scale, HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE,
-            HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N, 0)
+            HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N)
     # lse is float32, so exp(s - lse) carries its rounding (|lse|·2^-24, 1e-3 at scores of 1e4)
     # as a per-row scale error that does not average out: rescale each row of p to sum to 1.
     # Inv is that factor for the dk/dv and band kernels, which do not see whole rows.
