@@ -115,6 +115,45 @@ def test_huge_scores_across_tiles(small_tiles):
         assert err <= 2 * err_ref + 1e-5, (name, err, err_ref)
 
 
+@pytest.mark.parametrize("slope", [28.9, 29.2, 43.6, 44.2, 90.0])
+def test_weights_at_the_float32_exponential_edges(small_tiles, slope):
+    """The kernel's float32 exponential is a polynomial clamped to [-88, 88]: weights
+    exp(-slope·Δ) for Δ = 1, 2, 3 fall just above, across and below float32's smallest normal
+    (exp(-87.3)) and to exactly 0; out and every gradient match float64 math and chunked."""
+    n = 40
+    q = torch.zeros(1, 2, n, 16)
+    k = torch.zeros(1, 2, n, 16)
+    v = torch.randn(1, 2, n, 16)
+    grad_out = torch.randn(1, 2, n, 16)
+    pe = relattn.pe.ALiBi(2, learnable=True, slopes=[slope, slope / 3])
+    got = run_relattn(q, k, v, pe, grad_out, "cpu_kernel", causal=True)
+    truth = run_math(q, k, v, pe, grad_out, torch.float64, causal=True)
+    ref = run_relattn(q, k, v, pe, grad_out, "chunked", causal=True)
+    for name in truth:
+        assert torch.isfinite(got[name]).all(), name
+        err = (got[name].double() - truth[name]).abs().max().item()
+        err_ref = (ref[name].double() - truth[name]).abs().max().item()
+        assert err <= 2 * err_ref + 1e-5, (name, err, err_ref)
+
+
+def test_a_nan_query_row_is_nan_and_leaves_the_others(small_tiles):
+    """NaN scores stay NaN (documented): a NaN in one query row makes that row's output NaN
+    and no other row's, in out and in dq (the others match chunked)."""
+    q, k, v, pe, grad_out, kw = make_case("t5", "causal", (1, 2, 2, 37, 16), torch.float32)
+    q[0, 1, 20, 3] = float("nan")
+    got = run_relattn(q, k, v, pe, grad_out, "cpu_kernel", **kw)
+    ref = run_relattn(q, k, v, pe, grad_out, "chunked", **kw)
+    out = got["out"]
+    assert out[0, 1, 20].isnan().all()
+    others = torch.ones(out.shape[:3], dtype=torch.bool)
+    others[0, 1, 20] = False
+    assert not out[others].isnan().any()
+    torch.testing.assert_close(out[others], ref["out"][others], rtol=1e-5, atol=1e-5)
+    dq = got["q"]
+    assert dq[0, 1, 20].isnan().all() and not dq[others].isnan().any()
+    torch.testing.assert_close(dq[others], ref["q"][others], rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- auto
 
 

@@ -98,18 +98,37 @@ void exp_inplace(T* p, int64_t n) {
 
 // Row kernels. Reductions keep independent lanes (one running sum or max would be a chain of
 // dependent operations). The build is -O3 for any x86-64, so on GCC each kernel is also cloned
-// for AVX2 and AVX-512 and picked at load time by the CPU (target_clones).
-// RELATTN_ISA_AVX2 (RELATTN_CPU_KERNEL_ISA=avx2) leaves the AVX-512 clone out, so an AVX-512
-// machine can measure what an AVX2-class one runs.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(RELATTN_ISA_AVX2)
-#define RELATTN_CLONES __attribute__((target_clones("avx2", "default")))
+// for the x86-64-v3 (AVX2 + FMA) and x86-64-v4 (AVX-512) levels and picked at load time by the
+// CPU (target_clones). A plain "avx2" clone would have no FMA (a separate CPU feature), so its
+// exponential ran at half the AVX-512 clone's speed; GCC before 12 has no level names and
+// gets "avx512f"/"avx2" clones. RELATTN_ISA_AVX2 (RELATTN_CPU_KERNEL_ISA=avx2) leaves the
+// AVX-512 clone out, so an AVX-512 machine can measure what an AVX2-class one runs.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define RELATTN_ISA_V4 "arch=x86-64-v4"
+#define RELATTN_ISA_V3 "arch=x86-64-v3"
 #elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define RELATTN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define RELATTN_ISA_V4 "avx512f"
+#define RELATTN_ISA_V3 "avx2"
+#endif
+#if defined(RELATTN_ISA_V3) && defined(RELATTN_ISA_AVX2)
+#define RELATTN_CLONES __attribute__((target_clones(RELATTN_ISA_V3, "default")))
+#elif defined(RELATTN_ISA_V3)
+#define RELATTN_CLONES __attribute__((target_clones(RELATTN_ISA_V4, RELATTN_ISA_V3, "default")))
 #else
 #define RELATTN_CLONES
 #endif
 
 constexpr int kLanes = 16;
+
+// A row whose max came out -inf is all -inf, or holds NaN (comparisons skip NaN): its NaN,
+// else -inf.
+template <typename T>
+T nan_or(const T* x, int64_t n, T out) {
+  for (int64_t j = 0; j < n; ++j) {
+    if (x[j] != x[j]) return x[j];
+  }
+  return out;
+}
 
 #define RELATTN_ROW_KERNELS(T)                                                           \
   RELATTN_CLONES T row_max(const T* x, int64_t n) {                                       \
@@ -123,12 +142,7 @@ constexpr int kLanes = 16;
     T out = -inf;                                                                         \
     for (int l = 0; l < kLanes; ++l) out = acc[l] > out ? acc[l] : out;                   \
     for (; j < n; ++j) out = x[j] > out ? x[j] : out;                                     \
-    if (out == -inf) { /* the comparisons skip NaN: only NaN and -inf is NaN */           \
-      for (j = 0; j < n; ++j) {                                                           \
-        if (x[j] != x[j]) return x[j];                                                    \
-      }                                                                                   \
-    }                                                                                     \
-    return out;                                                                           \
+    return out == -inf ? nan_or(x, n, out) : out;                                         \
   }                                                                                       \
   RELATTN_CLONES T row_sum(const T* x, int64_t n) {                                       \
     T acc[kLanes] = {};                                                                   \
@@ -163,26 +177,34 @@ constexpr int kLanes = 16;
   RELATTN_CLONES void row_scale(T* x, int64_t n, T a) {                                   \
     for (int64_t j = 0; j < n; ++j) x[j] *= a;                                            \
   }                                                                                       \
-  /* ds <- p * (ds - di) */                                                               \
-  RELATTN_CLONES void softmax_grad(T* ds, const T* p, int64_t n, T di) {                  \
-    for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - di);                          \
-  }                                                                                       \
-  RELATTN_CLONES void row_add(T* y, const T* x, int64_t n) {                              \
-    for (int64_t j = 0; j < n; ++j) y[j] += x[j];                                         \
+  /* ds <- p * (ds - di), and g <- g + ds where g is not null (the table gradient) */     \
+  RELATTN_CLONES void softmax_grad(T* __restrict ds, const T* __restrict p, int64_t n, T di,\
+                                   T* __restrict g) {                                     \
+    if (g) {                                                                              \
+      for (int64_t j = 0; j < n; ++j) {                                                   \
+        const T d = p[j] * (ds[j] - di);                                                  \
+        ds[j] = d;                                                                        \
+        g[j] += d;                                                                        \
+      }                                                                                   \
+    } else {                                                                              \
+      for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - di);                        \
+    }                                                                                     \
   }
 
 RELATTN_ROW_KERNELS(float)
 RELATTN_ROW_KERNELS(double)
 
 // exp for float32 in a form the compiler vectorizes (Cephes' expf: 2^n times a degree-6
-// polynomial on [-ln2/2, ln2/2], about 1 ulp); exp(t) for t < -87 (below the smallest normal
-// float, 1.2e-38) is 0, NaN stays NaN.
+// polynomial on [-ln2/2, ln2/2], about 1 ulp). t is clamped to [-88, 88]: at -88, n = -127
+// makes the factor 2^n's bits 0, so exp(t) is exactly 0 from there down (-inf included);
+// NaN passes the clamps (the comparisons are false) and the polynomial, so it stays NaN.
+// No float-to-int conversion: 2^n's bits come from the bits of t/ln2 + 1.5·2²³, whose low
+// mantissa bits hold 0x400000 + n.
 __attribute__((always_inline)) inline float exp_poly(float t) {
-  const float t0 = t;
   t = t < -88.0f ? -88.0f : t;
   t = t > 88.0f ? 88.0f : t;
-  // n = round(t / ln 2) by the 1.5·2²³ trick (vectorizes where floor may be a libm call)
-  const float n = (t * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float k = t * 1.44269504088896341f + 12582912.0f;
+  const float n = k - 12582912.0f;  // round(t / ln 2)
   float r = t - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -192,19 +214,18 @@ __attribute__((always_inline)) inline float exp_poly(float t) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  float res = p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-  res = t0 < -87.0f ? 0.0f : res;
-  res = t0 != t0 ? t0 : res;
-  return res;
+  const uint32_t scale = (__builtin_bit_cast(uint32_t, k) - (0x4B400000u - 127u)) << 23;
+  return p * __builtin_bit_cast(float, scale);
 }
 
-// x <- exp((x - a) - b), returning the row's sum.
-RELATTN_CLONES float exp_shift(float* x, int64_t n, float a, float b) {
+// x <- exp((x - a) - b), returning the row's sum (kB false: b is 0 and not subtracted).
+template <bool kB>
+__attribute__((always_inline)) inline float exp_row(float* x, int64_t n, float a, float b) {
   float acc[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const float e = exp_poly((x[j + l] - a) - b);
+      const float e = exp_poly(kB ? (x[j + l] - a) - b : x[j + l] - a);
       x[j + l] = e;
       acc[l] += e;
     }
@@ -212,11 +233,19 @@ RELATTN_CLONES float exp_shift(float* x, int64_t n, float a, float b) {
   float out = 0;
   for (int l = 0; l < kLanes; ++l) out += acc[l];
   for (; j < n; ++j) {
-    const float e = exp_poly((x[j] - a) - b);
+    const float e = exp_poly(kB ? (x[j] - a) - b : x[j] - a);
     x[j] = e;
     out += e;
   }
   return out;
+}
+
+RELATTN_CLONES float exp_shift(float* x, int64_t n, float a) {
+  return exp_row<false>(x, n, a, 0.0f);
+}
+
+RELATTN_CLONES float exp_shift2(float* x, int64_t n, float a, float b) {
+  return exp_row<true>(x, n, a, b);
 }
 
 // S (m x L) row r <- exp((S - a[r]) - b[r]) (b may be null: 0), 0 for rows with a[r] = -inf;
@@ -229,7 +258,7 @@ inline void exp_rows(float* S, int64_t m, int64_t L, const float* a, const float
     if (a[r] == -std::numeric_limits<float>::infinity()) {
       std::fill(row, row + L, 0.0f);
     } else {
-      sum = exp_shift(row, L, a[r], b ? b[r] : 0.0f);
+      sum = b ? exp_shift2(row, L, a[r], b[r]) : exp_shift(row, L, a[r]);
     }
     if (sums) sums[r] = sum;
   }
@@ -376,6 +405,16 @@ void load_tile(const Shape& s, const T* fh, int64_t b, int64_t r0, int64_t m, in
   }
 }
 
+// S (m x L) <- scale·q kᵀ + the additive term of load_tile, for rows r0 .. r0 + m - 1 and
+// keys [k0, k0 + L); rmax[r] <- row r's max (its NaN if it holds one).
+template <typename T>
+void score_tile(const Shape& s, const T* qb, const T* kb, T scale, const T* fh, int64_t b,
+                int64_t r0, int64_t m, int64_t k0, int64_t L, T* S, T* rmax) {
+  load_tile(s, fh, b, r0, m, k0, L, S);
+  gemm<T>(false, true, m, L, s.D, scale, qb, s.D, kb + k0 * s.D, s.D, T(1), S, L);
+  for (int64_t r = 0; r < m; ++r) rmax[r] = row_max(S + r * L, L);
+}
+
 // Runs task(slot, t) for t in [0, n_tasks) on the pool's threads, in ONE parallel region;
 // slot in [0, n_slots) is private to the thread running it.
 template <typename F>
@@ -441,11 +480,9 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
     const T* fh = f + h * s.U;
     for (int64_t k0 = c0; k0 < c1; k0 += bn) {
       const int64_t L = std::min(bn, c1 - k0);
-      load_tile(s, fh, b, r0, m, k0, L, S);
-      gemm<T>(false, true, m, L, D, scale, qb, D, kb + k0 * D, D, T(1), S, L);
+      score_tile(s, qb, kb, scale, fh, b, r0, m, k0, L, S, sums);  // sums: rows' maxima here
       for (int64_t r = 0; r < m; ++r) {
-        T* row = S + r * L;
-        const T rmax = row_max(row, L);
+        const T rmax = sums[r];
         const T mnew = rmax != rmax ? rmax : std::max(mx[r], rmax);  // NaN stays NaN
         if (mnew == -inf) {
           alpha[r] = T(1);  // nothing visible yet: the row stays 0
@@ -534,17 +571,15 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
       }
       for (int64_t k0 = c0; k0 < c1; k0 += bn) {
         const int64_t L = std::min(bn, c1 - k0);
-        load_tile(s, fh, b, r0, m, k0, L, P);
-        gemm<T>(false, true, m, L, D, scale, qb, D, kb + k0 * D, D, T(1), P, L);
+        T* sums = l + s.block_m;
+        score_tile(s, qb, kb, scale, fh, b, r0, m, k0, L, P, sums);  // sums: rows' maxima here
         for (int64_t r = 0; r < m; ++r) {
-          T* row = P + r * L;
-          const T rmax = row_max(row, L);
+          const T rmax = sums[r];
           const T mnew = rmax != rmax ? rmax : std::max(mx[r], rmax);
           if (mnew == -inf) continue;
           l[r] *= std::exp(mx[r] - mnew);
           mx[r] = mnew;
         }
-        T* sums = l + s.block_m;
         exp_rows(P, m, L, mx, nullptr, sums);
         for (int64_t r = 0; r < m; ++r) l[r] += sums[r];
       }
@@ -568,11 +603,7 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
         T* ds = dS + r * L;
         const T* p = P + r * L;
         const T di = Di[r];
-        softmax_grad(ds, p, L, di);
-        if (gh) {
-          T* gr = gh + (k0 - r0 - r + s.Nq - 1);
-          row_add(gr, ds, L);
-        }
+        softmax_grad(ds, p, L, di, gh ? gh + (k0 - r0 - r + s.Nq - 1) : nullptr);
       }
       gemm<T>(true, false, L, D, m, scale, dS, L, qb, D, T(1), dkb + k0 * D, D);   // dK
       gemm<T>(false, false, m, D, L, scale, dS, L, kb + k0 * D, D, T(1), dqb, D);  // dQ
