@@ -31,11 +31,11 @@ def _contenders(n: int, names: tuple[str, ...]) -> dict:
     mod = cpu_kernel.load()
 
     def kernel_aten():
-        mod.set_use_blas(False)
+        mod.set_products("aten")
         try:
             fns["cpu_kernel"]()
         finally:
-            mod.set_use_blas(True)
+            mod.set_products("tiles")
 
     fns["cpu_kernel_aten"] = kernel_aten
     return {name: fns[name] for name in names}

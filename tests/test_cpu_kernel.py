@@ -17,6 +17,7 @@ from oracle import run_math, run_relattn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import relattn
+from relattn._machine import CPU
 from relattn.backends import chunked, cpu_kernel
 from relattn.problem import Problem
 
@@ -38,13 +39,21 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "BLOCK_N", 16)
 
 
-@pytest.fixture(params=["blas", "aten"])
+def _has_tiles() -> bool:
+    return cpu_kernel.load().products_for(16).startswith("tiles")
+
+
+@pytest.fixture(params=["tiles", "tiles-avx2", "blas", "aten"])
 def gemm(request):
-    """The exported BLAS, and the nested at::addmm_ fallback."""
+    """The kernel's own tile products (float32: AVX-512 where the CPU has it, and the AVX2 + FMA
+    version, run on an AVX-512 CPU too), the exported BLAS, and the nested at::addmm_
+    fallback."""
     mod = cpu_kernel.load()
-    mod.set_use_blas(request.param == "blas")
+    if request.param.startswith("tiles") and not _has_tiles():
+        pytest.skip("this CPU has neither AVX2 + FMA nor AVX-512: the kernel uses BLAS")
+    mod.set_products(request.param)
     yield request.param
-    mod.set_use_blas(True)
+    mod.set_products("tiles")
 
 
 @pytest.mark.parametrize("enc", ["t5", "alibi", "kerple_log", "none"])
@@ -62,6 +71,36 @@ def test_small_tiles_against_float64(small_tiles, gemm, enc, mask):
 def test_shapes_against_float64(small_tiles, shape):
     """MQA, Nk smaller than a tile, N = 1."""
     check_fp32("cpu_kernel", "t5", "cross_bidir", shape)
+
+
+@pytest.mark.parametrize("d", [8, 24, 48, 80, 128])
+def test_head_dims_against_float64(small_tiles, gemm, d):
+    """Head dims that the own products take (multiples of 16: whole 64-column blocks and
+    one-vector remainders) and that go to BLAS (8, 24), Nk not a multiple of 16."""
+    check_fp32("cpu_kernel", "t5", "causal", (1, 3, 1, 29, d))
+    check_fp32("cpu_kernel", "alibi", "window", (1, 2, 2, 21, d))
+
+
+def test_products_name_the_path():
+    """What multiplies the tiles, as the benchmarks report it; unknown names are refused."""
+    mod = cpu_kernel.load()
+    flags = CPU.flags
+    if {"avx2", "fma"} <= flags:
+        avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags
+        capped = os.environ.get("RELATTN_CPU_KERNEL_ISA", "").lower() == "avx2"
+        want = "tiles (AVX-512)" if avx512 and not capped else "tiles (AVX2)"
+        assert mod.products_for(64) == want
+    assert mod.products_for(24) in ("blas", "aten")
+    try:
+        mod.set_products("tiles-avx2")
+        if _has_tiles():
+            assert mod.products_for(64) == "tiles (AVX2)"
+        mod.set_products("blas")
+        assert mod.products_for(64) in ("blas", "aten")
+        with pytest.raises(RuntimeError, match="products must be"):
+            mod.set_products("fast")
+    finally:
+        mod.set_products("tiles")
 
 
 def _fwd_bwd(backend, q, k, v, table, slopes, problem, grad_out):

@@ -6,7 +6,9 @@
 // query block) tasks from a shared counter (heaviest first), so a thread that loses its core
 // only takes fewer tasks. Inside a task:
 //
-//   * matrix products call the BLAS that libtorch_cpu exports (MKL's sgemm_/dgemm_, which runs
+//   * float32 matrix products are the kernel's own register-tiled loops (AVX-512, or AVX2 +
+//     FMA; "own tile products" below) when the head dim is a multiple of 16; otherwise, and for
+//     float64, they call the BLAS that libtorch_cpu exports (MKL's sgemm_/dgemm_, which runs
 //     on one thread inside a parallel region), or at::addmm_ on views of the tile when the
 //     symbol is absent (weak reference); nested ATen ops also run inline on one thread. This
 //     needs the file compiled with -fopenmp under torch's OpenMP pool: without it the
@@ -47,8 +49,12 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 
 namespace {
 
-bool g_use_blas = true;
-  // tests and benchmarks switch to the ATen fallback
+// How float32 tiles are multiplied: relattn's own register-tiled loops (below; kTilesAvx2 keeps
+// to their AVX2 version on an AVX-512 CPU), the exported BLAS, or nested at::addmm_. Tests and
+// benchmarks switch; the own loops fall back to BLAS where they cannot run (no AVX2 + FMA, a
+// head dim that is not a multiple of 16, float64).
+enum class Products { kTiles, kTilesAvx2, kBlas, kAten };
+Products g_products = Products::kTiles;
 
 bool blas_available() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 
@@ -71,7 +77,7 @@ template <typename T>
 void gemm(bool ta, bool tb, int m, int n, int kk, T alpha, const T* a, int lda, const T* b,
           int ldb, T beta, T* c, int ldc) {
   if (m == 0 || n == 0) return;
-  if (g_use_blas && blas_available()) {
+  if (g_products != Products::kAten && blas_available()) {
     // Column-major BLAS on row-major data: C^T = op(B)^T op(A)^T.
     const char ca = ta ? 'T' : 'N', cb = tb ? 'T' : 'N';
     if constexpr (std::is_same_v<T, float>) {
@@ -90,6 +96,148 @@ void gemm(bool ta, bool tb, int m, int n, int kk, T alpha, const T* a, int lda, 
   }
   C.addmm_(A, B, beta, alpha);
 }
+
+// ---------------------------------------------------------------------------- own tile products
+//
+// C (M x N, row stride ldc) <- alpha·A B (+ C), A's element (i, k) at a[i·ars + k·aks] (so A or
+// Aᵀ of a row-major tile), B's row k contiguous at b + k·ldb, N a multiple of the vector width.
+// A micro-kernel keeps an MR x (NCV vectors) block of C in registers over the whole k loop:
+// each step loads NCV vectors of B's row k and broadcasts MR elements of A's column k. BLAS
+// packs both operands of every call into its own layout first; at the attention's tile shapes
+// (128 x 256 x 64) that packing cost more than a sixth of its time (perf, AMD Zen 4), while
+// here every operand is read where it lies: q, k, v, dO rows as they are, the scores and
+// their gradient as the passes wrote them, and kᵀ, vᵀ transposed once per call. Each C
+// element is one sequential sum over k (like a naive dot product).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define RELATTN_TILES 1
+
+template <int W>
+struct VecOf {
+  typedef float type __attribute__((vector_size(W * 4), aligned(4)));  // unaligned loads
+};
+
+constexpr int64_t kPrefetchRows = 8;
+
+template <int W, int MR, int NCV>
+__attribute__((always_inline)) inline void micro(int64_t K, const float* a, int64_t ars,
+                                                 int64_t aks, const float* b, int64_t ldb,
+                                                 float* c, int64_t ldc, float alpha, bool acc) {
+  typedef typename VecOf<W>::type vf;
+  if (acc) {  // C's block (dk, dv rows in a large buffer) arrives while the k loop runs
+    for (int i = 0; i < MR; ++i) {
+      for (int v = 0; v < NCV * W; v += 16) __builtin_prefetch(c + i * ldc + v, 1);
+    }
+  }
+  vf sum[MR][NCV];
+  for (int i = 0; i < MR; ++i) {
+    for (int v = 0; v < NCV; ++v) sum[i][v] = vf{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    // B's rows ahead of the loop (their lines come from L2 or L3: strided rows defeat the
+    // hardware prefetchers when a block uses only part of each row)
+    for (int v = 0; v < NCV * W; v += 16) __builtin_prefetch(b + (k + kPrefetchRows) * ldb + v);
+    vf bv[NCV];
+    for (int v = 0; v < NCV; ++v) bv[v] = *reinterpret_cast<const vf*>(b + k * ldb + v * W);
+    for (int i = 0; i < MR; ++i) {
+      // x - 0 is x for every float (-0 and NaN included), so this is one broadcast load
+      // (vbroadcastss from memory); "x + 0" is not x for -0 and keeps an add
+      const vf ai = a[i * ars + k * aks] - vf{};
+      for (int v = 0; v < NCV; ++v) sum[i][v] += ai * bv[v];
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int v = 0; v < NCV; ++v) {
+      vf* cp = reinterpret_cast<vf*>(c + i * ldc + v * W);
+      *cp = acc ? *cp + alpha * sum[i][v] : alpha * sum[i][v];
+    }
+  }
+}
+
+// Rows i .. M - 1 (fewer than MR) of one column block.
+template <int W, int MR, int NCV>
+__attribute__((always_inline)) inline void micro_rest(int64_t rows, int64_t K, const float* a,
+                                                      int64_t ars, int64_t aks, const float* b,
+                                                      int64_t ldb, float* c, int64_t ldc,
+                                                      float alpha, bool acc) {
+  if constexpr (MR > 1) {
+    if (rows == MR - 1) return micro<W, MR - 1, NCV>(K, a, ars, aks, b, ldb, c, ldc, alpha, acc);
+    micro_rest<W, MR - 1, NCV>(rows, K, a, ars, aks, b, ldb, c, ldc, alpha, acc);
+  }
+}
+
+template <int W, int MR, int NCV>
+__attribute__((always_inline)) inline void tiles_body(int64_t M, int64_t N, int64_t K,
+                                                      float alpha, const float* a, int64_t ars,
+                                                      int64_t aks, const float* b, int64_t ldb,
+                                                      bool acc, float* c, int64_t ldc) {
+  int64_t j = 0;
+  for (; j + NCV * W <= N; j += NCV * W) {
+    int64_t i = 0;
+    for (; i + MR <= M; i += MR) {
+      micro<W, MR, NCV>(K, a + i * ars, ars, aks, b + j, ldb, c + i * ldc + j, ldc, alpha, acc);
+    }
+    micro_rest<W, MR, NCV>(M - i, K, a + i * ars, ars, aks, b + j, ldb, c + i * ldc + j, ldc,
+                           alpha, acc);
+  }
+  for (; j < N; j += W) {  // the last columns, one vector wide
+    int64_t i = 0;
+    for (; i + MR <= M; i += MR) {
+      micro<W, MR, 1>(K, a + i * ars, ars, aks, b + j, ldb, c + i * ldc + j, ldc, alpha, acc);
+    }
+    micro_rest<W, MR, 1>(M - i, K, a + i * ars, ars, aks, b + j, ldb, c + i * ldc + j, ldc,
+                         alpha, acc);
+  }
+}
+
+// 32 vector registers: a 6 x 64 block of C in 24. 16 registers: 6 x 16 in 12.
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))) void tiles_v4(
+    int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t ars, int64_t aks,
+    const float* b, int64_t ldb, bool acc, float* c, int64_t ldc) {
+  tiles_body<16, 6, 4>(M, N, K, alpha, a, ars, aks, b, ldb, acc, c, ldc);
+}
+
+__attribute__((target("avx2,fma"))) void tiles_v3(int64_t M, int64_t N, int64_t K, float alpha,
+                                                  const float* a, int64_t ars, int64_t aks,
+                                                  const float* b, int64_t ldb, bool acc,
+                                                  float* c, int64_t ldc) {
+  tiles_body<8, 6, 2>(M, N, K, alpha, a, ars, aks, b, ldb, acc, c, ldc);
+}
+
+// 4: AVX-512, 3: AVX2 + FMA, 0: neither (BLAS). RELATTN_ISA_AVX2 stops at 3.
+int tiles_isa() {
+  static const int isa = [] {
+    __builtin_cpu_init();
+    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#ifndef RELATTN_ISA_AVX2
+    if (v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+      return 4;
+    }
+#endif
+    return v3 ? 3 : 0;
+  }();
+  return isa;
+}
+
+void tiles_gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t ars,
+                int64_t aks, const float* b, int64_t ldb, bool acc, float* c, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (tiles_isa() == 4 && g_products == Products::kTiles) {
+    tiles_v4(M, N, K, alpha, a, ars, aks, b, ldb, acc, c, ldc);
+  } else {
+    tiles_v3(M, N, K, alpha, a, ars, aks, b, ldb, acc, c, ldc);
+  }
+}
+#else
+int tiles_isa() { return 0; }
+void tiles_gemm(int64_t, int64_t, int64_t, float, const float*, int64_t, int64_t, const float*,
+                int64_t, bool, float*, int64_t) {}
+#endif
+
+// Tile width granularity of the own products (columns are computed a vector at a time).
+constexpr int64_t kTileCols = 16;
+
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
 template <typename T>
 void exp_inplace(T* p, int64_t n) {
@@ -248,12 +396,13 @@ RELATTN_CLONES float exp_shift2(float* x, int64_t n, float a, float b) {
   return exp_row<true>(x, n, a, b);
 }
 
-// S (m x L) row r <- exp((S - a[r]) - b[r]) (b may be null: 0), 0 for rows with a[r] = -inf;
-// the rows' sums into sums (if not null). Float32: one fused pass per row; float64: ATen's exp.
-inline void exp_rows(float* S, int64_t m, int64_t L, const float* a, const float* b,
+// S (m x L, row stride ld) row r <- exp((S - a[r]) - b[r]) (b may be null: 0), 0 for rows with
+// a[r] = -inf; the rows' sums into sums (if not null). Float32: one fused pass per row;
+// float64: ATen's exp.
+inline void exp_rows(float* S, int64_t m, int64_t L, int64_t ld, const float* a, const float* b,
                      float* sums) {
   for (int64_t r = 0; r < m; ++r) {
-    float* row = S + r * L;
+    float* row = S + r * ld;
     float sum = 0;
     if (a[r] == -std::numeric_limits<float>::infinity()) {
       std::fill(row, row + L, 0.0f);
@@ -264,20 +413,21 @@ inline void exp_rows(float* S, int64_t m, int64_t L, const float* a, const float
   }
 }
 
-inline void exp_rows(double* S, int64_t m, int64_t L, const double* a, const double* b,
-                     double* sums) {
+inline void exp_rows(double* S, int64_t m, int64_t L, int64_t ld, const double* a,
+                     const double* b, double* sums) {
   const double inf = std::numeric_limits<double>::infinity();
   for (int64_t r = 0; r < m; ++r) {
-    double* row = S + r * L;
+    double* row = S + r * ld;
     if (a[r] == -inf) {
       std::fill(row, row + L, -inf);
     } else {
       row_sub(row, L, a[r], b ? b[r] : 0.0);
     }
+    if (ld != L) exp_inplace(row, L);
   }
-  exp_inplace(S, m * L);
+  if (ld == L) exp_inplace(S, m * L);
   if (sums) {
-    for (int64_t r = 0; r < m; ++r) sums[r] = row_sum(S + r * L, L);
+    for (int64_t r = 0; r < m; ++r) sums[r] = row_sum(S + r * ld, L);
   }
 }
 
@@ -383,14 +533,15 @@ T* scratch(int64_t n) {
   return buf.data();
 }
 
-// The scores' additive term of keys [k0, k0 + L) for rows r0 .. r0 + m - 1 into S (m x L):
-// the position term (a slice of F_h per row), -inf for keys in other documents or padding.
+// The scores' additive term of keys [k0, k0 + L) for rows r0 .. r0 + m - 1 into S (m x L, row
+// stride ld): the position term (a slice of F_h per row), -inf for keys in other documents or
+// padding.
 template <typename T>
 void load_tile(const Shape& s, const T* fh, int64_t b, int64_t r0, int64_t m, int64_t k0,
-               int64_t L, T* S) {
+               int64_t L, int64_t ld, T* S) {
   const T inf = std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < m; ++r) {
-    T* row = S + r * L;
+    T* row = S + r * ld;
     std::copy_n(fh + (k0 - r0 - r + s.Nq - 1), L, row);
     if (s.doc_lo) {
       const int64_t lo = std::clamp<int64_t>(s.doc_lo[b * s.Nq + r0 + r] - k0, 0, L);
@@ -405,14 +556,59 @@ void load_tile(const Shape& s, const T* fh, int64_t b, int64_t r0, int64_t m, in
   }
 }
 
-// S (m x L) <- scale·q kᵀ + the additive term of load_tile, for rows r0 .. r0 + m - 1 and
-// keys [k0, k0 + L); rmax[r] <- row r's max (its NaN if it holds one).
+// The passes' tile products: relattn's own (tiles_gemm) for float32 where they run, with k and
+// v transposed once per call for the products with kᵀ and vᵀ; else gemm (BLAS or at::addmm_).
 template <typename T>
-void score_tile(const Shape& s, const T* qb, const T* kb, T scale, const T* fh, int64_t b,
-                int64_t r0, int64_t m, int64_t k0, int64_t L, T* S, T* rmax) {
-  load_tile(s, fh, b, r0, m, k0, L, S);
-  gemm<T>(false, true, m, L, s.D, scale, qb, s.D, kb + k0 * s.D, s.D, T(1), S, L);
-  for (int64_t r = 0; r < m; ++r) rmax[r] = row_max(S + r * L, L);
+struct Mul {
+  bool tiles = false;
+  int64_t D = 0;
+  int64_t ldt = 0;         // row stride of the transposed buffers: >= Nk + kTileCols - 1
+  const T* kt = nullptr;   // (B·Hkv, D, ldt): k transposed per kv head, 0 past Nk
+  const T* vt = nullptr;   // v likewise (the backward's)
+
+  // Row stride of a scratch tile of L keys: whole vectors for the own products.
+  int64_t ld(int64_t L) const { return tiles ? round_up(L, kTileCols) : L; }
+
+  // C (m x n, ldc) <- alpha·a xᵀ (+ C): a (m x D); x = keys k0 .. k0 + n - 1 of one kv head of
+  // k or v (xh: the head's rows; xth: the head in kt or vt). The own products fill C up to
+  // ld(n) columns (the extra ones read the zero padding).
+  void abt(int64_t m, int64_t n, T alpha, const T* a, const T* xh, const T* xth, int64_t k0,
+           bool acc, T* c, int64_t ldc) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (tiles) {
+        tiles_gemm(m, round_up(n, kTileCols), D, alpha, a, D, 1, xth + k0, ldt, acc, c, ldc);
+        return;
+      }
+    }
+    gemm<T>(false, true, m, n, D, alpha, a, D, xh + k0 * D, D, acc ? T(1) : T(0), c, ldc);
+  }
+
+  // C (m x D) <- alpha·a b + C: a (m x kk, row stride lda), b (kk x D).
+  void ab(int64_t m, int64_t kk, T alpha, const T* a, int64_t lda, const T* b, T* c) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (tiles) return tiles_gemm(m, D, kk, alpha, a, lda, 1, b, D, true, c, D);
+    }
+    gemm<T>(false, false, m, D, kk, alpha, a, lda, b, D, T(1), c, D);
+  }
+
+  // C (kk x D) <- alpha·aᵀ b + C: a (m x kk, row stride lda), b (m x D).
+  void atb(int64_t kk, int64_t m, T alpha, const T* a, int64_t lda, const T* b, T* c) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (tiles) return tiles_gemm(kk, D, m, alpha, a, 1, lda, b, D, true, c, D);
+    }
+    gemm<T>(true, false, kk, D, m, alpha, a, lda, b, D, T(1), c, D);
+  }
+};
+
+// S (m x L, row stride ld) <- scale·q kᵀ + the additive term of load_tile, for rows
+// r0 .. r0 + m - 1 and keys [k0, k0 + L); rmax[r] <- row r's max (its NaN if it holds one).
+template <typename T>
+void score_tile(const Shape& s, const Mul<T>& mul, const T* qb, const T* kh, const T* kth,
+                T scale, const T* fh, int64_t b, int64_t r0, int64_t m, int64_t k0, int64_t L,
+                int64_t ld, T* S, T* rmax) {
+  load_tile(s, fh, b, r0, m, k0, L, ld, S);
+  mul.abt(m, L, scale, qb, kh, kth, k0, true, S, ld);
+  for (int64_t r = 0; r < m; ++r) rmax[r] = row_max(S + r * ld, L);
 }
 
 // Runs task(slot, t) for t in [0, n_tasks) on the pool's threads, in ONE parallel region;
@@ -450,8 +646,8 @@ inline void task_of(const Shape& s, int64_t t, int64_t& bh, int64_t& blk) {
 }
 
 template <typename T>
-void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f, T scale,
-                  T* out, T* lse, int64_t n_slots) {
+void forward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, const T* v,
+                  const T* f, T scale, T* out, T* lse, int64_t n_slots) {
   const T inf = std::numeric_limits<T>::infinity();
   const int64_t D = s.D;
   run_tasks(n_slots, s.B * s.Hq * s.n_blocks, [&](int64_t slot, int64_t t) {
@@ -467,8 +663,9 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
     block_key_span(s, b, r0, m, c0, c1);
     if (c1 <= c0) return;
     const int64_t bn = std::min(s.block_n, c1 - c0);
-    T* S = scratch<T>(s.block_m * s.block_n + 4 * s.block_m);
-    T* mx = S + s.block_m * s.block_n;
+    const int64_t tile = s.block_m * round_up(s.block_n, kTileCols);
+    T* S = scratch<T>(tile + 4 * s.block_m);
+    T* mx = S + tile;
     T* l = mx + s.block_m;
     T* alpha = l + s.block_m;
     T* sums = alpha + s.block_m;
@@ -477,10 +674,11 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
     const T* qb = q + (bh * s.Nq + r0) * D;
     const T* kb = k + kvh * s.Nk * D;
     const T* vb = v + kvh * s.Nk * D;
+    const T* ktb = mul.kt ? mul.kt + kvh * D * mul.ldt : nullptr;
     const T* fh = f + h * s.U;
     for (int64_t k0 = c0; k0 < c1; k0 += bn) {
-      const int64_t L = std::min(bn, c1 - k0);
-      score_tile(s, qb, kb, scale, fh, b, r0, m, k0, L, S, sums);  // sums: rows' maxima here
+      const int64_t L = std::min(bn, c1 - k0), ld = mul.ld(L);
+      score_tile(s, mul, qb, kb, ktb, scale, fh, b, r0, m, k0, L, ld, S, sums);  // sums: maxima
       for (int64_t r = 0; r < m; ++r) {
         const T rmax = sums[r];
         const T mnew = rmax != rmax ? rmax : std::max(mx[r], rmax);  // NaN stays NaN
@@ -491,7 +689,7 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
         alpha[r] = std::exp(mx[r] - mnew);
         mx[r] = mnew;
       }
-      exp_rows(S, m, L, mx, nullptr, sums);
+      exp_rows(S, m, L, ld, mx, nullptr, sums);
       for (int64_t r = 0; r < m; ++r) {
         l[r] = l[r] * alpha[r] + sums[r];
         if (alpha[r] != T(1)) {
@@ -499,7 +697,7 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
           row_scale(orow, D, alpha[r]);
         }
       }
-      gemm<T>(false, false, m, D, L, T(1), S, L, vb + k0 * D, D, T(1), o, D);
+      mul.ab(m, L, T(1), S, ld, vb + k0 * D, o);
     }
     for (int64_t r = 0; r < m; ++r) {
       T* orow = o + r * D;
@@ -516,9 +714,9 @@ void forward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f
 }
 
 template <typename T>
-void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* f, T scale,
-                   const T* out, const T* lse, const T* dout, T* dq, T* dk_t, T* dv_t, T* g_t,
-                   int64_t n_slots) {
+void backward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, const T* v,
+                   const T* f, T scale, const T* out, const T* lse, const T* dout, T* dq,
+                   T* dk_t, T* dv_t, T* g_t, int64_t n_slots) {
   const T inf = std::numeric_limits<T>::infinity();
   const int64_t D = s.D;
   const int64_t kv_size = s.B * s.Hkv * s.Nk * D;
@@ -531,9 +729,10 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
     block_key_span(s, b, r0, m, c0, c1);
     if (c1 <= c0) return;
     const int64_t bn = std::min(s.block_n, c1 - c0);
-    T* P = scratch<T>(2 * s.block_m * s.block_n + 3 * s.block_m);
-    T* dS = P + s.block_m * s.block_n;
-    T* Di = dS + s.block_m * s.block_n;
+    const int64_t tile = s.block_m * round_up(s.block_n, kTileCols);
+    T* P = scratch<T>(2 * tile + 3 * s.block_m);
+    T* dS = P + tile;
+    T* Di = dS + tile;
     T* mx = Di + s.block_m;  // P = exp((s - mx) - lg)
     T* lg = mx + s.block_m;
     const T* qb = q + (bh * s.Nq + r0) * D;
@@ -543,6 +742,8 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
     T* dqb = dq + (bh * s.Nq + r0) * D;
     const T* kb = k + kvh * s.Nk * D;
     const T* vb = v + kvh * s.Nk * D;
+    const T* ktb = mul.kt ? mul.kt + kvh * D * mul.ldt : nullptr;
+    const T* vtb = mul.vt ? mul.vt + kvh * D * mul.ldt : nullptr;
     T* dkb = dk_t + slot * kv_size + kvh * s.Nk * D;
     T* dvb = dv_t + slot * kv_size + kvh * s.Nk * D;
     const T* fh = f + h * s.U;
@@ -570,9 +771,9 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
         l[r] = 0;
       }
       for (int64_t k0 = c0; k0 < c1; k0 += bn) {
-        const int64_t L = std::min(bn, c1 - k0);
+        const int64_t L = std::min(bn, c1 - k0), ld = mul.ld(L);
         T* sums = l + s.block_m;
-        score_tile(s, qb, kb, scale, fh, b, r0, m, k0, L, P, sums);  // sums: rows' maxima here
+        score_tile(s, mul, qb, kb, ktb, scale, fh, b, r0, m, k0, L, ld, P, sums);  // sums: maxima
         for (int64_t r = 0; r < m; ++r) {
           const T rmax = sums[r];
           const T mnew = rmax != rmax ? rmax : std::max(mx[r], rmax);
@@ -580,7 +781,7 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
           l[r] *= std::exp(mx[r] - mnew);
           mx[r] = mnew;
         }
-        exp_rows(P, m, L, mx, nullptr, sums);
+        exp_rows(P, m, L, ld, mx, nullptr, sums);
         for (int64_t r = 0; r < m; ++r) l[r] += sums[r];
       }
       for (int64_t r = 0; r < m; ++r) {
@@ -593,20 +794,20 @@ void backward_impl(const Shape& s, const T* q, const T* k, const T* v, const T* 
       }
     }
     for (int64_t k0 = c0; k0 < c1; k0 += bn) {
-      const int64_t L = std::min(bn, c1 - k0);
-      load_tile(s, fh, b, r0, m, k0, L, P);
-      gemm<T>(false, true, m, L, D, scale, qb, D, kb + k0 * D, D, T(1), P, L);
-      exp_rows(P, m, L, mx, lg, nullptr);
-      gemm<T>(false, true, m, L, D, T(1), dob, D, vb + k0 * D, D, T(0), dS, L);  // dP
-      gemm<T>(true, false, L, D, m, T(1), P, L, dob, D, T(1), dvb + k0 * D, D);   // dV += Pᵀ dO
+      const int64_t L = std::min(bn, c1 - k0), ld = mul.ld(L);
+      load_tile(s, fh, b, r0, m, k0, L, ld, P);
+      mul.abt(m, L, scale, qb, kb, ktb, k0, true, P, ld);
+      exp_rows(P, m, L, ld, mx, lg, nullptr);
+      mul.abt(m, L, T(1), dob, vb, vtb, k0, false, dS, ld);  // dP
+      mul.atb(L, m, T(1), P, ld, dob, dvb + k0 * D);          // dV += Pᵀ dO
       for (int64_t r = 0; r < m; ++r) {
-        T* ds = dS + r * L;
-        const T* p = P + r * L;
+        T* ds = dS + r * ld;
+        const T* p = P + r * ld;
         const T di = Di[r];
         softmax_grad(ds, p, L, di, gh ? gh + (k0 - r0 - r + s.Nq - 1) : nullptr);
       }
-      gemm<T>(true, false, L, D, m, scale, dS, L, qb, D, T(1), dkb + k0 * D, D);   // dK
-      gemm<T>(false, false, m, D, L, scale, dS, L, kb + k0 * D, D, T(1), dqb, D);  // dQ
+      mul.atb(L, m, scale, dS, ld, qb, dkb + k0 * D);  // dK += dSᵀ q
+      mul.ab(m, L, scale, dS, ld, kb + k0 * D, dqb);   // dQ += dS k
     }
   });
 }
@@ -626,6 +827,48 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.size(3) == k.size(3), "q and k must have the same head size");
 }
 
+// x (heads, nk, d) -> out (heads, d, ldt), columns nk .. ldt - 1 zero; in blocks of keys that
+// stay in the L1 cache, heads in parallel.
+template <typename T>
+void transpose_heads(const T* x, int64_t heads, int64_t nk, int64_t d, int64_t ldt, T* out) {
+  at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      const T* xh = x + h * nk * d;
+      T* oh = out + h * d * ldt;
+      for (int64_t j0 = 0; j0 < nk; j0 += 32) {
+        const int64_t j1 = std::min(nk, j0 + 32);
+        for (int64_t c = 0; c < d; ++c) {
+          for (int64_t j = j0; j < j1; ++j) oh[c * ldt + j] = xh[j * d + c];
+        }
+      }
+      for (int64_t c = 0; c < d; ++c) std::fill(oh + c * ldt + nk, oh + (c + 1) * ldt, T(0));
+    }
+  });
+}
+
+// The passes' products: the own ones for float32 where they run (kᵀ, and vᵀ for the backward,
+// into kt, vt), else gemm.
+template <typename T>
+Mul<T> products(const Shape& s, const at::Tensor& k, const at::Tensor* v, at::Tensor& kt,
+                at::Tensor& vt) {
+  Mul<T> mul;
+  mul.D = s.D;
+  mul.tiles = std::is_same_v<T, float> && tiles_isa() > 0 && s.D % kTileCols == 0 &&
+              (g_products == Products::kTiles || g_products == Products::kTilesAvx2);
+  if (!mul.tiles) return mul;
+  mul.ldt = round_up(s.Nk, kTileCols) + kTileCols;
+  const int64_t heads = s.B * s.Hkv;
+  kt = at::empty({heads, s.D, mul.ldt}, k.options());
+  transpose_heads(k.data_ptr<T>(), heads, s.Nk, s.D, mul.ldt, kt.data_ptr<T>());
+  mul.kt = kt.data_ptr<T>();
+  if (v) {
+    vt = at::empty({heads, s.D, mul.ldt}, k.options());
+    transpose_heads(v->data_ptr<T>(), heads, s.Nk, s.D, mul.ldt, vt.data_ptr<T>());
+    mul.vt = vt.data_ptr<T>();
+  }
+  return mul;
+}
+
 // Returns (out (B, Hq, Nq, D), lse (B, Hq, Nq)), both in q's dtype.
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& table, const at::Tensor& slopes, int64_t lo,
@@ -640,7 +883,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   const int64_t n_slots = std::max<int64_t>(1, at::get_num_threads());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "relattn_cpu_forward", [&] {
     const auto f = extended<scalar_t>(s, table, slopes, lo);
-    forward_impl<scalar_t>(s, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+    at::Tensor kt, vt;
+    const Mul<scalar_t> mul = products<scalar_t>(s, k, nullptr, kt, vt);
+    forward_impl<scalar_t>(s, mul, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                            v.data_ptr<scalar_t>(), f.data(), static_cast<scalar_t>(scale),
                            out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), n_slots);
   });
@@ -671,7 +916,9 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
   at::Tensor g_t = has_table ? at::zeros({n_slots, s.Hq, s.U}, q.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "relattn_cpu_backward", [&] {
     const auto f = extended<scalar_t>(s, table, slopes, lo);
-    backward_impl<scalar_t>(s, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+    at::Tensor kt, vt;
+    const Mul<scalar_t> mul = products<scalar_t>(s, k, &v, kt, vt);
+    backward_impl<scalar_t>(s, mul, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                             v.data_ptr<scalar_t>(), f.data(), static_cast<scalar_t>(scale),
                             out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
                             dout.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
@@ -699,10 +946,32 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
   return {dq, dk, dv, dtable};
 }
 
-void set_use_blas(bool use) { g_use_blas = use; }
+// "tiles" (the default), "tiles-avx2", "blas" or "aten".
+void set_products(const std::string& name) {
+  if (name == "tiles") {
+    g_products = Products::kTiles;
+  } else if (name == "tiles-avx2") {
+    g_products = Products::kTilesAvx2;
+  } else if (name == "blas") {
+    g_products = Products::kBlas;
+  } else if (name == "aten") {
+    g_products = Products::kAten;
+  } else {
+    TORCH_CHECK(false, "products must be 'tiles', 'tiles-avx2', 'blas' or 'aten'; got '", name,
+                "'");
+  }
+}
 
-
-bool uses_blas() { return g_use_blas && blas_available(); }
+// What multiplies float32 tiles of head dim d: "tiles" (and its ISA), "blas" or "aten".
+std::string products_for(int64_t d) {
+  if (tiles_isa() > 0 && d % kTileCols == 0) {
+    if (g_products == Products::kTiles && tiles_isa() == 4) return "tiles (AVX-512)";
+    if (g_products == Products::kTiles || g_products == Products::kTilesAvx2) {
+      return "tiles (AVX2)";
+    }
+  }
+  return g_products != Products::kAten && blas_available() ? "blas" : "aten";
+}
 
 }  // namespace
 
@@ -711,6 +980,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "(out, lse) of exact attention with a relative position term",
         py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, "(dq, dk, dv, dtable)", py::call_guard<py::gil_scoped_release>());
-  m.def("set_use_blas", &set_use_blas, "use the exported BLAS (True) or at::addmm_ (False)");
-  m.def("uses_blas", &uses_blas, "whether gemms call the exported BLAS");
+  m.def("set_products", &set_products,
+        "how tiles are multiplied: 'tiles' (own, float32), 'tiles-avx2' (own, at most AVX2), "
+        "'blas' (exported BLAS) or 'aten'");
+  m.def("products_for", &products_for, "what multiplies float32 tiles of a head dim");
 }

@@ -9,6 +9,8 @@ The forward pass is an online softmax over key tiles; the backward pass recomput
 probabilities from lse, sums dk, dv and the table gradient into per-thread buffers and reduces
 them once. Float32 and float64; any causal / window / q_offset, GQA, a table, slopes or no
 position term, ``doc_ids`` and ``key_padding_mask`` (bf16 / fp16 are left to chunked).
+Float32 tiles are multiplied by the kernel's own register-tiled loops on CPUs with AVX2 + FMA
+or AVX-512 when the head dim is a multiple of 16, else by the BLAS that torch ships (MKL).
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and
 ``ninja``) at its first use, into ``~/.cache/relattn`` or ``RELATTN_CPU_KERNEL_DIR``,
