@@ -24,9 +24,12 @@ from relattn.pe.base import offsets_grid
 
 
 def sdpa_with_materialized_bias(self, x, *, cache=None, doc_ids=None, window=None,
-                                key_padding_mask=None):  # fmt: skip
+                                key_padding_mask=None, context_parallel=None):  # fmt: skip
     """RelativeSelfAttention.forward as users write it without relattn: the (H, n, Nk) bias
-    from the encoding, the causal mask filled in, then SDPA. Causal, no RoPE, no masks."""
+    from the encoding, the causal mask filled in, then SDPA. Causal, no RoPE, no masks, one
+    process (the keyword arguments it takes are the layer's, so the model calls it unchanged)."""
+    if any(a is not None for a in (doc_ids, window, key_padding_mask, context_parallel)):
+        raise ValueError("the baseline runs plain causal attention only")
     b, n, _ = x.shape
     q, k, v = self.project(x)
     q_offset = 0

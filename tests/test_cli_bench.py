@@ -122,3 +122,35 @@ def test_cpu_report_has_the_paired_ratio_table():
     text = cpu.to_markdown(rows)
     assert "Per-round ratios of relattn" in text
     assert "SDPA + bias fwd+bwd ÷ relattn" in text and "relattn auto (ran" in text
+
+
+def test_the_generation_baseline_is_the_same_model(monkeypatch):
+    """benchmarks/generation.py's baseline (the bias materialized, then SDPA) computes what the
+    relattn model computes: same logits, same greedy tokens with the KV cache. It takes every
+    keyword the layer is called with (a new one broke it once)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from relattn.models import TinyLM, TinyLMConfig
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location("generation_bench", folder / "generation.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "generation_bench", bench)
+    spec.loader.exec_module(bench)
+
+    torch.manual_seed(0)
+    config = TinyLMConfig(vocab_size=40, d_model=32, num_heads=4, num_layers=2, max_seq_len=64)
+    model = TinyLM(config).eval()
+    twin = bench.baseline_of(model).eval()
+    tokens = torch.randint(0, 40, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(tokens), model(tokens), rtol=1e-4, atol=1e-5)
+        prompt = tokens[:1, :9]
+        assert torch.equal(
+            twin.generate(prompt, 6, temperature=0.0), model.generate(prompt, 6, temperature=0.0)
+        )
