@@ -2,8 +2,9 @@
 backend and SDPA, side by side in one process: forward+backward, fp32, B=1, H=8, D=64, causal,
 learnable T5Bias (SDPA: no position term, and with the bias materialized), per-round medians
 round-robin. Settings: 1 thread, 2 threads, and 2 threads while a busy loop
-(``python -c 'while True: pass'``) holds one core. ``cpu_kernel_aten`` is the same kernel with
-its matrix products as nested ``at::addmm_`` calls instead of the exported BLAS.
+(``python -c 'while True: pass'``) holds one core. ``cpu_kernel_blas`` is the same kernel with
+its float32 tile products from the BLAS torch exports (MKL's ``sgemm_``) instead of its own,
+``cpu_kernel_aten`` with nested ``at::addmm_`` calls.
 
     python benchmarks/cpu_kernel.py --ns 2048 4096 --rounds 7 --out cpu_kernel.md
 """
@@ -17,12 +18,12 @@ import subprocess
 import sys
 import time
 
-NAMES = ("cpu_kernel", "cpu_kernel_aten", "chunked", "sdpa_causal", "sdpa_bias")
+NAMES = ("cpu_kernel", "cpu_kernel_blas", "cpu_kernel_aten", "chunked", "sdpa_causal", "sdpa_bias")
 
 
 def _contenders(n: int, names: tuple[str, ...]) -> dict:
-    """cpu_schedule.py's contenders (one set of inputs at length n) and the kernel with nested
-    ``at::addmm_`` for its matrix products."""
+    """cpu_schedule.py's contenders (one set of inputs at length n) and the kernel with BLAS or
+    nested ``at::addmm_`` for its matrix products."""
     from cpu_schedule import _contenders as shared  # this folder is the script's sys.path[0]
 
     from relattn.backends import cpu_kernel
@@ -30,14 +31,18 @@ def _contenders(n: int, names: tuple[str, ...]) -> dict:
     fns = shared(n)
     mod = cpu_kernel.load()
 
-    def kernel_aten():
-        mod.set_products("aten")
-        try:
-            fns["cpu_kernel"]()
-        finally:
-            mod.set_products("tiles")
+    def with_products(name: str):
+        def run() -> None:
+            mod.set_products(name)
+            try:
+                fns["cpu_kernel"]()
+            finally:
+                mod.set_products("tiles")
 
-    fns["cpu_kernel_aten"] = kernel_aten
+        return run
+
+    fns["cpu_kernel_blas"] = with_products("blas")
+    fns["cpu_kernel_aten"] = with_products("aten")
     return {name: fns[name] for name in names}
 
 
