@@ -280,7 +280,7 @@ def step(q: Tensor, k: Tensor, v: Tensor, rows: Tensor | None, start: int, scale
     g = hq // hkv
     mask = None
     if rows is not None:
-        compute = torch.promote_types(q.dtype, torch.float32)
+        compute = torch.float64 if q.dtype is torch.float64 else torch.float32  # promote_types
         if rows.dtype != compute:
             rows, start = rows.narrow(1, start, nk).to(compute), 0
         f0 = rows.stride(0)
