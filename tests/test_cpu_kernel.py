@@ -81,6 +81,15 @@ def test_head_dims_against_float64(small_tiles, gemm, d):
     check_fp32("cpu_kernel", "alibi", "window", (1, 2, 2, 21, d))
 
 
+@pytest.mark.parametrize("mask", ["causal", "bidirectional", "window", "doc_ids", "key_padding"])
+@pytest.mark.parametrize("enc", ["t5", "alibi"])
+def test_transposed_products_against_float64(small_tiles, gemm, enc, mask):
+    """From 512 query rows per kv head the own products also take q kᵀ and dO vᵀ (k and v
+    transposed once per call, zero-padded past Nk): GQA 4:1 with 131 rows, Nk not a multiple
+    of 16."""
+    check_fp32("cpu_kernel", enc, mask, (1, 4, 1, 131, 16))
+
+
 def test_products_name_the_path():
     """What multiplies the tiles, as the benchmarks report it; unknown names are refused."""
     mod = cpu_kernel.load()

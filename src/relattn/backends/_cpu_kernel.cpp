@@ -109,7 +109,6 @@ void gemm(bool ta, bool tb, int m, int n, int kk, T alpha, const T* a, int lda, 
 // their gradient as the passes wrote them, and kᵀ, vᵀ transposed once per call. Each C
 // element is one sequential sum over k (like a naive dot product).
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define RELATTN_TILES 1
 
 template <int W>
 struct VecOf {
@@ -229,13 +228,17 @@ void tiles_gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* a, in
   }
 }
 #else
-int tiles_isa() { return 0; }
+int tiles_isa() { return 0; }  // never chosen here: Mul::tiles stays false
 void tiles_gemm(int64_t, int64_t, int64_t, float, const float*, int64_t, int64_t, const float*,
-                int64_t, bool, float*, int64_t) {}
+                int64_t, bool, float*, int64_t) {
+  TORCH_CHECK(false, "relattn cpu kernel: own tile products need x86-64 with GCC or clang");
+}
 #endif
 
 // Tile width granularity of the own products (columns are computed a vector at a time).
 constexpr int64_t kTileCols = 16;
+// Query rows per kv head from which k and v are transposed for the own q kᵀ and dO vᵀ.
+constexpr int64_t kTransposeRows = 512;
 
 int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
@@ -570,12 +573,12 @@ struct Mul {
   int64_t ld(int64_t L) const { return tiles ? round_up(L, kTileCols) : L; }
 
   // C (m x n, ldc) <- alpha·a xᵀ (+ C): a (m x D); x = keys k0 .. k0 + n - 1 of one kv head of
-  // k or v (xh: the head's rows; xth: the head in kt or vt). The own products fill C up to
-  // ld(n) columns (the extra ones read the zero padding).
+  // k or v (xh: the head's rows; xth: the head in kt or vt, null when not transposed: BLAS).
+  // The own products fill C up to ld(n) columns (the extra ones read the zero padding).
   void abt(int64_t m, int64_t n, T alpha, const T* a, const T* xh, const T* xth, int64_t k0,
            bool acc, T* c, int64_t ldc) const {
     if constexpr (std::is_same_v<T, float>) {
-      if (tiles) {
+      if (tiles && xth) {
         tiles_gemm(m, round_up(n, kTileCols), D, alpha, a, D, 1, xth + k0, ldt, acc, c, ldc);
         return;
       }
@@ -827,21 +830,29 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.size(3) == k.size(3), "q and k must have the same head size");
 }
 
-// x (heads, nk, d) -> out (heads, d, ldt), columns nk .. ldt - 1 zero; in blocks of keys that
-// stay in the L1 cache, heads in parallel.
+// x (heads, nk, d) -> out (heads, d, ldt), columns nk .. ldt - 1 zero, d a multiple of 16: in
+// 16 x 16 blocks (16 lines read, 16 written), heads in parallel.
 template <typename T>
 void transpose_heads(const T* x, int64_t heads, int64_t nk, int64_t d, int64_t ldt, T* out) {
+  constexpr int64_t kB = 16;
   at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {
+    T blk[kB][kB];
     for (int64_t h = h0; h < h1; ++h) {
       const T* xh = x + h * nk * d;
       T* oh = out + h * d * ldt;
-      for (int64_t j0 = 0; j0 < nk; j0 += 32) {
-        const int64_t j1 = std::min(nk, j0 + 32);
-        for (int64_t c = 0; c < d; ++c) {
-          for (int64_t j = j0; j < j1; ++j) oh[c * ldt + j] = xh[j * d + c];
+      const int64_t full = nk / kB * kB;
+      for (int64_t j0 = 0; j0 < full; j0 += kB) {
+        for (int64_t c0 = 0; c0 < d; c0 += kB) {
+          for (int64_t j = 0; j < kB; ++j) {
+            for (int64_t c = 0; c < kB; ++c) blk[c][j] = xh[(j0 + j) * d + c0 + c];
+          }
+          for (int64_t c = 0; c < kB; ++c) std::copy_n(blk[c], kB, oh + (c0 + c) * ldt + j0);
         }
       }
-      for (int64_t c = 0; c < d; ++c) std::fill(oh + c * ldt + nk, oh + (c + 1) * ldt, T(0));
+      for (int64_t c = 0; c < d; ++c) {
+        for (int64_t j = full; j < nk; ++j) oh[c * ldt + j] = xh[j * d + c];
+        std::fill(oh + c * ldt + nk, oh + (c + 1) * ldt, T(0));
+      }
     }
   });
 }
@@ -855,7 +866,11 @@ Mul<T> products(const Shape& s, const at::Tensor& k, const at::Tensor* v, at::Te
   mul.D = s.D;
   mul.tiles = std::is_same_v<T, float> && tiles_isa() > 0 && s.D % kTileCols == 0 &&
               (g_products == Products::kTiles || g_products == Products::kTilesAvx2);
-  if (!mul.tiles) return mul;
+  // Transposing k and v reads and writes them once more: worth it when every key meets many
+  // query rows (measured, 1 thread, Nk = 16384, D = 64: at 128-256 rows per kv head the
+  // transposes cost 8-11 % more than BLAS's packing; at 512 they break even, at 1024 they
+  // gain 10 %). Below that, q kᵀ and dO vᵀ go to BLAS; the other products stay own.
+  if (!mul.tiles || s.G * s.Nq < kTransposeRows) return mul;
   mul.ldt = round_up(s.Nk, kTileCols) + kTileCols;
   const int64_t heads = s.B * s.Hkv;
   kt = at::empty({heads, s.D, mul.ldt}, k.options());
