@@ -90,6 +90,14 @@ def test_transposed_products_against_float64(small_tiles, gemm, enc, mask):
     check_fp32("cpu_kernel", enc, mask, (1, 4, 1, 131, 16))
 
 
+@pytest.mark.parametrize("mask", ["causal", "doc_ids", "window"])
+def test_default_tiles_against_float64(gemm, mask):
+    """The kernel's own tile sizes (128 x 256) and head dim 64, with enough rows per kv head
+    (GQA 2:1, 520 rows) for the transposed products: several query blocks, full and partial
+    key tiles."""
+    check_fp32("cpu_kernel", "t5", mask, (1, 4, 2, 520, 64))
+
+
 def test_products_name_the_path():
     """What multiplies the tiles, as the benchmarks report it; unknown names are refused."""
     mod = cpu_kernel.load()
