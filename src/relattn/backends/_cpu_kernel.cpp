@@ -108,6 +108,13 @@ void gemm(bool ta, bool tb, int m, int n, int kk, T alpha, const T* a, int lda, 
 // here every operand is read where it lies: q, k, v, dO rows as they are, the scores and
 // their gradient as the passes wrote them, and kᵀ, vᵀ transposed once per call. Each C
 // element is one sequential sum over k (like a naive dot product).
+// Tile width granularity of the own products (columns are computed a vector at a time).
+constexpr int64_t kTileCols = 16;
+// Query rows per kv head from which k and v are transposed for the own q kᵀ and dO vᵀ.
+constexpr int64_t kTransposeRows = 512;
+
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 
 template <int W>
@@ -218,29 +225,33 @@ int tiles_isa() {
   return isa;
 }
 
+// Whether float32 tiles of head dim d get the own products, and whether in their AVX-512
+// version (the one place that decides; products() and products_for() ask here).
+bool own_products(int64_t d) {
+  return tiles_isa() > 0 && d % kTileCols == 0 &&
+         (g_products == Products::kTiles || g_products == Products::kTilesAvx2);
+}
+bool own_avx512() { return tiles_isa() == 4 && g_products == Products::kTiles; }
+
 void tiles_gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* a, int64_t ars,
                 int64_t aks, const float* b, int64_t ldb, bool acc, float* c, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
-  if (tiles_isa() == 4 && g_products == Products::kTiles) {
+  if (own_avx512()) {
     tiles_v4(M, N, K, alpha, a, ars, aks, b, ldb, acc, c, ldc);
   } else {
     tiles_v3(M, N, K, alpha, a, ars, aks, b, ldb, acc, c, ldc);
   }
 }
 #else
-int tiles_isa() { return 0; }  // never chosen here: Mul::tiles stays false
+int tiles_isa() { return 0; }
+bool own_products(int64_t) { return false; }  // Mul::tiles stays false
+bool own_avx512() { return false; }
 void tiles_gemm(int64_t, int64_t, int64_t, float, const float*, int64_t, int64_t, const float*,
                 int64_t, bool, float*, int64_t) {
   TORCH_CHECK(false, "relattn cpu kernel: own tile products need x86-64 with GCC or clang");
 }
 #endif
 
-// Tile width granularity of the own products (columns are computed a vector at a time).
-constexpr int64_t kTileCols = 16;
-// Query rows per kv head from which k and v are transposed for the own q kᵀ and dO vᵀ.
-constexpr int64_t kTransposeRows = 512;
-
-int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
 template <typename T>
 void exp_inplace(T* p, int64_t n) {
@@ -864,8 +875,7 @@ Mul<T> products(const Shape& s, const at::Tensor& k, const at::Tensor* v, at::Te
                 at::Tensor& vt) {
   Mul<T> mul;
   mul.D = s.D;
-  mul.tiles = std::is_same_v<T, float> && tiles_isa() > 0 && s.D % kTileCols == 0 &&
-              (g_products == Products::kTiles || g_products == Products::kTilesAvx2);
+  mul.tiles = std::is_same_v<T, float> && own_products(s.D);
   // Transposing k and v reads and writes them once more: worth it when every key meets many
   // query rows (measured, 1 thread, Nk = 16384, D = 64: at 128-256 rows per kv head the
   // transposes cost 8-11 % more than BLAS's packing; at 512 they break even, at 1024 they
@@ -979,12 +989,7 @@ void set_products(const std::string& name) {
 
 // What multiplies float32 tiles of head dim d: "tiles" (and its ISA), "blas" or "aten".
 std::string products_for(int64_t d) {
-  if (tiles_isa() > 0 && d % kTileCols == 0) {
-    if (g_products == Products::kTiles && tiles_isa() == 4) return "tiles (AVX-512)";
-    if (g_products == Products::kTiles || g_products == Products::kTilesAvx2) {
-      return "tiles (AVX2)";
-    }
-  }
+  if (own_products(d)) return own_avx512() ? "tiles (AVX-512)" : "tiles (AVX2)";
   return g_products != Products::kAten && blas_available() ? "blas" : "aten";
 }
 
