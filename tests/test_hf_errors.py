@@ -4,6 +4,7 @@ conversions for users who port a model to relattn's own layers by hand."""
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,6 +49,64 @@ def test_refuses_a_changed_layer_signature(monkeypatch):
     monkeypatch.setattr(modeling_t5.T5Attention, "forward", forward)
     with pytest.raises(NotImplementedError, match=r"T5Attention.forward in transformers .* takes"):
         apply(build("t5"))
+
+
+def test_refusal_names_the_checked_versions_and_what_to_do(monkeypatch):
+    from transformers.models.falcon import modeling_falcon
+
+    def forward(self, hidden_states, attention_mask, sliding_bias=None, **kwargs):
+        return hidden_states
+
+    monkeypatch.setattr(modeling_falcon.FalconAttention, "forward", forward)
+    with pytest.raises(NotImplementedError) as e:
+        apply(build("falcon"))
+    message = str(e.value)
+    assert "takes ['sliding_bias'], which relattn does not know" in message
+    assert "checked on 5.24.0, 5.25.0" in message
+    assert "pip install 'transformers==5.25.0'" in message
+
+
+def test_a_signature_from_another_release_is_bound_by_name(monkeypatch):
+    """A forward whose parameters moved (Falcon 5.24 had ``alibi`` second; 5.25 dropped it) is
+    called through the installed signature: positional and keyword calls reach the same
+    arguments, and a value where the prepared model passes None is refused."""
+    from transformers.models.falcon import modeling_falcon
+
+    model = build("falcon")
+    want = apply(copy.deepcopy(model))
+
+    def forward(
+        self,
+        hidden_states,
+        alibi,
+        attention_mask,
+        layer_past=None,
+        use_cache=False,
+        output_attentions=False,
+        position_ids=None,
+        position_embeddings=None,
+        **kwargs,
+    ):
+        raise AssertionError("replaced by apply()")
+
+    monkeypatch.setattr(modeling_falcon.FalconAttention, "forward", forward)
+    applied = apply(copy.deepcopy(model))
+    layer = applied.transformer.h[0].self_attention
+    assert list(inspect.signature(type(layer).forward).parameters) == list(
+        inspect.signature(forward).parameters
+    )
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        by_name = layer(hidden_states=x, alibi=None, attention_mask=None)[0]
+        by_position = layer(x, None, None)[0]
+        assert torch.equal(by_name, by_position)
+        installed = want.transformer.h[0].self_attention  # this transformers' own signature
+        alibi = (
+            {"alibi": None} if "alibi" in inspect.signature(installed.forward).parameters else {}
+        )
+        assert torch.equal(by_name, installed(hidden_states=x, attention_mask=None, **alibi)[0])
+    with pytest.raises(NotImplementedError, match="given alibi=<a value>"):
+        layer(x, torch.zeros(2, 4, 1, 5), None)
 
 
 @pytest.mark.parametrize("family", ["t5", "bloom", "mpt", "falcon"])

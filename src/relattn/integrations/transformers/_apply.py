@@ -1,9 +1,10 @@
 """``apply(model)``: point a transformers model's attention layers at relattn.
 
-How it hooks in (transformers 5.24):
+How it hooks in (transformers 5.24 and 5.25):
 
 - each attention layer's class is swapped for a subclass (same name) whose ``forward`` is the
-  one in ``_forwards``; parameters, buffers and ``state_dict`` are untouched;
+  one in ``_forwards``, called with the arguments the installed version's ``forward`` declares
+  (see :func:`_fit_forward`); parameters, buffers and ``state_dict`` are untouched;
 - the model-level method that builds the ALiBi tensor (BLOOM, MPT) is replaced by one that
   builds nothing, and Falcon's model is told not to build one (its layers bring their own);
 - every config of the model gets ``_attn_implementation = "relattn"``, a name registered with
@@ -37,10 +38,16 @@ from ._encodings import (
 )
 
 NAME = "relattn"
-#: The transformers versions this integration was written and tested against: [low, high).
+#: The transformers versions this integration accepts: [low, high).
 TESTED_RANGE = ("5.24", "6")
+#: The releases the test suite ran on (``make test`` pins one, ``make test`` also runs the
+#: transformers tests on the range's floor, ``make test-latest`` on the newest).
+CHECKED_VERSIONS = ("5.24.0", "5.25.0")
 
-_SWAPPED: dict[type, type] = {}
+# The subclasses made so far, by original class and overrides (so a model applied twice, or
+# two models of one family, share one subclass), and the fitted forwards by original forward.
+_SWAPPED: dict[tuple, type] = {}
+_FITTED: dict[tuple[type, Callable], Callable] = {}
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,9 @@ class _Family:
     models: dict[str, dict] = field(default_factory=dict)  # model class -> overrides
     check: Callable | None = None  # (config) -> raises on a configuration not supported
     positions_from_mask: bool = False  # ALiBi distance counted over real tokens only
+    # Parameters some version's forward declares that the relattn path leaves unused because
+    # the model, as apply() leaves it, always passes None there (a value is refused).
+    unused: tuple[str, ...] = ()
     needs_mask_tensor: bool = False  # the model calls .to() on the mask
 
 
@@ -168,13 +178,16 @@ _FAMILIES: dict[str, _Family] = {
     ),
     "falcon": _Family(
         "transformers.models.falcon.modeling_falcon", "FalconAttention", _forwards.falcon_forward,
-        ("query_key_value", "_split_heads", "dense", "inv_norm_factor", "num_heads",
-         "num_kv_heads", "new_decoder_architecture", "head_dim", "attention_dropout",
+        ("query_key_value", "dense", "inv_norm_factor", "num_heads", "num_kv_heads",
+         "new_decoder_architecture", "multi_query", "head_dim", "attention_dropout",
          "layer_idx"),
         _attach_slopes(_falcon_slopes),
+        # 5.24 hands each layer an ALiBi tensor, 5.25 folds it into the mask: either way the
+        # model builds none once use_alibi is False.
         models={"FalconModel": {"use_alibi": property(lambda self: False)}},
         check=_check_falcon,
         positions_from_mask=True,
+        unused=("alibi",),
     ),
 }  # fmt: skip
 
@@ -226,7 +239,7 @@ def apply(model: nn.Module, *, ignore_attention_dropout: bool = False) -> nn.Mod
         )
     modeling = importlib.import_module(family.module)
     attention_cls = _lookup(modeling, family.attention, tf.__version__)
-    _check_signature(attention_cls, family.forward, tf.__version__)
+    forward = _fit_forward(attention_cls, family, tf.__version__)
     if family.check is not None:
         family.check(model.config)
     if getattr(model.config, "output_attentions", False):
@@ -242,12 +255,12 @@ def apply(model: nn.Module, *, ignore_attention_dropout: bool = False) -> nn.Mod
         if missing:
             raise NotImplementedError(
                 f"{family.attention} in transformers {tf.__version__} lacks {missing}, which "
-                f"relattn's integration (tested with {_range_text()}) reads"
+                f"relattn's integration ({_range_text()}) reads. {_advice()}"
             )
     family.attach(model, modeling, layers)
     for layer in layers:
         layer.__dict__["_relattn_ignore_dropout"] = ignore_attention_dropout
-        _swap(layer, {"forward": family.forward})
+        _swap(layer, {"forward": forward})
     for cls_name, overrides in family.models.items():
         cls = _lookup(modeling, cls_name, tf.__version__)
         for m in model.modules():
@@ -257,7 +270,7 @@ def apply(model: nn.Module, *, ignore_attention_dropout: bool = False) -> nn.Mod
                 if not hasattr(m, name):
                     raise NotImplementedError(
                         f"{cls_name} in transformers {tf.__version__} has no {name!r}, which "
-                        f"relattn's integration (tested with {_range_text()}) replaces"
+                        f"relattn's integration ({_range_text()}) replaces. {_advice()}"
                     )
             _swap(m, overrides)
     _register()
@@ -293,13 +306,13 @@ def check_version(version: str) -> None:
     if not Version(low) <= Version(version) < Version(high):
         raise NotImplementedError(
             f"relattn's transformers integration supports {_range_text()}; installed "
-            f"transformers is {version}"
+            f"transformers is {version}. {_advice()}"
         )
 
 
 def _range_text() -> str:
     low, high = TESTED_RANGE
-    return f"transformers >= {low}, < {high}"
+    return f"transformers >= {low}, < {high}; checked on {', '.join(CHECKED_VERSIONS)}"
 
 
 def _lookup(modeling, name: str, version: str) -> type:
@@ -307,20 +320,81 @@ def _lookup(modeling, name: str, version: str) -> type:
     if not isinstance(cls, type):
         raise NotImplementedError(
             f"{modeling.__name__} in transformers {version} has no class {name}, which "
-            f"relattn's integration (tested with {_range_text()}) hooks"
+            f"relattn's integration ({_range_text()}) hooks. {_advice()}"
         )
     return cls
 
 
-def _check_signature(cls: type, forward: Callable, version: str) -> None:
-    """The replacement keeps the original ``forward``'s parameters, so callers are unchanged."""
-    theirs = list(inspect.signature(cls.forward).parameters)
-    ours = list(inspect.signature(forward).parameters)
-    if theirs != ours:
+def _fit_forward(cls: type, family: _Family, version: str) -> Callable:
+    """``family.forward`` as a replacement for ``cls.forward`` of this transformers version.
+
+    Where the two signatures agree, ``family.forward`` itself. Where they differ (a parameter
+    added, dropped or moved between releases), a wrapper with the installed signature that
+    binds each call's arguments by name, provided every parameter of the installed version is
+    one relattn reads or one the family knows the model passes as None (``family.unused``),
+    and every parameter relattn needs is there. Anything else is refused: relattn would not
+    know what the new parameter means."""
+    fitted = _FITTED.get((cls, cls.forward))
+    if fitted is None:
+        fitted = _FITTED[cls, cls.forward] = _fit(cls, family, version)
+    return fitted
+
+
+def _fit(cls: type, family: _Family, version: str) -> Callable:
+    theirs = inspect.signature(cls.forward)
+    ours = inspect.signature(family.forward)
+    if list(theirs.parameters) == list(ours.parameters):
+        return family.forward
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    reads = [n for n, p in ours.parameters.items() if p.kind not in variadic]
+    unknown = [
+        n
+        for n, p in theirs.parameters.items()
+        if p.kind not in variadic and n not in reads and n not in family.unused
+    ]
+    missing = [
+        n
+        for n, p in ours.parameters.items()
+        if p.kind not in variadic and p.default is p.empty and n not in theirs.parameters
+    ]
+    if unknown or missing or not _has_var_keyword(ours):
+        what = [f"takes {unknown}, which relattn does not know"] if unknown else []
+        what += [f"lacks {missing}, which relattn reads"] if missing else []
         raise NotImplementedError(
-            f"{cls.__name__}.forward in transformers {version} takes {theirs}; relattn's "
-            f"integration (tested with {_range_text()}) replaces one taking {ours}"
+            f"{cls.__name__}.forward in transformers {version} {' and '.join(what)}; "
+            f"relattn's integration ({_range_text()}) replaces a forward taking {reads}. "
+            f"{_advice()}"
         )
+    var_keyword = next((n for n, p in theirs.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+    impl, name = family.forward, cls.__name__
+
+    def forward(*args, **kwargs):
+        arguments = theirs.bind(*args, **kwargs).arguments
+        extra = arguments.pop(var_keyword, {}) if var_keyword else {}
+        for unused in family.unused:
+            if arguments.pop(unused, None) is not None:
+                raise NotImplementedError(
+                    f"{name}.forward was given {unused}=<a value>; the model relattn prepared "
+                    "passes None there, so this call comes from elsewhere and relattn cannot "
+                    "honour it"
+                )
+        return impl(**arguments, **extra)
+
+    forward.__signature__ = theirs  # type: ignore[attr-defined]
+    forward.__doc__, forward.__name__ = impl.__doc__, impl.__name__
+    return forward
+
+
+def _has_var_keyword(signature: inspect.Signature) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+
+
+def _advice() -> str:
+    checked = ", ".join(CHECKED_VERSIONS)
+    return (
+        f"Install a transformers release relattn was checked on ({checked}), e.g. "
+        f"pip install 'transformers=={CHECKED_VERSIONS[-1]}', or run the model without apply()"
+    )
 
 
 def _swap(module: nn.Module, overrides: dict) -> None:
@@ -329,12 +403,13 @@ def _swap(module: nn.Module, overrides: dict) -> None:
     cls = type(module)
     if "_relattn_original" in cls.__dict__:
         return
-    new = _SWAPPED.get(cls)
+    key = (cls, *sorted((name, id(value)) for name, value in overrides.items()))
+    new = _SWAPPED.get(key)
     if new is None:
         namespace = {**overrides, "_relattn_original": cls, "__module__": cls.__module__}
         new = type(cls.__name__, (cls,), namespace)
         new.__qualname__ = cls.__qualname__
-        _SWAPPED[cls] = new
+        _SWAPPED[key] = new
     module.__class__ = new
 
 

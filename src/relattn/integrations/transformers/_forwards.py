@@ -3,7 +3,7 @@
 Each function replaces the ``forward`` of one attention class (see ``_apply``) and keeps that
 class's signature, projections, cache updates and return values; only the score computation
 changes: ``relattn.attention`` with the layer's encoding (``self._relattn_pe``) instead of the
-N×N bias. Written against transformers 5.24.
+N×N bias. Written against transformers 5.24 and 5.25.
 """
 
 from __future__ import annotations
@@ -192,7 +192,6 @@ def mpt_forward(self, hidden_states, position_bias=None, cache=None, attention_m
 def falcon_forward(
     self,
     hidden_states,
-    alibi,
     attention_mask,
     position_ids=None,
     layer_past=None,
@@ -202,16 +201,32 @@ def falcon_forward(
     **kwargs,
 ):
     """Falcon attention with ALiBi: scores ``(q·k + ALiBi)/√D``, i.e. relattn's
-    ``scale = 1/√D`` with slopes divided by √D. Returns ``(output, None)``."""
-    check_call(self, output_attentions, self.attention_dropout.p)
-    q, k, v = self._split_heads(self.query_key_value(hidden_states))
-    b, n = q.shape[:2]
-    hkv = self.num_heads if self.new_decoder_architecture else self.num_kv_heads
-    q = q.transpose(1, 2).reshape(b, self.num_heads, n, self.head_dim)
-    k = k.transpose(1, 2).reshape(b, hkv, n, self.head_dim)
-    v = v.transpose(1, 2).reshape(b, hkv, n, self.head_dim)
+    ``scale = 1/√D`` with slopes divided by √D. Returns ``(output, None)``.
+
+    The fused projection is split as the checkpoint lays it out (the same in every
+    transformers version): per kv head its G queries, its key and its value
+    (``new_decoder_architecture``); the queries then one key and one value (``multi_query``);
+    else query, key and value interleaved per head. Keys and values keep their own heads
+    (GQA), never repeated."""
+    check_call(self, output_attentions, _dropout_p(self.attention_dropout))
+    b, n = hidden_states.shape[:2]
+    d, hq, hkv = self.head_dim, self.num_heads, self.num_kv_heads
+    fused = self.query_key_value(hidden_states)
+    if self.new_decoder_architecture:
+        grouped = fused.view(b, n, hkv, hq // hkv + 2, d)
+        q, k, v = grouped[:, :, :, :-2].flatten(2, 3), grouped[:, :, :, -2], grouped[:, :, :, -1]
+    elif self.multi_query:
+        q, k, v = fused.view(b, n, hq + 2, d).split([hq, 1, 1], dim=2)
+    else:
+        q, k, v = fused.view(b, n, hq, 3, d).unbind(3)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     past = _past_length(layer_past, self.layer_idx)
     if layer_past is not None:
         k, v = layer_past.update(k, v, self.layer_idx)
     out = _alibi_attend(self, q, k, v, attention_mask, past, self.inv_norm_factor)
     return self.dense(_merge(out)), None
+
+
+def _dropout_p(dropout) -> float:
+    """An attention dropout given as a module (transformers 5.24) or a probability (5.25)."""
+    return float(dropout.p if isinstance(dropout, torch.nn.Dropout) else dropout)
