@@ -76,7 +76,11 @@ def offset_range(nq: int, nk: int, causal: bool, q_offset: int, window: int) -> 
     """:func:`offset_bounds` as a table range: ``lo <= hi`` always (a range whose offsets are all
     masked is returned as a single column, never read)."""
     lo, hi = offset_bounds(nq, nk, causal, q_offset, window)
-    return lo, max(lo, hi)
+    # A branch, not max(lo, hi): under torch.compile with a symbolic cache length the branch is
+    # a guard and the table's width a plain symbol, where max() put ``1 + max(0, s)`` into the
+    # loop bound of the generated C++, on which GCC 12.2 crashes with Intel's AVX-512 tuning
+    # (tests/test_compile.py).
+    return lo, (hi if hi >= lo else lo)
 
 
 def key_span(pos_first: int, pos_last: int, nk: int, causal: bool, window: int) -> tuple[int, int]:
