@@ -88,6 +88,7 @@ def time_rounds(
             except Exception as e:  # noqa: BLE001  (a failing contender is a result)
                 results[name] = f"{type(e).__name__}: {e}"
                 del live[name]
+    times: dict[str, list[float]] = {name: [] for name in live}
     spent, rounds = 0.0, 0
     while live and (rounds < repeats or (spent < min_time and rounds < max_rounds)):
         for name, fn in live.items():
@@ -95,9 +96,10 @@ def time_rounds(
             fn()
             synchronize(device)
             took = time.perf_counter() - start
-            results[name].append(took)
+            times[name].append(took)
             spent += took
         rounds += 1
+    results.update(times)
     return results
 
 
