@@ -86,3 +86,26 @@ def test_docs_snippet_runs(path, tmp_path):
         [sys.executable, str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_mention_of_the_cpu_kernels_first_compile_says_the_same_time():
+    """The README, BENCHMARKS.md, the docs and the module say how long the CPU kernel's first
+    build blocks as the stderr line does (once "about 30 s" in one README section and "about a
+    minute" in another and on stderr)."""
+    import inspect
+
+    from relattn.backends import cpu_kernel
+
+    files = [README, ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    files.append(Path(cpu_kernel.__file__))
+    mention = re.compile(
+        r"(?:compil\w*|first use)[^.]{0,100}?\b(about (?:a|one|[\d.½]+) ?(?:s|seconds?|minutes?))\b"
+    )
+    found = {}
+    for path in files:
+        text = " ".join(path.read_text().split())
+        for m in mention.finditer(text):
+            found[f"{path.relative_to(ROOT)}: …{m.group(0)[-60:]}"] = m.group(1)
+    assert len(found) >= 6, found  # README twice, BENCHMARKS, how-to/backends, the module twice
+    assert {where: said for where, said in found.items() if said != cpu_kernel.COMPILE_TIME} == {}
+    assert "{COMPILE_TIME}" in inspect.getsource(cpu_kernel._build)  # the stderr line
