@@ -18,8 +18,7 @@ and reused from there by later processes. That first call blocks while it compil
 30 s (``COMPILE_TIME``; one line on stderr says so), like a first ``torch.compile``.
 ``RELATTN_CPU_KERNEL=0`` turns the backend off. If the build fails, the reason is kept, one
 warning is given, the build is not tried again in this process, ``backend="auto"`` uses the
-chunked backend, and
-``backend="cpu_kernel"`` raises a RuntimeError with the reason.
+chunked backend, and ``backend="cpu_kernel"`` raises a RuntimeError with the reason.
 """
 
 from __future__ import annotations
