@@ -230,6 +230,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, text_file, capsys, case, nee
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("relattn: error:"), err
     assert needle in err[0], err
+    # the text is a positional argument: named as usage names it, not as the demo's --data
+    assert "--data" not in err[0], err
+    if case in ("empty file", "binary file", "folder without text", "missing"):
+        assert f"FILE_OR_FOLDER {data!r}" in err[0], err
 
 
 @pytest.mark.parametrize(
