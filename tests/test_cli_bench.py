@@ -6,14 +6,27 @@ from relattn.cli.main import main
 
 
 def test_quick_bench_prints_and_writes_the_table(tmp_path, capsys):
-    out = tmp_path / "bench.md"
-    assert main(["bench", "--quick", "--out", str(out)]) == 0
+    """--quick times enough rounds for a spread (one round once printed "0.883–0.883") and says
+    plainly that its numbers are a smoke run, not a measurement."""
+    from relattn.bench.common import MIN_ROUNDS_FOR_IQR
+    from relattn.cli.bench import QUICK_CAVEAT
+
+    out, raw = tmp_path / "bench.md", tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--out", str(out), "--json", str(raw)]) == 0
     printed = capsys.readouterr().out
     assert "## CPU" in printed and "|" in printed
     written = out.read_text()
     assert written.startswith("# relattn bench") and "## CPU" in written
+    assert QUICK_CAVEAT in written
     table = [line for line in written.splitlines() if line.startswith("|")]
     assert len(table) >= 3  # header, rule, at least one row
+    import json
+
+    paired = [r for r in json.loads(raw.read_text())["rows"]["cpu"] if "rounds" in r]
+    assert paired and all(
+        r["rounds"] >= MIN_ROUNDS_FOR_IQR and r["fwd_rounds"] >= MIN_ROUNDS_FOR_IQR for r in paired
+    )
+    assert "no spread" not in written
 
 
 def test_the_benchmark_script_is_the_same_front_end(tmp_path):
@@ -108,13 +121,50 @@ def test_rounds_and_paired_ratios():
     assert round_ratios({"x": [3.0], "y": [1.5]}, "x", "y") == (2.0, 2.0, 2.0)
 
 
+def test_time_rounds_takes_more_rounds_while_the_calls_are_short(monkeypatch):
+    """At least ``repeats`` rounds, then more until the timed calls add up to ``min_time`` (a
+    fake clock: every call takes 1/8 s, exact in binary), capped by ``max_rounds``; warm-up
+    calls are not timed and come before every timed call."""
+    from relattn.bench import common
+
+    now = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+    calls = []
+
+    def call(name):
+        def fn():
+            calls.append(name)
+            now[0] += 0.125
+
+        return fn
+
+    fns = {"a": call("a"), "b": call("b")}
+    rounds = common.time_rounds(fns, repeats=2, warmup=2, min_time=1.25)
+    assert calls[:4] == ["a", "b", "a", "b"]  # warm-up, untimed
+    assert len(rounds["a"]) == len(rounds["b"]) == 5  # 2 x 1/8 s per round, 1.25 s in all
+    assert rounds["a"] == [0.125] * 5
+    calls.clear()
+    assert len(common.time_rounds(fns, repeats=7, warmup=0, min_time=0.01)["a"]) == 7
+    assert len(common.time_rounds(fns, 1, warmup=0, min_time=100, max_rounds=9)["b"]) == 9
+
+
+def test_a_spread_is_printed_only_from_enough_rounds():
+    from relattn.bench.common import MIN_ROUNDS_FOR_IQR, spread
+
+    assert spread((0.883, 0.883, 0.883), 1) == "0.883 (1 round: no spread)"
+    assert spread((1.0, 2.0, 3.0), MIN_ROUNDS_FOR_IQR - 1) == "2 (4 rounds: no spread)"
+    assert spread((1.5, 2.0, 2.5), MIN_ROUNDS_FOR_IQR) == "2 (1.5–2.5)"
+    assert spread((0.1, 1.0, 9.9), MIN_ROUNDS_FOR_IQR) == "1 (0.1–9.9) noisy"
+    assert spread(None, 3) == ""
+
+
 def test_cpu_report_has_the_paired_ratio_table():
     from relattn.bench import cpu
 
     rows = cpu.run([64, 300], repeats=1, quick=True)
     for key in ("auto", "chunked"):
         row = next(r for r in rows if r["key"] == key)
-        assert row["rounds"] == 1 and len(row["speedup_over_bias"]) == 3
+        assert row["rounds"] == row["fwd_rounds"] == 1 and len(row["speedup_over_bias"]) == 3
     # auto names the backend it ran, as dispatch chooses it for a training call
     auto = {r["n"]: r["contender"] for r in rows if r["key"] == "auto"}
     assert auto == {n: f"relattn auto (ran {cpu.auto_choice(n)})" for n in (64, 300)}
@@ -122,6 +172,26 @@ def test_cpu_report_has_the_paired_ratio_table():
     text = cpu.to_markdown(rows)
     assert "Per-round ratios of relattn" in text
     assert "SDPA + bias fwd+bwd ÷ relattn" in text and "relattn auto (ran" in text
+    # one round: a median, never a range of one sample
+    paired = text.split("Per-round ratios of relattn")[1]
+    assert "1 round: no spread" in paired and "–" not in paired.split("|\n|---")[1]
+
+
+def test_forward_backward_below_forward_is_flagged(monkeypatch):
+    """A fwd+bwd median below the fwd median cannot be real (0.017 s against 0.172 s was once
+    printed as is): the row says it is noise."""
+    from relattn.bench import cpu
+
+    passes = []
+
+    def fake_rounds(fns, repeats, warmup=1, device=None, min_time=0.0, max_rounds=1000):
+        passes.append(fns)  # run() times the forward first, then the forward+backward
+        return {name: [0.172 if len(passes) % 2 else 0.017] * repeats for name in fns}
+
+    monkeypatch.setattr(cpu, "time_rounds", fake_rounds)
+    rows = cpu.run([32], repeats=5, quick=True)
+    assert len(passes) == 2 and rows
+    assert all("fwd+bwd timed below fwd" in (r["note"] or "") for r in rows)
 
 
 def test_the_generation_baseline_is_the_same_model(monkeypatch):

@@ -3,6 +3,7 @@
 import io
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -26,16 +27,24 @@ REPORT_FILES = [
 
 
 def test_quick_demo_writes_the_whole_report(tmp_path):
+    """... readable as the umask says (the atomic writes once made report.html, report.md and
+    results.json 0600 beside 0644 figures; 027 here gives 0640), and no .lock left behind."""
     out = tmp_path / "report"
     proc = subprocess.run(
         [sys.executable, "-m", "relattn", *TINY, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
+        preexec_fn=lambda: os.umask(0o027),
     )
     assert proc.returncode == 0, proc.stderr
     for name in REPORT_FILES + [f"attention-{n}.png" for n in train.DEFAULT_ENCODINGS]:
         assert (out / name).stat().st_size > 0, name
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()}
+    assert set(REPORT_FILES) <= set(modes) and set(modes.values()) == {"0o640"}, modes
+    folders = {p.name: oct(p.stat().st_mode & 0o777) for p in [out, *out.rglob("*")] if p.is_dir()}
+    assert len(folders) > 1 and set(folders.values()) == {"0o750"}, folders
+    assert not list(out.rglob(".lock")) and not list(out.rglob(".*"))
     results = json.loads((out / "results.json").read_text())
     assert list(results["models"]) == list(train.DEFAULT_ENCODINGS)
     assert results["settings"]["eval_lengths"] == [64, 128, 256, 512]

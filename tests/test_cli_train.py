@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,17 +42,29 @@ def text_file(tmp_path_factory):
     return path
 
 
-def _relattn(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def _relattn(*args: str, timeout: int = 120, umask: int = 0o022) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "relattn", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "relattn", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=lambda: os.umask(umask),
     )
 
 
 def test_train_generate_explain_end_to_end(tmp_path, text_file):
     """The path a new user takes, as separate processes, on their own text file."""
     ckpt = tmp_path / "model"
-    proc = _relattn("train", str(text_file), *TINY, "--steps", "12", "--out", str(ckpt))
+    proc = _relattn(
+        "train", str(text_file), *TINY, "--steps", "12", "--out", str(ckpt), umask=0o002
+    )
     assert proc.returncode == 0, proc.stderr
+    # every file as the umask says (training.json and training_state.pt were once 0600), and
+    # no .lock left behind
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in ckpt.iterdir()}
+    assert modes == dict.fromkeys(
+        ["config.json", "model.safetensors", "training.json", "training_state.pt"], "0o664"
+    )
     assert "held-out perplexity per byte at N=32" in proc.stdout
     assert "12/12" in proc.stderr and "tok/s" in proc.stderr and "loss" in proc.stderr
     info = json.loads((ckpt / "training.json").read_text())
@@ -217,6 +230,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, text_file, capsys, case, nee
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("relattn: error:"), err
     assert needle in err[0], err
+    # the text is a positional argument: named as usage names it, not as the demo's --data
+    assert "--data" not in err[0], err
+    if case in ("empty file", "binary file", "folder without text", "missing"):
+        assert f"FILE_OR_FOLDER {data!r}" in err[0], err
 
 
 @pytest.mark.parametrize(

@@ -109,3 +109,54 @@ def test_explain_figure_labels_its_heads(tmp_path):
     mask, pe, weights = _inputs(heads=2)
     viz.plot_explain(TOKENS, mask, pe, weights, tmp_path / "h.png", heads=[3, 5])
     assert (tmp_path / "h.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_mask_panel_draws_masked_cells_as_the_other_panels_do(monkeypatch, tmp_path):
+    """Masked cells are hatched grey in every panel, the mask's too (it once drew the visible
+    cells grey and the masked ones white, the other way round from the PE and weight panels)."""
+    from matplotlib.colors import to_rgba
+
+    figures = []
+    make = viz._figure
+
+    def keep(*args, **kwargs):
+        figures.append(make(*args, **kwargs))
+        return figures[-1]
+
+    monkeypatch.setattr(viz, "_figure", keep)
+    mask, pe, weights = _inputs(heads=1)
+    viz.plot_explain(TOKENS, mask, pe, weights, tmp_path / "m.png")
+    mask_ax, pe_ax = figures[0].axes[:2]
+    assert mask_ax.get_title().startswith("causal mask")
+    n = len(TOKENS)
+    for ax in (mask_ax, pe_ax):
+        image = ax.images[0]
+        rgba = image.to_rgba(image.get_array())
+        for i in range(n):
+            for j in range(n):
+                is_grey = np.allclose(rgba[i, j], to_rgba(viz.MASKED), atol=1 / 255)
+                assert is_grey == (j > i), (ax.get_title(), i, j, rgba[i, j])
+        hatched = sorted((p.get_x(), p.get_y(), p.get_width()) for p in ax.patches if p.get_hatch())
+        assert hatched == [(i + 0.5, i - 0.5, n - 1 - i) for i in range(n - 1)], ax.get_title()
+    visible = mask_ax.images[0].to_rgba(mask_ax.images[0].get_array())[n - 1, 0]
+    assert np.allclose(visible, to_rgba("white"), atol=1 / 255)
+
+
+@pytest.mark.parametrize(
+    "x, fmt, text",
+    [
+        (-0.004, "+.2f", "-0.004"),  # once "+0.00": a negative PE printed as positive
+        (-0.0004, "+.3f", "-0.0004"),
+        (-1e-12, "+.2f", "-0.00"),  # too small for three more digits: the sign stays right
+        (0.004, ".2f", "0.004"),
+        (0.0, "+.3f", "+0.000"),
+        (-0.0, "+.3f", "+0.000"),  # an exact zero is never "-0.000"
+        (-0.25, "+.2f", "-0.25"),
+        (0.125, "+.3f", "+0.125"),
+    ],
+)
+def test_numbers_keep_their_sign(x, fmt, text):
+    from relattn.cli.explain.render import _num
+
+    assert viz.format_number(x, fmt) == text
+    assert _num(x, fmt) == text

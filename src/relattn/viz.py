@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "PlotUnavailable",
+    "format_number",
     "plot_attention_heads",
     "plot_explain",
     "plot_learned_tables",
@@ -65,10 +66,25 @@ def _array(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _label(x: float, fmt: str) -> str:
-    """``x`` formatted; a value that rounds to zero prints as 0, never ``-0.00``."""
+def format_number(x: float, fmt: str) -> str:
+    """``x`` formatted with ``fmt`` (``"+.3f"``, ``".2f"``), its sign always right: exactly zero
+    prints as zero (``+0.000``, never ``-0.000``), and a nonzero value that would round to zero
+    gets up to three more decimals (``-0.0004``), or else keeps its sign (``-0.000``), never
+    ``+0.000`` for a negative value."""
     text = format(x, fmt)
-    return format(0.0, fmt) if float(text) == 0 else text
+    if x == 0:
+        return format(0.0, fmt)
+    if float(text) != 0 or not fmt.endswith("f"):
+        return text
+    head, _, digits = fmt[:-1].rpartition(".")
+    for extra in range(1, 4):
+        longer = format(x, f"{head}.{int(digits or 6) + extra}f")
+        if float(longer) != 0:
+            return longer
+    return text
+
+
+_label = format_number
 
 
 def _colors(names: Sequence[str]) -> dict[str, Any]:
@@ -197,9 +213,12 @@ def plot_explain(
     fig = _figure((num_heads + 1) * size + 1.2, len(rows) * size + 1.4)
     axes = fig.subplots(len(rows), num_heads + 1, squeeze=False)
     ax = axes[0, 0]
-    ax.imshow(np.where(visible, 1.0, 0.0), cmap="Greys", vmin=0, vmax=1.6, interpolation="nearest")
+    # Drawn as the other panels are: masked cells hatched grey, visible ones white (adding 0).
+    _heatmap(ax, np.where(visible, 0.0, np.nan), "Greys", 0.0, 1.0)
+    if n <= _ANNOTATE_MAX:
+        _annotate(ax, np.where(visible, 0.0, np.nan), ".0f", 0.0, 1.0, True)
     _token_axes(ax, tokens)
-    ax.set_title("causal mask\n(dark: j ≤ i visible)", fontsize=9)
+    ax.set_title("causal mask Mask(i, j)\n(white: j ≤ i visible, adds 0)", fontsize=9)
     for r in range(1, len(rows)):
         axes[r, 0].axis("off")
     for r, (name, values, cmap, fmt, dark_high, lo, hi) in enumerate(rows):

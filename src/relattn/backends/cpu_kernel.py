@@ -14,11 +14,11 @@ or AVX-512 when the head dim is a multiple of 16, else by the BLAS that torch sh
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and
 ``ninja``) at its first use, into ``~/.cache/relattn`` or ``RELATTN_CPU_KERNEL_DIR``,
-and reused from there by later processes. That first call blocks for about a minute while it
-compiles (one line on stderr says so), like a first ``torch.compile``. ``RELATTN_CPU_KERNEL=0``
-turns the backend off. If the build fails, the reason is kept, one warning is given, the build
-is not tried again in this process, ``backend="auto"`` uses the chunked backend, and
-``backend="cpu_kernel"`` raises a RuntimeError with the reason.
+and reused from there by later processes. That first call blocks while it compiles, about
+30 s (``COMPILE_TIME``; one line on stderr says so), like a first ``torch.compile``.
+``RELATTN_CPU_KERNEL=0`` turns the backend off. If the build fails, the reason is kept, one
+warning is given, the build is not tried again in this process, ``backend="auto"`` uses the
+chunked backend, and ``backend="cpu_kernel"`` raises a RuntimeError with the reason.
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ from .base import Backend
 __all__ = ["CpuKernelBackend", "available", "backward", "build_error", "forward", "load"]
 
 SOURCE = Path(__file__).with_name("_cpu_kernel.cpp")
+# How long the first build takes, as the stderr line, the README and the docs say it: measured
+# with an empty RELATTN_CPU_KERNEL_DIR, 31 s on an Intel Xeon (Sapphire Rapids class, GCC 12.2)
+# and 32 s and 34 s on 2 busy cores of an AMD EPYC (Zen 4 class); tests/test_readme.py checks
+# that every mention agrees.
+COMPILE_TIME = "about 30 s"
 # Query rows per task and keys per tile. Measured (fp32, B=1, H=8, D=64, N=4096, causal,
 # T5 table, 1 thread, AMD EPYC Zen 4 with 1 MiB L2 per core), forward / backward seconds:
 # 64 x 1024: 0.32 / 0.73; 128 x 256: 0.30 / 0.62; 128 x 1024: 0.30 / 0.78; 256 x 256: 0.34 / 0.66;
@@ -117,7 +122,9 @@ def _build() -> Any:
     from torch.utils import cpp_extension
 
     if not built.exists():
-        print("relattn: compiling the CPU attention kernel once (about a minute)…", file=sys.stderr)
+        print(
+            f"relattn: compiling the CPU attention kernel once ({COMPILE_TIME})…", file=sys.stderr
+        )
     return cpp_extension.load(
         name=name,
         sources=[str(SOURCE)],
@@ -316,7 +323,7 @@ class CpuKernelBackend(Backend):
         decode keeps up to its ``MAX_ROWS`` query rows, and this kernel takes the rest,
         including the few-row calls that decode declines (its live-score budget: 0.24 s against
         chunked's 0.48 s for a training step at Nq = 128, Nk = 16384, 1 thread). The first
-        such call in a machine's life blocks for the compile, about a minute (announced on
+        such call in a machine's life blocks for the compile, about 30 s (announced on
         stderr).
 
         Measured (benchmarks/cpu_kernel.py; fp32 training, B=1, H=8, D=64, T5, causal; 2-core

@@ -65,9 +65,16 @@ def time_rounds(
     repeats: int,
     warmup: int = 1,
     device: torch.device | str | None = None,
+    min_time: float = 0.0,
+    max_rounds: int = 1000,
 ) -> dict[str, list[float] | str]:
-    """Wall times in seconds of each contender in each of ``repeats`` rounds, run round-robin
-    so that drifts in the machine's state (clock, other load) hit every contender alike.
+    """Wall times in seconds of each contender in each round, run round-robin so that drifts in
+    the machine's state (clock, other load) hit every contender alike.
+
+    Every contender first runs ``warmup`` untimed calls (a first call builds caches, compiles
+    kernels, faults in memory). Then at least ``repeats`` rounds are timed, and more while the
+    timed rounds together have taken less than ``min_time`` seconds (at most ``max_rounds``):
+    calls of a millisecond get enough rounds for a median and quartiles to mean something.
 
     A contender that raises is dropped and reported by its error message instead of times.
     """
@@ -81,12 +88,18 @@ def time_rounds(
             except Exception as e:  # noqa: BLE001  (a failing contender is a result)
                 results[name] = f"{type(e).__name__}: {e}"
                 del live[name]
-    for _ in range(repeats):
+    times: dict[str, list[float]] = {name: [] for name in live}
+    spent, rounds = 0.0, 0
+    while live and (rounds < repeats or (spent < min_time and rounds < max_rounds)):
         for name, fn in live.items():
             start = time.perf_counter()
             fn()
             synchronize(device)
-            results[name].append(time.perf_counter() - start)
+            took = time.perf_counter() - start
+            times[name].append(took)
+            spent += took
+        rounds += 1
+    results.update(times)
     return results
 
 
@@ -100,10 +113,11 @@ def time_interleaved(
     repeats: int,
     warmup: int = 1,
     device: torch.device | str | None = None,
+    min_time: float = 0.0,
 ) -> dict[str, float | str]:
     """Median wall time in seconds of each contender over interleaved rounds
     (:func:`time_rounds`)."""
-    return medians(time_rounds(contenders, repeats, warmup, device))
+    return medians(time_rounds(contenders, repeats, warmup, device, min_time=min_time))
 
 
 def round_ratios(
@@ -120,6 +134,23 @@ def round_ratios(
         return ratios[0], ratios[0], ratios[0]
     q1, q2, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
     return q1, q2, q3
+
+
+# Fewer rounds than this give a median but no interquartile range worth printing.
+MIN_ROUNDS_FOR_IQR = 5
+
+
+def spread(q: tuple[float, float, float] | None, rounds: int | None, fmt: str = ".3g") -> str:
+    """``median (p25–p75)`` of :func:`round_ratios`' quartiles, where ``rounds`` (how many rounds
+    they came from) are enough for a spread to mean something; with fewer, the median and the
+    count alone, so that one round never prints as a range. A range wider than the median
+    itself is marked ``noisy``."""
+    if q is None:
+        return ""
+    if rounds is not None and rounds < MIN_ROUNDS_FOR_IQR:
+        return f"{q[1]:{fmt}} ({rounds} round{'s' if rounds != 1 else ''}: no spread)"
+    noisy = " noisy" if q[2] - q[0] > abs(q[1]) else ""
+    return f"{q[1]:{fmt}} ({q[0]:{fmt}}–{q[2]:{fmt}}){noisy}"
 
 
 def _release_freed_memory() -> None:

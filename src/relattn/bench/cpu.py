@@ -1,8 +1,10 @@
 """The CPU comparison: relattn (``backend="auto"``, which names the backend it picked, and the
 chunked and reference backends) against torch's SDPA (with the bias materialized, and bias-free
 as the limit) and FlexAttention, fp32, B=1, H=8, D=64, a learnable T5 bias, causal. Every
-contender is warmed up once before it is timed (a first call builds caches, and auto's C++
-kernel on its first use on a machine)."""
+contender is warmed up (WARMUP untimed calls) before it is timed: a first call builds caches,
+and auto's C++ kernel on its first use on a machine. Rounds are interleaved, and there are at
+least ``repeats`` of them and more until the timed calls at one N have taken ``min_time``
+seconds, so that millisecond calls are not judged from one sample."""
 
 from __future__ import annotations
 
@@ -20,9 +22,20 @@ import relattn
 from relattn.pe import T5Bias
 from relattn.problem import Problem
 
-from .common import machine_info, markdown_table, medians, peak_memory, round_ratios, time_rounds
+from .common import (
+    MIN_ROUNDS_FOR_IQR,
+    machine_info,
+    markdown_table,
+    medians,
+    peak_memory,
+    round_ratios,
+    spread,
+    time_rounds,
+)
 
 B, H, D = 1, 8, 64
+# Untimed calls per contender before its timed rounds.
+WARMUP = 2
 # Skip a contender whose N×N tensors would need more than this.
 MEMORY_LIMIT = 16 * 2**30
 # N×N fp32 tensors alive at the peak of fwd+bwd (scores, weights, their grads, the bias...).
@@ -188,20 +201,26 @@ def run(
     repeats: int,
     quick: bool = False,
     progress: Callable[[str], None] | None = None,
+    min_time: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Time every contender at every N.
 
     Args:
         ns: sequence lengths.
-        repeats: timed repetitions at N <= 4096 (fewer at larger N); medians are reported.
-        quick: one repetition and no memory measurement (a smoke run; still warmed up).
+        repeats: the fewest timed rounds at N <= 4096 (fewer at larger N); medians are
+            reported.
+        quick: no FlexAttention and no memory measurement (a smoke run; still warmed up).
         progress: called with a line of text as each measurement finishes.
+        min_time: more rounds (beyond ``repeats``) until the timed calls of the forward, and
+            then of the forward+backward, at one N have taken this many seconds.
 
     Returns:
         One dict per (N, contender): ``n``, ``contender``, ``fwd_s``, ``fwdbwd_s``,
         ``fwd_ratio`` and ``fwdbwd_ratio`` (to SDPA is_causal in the same run),
-        ``peak_fwd_mib``, ``peak_fwdbwd_mib``, ``compile_s`` and ``note``; the auto and
-        chunked rows add ``rounds`` and, as (p25, median, p75) over the rounds,
+        ``peak_fwd_mib``, ``peak_fwdbwd_mib``, ``compile_s`` and ``note`` (which says when the
+        forward+backward timed below the forward: noise); the auto and chunked rows add
+        ``fwd_rounds`` and ``rounds`` (timed rounds of the forward and of the forward+backward)
+        and, as (p25, median, p75) over the rounds,
         ``fwd_round_ratio`` and ``fwdbwd_round_ratio`` (to SDPA is_causal) and
         ``speedup_over_bias`` (SDPA with the materialized bias ÷ that row, fwd+bwd); the auto
         row's contender names the backend auto picked.
@@ -211,12 +230,12 @@ def run(
     for n in ns:
         names = _names_for(n, quick)
         fwd, fb, notes, extra = _contenders(n, names)
-        reps = 1 if quick else _repeats_for(n, repeats)
-        warmup = 1  # a cold first call is not what a user's loop sees
-        r_fwd = time_rounds(fwd, reps, warmup=warmup)
+        reps = _repeats_for(n, repeats)
+        # a cold first call is not what a user's loop sees
+        r_fwd = time_rounds(fwd, reps, warmup=WARMUP, min_time=min_time)
         t_fwd = medians(r_fwd)
         say(f"N={n} fwd: {t_fwd}")
-        r_fb = time_rounds(fb, reps, warmup=warmup)
+        r_fb = time_rounds(fb, reps, warmup=WARMUP, min_time=min_time)
         t_fb = medians(r_fb)
         say(f"N={n} fwd+bwd: {t_fb}")
         mem_fwd, mem_fb = {}, {}
@@ -242,12 +261,16 @@ def run(
                     row[f"{key}_s"] = t
                     if isinstance(base, float):
                         row[f"{key}_ratio"] = t / base
+            if row.get("fwdbwd_s", 1.0) < row.get("fwd_s", 0.0):
+                note.append("fwd+bwd timed below fwd: noise (a busy machine or too few rounds)")
             row["peak_fwd_mib"] = mem_fwd.get(name)
             row["peak_fwdbwd_mib"] = mem_fb.get(name)
             row.update(extra.get(name, {}))
             row["note"] = "; ".join(note) or None
             if name in _PAIRED:
-                row["rounds"] = reps
+                r_f, r_b = r_fwd.get(name), r_fb.get(name)
+                row["fwd_rounds"] = len(r_f) if isinstance(r_f, list) else 0
+                row["rounds"] = len(r_b) if isinstance(r_b, list) else 0
                 row["fwd_round_ratio"] = round_ratios(r_fwd, name, "sdpa_causal")
                 row["fwdbwd_round_ratio"] = round_ratios(r_fb, name, "sdpa_causal")
                 row["speedup_over_bias"] = round_ratios(r_fb, "sdpa_bias", name)
@@ -269,21 +292,18 @@ COLUMNS = [
 ]
 
 
-def _quartiles(q: tuple[float, float, float] | None) -> str:
-    return "" if q is None else f"{q[1]:.3g} ({q[0]:.3g}–{q[2]:.3g})"
-
-
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     """The results of :func:`run` as Markdown: the full table, then relattn's ratios (auto and
-    chunked) taken round by round (median and interquartile range)."""
+    chunked) taken round by round (median, and the interquartile range where there are enough
+    rounds for one)."""
     paired = [
         {
             "n": r["n"],
             "contender": r["contender"],
-            "rounds": r.get("rounds"),
-            "fwd": _quartiles(r.get("fwd_round_ratio")),
-            "fwdbwd": _quartiles(r.get("fwdbwd_round_ratio")),
-            "bias": _quartiles(r.get("speedup_over_bias")),
+            "rounds": _rounds_text(r),
+            "fwd": spread(r.get("fwd_round_ratio"), r.get("fwd_rounds")),
+            "fwdbwd": spread(r.get("fwdbwd_round_ratio"), r.get("rounds")),
+            "bias": spread(r.get("speedup_over_bias"), r.get("rounds")),
         }
         for r in rows
         if r["key"] in _PAIRED
@@ -298,9 +318,17 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     ]
     return (
         markdown_table(rows, COLUMNS)
-        + "\n\nPer-round ratios of relattn (median, interquartile range in brackets):\n\n"
+        + "\n\nPer-round ratios of relattn (median; in brackets the interquartile range, given "
+        + f"from {MIN_ROUNDS_FOR_IQR} rounds; noisy: the range is wider than the median):\n\n"
         + markdown_table(paired, columns)
     )
+
+
+def _rounds_text(row: dict[str, Any]) -> str | None:
+    fwd, fb = row.get("fwd_rounds"), row.get("rounds")
+    if fb is None:
+        return None
+    return str(fb) if fwd in (None, fb) else f"{fwd} fwd, {fb} fwd+bwd"
 
 
 def describe() -> str:

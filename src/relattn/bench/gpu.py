@@ -164,7 +164,7 @@ def run(
     """Time every contender at every (dtype, D, N).
 
     Args:
-        quick: bf16, N = 1024 and 4096 only, 3 repetitions, no memory measurement.
+        quick: bf16, N = 1024 and 4096 only, at least 3 rounds, no memory measurement.
         progress: called with a line of text as each measurement finishes.
         check: what the targets need (bf16, D = 128, N = 8192 and 16384, 5 repetitions, peak
             memory), a few minutes on an H100; ``make gpu-check`` runs this.
@@ -192,8 +192,9 @@ def run(
         for d in head_dims:
             for n in ns:
                 (b, h), fwd, fb, notes, extra = _contenders(n, d, dtype)
-                t_fwd = time_interleaved(fwd, repeats, warmup=2, device="cuda")
-                t_fb = time_interleaved(fb, repeats, warmup=2, device="cuda")
+                # sub-millisecond calls: more rounds until they add up to half a second
+                t_fwd = time_interleaved(fwd, repeats, warmup=2, device="cuda", min_time=0.5)
+                t_fb = time_interleaved(fb, repeats, warmup=2, device="cuda", min_time=0.5)
                 mem_fwd, mem_fb = {}, {}
                 if not quick:
                     for name, fn in fwd.items():

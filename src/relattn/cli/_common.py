@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from .._io import atomic_write_bytes, atomic_write_text
+
 __all__ = [
     "CLIError",
     "FolderLock",
@@ -305,57 +307,46 @@ def check_writable_dir(flag: str, path: str | os.PathLike) -> Path:
     return p
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename: a
-    reader (or a crash) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 class FolderLock:
     """An exclusive lock on a folder (``.lock`` inside it) for the duration of a ``with``.
 
     A second process asking for the same folder is refused at once with a :class:`CLIError`;
-    the lock is released by the operating system if the holder dies.
+    the lock is released by the operating system if the holder dies. A clean release removes
+    ``.lock``: the holder unlinks it while still holding the lock, and a taker checks, once it
+    holds the lock, that the file it locked is still the one at ``.lock`` (else it locked a
+    removed file, and tries again), so two processes never both hold the folder.
     """
 
     def __init__(self, folder: Path, what: str) -> None:
         self.path = Path(folder) / ".lock"
         self.what = what
         self._fh: Any = None
+        self._locked = False
 
     def __enter__(self) -> FolderLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")  # noqa: SIM115  (held open while locked)
         try:
             import fcntl
-
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # no fcntl (Windows): no lock, as before
-            pass
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            fh.close()
-            raise CLIError(
-                f"{self.path.parent} is in use by {holder} ({self.what}); wait for it to "
-                "finish or choose another --out"
-            ) from None
+            fcntl = None  # type: ignore[assignment]
+        while True:
+            fh = open(self.path, "a+")  # noqa: SIM115  (held open while locked)
+            if fcntl is None:
+                break
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                fh.close()
+                raise CLIError(
+                    f"{self.path.parent} is in use by {holder} ({self.what}); wait for it to "
+                    "finish or choose another --out"
+                ) from None
+            if self._still_there(fh):
+                self._locked = True
+                break
+            fh.close()  # its holder removed it as we opened it: lock the new one
         fh.seek(0)
         fh.truncate()
         fh.write(f"relattn pid {os.getpid()}\n")
@@ -363,10 +354,27 @@ class FolderLock:
         self._fh = fh
         return self
 
+    def _still_there(self, fh: Any) -> bool:
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fh.fileno())
+        return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+
     def __exit__(self, *exc: object) -> None:
-        if self._fh is not None:
+        if self._fh is None:
+            return
+        try:
+            if self._locked:  # removed while held: a taker that opened it sees it gone
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
+        finally:
             self._fh.close()  # closing releases the flock
             self._fh = None
+            if not self._locked:  # no fcntl: nothing to race with
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
 
 
 # ----------------------------------------------------------------------------- progress

@@ -26,7 +26,17 @@ from ._common import (
 # Sizes when --n is not given: a few seconds with --quick, a few minutes without.
 QUICK_NS = [256, 512]
 DEFAULT_NS = [1024, 2048, 4096]
-DEFAULT_REPEATS = 3
+# The fewest timed rounds per contender, and the seconds of timed calls per N and pass
+# (forward, forward+backward) below which more rounds are taken: short calls get many rounds.
+DEFAULT_REPEATS = 5
+QUICK_REPEATS = 7
+MIN_TIME = 2.0
+QUICK_MIN_TIME = 0.5
+QUICK_CAVEAT = (
+    "--quick is a smoke run: small N, a fraction of a second of timed calls per N, and a "
+    "machine whose other work is not controlled. It shows that every contender runs; its times "
+    "and ratios are not a measurement. Compare backends with a run without --quick."
+)
 MAX_N = 1 << 20
 
 
@@ -41,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats",
         type=bounded_int(1, 1000),
         metavar="R",
-        help=f"timed rounds per contender (median; default {DEFAULT_REPEATS})",
+        help=(
+            "the fewest timed rounds per contender (more are taken while the calls are short; "
+            f"median; default {DEFAULT_REPEATS}, {QUICK_REPEATS} with --quick)"
+        ),
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
     parser.add_argument(
@@ -101,13 +114,15 @@ def measure(
     sections = []
     if device in ("all", "cpu"):
         ns = ns or (QUICK_NS if quick else DEFAULT_NS)
-        reps = repeats or (1 if quick else DEFAULT_REPEATS)
+        reps = repeats or (QUICK_REPEATS if quick else DEFAULT_REPEATS)
+        min_time = QUICK_MIN_TIME if quick else MIN_TIME
         bar, progress = _bar(len(ns) * (2 if quick else 3), "cpu")  # fwd, fwd+bwd (and memory)
         try:
-            rows = cpu.run(ns, reps, quick=quick, progress=progress)
+            rows = cpu.run(ns, reps, quick=quick, progress=progress, min_time=min_time)
         finally:
             bar.close()
-        sections.append(("cpu", "CPU", cpu.describe(), cpu.to_markdown(rows), rows))
+        about = cpu.describe() + (f"\n\n**{QUICK_CAVEAT}**" if quick else "")
+        sections.append(("cpu", "CPU", about, cpu.to_markdown(rows), rows))
     if device == "gpu" and not torch.cuda.is_available():
         raise CLIError("--device gpu needs CUDA; torch.cuda.is_available() is False here")
     if device in ("all", "gpu") and torch.cuda.is_available():

@@ -47,6 +47,8 @@ DEFAULTS = {
     "eval_bytes": 65_536,
 }
 DEFAULT_STEPS = 500
+# The text's positional argument, as usage, argparse's errors and the corpus errors name it.
+DATA_METAVAR = "FILE_OR_FOLDER"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "data",
         nargs="?",
-        metavar="FILE_OR_FOLDER",
+        metavar=DATA_METAVAR,
         help="the text to learn (default: the Python standard library's .py files)",
     )
     parser.add_argument(
@@ -199,6 +201,7 @@ def _train(args: argparse.Namespace, out: Path) -> int:
             train_bytes=s["max_bytes"],
             heldout_bytes=s["eval_bytes"] + 1,
             max_file_bytes=None,
+            name=DATA_METAVAR,  # positional: named as usage and argparse's errors name it
         )
     except CorpusError as e:
         raise CLIError(str(e)) from None

@@ -129,16 +129,16 @@ def _documents(files: list[Path], seed: int, max_file_bytes: int | None, single_
         yield _read(path, max_file_bytes)
 
 
-def _check_single_file(path: Path) -> None:
+def _check_single_file(path: Path, name: str) -> None:
     try:
         with open(path, "rb") as f:
             head = f.read(1024)
     except OSError as e:
-        raise CorpusError(f"--data {str(path)!r} cannot be read: {e.strerror or e}") from None
+        raise CorpusError(f"{name} {str(path)!r} cannot be read: {e.strerror or e}") from None
     if not head:
-        raise CorpusError(f"--data {str(path)!r} is empty")
+        raise CorpusError(f"{name} {str(path)!r} is empty")
     if not is_text(head):
-        raise CorpusError(f"--data {str(path)!r} is not text (it contains NUL bytes)")
+        raise CorpusError(f"{name} {str(path)!r} is not text (it contains NUL bytes)")
 
 
 def load_corpus(
@@ -149,6 +149,7 @@ def load_corpus(
     heldout_bytes: int,
     holdout_every: int = 10,
     max_file_bytes: int | None = MAX_FILE_BYTES,
+    name: str = "--data",
 ) -> Corpus:
     """Read the corpus and split it by file.
 
@@ -161,6 +162,8 @@ def load_corpus(
             at least 16 files.
         max_file_bytes: each file of a directory contributes at most this many bytes (None:
             all of it). A single file is always read whole and cut into chunks.
+        name: ``data``'s argument as the command line spells it, for the errors (``--data``
+            for the demo, ``FILE_OR_FOLDER`` for ``relattn train``'s positional argument).
 
     Returns:
         A :class:`Corpus` whose streams are the files concatenated with a newline between them.
@@ -174,12 +177,12 @@ def load_corpus(
     else:
         root, suffix, source = Path(data).expanduser(), None, str(Path(data).expanduser())
         if not root.exists():
-            raise CorpusError(f"--data {data!r} does not exist")
+            raise CorpusError(f"{name} {data!r} does not exist")
         if root.is_file():
-            _check_single_file(root)
+            _check_single_file(root, name)
     files = list_files(root, suffix)
     if not files:
-        raise CorpusError(f"--data {source!r} holds no files")
+        raise CorpusError(f"{name} {source!r} holds no files")
     train, heldout = [], []
     sizes = [0, 0]
     counts = [0, 0]
@@ -201,7 +204,7 @@ def load_corpus(
     unit = "chunk" if len(files) == 1 else "file"
     if not train and not heldout:
         raise CorpusError(
-            f"--data {source!r} holds no text ({_count(len(files), 'file')}, all empty or binary)"
+            f"{name} {source!r} holds no text ({_count(len(files), 'file')}, all empty or binary)"
         )
     if not train or not heldout:
         raise CorpusError(

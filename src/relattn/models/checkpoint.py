@@ -32,6 +32,7 @@ from typing import Any
 
 from torch import Tensor
 
+from .._io import write_new
 from .._validate import shape_str
 from .config import TinyLMConfig
 
@@ -104,10 +105,7 @@ def _write_weights(file: Path, tensors: dict[str, Tensor], metadata: dict, to_by
 
 
 def _write_bytes(file: Path, data: bytes) -> None:
-    with open(file, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    write_new(file, data)  # created new (never over a file), with the umask's mode, fsynced
 
 
 def _fsync_path(path: Path) -> None:

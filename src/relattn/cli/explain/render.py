@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import textwrap
 
+from relattn.viz import format_number
+
 from .compute import Explanation
 
 __all__ = ["render"]
@@ -13,9 +15,9 @@ FORMULA = "α(i, j) = softmax_j( scale·q_i·k_j + PE(i, j) + Mask(i, j) )    ou
 
 
 def _num(x: float, fmt: str = "+.3f") -> str:
-    """``x`` formatted; a value that rounds to zero prints as 0, never ``-0.000``."""
-    text = format(x, fmt)
-    return format(0.0, fmt) if float(text) == 0 else text
+    """``x`` formatted with its sign right (:func:`relattn.viz.format_number`): ``+0.000`` only
+    for zero, ``-0.0004`` for a small negative value."""
+    return format_number(x, fmt)
 
 
 def _pad(text: str, width: int, right: bool = False) -> str:
