@@ -205,7 +205,7 @@ class _Stream(io.StringIO):
 
 @pytest.mark.parametrize("tty", [True, False])
 def test_progress_bar_redraws_on_a_terminal_and_writes_lines_elsewhere(tty):
-    from relattn.cli._common import Progress
+    from relattn._progress import Progress
 
     stream = _Stream(tty)
     with Progress(50, "model", stream=stream, interval=0.0, line_interval=0.0) as bar:
@@ -237,7 +237,7 @@ def _run_two(tmp_path, finished):
 
 
 def test_a_second_run_in_the_same_folder_is_refused(tmp_path, capsys):
-    from relattn.cli._common import FolderLock
+    from relattn._io import FolderLock
 
     out = tmp_path / "r"
     with FolderLock(out, "a test"):  # as if another demo were running there

@@ -18,18 +18,12 @@ import datetime
 import sys
 from pathlib import Path
 
-from ._common import (
-    SEED_MAX,
-    CLIError,
-    FolderLock,
-    bounded_float,
-    bounded_int,
-    check_writable_dir,
-    default_threads,
-    parse_pe,
-    threads_flag,
-    torch_threads,
-)
+from .._errors import UserError
+from .._io import FolderLock
+from ._args import bounded_float, bounded_int, seed_flag
+from ._paths import check_writable_dir
+from ._pe_flags import parse_pe
+from ._threads import default_threads, threads_flag, torch_threads
 
 # Flag -> (settings key, default). The settings of a run are what --resume must match.
 DEFAULTS = {
@@ -122,12 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LR",
         help=f"peak learning rate (default {DEFAULTS['lr']})",
     )
-    model.add_argument(
-        "--seed",
-        type=bounded_int(0, SEED_MAX),
-        metavar="S",
-        help="split, initialisation and batch order (default 0)",
-    )
+    seed_flag(model, "split, initialisation and batch order (default 0)")
     model.add_argument(
         "--max-bytes",
         type=bounded_int(1, 1 << 40),
@@ -158,7 +147,7 @@ def _settings(args: argparse.Namespace, saved: dict | None) -> dict:
         f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in given.items() if saved.get(k) != v
     ]
     if differ:
-        raise CLIError(
+        raise UserError(
             f"--resume: settings differ from the saved run ({'; '.join(differ)}); "
             "run without --resume to start over"
         )
@@ -170,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     out = check_writable_dir("--out", args.out)
     if args.pe is not None:
         parse_pe(args.pe)  # a bad --pe is reported before anything is read
-    with FolderLock(out, "relattn train"), torch_threads(args.threads or default_threads()):
+    lock = FolderLock(out, "relattn train", elsewhere="another --out")
+    with lock, torch_threads(args.threads or default_threads()):
         return _train(args, out)
 
 
@@ -183,12 +173,12 @@ def _train(args: argparse.Namespace, out: Path) -> int:
         saved_model, info, state = checkpoint.read_training(out)
         saved = info.get("settings")
         if not isinstance(saved, dict):
-            raise CLIError(
+            raise UserError(
                 f"--resume: {out / checkpoint.INFO_FILE} has no settings; run "
                 "without --resume to start over"
             )
     elif (out / "config.json").exists() and not args.overwrite:
-        raise CLIError(
+        raise UserError(
             f"--out {str(out)!r} already holds a model; --resume continues it, "
             "--overwrite replaces it, or choose another --out"
         )
@@ -204,10 +194,10 @@ def _train(args: argparse.Namespace, out: Path) -> int:
             name=DATA_METAVAR,  # positional: named as usage and argparse's errors name it
         )
     except CorpusError as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
     context = s["context"]
     if corpus.train.numel() < context + 2 or corpus.heldout.numel() < context + 1:
-        raise CLIError(
+        raise UserError(
             f"--context {context} is longer than the text allows ({corpus.sentence()}); "
             "give more text or a smaller --context"
         )
@@ -225,7 +215,7 @@ def _train(args: argparse.Namespace, out: Path) -> int:
     try:
         model = saved_model if saved_model is not None else train.build_model(names, ts)
     except ValueError as e:
-        raise CLIError(f"--pe {s['pe']}: {e}") from None
+        raise UserError(f"--pe {s['pe']}: {e}") from None
     info = {
         "settings": s,
         "corpus": corpus.describe(),

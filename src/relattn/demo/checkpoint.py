@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cli._common import CLIError, atomic_write_bytes, atomic_write_text
+from .._errors import UserError
+from .._io import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "INFO_FILE",
@@ -38,19 +39,19 @@ STATE_FILE = "training_state.pt"
 
 
 def load_model(path: str | os.PathLike, flag: str) -> nn.Module:
-    """:meth:`TinyLM.load`, with every way it can fail as one :class:`CLIError` line."""
+    """:meth:`TinyLM.load`, with every way it can fail as one :class:`UserError` line."""
     from relattn.models import TinyLM
 
     p = Path(path).expanduser()
     if not p.exists():
-        raise CLIError(f"{flag} {str(path)!r} does not exist")
+        raise UserError(f"{flag} {str(path)!r} does not exist")
     if not p.is_dir():
-        raise CLIError(f"{flag} {str(path)!r} is not a folder (give a checkpoint folder)")
+        raise UserError(f"{flag} {str(path)!r} is not a folder (give a checkpoint folder)")
     try:
         model = TinyLM.load(p)
     except (FileNotFoundError, ValueError, TypeError, ImportError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"{flag} {str(path)!r} is not a usable checkpoint: {first}") from None
+        raise UserError(f"{flag} {str(path)!r} is not a usable checkpoint: {first}") from None
     return model.eval()
 
 
@@ -91,12 +92,12 @@ def read_training(folder: Path) -> tuple[nn.Module, dict[str, Any], dict[str, An
     :func:`save_training`.
 
     Raises:
-        CLIError: a missing, unreadable or mismatched file, in one line.
+        UserError: a missing, unreadable or mismatched file, in one line.
     """
     where = f"--resume: {folder}"
     for name in (INFO_FILE, STATE_FILE):
         if not (folder / name).is_file():
-            raise CLIError(f"{where} has no {name}: nothing to resume (run without --resume)")
+            raise UserError(f"{where} has no {name}: nothing to resume (run without --resume)")
     model = load_model(folder, "--resume")
     try:
         info = json.loads((folder / INFO_FILE).read_text())
@@ -106,11 +107,11 @@ def read_training(folder: Path) -> tuple[nn.Module, dict[str, Any], dict[str, An
         if not isinstance(state, dict):
             raise ValueError(f"expected a dict, got {type(state).__name__}")
     except Exception as e:  # noqa: BLE001  (json, pickle and zip errors alike)
-        raise CLIError(
+        raise UserError(
             f"{where}: a training file is unreadable ({e}); run without --resume to start over"
         ) from None
     if state.get("weights_sha256") != _weights_digest(folder):
-        raise CLIError(
+        raise UserError(
             f"{where}: {STATE_FILE} belongs to other weights (an interrupted save?); run "
             "without --resume to start over"
         )

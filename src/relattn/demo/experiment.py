@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..cli._common import FolderLock
+from .._io import FolderLock
 from . import evaluate, probe, report, train
 from .checkpoint import save_model_dir
 from .data import Corpus, CorpusError, load_corpus
@@ -143,7 +143,7 @@ def run(
     lengths = settings.eval_lengths
     total = evaluate.eval_total(lengths, settings.eval_bytes)
     corpus = _corpus(settings, total)
-    with FolderLock(out, "another relattn demo"):
+    with FolderLock(out, "another relattn demo", elsewhere="another --out"):
         return _run(settings, out, resume, log, corpus, total, start)
 
 

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..cli._common import atomic_write_text
+from .._io import atomic_write_text
 
 REPORT_FILES = ("report.md", "report.html")
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from relattn import pe as encodings
 
-from ..cli._common import Progress
+from .._progress import Progress
 from .data import Batches
 
 __all__ = [
