@@ -4,7 +4,7 @@ The one front end of the benchmarks: ``relattn bench`` and the scripts in benchm
 call :func:`main` with ``--device``) take the same flags. The CPU benchmark runs always (unless
 --device gpu), the GPU benchmark where CUDA is available; a progress bar shows each measurement,
 the tables are printed, and --out / --json write them (checked before anything is measured).
-The measurements themselves live in :mod:`relattn.bench`.
+The measurements themselves live in :mod:`relattn.benchmarking`.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def measure(
     """
     import torch
 
-    from ..bench import common, cpu
+    from ..benchmarking import common, cpu
 
     sections = []
     if device in ("all", "cpu"):
@@ -122,7 +122,7 @@ def measure(
     if device == "gpu" and not torch.cuda.is_available():
         raise UserError("--device gpu needs CUDA; torch.cuda.is_available() is False here")
     if device in ("all", "gpu") and torch.cuda.is_available():
-        from ..bench import gpu
+        from ..benchmarking import gpu
 
         steps = 2 if check else len(gpu.HEAD_DIMS) * (2 if quick else len(gpu.DTYPES) * len(gpu.NS))
         bar, progress = _bar(steps, "gpu")
@@ -139,7 +139,7 @@ def measure(
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmarks and print (and optionally write) the tables."""
-    from ..bench import common
+    from ..benchmarking import common
 
     ns = _lengths(args.n)
     device = "cpu" if args.no_gpu else args.device

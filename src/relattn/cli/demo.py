@@ -26,7 +26,7 @@ from ._threads import default_threads, threads_flag, torch_threads
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's flags."""
-    from ..demo.train import DEFAULT_ENCODINGS
+    from ..demo.trainer import DEFAULT_ENCODINGS
 
     parser.add_argument(
         "--pe",
@@ -77,7 +77,7 @@ def _encodings(text: str) -> list[str]:
     canonical = ["+".join(parse_pe(n)) or "none" for n in names]
     if len(set(canonical)) != len(canonical):
         raise UserError(f"--pe lists an encoding twice: {text!r}")
-    from ..demo.train import model_encoding
+    from ..demo.trainer import model_encoding
 
     for name in canonical:
         try:

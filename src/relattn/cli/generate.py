@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the checkpoint and stream the continuation to stdout."""
-    from ..demo.checkpoint import load_model
+    from ..demo.model_folders import load_model
     from ..demo.sample import sample_text
 
     if not args.prompt:

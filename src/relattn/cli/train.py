@@ -165,16 +165,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, out: Path) -> int:
-    from ..demo import checkpoint, evaluate, train
+    from ..demo import evaluate, model_folders, trainer
     from ..demo.data import CorpusError, load_corpus
 
     saved_model = state = saved = None
     if args.resume:
-        saved_model, info, state = checkpoint.read_training(out)
+        saved_model, info, state = model_folders.read_training(out)
         saved = info.get("settings")
         if not isinstance(saved, dict):
             raise UserError(
-                f"--resume: {out / checkpoint.INFO_FILE} has no settings; run "
+                f"--resume: {out / model_folders.INFO_FILE} has no settings; run "
                 "without --resume to start over"
             )
     elif (out / "config.json").exists() and not args.overwrite:
@@ -201,7 +201,7 @@ def _train(args: argparse.Namespace, out: Path) -> int:
             f"--context {context} is longer than the text allows ({corpus.sentence()}); "
             "give more text or a smaller --context"
         )
-    ts = train.TrainSettings(
+    ts = trainer.TrainSettings(
         context=context,
         steps=s["steps"],
         batch_size=s["batch_size"],
@@ -213,7 +213,7 @@ def _train(args: argparse.Namespace, out: Path) -> int:
         minutes=s["minutes"],
     )
     try:
-        model = saved_model if saved_model is not None else train.build_model(names, ts)
+        model = saved_model if saved_model is not None else trainer.build_model(names, ts)
     except ValueError as e:
         raise UserError(f"--pe {s['pe']}: {e}") from None
     info = {
@@ -227,11 +227,11 @@ def _train(args: argparse.Namespace, out: Path) -> int:
         f"{corpus.source}: {corpus.sentence()}",
         file=sys.stderr,
     )
-    trainer = train.Trainer(model, corpus.train, ts, state)
+    loop = trainer.Trainer(model, corpus.train, ts, state)
     try:
-        result = trainer.run(desc="train")
-    except train.Interrupted as stop:
-        checkpoint.save_training(out, model, stop.state, {**info, "finished": False})
+        result = loop.run(desc="train")
+    except trainer.Interrupted as stop:
+        model_folders.save_training(out, model, stop.state, {**info, "finished": False})
         print(
             f"relattn train: stopped at step {stop.state['step']}; saved to {out} — run the "
             "same command with --resume to continue",
@@ -241,7 +241,7 @@ def _train(args: argparse.Namespace, out: Path) -> int:
     total = min(s["eval_bytes"], corpus.heldout.numel() - 1) // context * context
     row = evaluate.perplexity(model, corpus.heldout, context, total)
     info.update(finished=True, train=result, eval=row)
-    checkpoint.save_training(out, model, trainer.state(), info)
+    model_folders.save_training(out, model, loop.state(), info)
     print(
         f"held-out perplexity per byte at N={context}: {row['ppl']:.3f} "
         f"({row['bpb']:.3f} bits/byte, {row['tokens']} bytes never trained on)\n"

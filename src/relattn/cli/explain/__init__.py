@@ -49,10 +49,11 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from relattn.demo.probe import byte_label, encoding_names
+from relattn.demo.probe import block, byte_label, encoding_names
 
 from ..._errors import UserError
 from .._args import bounded_int, seed_flag
@@ -136,15 +137,16 @@ def _from_seeded_vectors(args: argparse.Namespace, tokens: list[str]):
     q, k, v = compute.embed(tokens, heads, dim, seed)
     ex = compute.explain(tokens, q, k, v, modules)
     used = describe_params(names, kwargs)
-    encoding = {
+    encoding: dict[str, Any] = {
         "pe": "+".join(names) or "none",
         "names": names,
         "params": used,
         "illustrative": encodings.is_illustrative(names),
     }
     for module in modules:
-        if isinstance(getattr(module, "slopes", None), torch.Tensor):
-            encoding["slopes"] = module.slopes.tolist()
+        slopes = getattr(module, "slopes", None)
+        if isinstance(slopes, torch.Tensor):
+            encoding["slopes"] = slopes.tolist()
     meta = {"heads": heads, "dim": dim, "seed": seed}
     intro = [
         f"q, k, v: seeded random vectors per word (--seed {seed}; a repeated word gets the "
@@ -172,7 +174,7 @@ def _from_checkpoint(args: argparse.Namespace, tokens: list[str]):
     given += [k for k, v in vars(args).items() if k.startswith("pe_") and v is not None]
     if given:
         raise UserError(f"{given[0]} does not apply with --checkpoint (the model defines it)")
-    from relattn.demo.checkpoint import load_model
+    from relattn.demo.model_folders import load_model
 
     model = load_model(args.checkpoint, "--checkpoint")
     config = model.config
@@ -188,9 +190,9 @@ def _from_checkpoint(args: argparse.Namespace, tokens: list[str]):
             f"the text has bytes above the model's vocabulary ({config.vocab_size} tokens)"
         )
     ex = compute.from_model(model, ids, tokens, layer)
-    attn = model.blocks[layer].attn
+    attn = block(model, layer).attn
     names = encoding_names(attn)
-    encoding = {
+    encoding: dict[str, Any] = {
         "pe": "+".join(names) or "none",
         "names": names,
         "params": {},
@@ -229,8 +231,9 @@ def table(modules: list, n: int) -> dict:
     with torch.no_grad():
         for m in additive:
             values = values + m.table(0, n).float()
-            if hasattr(m, "buckets"):
-                buckets = m.buckets(torch.arange(n + 1))
+            of = getattr(m, "buckets", None)  # T5's bucket of each offset
+            if callable(of):
+                buckets = of(torch.arange(n + 1))
     return {"offsets": list(range(n + 1)), "values": values, "buckets": buckets}
 
 

@@ -1,5 +1,6 @@
-"""Checkpoint folders for the tools: loading one for a command, and saving a model so that no
-crash or Ctrl-C leaves a folder that disagrees with itself.
+"""Model folders for the tools: loading one for a command, saving a training run so that
+``--resume`` continues it, and saving a model so that no crash or Ctrl-C leaves a folder that
+disagrees with itself.
 
 A model folder is what :meth:`relattn.models.TinyLM.save` writes. ``relattn train`` adds
 ``training.json`` (settings, corpus, curve, results; for people) and ``training_state.pt``
@@ -20,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from .._errors import UserError
 from .._io import atomic_write_bytes, atomic_write_text
+from ..models import TinyLM
 
 __all__ = [
     "INFO_FILE",
@@ -38,10 +39,8 @@ INFO_FILE = "training.json"
 STATE_FILE = "training_state.pt"
 
 
-def load_model(path: str | os.PathLike, flag: str) -> nn.Module:
+def load_model(path: str | os.PathLike, flag: str) -> TinyLM:
     """:meth:`TinyLM.load`, with every way it can fail as one :class:`UserError` line."""
-    from relattn.models import TinyLM
-
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{flag} {str(path)!r} does not exist")
@@ -66,7 +65,7 @@ def _weights_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _save_model_files(model: nn.Module, folder: Path) -> None:
+def _save_model_files(model: TinyLM, folder: Path) -> None:
     """The model's files into ``folder``, each replaced atomically (written beside, renamed)."""
     with tempfile.TemporaryDirectory(prefix=".saving-", dir=folder) as tmp:
         model.save(tmp)
@@ -74,9 +73,7 @@ def _save_model_files(model: nn.Module, folder: Path) -> None:
             os.replace(Path(tmp) / name, folder / name)
 
 
-def save_training(
-    folder: Path, model: nn.Module, state: dict[str, Any], info: dict[str, Any]
-) -> None:
+def save_training(folder: Path, model: TinyLM, state: dict[str, Any], info: dict[str, Any]) -> None:
     """Save a training run: the model (loadable by ``TinyLM.load``), ``training.json`` and the
     resumable state, in that order, each file atomically."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -87,7 +84,7 @@ def save_training(
     atomic_write_bytes(folder / STATE_FILE, buffer.getvalue())
 
 
-def read_training(folder: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+def read_training(folder: Path) -> tuple[TinyLM, dict[str, Any], dict[str, Any]]:
     """The model, ``training.json`` and the resumable state of a run saved by
     :func:`save_training`.
 
@@ -118,7 +115,7 @@ def read_training(folder: Path) -> tuple[nn.Module, dict[str, Any], dict[str, An
     return model, info, state
 
 
-def save_model_dir(model: nn.Module, folder: Path) -> None:
+def save_model_dir(model: TinyLM, folder: Path) -> None:
     """``model.save(folder)`` through a sibling temporary folder and renames, so ``folder`` is
     always the old checkpoint or the new one, never a mixture (a crash between the two renames
     leaves no ``folder`` at all, which a resume treats as not trained)."""
