@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .._errors import UserError
 from .._io import FolderLock
@@ -58,12 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help=f"encoding: none, a registered name, or rope+NAME (default {DEFAULTS['pe']})",
     )
-    parser.add_argument(
-        "--context",
-        type=bounded_int(2, 1 << 16),
-        metavar="L",
-        help=f"training window in bytes (default {DEFAULTS['context']})",
-    )
+    _setting(parser, "--context", bounded_int(2, 1 << 16), "L", "training window in bytes")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument(
         "--steps",
@@ -86,50 +83,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     model = parser.add_argument_group("model and optimisation")
-    model.add_argument(
-        "--batch-size",
-        type=bounded_int(1, 1 << 16),
-        metavar="B",
-        help=f"windows per step (default {DEFAULTS['batch_size']})",
-    )
-    model.add_argument(
-        "--d-model",
-        type=bounded_int(1, 1 << 14),
-        metavar="W",
-        help=f"model width (default {DEFAULTS['d_model']})",
-    )
-    model.add_argument(
-        "--layers",
-        type=bounded_int(1, 256),
-        metavar="L",
-        help=f"blocks (default {DEFAULTS['layers']})",
-    )
-    model.add_argument(
-        "--heads",
-        type=bounded_int(1, 1024),
-        metavar="H",
-        help=f"attention heads (default {DEFAULTS['heads']})",
-    )
-    model.add_argument(
-        "--lr",
-        type=bounded_float(1e-8, 10.0),
-        metavar="LR",
-        help=f"peak learning rate (default {DEFAULTS['lr']})",
-    )
+    _setting(model, "--batch-size", bounded_int(1, 1 << 16), "B", "windows per step")
+    _setting(model, "--d-model", bounded_int(1, 1 << 14), "W", "model width")
+    _setting(model, "--layers", bounded_int(1, 256), "L", "blocks")
+    _setting(model, "--heads", bounded_int(1, 1024), "H", "attention heads")
+    _setting(model, "--lr", bounded_float(1e-8, 10.0), "LR", "peak learning rate")
     seed_flag(model, "split, initialisation and batch order (default 0)")
-    model.add_argument(
-        "--max-bytes",
-        type=bounded_int(1, 1 << 40),
-        metavar="N",
-        help=f"cap on training bytes read (default {DEFAULTS['max_bytes']})",
-    )
-    model.add_argument(
-        "--eval-bytes",
-        type=bounded_int(1, 1 << 30),
-        metavar="N",
-        help=f"held-out bytes evaluated (default {DEFAULTS['eval_bytes']})",
-    )
+    _setting(model, "--max-bytes", bounded_int(1, 1 << 40), "N", "cap on training bytes read")
+    _setting(model, "--eval-bytes", bounded_int(1, 1 << 30), "N", "held-out bytes evaluated")
     threads_flag(parser, "the cores not already busy")
+
+
+def _setting(
+    group: argparse._ActionsContainer,
+    flag: str,
+    parse: Callable[[str], Any],
+    metavar: str,
+    what: str,
+) -> None:
+    """A flag for one of the run's settings; its help ends with the default from DEFAULTS (the
+    flag has none of its own, so that --resume can tell a flag given from one left out)."""
+    default = DEFAULTS[flag[2:].replace("-", "_")]
+    group.add_argument(flag, type=parse, metavar=metavar, help=f"{what} (default {default})")
 
 
 def _settings(args: argparse.Namespace, saved: dict | None) -> dict:
