@@ -42,7 +42,7 @@ def worker(ns: list[int], rounds: int, threads: int | None) -> dict:
     import torch
 
     from relattn._machine import CPU, SCHEDULE
-    from relattn.bench.common import time_rounds
+    from relattn.benchmarking.common import time_rounds
 
     if threads:
         torch.set_num_threads(threads)

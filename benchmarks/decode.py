@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-from relattn.bench import decode
-from relattn.bench.common import format_machine, machine_info, write_report
+from relattn.benchmarking import decode
+from relattn.benchmarking.common import format_machine, machine_info, write_report
 
 
 def main(argv: list[str] | None = None) -> int:

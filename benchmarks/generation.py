@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from relattn._machine import CPU
-from relattn.bench.common import format_machine, machine_info, markdown_table, write_report
+from relattn.benchmarking.common import format_machine, machine_info, markdown_table, write_report
 from relattn.models import TinyLM, TinyLMConfig
 from relattn.pe.base import offsets_grid
 

@@ -5,7 +5,7 @@ Models are random, built from configs: a T5-small-sized T5 (6 + 6 layers, d_mode
 and a BLOOM-560m-sized BLOOM (24 layers, hidden 1024, 16 heads; ``--bloom-layers`` and
 ``--bloom-vocab`` shrink it to what a machine's memory holds). Batch 1; T5 gets N encoder and N
 decoder tokens. Contenders run interleaved, round by round; each measurement is one step,
-timed, while the resident set is sampled for its peak (``relattn.bench.common.peak_memory``;
+timed, while the resident set is sampled for its peak (``relattn.benchmarking.common.peak_memory``;
 on CUDA, ``torch.cuda.max_memory_allocated``).
 
     python benchmarks/hf_models.py --ns 1024 2048 4096 --repeats 1 --out hf.md
@@ -23,7 +23,7 @@ import time
 import torch
 import transformers
 
-from relattn.bench.common import (
+from relattn.benchmarking.common import (
     format_machine,
     machine_info,
     markdown_table,

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     slopes = torch.rand(h, device=dev, generator=g) * 0.1
     problem = Problem(lo=0, scale=1 / math.sqrt(d))
     limit = K.device_shared_memory(dev.index or 0)
-    from relattn.bench.gpu import causal_flops
+    from relattn.benchmarking.gpu import causal_flops
 
     flops = causal_flops(b, h, n, d, backward=False)
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=60)

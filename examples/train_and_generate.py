@@ -12,12 +12,12 @@ import tempfile
 import torch
 import torch.nn.functional as F
 
-from relattn.models import TinyLM, TinyLMConfig, decode, encode
+from relattn.models import TinyLM, TinyLMConfig, ids_to_text, text_to_ids
 
 with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints the Zen of Python
     import this
 text = codecs.decode(this.s, "rot13")  # stored ROT13-encoded in every Python installation
-data = encode(text)  # (N,) byte ids
+data = text_to_ids(text)  # (N,) byte ids
 torch.manual_seed(0)
 model = TinyLM(TinyLMConfig(d_model=64, num_layers=2, num_heads=4, pe="alibi"))
 opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -34,9 +34,9 @@ for step in range(150):
         print(f"step {step:3d}  loss {loss.item():.3f} nats/byte")
 
 model.eval()
-prompt = encode("Beautiful is ")
+prompt = text_to_ids("Beautiful is ")
 ids = model.generate(prompt, max_new_tokens=60, temperature=0.5, top_k=20, seed=0)
-print(repr(decode(ids)))
+print(repr(ids_to_text(ids)))
 
 with tempfile.TemporaryDirectory() as folder:
     model.save(folder)  # model.safetensors + config.json

@@ -8,7 +8,7 @@ from relattn.cli.main import main
 def test_quick_bench_prints_and_writes_the_table(tmp_path, capsys):
     """--quick times enough rounds for a spread (one round once printed "0.883–0.883") and says
     plainly that its numbers are a smoke run, not a measurement."""
-    from relattn.bench.common import MIN_ROUNDS_FOR_IQR
+    from relattn.benchmarking.common import MIN_ROUNDS_FOR_IQR
     from relattn.cli.bench import QUICK_CAVEAT
 
     out, raw = tmp_path / "bench.md", tmp_path / "bench.json"
@@ -81,7 +81,7 @@ def test_the_benchmark_script_is_the_same_front_end(tmp_path):
     ],
 )
 def test_bad_flags_exit_2_with_one_line(capsys, monkeypatch, extra, needle):
-    from relattn.bench import cpu
+    from relattn.benchmarking import cpu
 
     def never(*args, **kwargs):
         raise AssertionError("measured before checking the flags")
@@ -96,7 +96,7 @@ def test_bad_flags_exit_2_with_one_line(capsys, monkeypatch, extra, needle):
 def test_rounds_and_paired_ratios():
     """Times come per round for each contender; a failing contender is reported, not timed;
     ratios are taken round by round and summarized by quartiles."""
-    from relattn.bench.common import medians, round_ratios, time_rounds
+    from relattn.benchmarking.common import medians, round_ratios, time_rounds
 
     calls = []
 
@@ -125,7 +125,7 @@ def test_time_rounds_takes_more_rounds_while_the_calls_are_short(monkeypatch):
     """At least ``repeats`` rounds, then more until the timed calls add up to ``min_time`` (a
     fake clock: every call takes 1/8 s, exact in binary), capped by ``max_rounds``; warm-up
     calls are not timed and come before every timed call."""
-    from relattn.bench import common
+    from relattn.benchmarking import common
 
     now = [0.0]
     monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
@@ -149,7 +149,7 @@ def test_time_rounds_takes_more_rounds_while_the_calls_are_short(monkeypatch):
 
 
 def test_a_spread_is_printed_only_from_enough_rounds():
-    from relattn.bench.common import MIN_ROUNDS_FOR_IQR, spread
+    from relattn.benchmarking.common import MIN_ROUNDS_FOR_IQR, spread
 
     assert spread((0.883, 0.883, 0.883), 1) == "0.883 (1 round: no spread)"
     assert spread((1.0, 2.0, 3.0), MIN_ROUNDS_FOR_IQR - 1) == "2 (4 rounds: no spread)"
@@ -159,7 +159,7 @@ def test_a_spread_is_printed_only_from_enough_rounds():
 
 
 def test_cpu_report_has_the_paired_ratio_table():
-    from relattn.bench import cpu
+    from relattn.benchmarking import cpu
 
     rows = cpu.run([64, 300], repeats=1, quick=True)
     for key in ("auto", "chunked"):
@@ -180,7 +180,7 @@ def test_cpu_report_has_the_paired_ratio_table():
 def test_forward_backward_below_forward_is_flagged(monkeypatch):
     """A fwd+bwd median below the fwd median cannot be real (0.017 s against 0.172 s was once
     printed as is): the row says it is noise."""
-    from relattn.bench import cpu
+    from relattn.benchmarking import cpu
 
     passes = []
 

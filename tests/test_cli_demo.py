@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from relattn.cli.main import main
-from relattn.demo import train
+from relattn.demo import trainer
 
 # Smaller still than --quick: the tests check the plumbing, not the numbers.
 TINY = ["demo", "--quick", "--threads", "1", "--steps", "6", "--max-bytes", "40000"]
@@ -38,7 +38,7 @@ def test_quick_demo_writes_the_whole_report(tmp_path):
         preexec_fn=lambda: os.umask(0o027),
     )
     assert proc.returncode == 0, proc.stderr
-    for name in REPORT_FILES + [f"attention-{n}.png" for n in train.DEFAULT_ENCODINGS]:
+    for name in REPORT_FILES + [f"attention-{n}.png" for n in trainer.DEFAULT_ENCODINGS]:
         assert (out / name).stat().st_size > 0, name
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.rglob("*") if p.is_file()}
     assert set(REPORT_FILES) <= set(modes) and set(modes.values()) == {"0o640"}, modes
@@ -46,7 +46,7 @@ def test_quick_demo_writes_the_whole_report(tmp_path):
     assert len(folders) > 1 and set(folders.values()) == {"0o750"}, folders
     assert not list(out.rglob(".lock")) and not list(out.rglob(".*"))
     results = json.loads((out / "results.json").read_text())
-    assert list(results["models"]) == list(train.DEFAULT_ENCODINGS)
+    assert list(results["models"]) == list(trainer.DEFAULT_ENCODINGS)
     assert results["settings"]["eval_lengths"] == [64, 128, 256, 512]
     assert results["machine"]
     for name, entry in results["models"].items():
@@ -94,7 +94,7 @@ def test_checkpoints_load_and_reproduce_the_numbers(tmp_path):
 def test_interrupted_run_resumes_without_retraining(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r"
     args = [*TINY, "--pe", "none,alibi", "--out", str(out)]
-    real = train.train_model
+    real = trainer.train_model
     trained = []
 
     def interrupt_at_alibi(model, stream, s, desc="", quiet=False):  # noqa: ARG001
@@ -103,7 +103,7 @@ def test_interrupted_run_resumes_without_retraining(tmp_path, monkeypatch, capsy
         trained.append(model.config.pe)
         return real(model, stream, s, desc=desc, quiet=quiet)
 
-    monkeypatch.setattr(train, "train_model", interrupt_at_alibi)
+    monkeypatch.setattr(trainer, "train_model", interrupt_at_alibi)
     assert main(args) == 130
     assert trained == ["none"]
     partial = json.loads((out / "results.json").read_text())
@@ -116,7 +116,7 @@ def test_interrupted_run_resumes_without_retraining(tmp_path, monkeypatch, capsy
         trained.append(model.config.pe)
         return real(model, stream, s, desc=desc, quiet=quiet)
 
-    monkeypatch.setattr(train, "train_model", count)
+    monkeypatch.setattr(trainer, "train_model", count)
     assert main([*args, "--resume"]) == 0
     assert trained == ["none", "alibi"]  # none was not trained again
     assert weights.stat().st_mtime_ns == stamp
@@ -205,7 +205,7 @@ class _Stream(io.StringIO):
 
 @pytest.mark.parametrize("tty", [True, False])
 def test_progress_bar_redraws_on_a_terminal_and_writes_lines_elsewhere(tty):
-    from relattn.cli._common import Progress
+    from relattn._progress import Progress
 
     stream = _Stream(tty)
     with Progress(50, "model", stream=stream, interval=0.0, line_interval=0.0) as bar:
@@ -237,7 +237,7 @@ def _run_two(tmp_path, finished):
 
 
 def test_a_second_run_in_the_same_folder_is_refused(tmp_path, capsys):
-    from relattn.cli._common import FolderLock
+    from relattn._io import FolderLock
 
     out = tmp_path / "r"
     with FolderLock(out, "a test"):  # as if another demo were running there
@@ -256,7 +256,7 @@ def test_a_fresh_run_never_leaves_the_old_report_beside_new_results(
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "train_model", interrupt)
+    monkeypatch.setattr(trainer, "train_model", interrupt)
     assert main([*TINY, "--pe", "none,alibi", "--out", str(out)]) == 130
     results = json.loads((out / "results.json").read_text())
     assert results["models"] == {}
@@ -303,13 +303,13 @@ def test_resume_on_broken_state_retrains_what_is_broken_and_says_so(
     out = _run_two(tmp_path, finished_run)
     _corrupt(out, how)
     capsys.readouterr()
-    real, trained = train.train_model, []
+    real, trained = trainer.train_model, []
 
     def count(model, stream, s, desc="", quiet=False):
         trained.append("alibi" if model.config.pe == "alibi" else "none")
         return real(model, stream, s, desc=desc, quiet=quiet)
 
-    monkeypatch.setattr(train, "train_model", count)
+    monkeypatch.setattr(trainer, "train_model", count)
     assert main([*TINY, "--pe", "none,alibi", "--out", str(out), "--resume"]) == 0
     assert trained == retrained
     assert said in capsys.readouterr().err
@@ -323,7 +323,7 @@ def test_resume_on_broken_state_retrains_what_is_broken_and_says_so(
 
 def test_checkpoint_saves_are_atomic(tmp_path, monkeypatch):
     """A save that dies midway leaves the previous checkpoint as it was."""
-    from relattn.demo.checkpoint import save_model_dir
+    from relattn.demo.model_folders import save_model_dir
     from relattn.models import TinyLM, TinyLMConfig
 
     folder = tmp_path / "ckpt"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from relattn.cli.main import main
-from relattn.demo import train
+from relattn.demo import trainer
 from relattn.models import TinyLM
 
 TINY = [
@@ -133,14 +133,14 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(
     args = ["train", str(text_file), *TINY, "--steps", "8"]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
 
-    real_step = train.Trainer._step
+    real_step = trainer.Trainer._step
 
     def stop_at_5(self, every):
         if self.step == 5:
             raise KeyboardInterrupt
         real_step(self, every)
 
-    monkeypatch.setattr(train.Trainer, "_step", stop_at_5)
+    monkeypatch.setattr(trainer.Trainer, "_step", stop_at_5)
     out = tmp_path / "split"
     assert main([*args, "--out", str(out)]) == 130
     err = capsys.readouterr().err
@@ -148,7 +148,7 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(
     assert json.loads((out / "training.json").read_text())["finished"] is False
     assert TinyLM.load(out) is not None  # the interrupted run is a usable checkpoint
 
-    monkeypatch.setattr(train.Trainer, "_step", real_step)
+    monkeypatch.setattr(trainer.Trainer, "_step", real_step)
     assert main([*args, "--out", str(out), "--resume"]) == 0
     whole, split = TinyLM.load(tmp_path / "whole"), TinyLM.load(out)
     for (name, a), (_, b) in zip(

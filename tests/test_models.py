@@ -235,3 +235,22 @@ def test_config_edited_after_construction_is_checked_by_the_model():
     config.num_heads, config.rope = 2, "yes"
     with pytest.raises(TypeError, match="config.rope"):
         TinyLM(config)
+
+
+def test_text_to_ids_and_back():
+    """Byte ids of UTF-8 text, and text of byte ids (invalid UTF-8 becomes U+FFFD); the first
+    names, encode and decode, are the same functions."""
+    import relattn.models as models
+    from relattn.models import ids_to_text, text_to_ids
+
+    ids = text_to_ids("héllo")
+    assert ids.dtype == torch.long and ids.tolist() == list("héllo".encode())
+    assert ids_to_text(ids) == "héllo" and ids_to_text([104, 105]) == "hi"
+    assert ids_to_text(torch.tensor([0xC3])) == "\ufffd"
+    assert models.encode is text_to_ids and models.decode is ids_to_text
+    with pytest.raises(TypeError, match="text must be a str; got bytes"):
+        text_to_ids(b"hi")
+    with pytest.raises(ValueError, match=r"ids must be one sequence \(N,\)"):
+        ids_to_text(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"ids must be byte values: integers in \[0, 256\)"):
+        ids_to_text([104, 256])

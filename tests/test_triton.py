@@ -230,7 +230,7 @@ def test_interpreter_mode_change_is_reported(monkeypatch):
 def test_gpu_benchmark_needs_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the benchmark would run")
-    from relattn.bench import gpu
+    from relattn.benchmarking import gpu
 
     with pytest.raises(RuntimeError, match="CUDA"):
         gpu.run(quick=True)

@@ -20,7 +20,7 @@ from torch import Tensor
 from . import backends
 from .problem import Problem
 
-__all__ = ["fused_attention", "fused_attention_backward"]
+__all__ = ["fused_attention"]
 
 _LIB = torch.library.Library("relattn", "FRAGMENT")
 
@@ -181,25 +181,3 @@ def fused_attention(
         q, k, v, table, slopes, p.doc_ids, p.key_padding_mask,
         p.lo, p.scale, p.causal, p.q_offset, p.window, backend,
     )  # fmt: skip
-
-
-def fused_attention_backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    table: Tensor | None,
-    slopes: Tensor | None,
-    problem: Problem,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """The op's backward as a function (for context parallelism's ring):
-    ``(dq, dk, dv, dtable or None)``."""
-    p = problem
-    dq, dk, dv, dtable = _attention_backward(
-        grad_out, q, k, v, out, lse, table, slopes, p.doc_ids, p.key_padding_mask,
-        p.lo, p.scale, p.causal, p.q_offset, p.window, backend,
-    )  # fmt: skip
-    return dq, dk, dv, (dtable if table is not None else None)

@@ -90,12 +90,6 @@ def check_choice(name: str, value: Any, choices: list[str] | tuple[str, ...]) ->
     return value
 
 
-def check_tensor(name: str, value: Any, expected: str = "a torch.Tensor") -> Tensor:
-    if not isinstance(value, Tensor):
-        raise TypeError(f"{name} must be {expected}; got {type(value).__name__}")
-    return value
-
-
 def shape_str(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 

@@ -4,7 +4,7 @@ The one front end of the benchmarks: ``relattn bench`` and the scripts in benchm
 call :func:`main` with ``--device``) take the same flags. The CPU benchmark runs always (unless
 --device gpu), the GPU benchmark where CUDA is available; a progress bar shows each measurement,
 the tables are printed, and --out / --json write them (checked before anything is measured).
-The measurements themselves live in :mod:`relattn.bench`.
+The measurements themselves live in :mod:`relattn.benchmarking`.
 """
 
 from __future__ import annotations
@@ -13,15 +13,11 @@ import argparse
 import json
 import sys
 
-from ._common import (
-    CLIError,
-    Progress,
-    available_cores,
-    bounded_int,
-    check_writable_file,
-    threads_flag,
-    torch_threads,
-)
+from .._errors import UserError
+from .._progress import Progress
+from ._args import bounded_int
+from ._paths import check_writable_file
+from ._threads import available_cores, threads_flag, torch_threads
 
 # Sizes when --n is not given: a few seconds with --quick, a few minutes without.
 QUICK_NS = [256, 512]
@@ -80,11 +76,11 @@ def _lengths(text: str | None) -> list[int] | None:
     try:
         ns = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise CLIError(
+        raise UserError(
             f"--n must be comma-separated integers like 1024,2048; got {text!r}"
         ) from None
     if not ns or any(not 1 <= n <= MAX_N for n in ns):
-        raise CLIError(f"--n must list sequence lengths between 1 and {MAX_N}; got {text!r}")
+        raise UserError(f"--n must list sequence lengths between 1 and {MAX_N}; got {text!r}")
     return ns
 
 
@@ -109,7 +105,7 @@ def measure(
     """
     import torch
 
-    from ..bench import common, cpu
+    from ..benchmarking import common, cpu
 
     sections = []
     if device in ("all", "cpu"):
@@ -124,9 +120,9 @@ def measure(
         about = cpu.describe() + (f"\n\n**{QUICK_CAVEAT}**" if quick else "")
         sections.append(("cpu", "CPU", about, cpu.to_markdown(rows), rows))
     if device == "gpu" and not torch.cuda.is_available():
-        raise CLIError("--device gpu needs CUDA; torch.cuda.is_available() is False here")
+        raise UserError("--device gpu needs CUDA; torch.cuda.is_available() is False here")
     if device in ("all", "gpu") and torch.cuda.is_available():
-        from ..bench import gpu
+        from ..benchmarking import gpu
 
         steps = 2 if check else len(gpu.HEAD_DIMS) * (2 if quick else len(gpu.DTYPES) * len(gpu.NS))
         bar, progress = _bar(steps, "gpu")
@@ -143,7 +139,7 @@ def measure(
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmarks and print (and optionally write) the tables."""
-    from ..bench import common
+    from ..benchmarking import common
 
     ns = _lengths(args.n)
     device = "cpu" if args.no_gpu else args.device
@@ -166,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
             )
             print(f"wrote {json_path}")
     except OSError as e:
-        raise CLIError(f"cannot write the results: {e.strerror or e}") from None
+        raise UserError(f"cannot write the results: {e.strerror or e}") from None
     return 0
 
 

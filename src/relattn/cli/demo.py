@@ -17,21 +17,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import (
-    SEED_MAX,
-    CLIError,
-    bounded_int,
-    check_writable_dir,
-    default_threads,
-    parse_pe,
-    threads_flag,
-    torch_threads,
-)
+from .._errors import UserError
+from ._args import bounded_int, seed_flag
+from ._paths import check_writable_dir
+from ._pe_flags import parse_pe
+from ._threads import default_threads, threads_flag, torch_threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's flags."""
-    from ..demo.train import DEFAULT_ENCODINGS
+    from ..demo.trainer import DEFAULT_ENCODINGS
 
     parser.add_argument(
         "--pe",
@@ -52,13 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a text file or folder of text files instead of the stdlib's .py files",
     )
     parser.add_argument("--out", default="relattn-report", help="report folder")
-    parser.add_argument(
-        "--seed",
-        type=bounded_int(0, SEED_MAX),
-        default=0,
-        metavar="S",
-        help="file split, init and batch order (default 0)",
-    )
+    seed_flag(parser, "file split, init and batch order (default 0)", default=0)
     parser.add_argument("--quick", action="store_true", help="tiny models, few steps (< 1 min)")
     parser.add_argument(
         "--resume", action="store_true", help="keep the models a previous run in --out finished"
@@ -84,17 +73,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _encodings(text: str) -> list[str]:
     names = [n.strip().lower() for n in text.split(",") if n.strip()]
     if not names:
-        raise CLIError("--pe must name at least one encoding (e.g. alibi,t5)")
+        raise UserError("--pe must name at least one encoding (e.g. alibi,t5)")
     canonical = ["+".join(parse_pe(n)) or "none" for n in names]
     if len(set(canonical)) != len(canonical):
-        raise CLIError(f"--pe lists an encoding twice: {text!r}")
-    from ..demo.train import model_encoding
+        raise UserError(f"--pe lists an encoding twice: {text!r}")
+    from ..demo.trainer import model_encoding
 
     for name in canonical:
         try:
             model_encoding([n for n in name.split("+") if n != "none"])
         except ValueError as e:
-            raise CLIError(f"--pe {name}: {e}") from None
+            raise UserError(f"--pe {name}: {e}") from None
     return canonical
 
 
@@ -119,7 +108,7 @@ def settings_from_args(args: argparse.Namespace):
             setattr(s, field, getattr(args, flag))
     if args.data is not None:
         if not Path(args.data).expanduser().exists():
-            raise CLIError(f"--data {args.data!r} does not exist")
+            raise UserError(f"--data {args.data!r} does not exist")
         s.data = str(Path(args.data).expanduser().resolve())
     return s
 
@@ -144,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         with torch_threads(args.threads or default_threads()):
             results, summary = experiment.run(settings, out, resume=args.resume)
     except experiment.DemoError as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
     except KeyboardInterrupt:
         print(
             f"relattn demo: stopped; finished models are saved in {out / 'results.json'} — "

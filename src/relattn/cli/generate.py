@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._common import SEED_MAX, CLIError, bounded_float, bounded_int
+from .._errors import UserError
+from ._args import bounded_float, bounded_int, seed_flag
 
 MAX_NEW_TOKENS = 100_000
 
@@ -43,22 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="sample among the K most likely bytes only (default: all)",
     )
-    parser.add_argument(
-        "--seed",
-        type=bounded_int(0, SEED_MAX),
-        default=None,
-        metavar="S",
-        help="make the sample reproducible",
-    )
+    seed_flag(parser, "make the sample reproducible")
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the checkpoint and stream the continuation to stdout."""
-    from ..demo.checkpoint import load_model
+    from ..demo.model_folders import load_model
     from ..demo.sample import sample_text
 
     if not args.prompt:
-        raise CLIError("--prompt must not be empty (the model continues a text)")
+        raise UserError("--prompt must not be empty (the model continues a text)")
     model = load_model(args.checkpoint, "--checkpoint")
     out = sys.stdout
     out.write(args.prompt)

@@ -8,7 +8,7 @@ import importlib
 import os
 import sys
 
-from ._common import CLIError
+from .._errors import UserError
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
@@ -23,7 +23,7 @@ SUBCOMMANDS = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage block
-        raise CLIError(message)
+        raise UserError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
-            raise CLIError(f"choose a command: {', '.join(SUBCOMMANDS)} (see relattn --help)")
+            raise UserError(f"choose a command: {', '.join(SUBCOMMANDS)} (see relattn --help)")
         return int(_module(args.command).run(args) or 0)
-    except CLIError as e:
+    except UserError as e:
         print(f"relattn: error: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:  # --help and --version

@@ -16,20 +16,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from ._common import (
-    SEED_MAX,
-    CLIError,
-    FolderLock,
-    bounded_float,
-    bounded_int,
-    check_writable_dir,
-    default_threads,
-    parse_pe,
-    threads_flag,
-    torch_threads,
-)
+from .._errors import UserError
+from .._io import FolderLock
+from ._args import bounded_float, bounded_int, seed_flag
+from ._paths import check_writable_dir
+from ._pe_flags import parse_pe
+from ._threads import default_threads, threads_flag, torch_threads
 
 # Flag -> (settings key, default). The settings of a run are what --resume must match.
 DEFAULTS = {
@@ -64,12 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help=f"encoding: none, a registered name, or rope+NAME (default {DEFAULTS['pe']})",
     )
-    parser.add_argument(
-        "--context",
-        type=bounded_int(2, 1 << 16),
-        metavar="L",
-        help=f"training window in bytes (default {DEFAULTS['context']})",
-    )
+    _setting(parser, "--context", bounded_int(2, 1 << 16), "L", "training window in bytes")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument(
         "--steps",
@@ -92,55 +83,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     model = parser.add_argument_group("model and optimisation")
-    model.add_argument(
-        "--batch-size",
-        type=bounded_int(1, 1 << 16),
-        metavar="B",
-        help=f"windows per step (default {DEFAULTS['batch_size']})",
-    )
-    model.add_argument(
-        "--d-model",
-        type=bounded_int(1, 1 << 14),
-        metavar="W",
-        help=f"model width (default {DEFAULTS['d_model']})",
-    )
-    model.add_argument(
-        "--layers",
-        type=bounded_int(1, 256),
-        metavar="L",
-        help=f"blocks (default {DEFAULTS['layers']})",
-    )
-    model.add_argument(
-        "--heads",
-        type=bounded_int(1, 1024),
-        metavar="H",
-        help=f"attention heads (default {DEFAULTS['heads']})",
-    )
-    model.add_argument(
-        "--lr",
-        type=bounded_float(1e-8, 10.0),
-        metavar="LR",
-        help=f"peak learning rate (default {DEFAULTS['lr']})",
-    )
-    model.add_argument(
-        "--seed",
-        type=bounded_int(0, SEED_MAX),
-        metavar="S",
-        help="split, initialisation and batch order (default 0)",
-    )
-    model.add_argument(
-        "--max-bytes",
-        type=bounded_int(1, 1 << 40),
-        metavar="N",
-        help=f"cap on training bytes read (default {DEFAULTS['max_bytes']})",
-    )
-    model.add_argument(
-        "--eval-bytes",
-        type=bounded_int(1, 1 << 30),
-        metavar="N",
-        help=f"held-out bytes evaluated (default {DEFAULTS['eval_bytes']})",
-    )
+    _setting(model, "--batch-size", bounded_int(1, 1 << 16), "B", "windows per step")
+    _setting(model, "--d-model", bounded_int(1, 1 << 14), "W", "model width")
+    _setting(model, "--layers", bounded_int(1, 256), "L", "blocks")
+    _setting(model, "--heads", bounded_int(1, 1024), "H", "attention heads")
+    _setting(model, "--lr", bounded_float(1e-8, 10.0), "LR", "peak learning rate")
+    seed_flag(model, "split, initialisation and batch order (default 0)")
+    _setting(model, "--max-bytes", bounded_int(1, 1 << 40), "N", "cap on training bytes read")
+    _setting(model, "--eval-bytes", bounded_int(1, 1 << 30), "N", "held-out bytes evaluated")
     threads_flag(parser, "the cores not already busy")
+
+
+def _setting(
+    group: argparse._ActionsContainer,
+    flag: str,
+    parse: Callable[[str], Any],
+    metavar: str,
+    what: str,
+) -> None:
+    """A flag for one of the run's settings; its help ends with the default from DEFAULTS (the
+    flag has none of its own, so that --resume can tell a flag given from one left out)."""
+    default = DEFAULTS[flag[2:].replace("-", "_")]
+    group.add_argument(flag, type=parse, metavar=metavar, help=f"{what} (default {default})")
 
 
 def _settings(args: argparse.Namespace, saved: dict | None) -> dict:
@@ -158,7 +122,7 @@ def _settings(args: argparse.Namespace, saved: dict | None) -> dict:
         f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in given.items() if saved.get(k) != v
     ]
     if differ:
-        raise CLIError(
+        raise UserError(
             f"--resume: settings differ from the saved run ({'; '.join(differ)}); "
             "run without --resume to start over"
         )
@@ -170,25 +134,26 @@ def run(args: argparse.Namespace) -> int:
     out = check_writable_dir("--out", args.out)
     if args.pe is not None:
         parse_pe(args.pe)  # a bad --pe is reported before anything is read
-    with FolderLock(out, "relattn train"), torch_threads(args.threads or default_threads()):
+    lock = FolderLock(out, "relattn train", elsewhere="another --out")
+    with lock, torch_threads(args.threads or default_threads()):
         return _train(args, out)
 
 
 def _train(args: argparse.Namespace, out: Path) -> int:
-    from ..demo import checkpoint, evaluate, train
+    from ..demo import evaluate, model_folders, trainer
     from ..demo.data import CorpusError, load_corpus
 
     saved_model = state = saved = None
     if args.resume:
-        saved_model, info, state = checkpoint.read_training(out)
+        saved_model, info, state = model_folders.read_training(out)
         saved = info.get("settings")
         if not isinstance(saved, dict):
-            raise CLIError(
-                f"--resume: {out / checkpoint.INFO_FILE} has no settings; run "
+            raise UserError(
+                f"--resume: {out / model_folders.INFO_FILE} has no settings; run "
                 "without --resume to start over"
             )
     elif (out / "config.json").exists() and not args.overwrite:
-        raise CLIError(
+        raise UserError(
             f"--out {str(out)!r} already holds a model; --resume continues it, "
             "--overwrite replaces it, or choose another --out"
         )
@@ -204,14 +169,14 @@ def _train(args: argparse.Namespace, out: Path) -> int:
             name=DATA_METAVAR,  # positional: named as usage and argparse's errors name it
         )
     except CorpusError as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
     context = s["context"]
     if corpus.train.numel() < context + 2 or corpus.heldout.numel() < context + 1:
-        raise CLIError(
+        raise UserError(
             f"--context {context} is longer than the text allows ({corpus.sentence()}); "
             "give more text or a smaller --context"
         )
-    ts = train.TrainSettings(
+    ts = trainer.TrainSettings(
         context=context,
         steps=s["steps"],
         batch_size=s["batch_size"],
@@ -223,9 +188,9 @@ def _train(args: argparse.Namespace, out: Path) -> int:
         minutes=s["minutes"],
     )
     try:
-        model = saved_model if saved_model is not None else train.build_model(names, ts)
+        model = saved_model if saved_model is not None else trainer.build_model(names, ts)
     except ValueError as e:
-        raise CLIError(f"--pe {s['pe']}: {e}") from None
+        raise UserError(f"--pe {s['pe']}: {e}") from None
     info = {
         "settings": s,
         "corpus": corpus.describe(),
@@ -237,11 +202,11 @@ def _train(args: argparse.Namespace, out: Path) -> int:
         f"{corpus.source}: {corpus.sentence()}",
         file=sys.stderr,
     )
-    trainer = train.Trainer(model, corpus.train, ts, state)
+    loop = trainer.Trainer(model, corpus.train, ts, state)
     try:
-        result = trainer.run(desc="train")
-    except train.Interrupted as stop:
-        checkpoint.save_training(out, model, stop.state, {**info, "finished": False})
+        result = loop.run(desc="train")
+    except trainer.Interrupted as stop:
+        model_folders.save_training(out, model, stop.state, {**info, "finished": False})
         print(
             f"relattn train: stopped at step {stop.state['step']}; saved to {out} — run the "
             "same command with --resume to continue",
@@ -251,7 +216,7 @@ def _train(args: argparse.Namespace, out: Path) -> int:
     total = min(s["eval_bytes"], corpus.heldout.numel() - 1) // context * context
     row = evaluate.perplexity(model, corpus.heldout, context, total)
     info.update(finished=True, train=result, eval=row)
-    checkpoint.save_training(out, model, trainer.state(), info)
+    model_folders.save_training(out, model, loop.state(), info)
     print(
         f"held-out perplexity per byte at N={context}: {row['ppl']:.3f} "
         f"({row['bpb']:.3f} bits/byte, {row['tokens']} bytes never trained on)\n"

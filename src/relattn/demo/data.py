@@ -183,7 +183,8 @@ def load_corpus(
     files = list_files(root, suffix)
     if not files:
         raise CorpusError(f"{name} {source!r} holds no files")
-    train, heldout = [], []
+    train: list[bytes] = []
+    heldout: list[bytes] = []
     sizes = [0, 0]
     counts = [0, 0]
     single_limit = 2 * (train_bytes + holdout_every * heldout_bytes)

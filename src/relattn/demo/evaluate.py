@@ -14,8 +14,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from ..models import TinyLM
 from .data import eval_windows
 
 
@@ -31,7 +32,7 @@ def eval_total(lengths: list[int], target: int) -> int:
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, stream: Tensor, length: int, total: int, tokens_per_batch: int = 8192
+    model: TinyLM, stream: Tensor, length: int, total: int, tokens_per_batch: int = 8192
 ) -> dict:
     """Mean next-byte loss of ``model`` over non-overlapping windows of ``length`` bytes.
 
@@ -70,7 +71,7 @@ def perplexity(
 
 
 def evaluate(
-    model: nn.Module, stream: Tensor, lengths: list[int], total: int, progress=None
+    model: TinyLM, stream: Tensor, lengths: list[int], total: int, progress=None
 ) -> list[dict]:
     """:func:`perplexity` at each length; ``progress(done, result)`` is called after each."""
     results = []

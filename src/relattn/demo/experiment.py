@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from ..cli._common import FolderLock
-from . import evaluate, probe, report, train
-from .checkpoint import save_model_dir
+from .._io import FolderLock
+from . import evaluate, probe, report, trainer
 from .data import Corpus, CorpusError, load_corpus
+from .model_folders import save_model_dir
 from .settings import DemoSettings
 
 # A figure of every head of every layer is drawn on this many held-out bytes.
@@ -46,7 +46,7 @@ def _log(msg: str) -> None:
 
 def machine() -> dict:
     """The machine the numbers come from."""
-    from relattn.bench.common import machine_info
+    from relattn.benchmarking.common import machine_info
 
     return dict(machine_info())
 
@@ -143,7 +143,7 @@ def run(
     lengths = settings.eval_lengths
     total = evaluate.eval_total(lengths, settings.eval_bytes)
     corpus = _corpus(settings, total)
-    with FolderLock(out, "another relattn demo"):
+    with FolderLock(out, "another relattn demo", elsewhere="another --out"):
         return _run(settings, out, resume, log, corpus, total, start)
 
 
@@ -202,7 +202,7 @@ def _run(settings, out, resume, log, corpus, total, start) -> tuple[dict, list[s
     for index, name in enumerate(settings.encodings, 1):
         names = [n for n in name.split("+") if n != "none"]
         folder = out / "checkpoints" / name
-        fresh = train.build_model(names, ts)
+        fresh = trainer.build_model(names, ts)
         expected = dataclasses.asdict(fresh.config)
         saved = None
         if resume:
@@ -214,7 +214,7 @@ def _run(settings, out, resume, log, corpus, total, start) -> tuple[dict, list[s
         results["models"].pop(name, None)
         (out / f"attention-{name}.png").unlink(missing_ok=True)
         tag = f"[{index}/{len(settings.encodings)}] {name:<6}"
-        trained = train.train_model(fresh, corpus.train, ts, desc=tag)
+        trained = trainer.train_model(fresh, corpus.train, ts, desc=tag)
         rows = evaluate.evaluate(fresh, corpus.heldout, lengths, total)
         log(
             f"{tag} eval ppl: "
@@ -247,13 +247,13 @@ def _run(settings, out, resume, log, corpus, total, start) -> tuple[dict, list[s
 
 def _sample(model, corpus: Corpus) -> dict[str, str]:
     """A continuation of a held-out prompt (seeded, so the report is reproducible)."""
-    from relattn.models import decode
+    from relattn.models import ids_to_text
 
     from .sample import sample_bytes
 
     prompt = corpus.heldout[:PROMPT_BYTES].long()
     ids = list(sample_bytes(model, prompt, SAMPLE_BYTES, temperature=0.8, top_k=40, seed=0))
-    return {"prompt": decode(prompt), "continuation": decode(torch.tensor(ids))}
+    return {"prompt": ids_to_text(prompt), "continuation": ids_to_text(torch.tensor(ids))}
 
 
 def _report(models, results, corpus, settings, out: Path, final: bool) -> None:

@@ -3,16 +3,31 @@ values, and every head's attention weights."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import relattn
 
-__all__ = ["attention_maps", "byte_label", "encoding_names", "layer_qkv", "learned_tables"]
+from ..models import TinyLM
+from ..models.tinylm import Block
+from ..nn import RelativeSelfAttention
+
+__all__ = [
+    "attention_maps",
+    "block",
+    "blocks",
+    "byte_label",
+    "encoding_names",
+    "layer_qkv",
+    "learned_tables",
+]
 
 
-def encoding_names(attn: nn.Module) -> list[str]:
+def encoding_names(attn: RelativeSelfAttention) -> list[str]:
     """The registered names of an attention layer's encodings (rotation first), looked up by
     class in :func:`relattn.pe.specs`; a module of an unregistered class shows its class name."""
     names = []
@@ -21,6 +36,16 @@ def encoding_names(attn: nn.Module) -> list[str]:
             found = [s.name for s in relattn.pe.specs() if type(module) is s.cls]
             names.append(found[0] if found else type(module).__name__)
     return names
+
+
+def blocks(model: TinyLM) -> Iterable[Block]:
+    """The model's transformer blocks, in order (typed: ``model.blocks`` is a ModuleList)."""
+    return cast("Iterable[Block]", model.blocks)
+
+
+def block(model: TinyLM, layer: int) -> Block:
+    """Block ``layer`` of the model."""
+    return cast(Block, model.blocks[layer])
 
 
 def byte_label(b: int) -> str:
@@ -32,15 +57,15 @@ def byte_label(b: int) -> str:
 
 
 @torch.no_grad()
-def learned_tables(model: nn.Module, max_offset: int) -> list[np.ndarray]:
+def learned_tables(model: TinyLM, max_offset: int) -> list[np.ndarray]:
     """Each layer's additive position table over offsets ``0 .. max_offset``.
 
     Returns:
         One ``(H, max_offset + 1)`` array per layer; empty if the model has no additive encoding.
     """
     tables = []
-    for block in model.blocks:
-        pe = block.attn.pe
+    for layer in blocks(model):
+        pe = layer.attn.pe
         if pe is None:
             return []
         tables.append(pe.table(0, max_offset).float().cpu().numpy())
@@ -48,7 +73,7 @@ def learned_tables(model: nn.Module, max_offset: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def layer_qkv(model: nn.Module, idx: Tensor, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+def layer_qkv(model: TinyLM, idx: Tensor, layer: int) -> tuple[Tensor, Tensor, Tensor]:
     """The queries, keys and values that layer ``layer`` computes for the token ids ``idx``.
 
     The layer's input is captured with a forward pre-hook while the model runs, then passed
@@ -61,7 +86,7 @@ def layer_qkv(model: nn.Module, idx: Tensor, layer: int) -> tuple[Tensor, Tensor
         ``q: (B, H, N, D)``, ``k, v: (B, Hkv, N, D)``, before RoPE (which
         :func:`relattn.attention_weights` applies through ``pe``).
     """
-    attn = model.blocks[layer].attn
+    attn = block(model, layer).attn
     captured: list[Tensor] = []
     handle = attn.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     was_training = model.training
@@ -75,7 +100,7 @@ def layer_qkv(model: nn.Module, idx: Tensor, layer: int) -> tuple[Tensor, Tensor
 
 
 @torch.no_grad()
-def attention_maps(model: nn.Module, idx: Tensor) -> np.ndarray:
+def attention_maps(model: TinyLM, idx: Tensor) -> np.ndarray:
     """Every head's attention weights on ``idx`` ``(1, N)``, every layer.
 
     Returns:
@@ -83,8 +108,8 @@ def attention_maps(model: nn.Module, idx: Tensor) -> np.ndarray:
         the diagonal.
     """
     maps = []
-    for layer, block in enumerate(model.blocks):
-        attn = block.attn
+    for layer, each in enumerate(blocks(model)):
+        attn = each.attn
         q, k, _ = layer_qkv(model, idx, layer)
         pe = [m for m in (attn.rope, attn.pe) if m is not None] or None
         weights = relattn.attention_weights(q, k, pe, causal=True, scale=attn.scale)

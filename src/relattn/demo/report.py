@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..cli._common import atomic_write_text
+from .._io import atomic_write_text
 
 REPORT_FILES = ("report.md", "report.html")
 
@@ -73,13 +73,15 @@ def summarize(models: dict[str, dict], context: int) -> list[str]:
     at_train = {n: next(r["ppl"] for r in rows[n] if r["length"] == context) for n in names}
     at_long = {n: rows[n][-1]["ppl"] for n in names}
     lines = []
-    best_short = min(names, key=at_train.get)
-    best_long = min(names, key=at_long.get)
+    best_short = min(names, key=at_train.__getitem__)
+    best_long = min(names, key=at_long.__getitem__)
     lines.append(
         f"At the training length ({context} bytes) the best held-out perplexity is "
         f"{best_short}'s ({at_train[best_short]:.3f})."
     )
-    kept, mild, broke = [], [], []
+    kept: list[str] = []
+    mild: list[str] = []
+    broke: list[str] = []
     for n in names:
         ratio = at_long[n] / at_train[n]
         (kept if ratio <= 1.02 else mild if ratio <= 1.25 else broke).append(f"{n} ×{ratio:.2f}")

@@ -6,14 +6,16 @@ import codecs
 from collections.abc import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from ..models import TinyLM
 
 __all__ = ["sample_bytes", "sample_text"]
 
 
 @torch.no_grad()
 def sample_bytes(
-    model: nn.Module,
+    model: TinyLM,
     prompt: Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -62,13 +64,13 @@ def _draw(logits: Tensor, temperature: float, top_k: int | None, generator) -> i
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample_text(model: nn.Module, prompt: str, max_new_tokens: int, **kwargs) -> Iterator[str]:
+def sample_text(model: TinyLM, prompt: str, max_new_tokens: int, **kwargs) -> Iterator[str]:
     """:func:`sample_bytes` decoded as UTF-8 text piece by piece (a character split across
     bytes appears once complete; invalid bytes become U+FFFD)."""
-    from relattn.models import encode
+    from relattn.models import text_to_ids
 
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in sample_bytes(model, encode(prompt), max_new_tokens, **kwargs):
+    for token in sample_bytes(model, text_to_ids(prompt), max_new_tokens, **kwargs):
         piece = decoder.decode(bytes([token]))
         if piece:
             yield piece

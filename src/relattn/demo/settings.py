@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .train import DEFAULT_ENCODINGS, TrainSettings
+from .trainer import DEFAULT_ENCODINGS, TrainSettings
 
 
 @dataclass

@@ -49,21 +49,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from relattn.demo.probe import byte_label, encoding_names
+from relattn.demo.probe import block, byte_label, encoding_names
 
-from .._common import (
-    SEED_MAX,
-    CLIError,
-    add_encoding_params,
-    bounded_int,
-    check_writable_file,
-    describe_params,
-    encoding_kwargs,
-    parse_pe,
-)
+from ..._errors import UserError
+from .._args import bounded_int, seed_flag
+from .._paths import check_writable_file
+from .._pe_flags import add_encoding_params, describe_params, encoding_kwargs, parse_pe
 from . import compute, encodings, render, to_json
 
 MAX_TOKENS, MAX_HEADS, MAX_DIM, MAX_TABLE = 128, 64, 1024, 4096
@@ -89,12 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--query", type=int, metavar="I", help="explain only query I")
     parser.add_argument("--head", type=int, metavar="H", help="show only head H")
-    parser.add_argument(
-        "--seed",
-        type=bounded_int(0, SEED_MAX),
-        metavar="S",
-        help=f"embedding seed (default {DEFAULT_SEED})",
-    )
+    seed_flag(parser, f"embedding seed (default {DEFAULT_SEED})")
     parser.add_argument(
         "--table",
         type=bounded_int(0, MAX_TABLE),
@@ -117,15 +107,15 @@ def _tokens(args: argparse.Namespace) -> list[str]:
         tokens = args.text.split()
         unit = "word"
     if not tokens:
-        raise CLIError(f"text must contain at least one {unit}; got an empty or blank string")
+        raise UserError(f"text must contain at least one {unit}; got an empty or blank string")
     if len(tokens) > MAX_TOKENS:
-        raise CLIError(
+        raise UserError(
             f"text must have at most {MAX_TOKENS} {unit}s (explain prints every query's every "
             f"key); got {len(tokens)}"
         )
     if args.query is not None and not 0 <= args.query < len(tokens):
         many = f"{len(tokens)} {unit}" + ("s" if len(tokens) > 1 else "")
-        raise CLIError(
+        raise UserError(
             f"--query must be between 0 and {len(tokens) - 1} (the text has {many}); "
             f"got {args.query}"
         )
@@ -134,7 +124,7 @@ def _tokens(args: argparse.Namespace) -> list[str]:
 
 def _from_seeded_vectors(args: argparse.Namespace, tokens: list[str]):
     if args.layer is not None:
-        raise CLIError("--layer applies only with --checkpoint")
+        raise UserError("--layer applies only with --checkpoint")
     names = parse_pe(args.pe if args.pe is not None else DEFAULT_PE)
     heads = args.heads or DEFAULT_HEADS
     dim = args.dim or DEFAULT_DIM
@@ -143,19 +133,20 @@ def _from_seeded_vectors(args: argparse.Namespace, tokens: list[str]):
     try:
         modules = encodings.build(names, heads, dim, seed, kwargs)
     except (ValueError, TypeError) as e:
-        raise CLIError(f"--pe {'+'.join(names) or 'none'}: {e}") from None
+        raise UserError(f"--pe {'+'.join(names) or 'none'}: {e}") from None
     q, k, v = compute.embed(tokens, heads, dim, seed)
     ex = compute.explain(tokens, q, k, v, modules)
     used = describe_params(names, kwargs)
-    encoding = {
+    encoding: dict[str, Any] = {
         "pe": "+".join(names) or "none",
         "names": names,
         "params": used,
         "illustrative": encodings.is_illustrative(names),
     }
     for module in modules:
-        if isinstance(getattr(module, "slopes", None), torch.Tensor):
-            encoding["slopes"] = module.slopes.tolist()
+        slopes = getattr(module, "slopes", None)
+        if isinstance(slopes, torch.Tensor):
+            encoding["slopes"] = slopes.tolist()
     meta = {"heads": heads, "dim": dim, "seed": seed}
     intro = [
         f"q, k, v: seeded random vectors per word (--seed {seed}; a repeated word gets the "
@@ -182,26 +173,26 @@ def _from_checkpoint(args: argparse.Namespace, tokens: list[str]):
     ]
     given += [k for k, v in vars(args).items() if k.startswith("pe_") and v is not None]
     if given:
-        raise CLIError(f"{given[0]} does not apply with --checkpoint (the model defines it)")
-    from relattn.demo.checkpoint import load_model
+        raise UserError(f"{given[0]} does not apply with --checkpoint (the model defines it)")
+    from relattn.demo.model_folders import load_model
 
     model = load_model(args.checkpoint, "--checkpoint")
     config = model.config
     layer = 0 if args.layer is None else args.layer
     if not 0 <= layer < config.num_layers:
-        raise CLIError(
+        raise UserError(
             f"--layer must be between 0 and {config.num_layers - 1} (the model has "
             f"{config.num_layers} layers); got {layer}"
         )
     ids = torch.tensor([list(args.text.encode("utf-8"))], dtype=torch.long)
     if ids.max() >= config.vocab_size:
-        raise CLIError(
+        raise UserError(
             f"the text has bytes above the model's vocabulary ({config.vocab_size} tokens)"
         )
     ex = compute.from_model(model, ids, tokens, layer)
-    attn = model.blocks[layer].attn
+    attn = block(model, layer).attn
     names = encoding_names(attn)
-    encoding = {
+    encoding: dict[str, Any] = {
         "pe": "+".join(names) or "none",
         "names": names,
         "params": {},
@@ -240,8 +231,9 @@ def table(modules: list, n: int) -> dict:
     with torch.no_grad():
         for m in additive:
             values = values + m.table(0, n).float()
-            if hasattr(m, "buckets"):
-                buckets = m.buckets(torch.arange(n + 1))
+            of = getattr(m, "buckets", None)  # T5's bucket of each offset
+            if callable(of):
+                buckets = of(torch.arange(n + 1))
     return {"offsets": list(range(n + 1)), "values": values, "buckets": buckets}
 
 
@@ -256,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         ex, modules, encoding, meta, intro, about, title = _from_seeded_vectors(args, tokens)
     num_heads = ex.weights.shape[0]
     if args.head is not None and not 0 <= args.head < num_heads:
-        raise CLIError(f"--head must be between 0 and {num_heads - 1}; got {args.head}")
+        raise UserError(f"--head must be between 0 and {num_heads - 1}; got {args.head}")
     heads = [args.head] if args.head is not None else list(range(num_heads))
     single = args.query is not None
     queries = [args.query] if single else list(range(len(tokens)))
@@ -297,7 +289,7 @@ def _write_pngs(png: str, ex, modules, heads: list[int], tab, title: str) -> lis
                 title=f"table T[h, Δ], Δ = 0..{tab['offsets'][-1]}",
             )
     except viz.PlotUnavailable as e:
-        raise CLIError(str(e)) from None
+        raise UserError(str(e)) from None
     except OSError as e:
-        raise CLIError(f"--png cannot write {paths[-1]!r}: {e.strerror or e}") from None
+        raise UserError(f"--png cannot write {paths[-1]!r}: {e.strerror or e}") from None
     return paths

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import relattn
+from relattn.models import TinyLM
+from relattn.pe import PositionEncoding, RoPE
 
 __all__ = ["Explanation", "embed", "explain", "from_model", "seeded"]
 
@@ -51,7 +54,7 @@ def explain(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    encodings: list[nn.Module],
+    encodings: Sequence[PositionEncoding | RoPE],
     scale: float | None = None,
 ) -> Explanation:
     """Scores, PE and weights of causal attention over ``tokens``.
@@ -87,12 +90,13 @@ def explain(
     mask = torch.ones(n, n, dtype=torch.bool).tril()
     buckets = None
     for enc in additive:
-        if hasattr(enc, "buckets"):
-            buckets = enc.buckets(torch.arange(n)[:, None] - torch.arange(n)[None, :])
+        of = getattr(enc, "buckets", None)  # T5's bucket of each offset
+        if callable(of):
+            buckets = of(torch.arange(n)[:, None] - torch.arange(n)[None, :])
     return Explanation(tokens, scale, mask, dot, pe, scores, weights, output, buckets)
 
 
-def from_model(model: nn.Module, ids: Tensor, tokens: list[str], layer: int) -> Explanation:
+def from_model(model: TinyLM, ids: Tensor, tokens: list[str], layer: int) -> Explanation:
     """:func:`explain` with a trained TinyLM's own queries, keys and values at ``layer``.
 
     Args:
@@ -101,9 +105,9 @@ def from_model(model: nn.Module, ids: Tensor, tokens: list[str], layer: int) -> 
         tokens: the N labels shown for them.
         layer: which block's attention.
     """
-    from relattn.demo.probe import layer_qkv
+    from relattn.demo.probe import block, layer_qkv
 
-    attn = model.blocks[layer].attn
+    attn = block(model, layer).attn
     q, k, v = layer_qkv(model, ids, layer)
     encodings = [m for m in (attn.rope, attn.pe) if m is not None]
     return explain(tokens, q.float(), k.float(), v.float(), encodings, attn.scale)

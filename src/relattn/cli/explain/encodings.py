@@ -7,12 +7,14 @@ keeps its real values.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from relattn import pe
+from relattn.pe import PositionEncoding, RoPE
 
 from .compute import seeded
 
@@ -21,16 +23,22 @@ __all__ = ["build", "describe", "is_illustrative"]
 
 def build(
     names: list[str], num_heads: int, head_dim: int, seed: int, kwargs: dict[str, dict[str, Any]]
-) -> list[nn.Module]:
+) -> list[PositionEncoding | RoPE]:
     """One module per registered name, in order, with deterministic values from ``seed``.
 
     Raises:
-        ValueError, TypeError: a parameter the encoding rejects.
+        ValueError, TypeError: a parameter the encoding rejects, or an encoding that is neither
+            a PositionEncoding nor a RoPE (what relattn.attention takes as ``pe``).
     """
     modules = []
     for name in names:
         with torch.random.fork_rng(devices=[]):  # constructors draw from the global RNG
             module = pe.create(name, num_heads, head_dim, **kwargs.get(name, {}))
+        if not isinstance(module, (PositionEncoding, RoPE)):
+            raise TypeError(
+                f"encoding {name!r} must build a relattn.pe.PositionEncoding or RoPE; "
+                f"got {type(module).__name__}"
+            )
         if pe.spec(name).learnable:
             g = seeded(seed, "pe", name)
             with torch.no_grad():
@@ -45,7 +53,7 @@ def is_illustrative(names: list[str]) -> bool:
     return any(pe.spec(name).learnable for name in names)
 
 
-def describe(names: list[str], modules: list[nn.Module], used: dict[str, Any]) -> list[str]:
+def describe(names: list[str], modules: Sequence[nn.Module], used: dict[str, Any]) -> list[str]:
     """Plain-language lines about the encodings: the registry's descriptions, their parameters,
     and per-head values where an encoding exposes them (slopes, r1/r2)."""
     if not names:

@@ -186,7 +186,7 @@ def _render_table(table: dict) -> list[str]:
 
 def _bucket_spans(buckets: list[int]) -> list[str]:
     """Which offsets each T5 bucket holds, wrapped: ``0–15: one each; 16: Δ 16–18; …``."""
-    runs = []  # (bucket, first Δ, last Δ)
+    runs: list[list[int]] = []  # (bucket, first Δ, last Δ)
     for delta, b in enumerate(buckets):
         if runs and runs[-1][0] == b:
             runs[-1][2] = delta

@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from relattn import pe as encodings
+from relattn.models import TinyLM, TinyLMConfig
 
-from ..cli._common import Progress
+from .._progress import Progress
 from .data import Batches
 
 __all__ = [
@@ -75,15 +76,13 @@ def model_encoding(names: list[str]) -> dict[str, Any]:
     return {"pe": additive[0] if additive else "none", "rope": bool(rotations)}
 
 
-def build_model(names: list[str], s: TrainSettings, max_seq_len: int = 1 << 20) -> nn.Module:
+def build_model(names: list[str], s: TrainSettings, max_seq_len: int = 1 << 20) -> TinyLM:
     """A fresh TinyLM for the encodings ``names``, initialised from ``s.seed``.
 
     ``max_seq_len`` is only the default KV-cache capacity of ``generate()``: the model has no
     absolute positions, so nothing else depends on it, and it is set high so that a checkpoint
     never caps a generation below what the machine's memory allows.
     """
-    from relattn.models import TinyLM, TinyLMConfig
-
     config = TinyLMConfig(
         vocab_size=256,
         d_model=s.d_model,
@@ -117,9 +116,15 @@ class Trainer:
     """
 
     def __init__(
-        self, model: nn.Module, stream: Tensor, s: TrainSettings, state: dict | None = None
+        self, model: TinyLM, stream: Tensor, s: TrainSettings, state: dict | None = None
     ) -> None:
-        if (s.steps is None) == (s.minutes is None):
+        # The run's length: steps, or seconds of a time budget (shown as m:ss).
+        self.budget: float
+        if s.steps is not None and s.minutes is None:
+            self.budget, self.unit = s.steps, ""
+        elif s.minutes is not None and s.steps is None:
+            self.budget, self.unit = 60 * s.minutes, "s"
+        else:
             raise ValueError("give exactly one of steps and minutes")
         self.model, self.s = model, s
         decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -144,9 +149,7 @@ class Trainer:
 
     def fraction(self) -> float:
         """How much of the run is done, in [0, 1]."""
-        if self.s.steps is not None:
-            return self.step / self.s.steps
-        return self.elapsed / (60 * self.s.minutes)
+        return self.position() / self.budget
 
     def state(self) -> dict[str, Any]:
         """Everything :class:`Trainer` needs to continue this run (with the model's weights)."""
@@ -172,10 +175,8 @@ class Trainer:
             Interrupted: on Ctrl-C, with the state after the last finished step.
         """
         s, model = self.s, self.model
-        budget = s.steps if s.steps is not None else 60 * s.minutes
-        unit = "" if s.steps is not None else "s"
         start_step, start_elapsed = self.step, self.elapsed
-        bar = None if quiet else Progress(budget, desc, unit=unit, start=self.position())
+        bar = None if quiet else Progress(self.budget, desc, unit=self.unit, start=self.position())
         every = max(1, (s.steps or 500) // 50)
         model.train()
         t0 = time.perf_counter() - self.elapsed
@@ -206,7 +207,7 @@ class Trainer:
 
     def position(self) -> float:
         """Steps done, or seconds trained for a time budget."""
-        return self.step if self.s.steps is not None else self.elapsed
+        return self.elapsed if self.unit == "s" else self.step
 
     def _step(self, every: int) -> None:
         for group in self.opt.param_groups:
@@ -234,7 +235,7 @@ def _k(x: float) -> str:
 
 
 def train_model(
-    model: nn.Module, stream: Tensor, s: TrainSettings, desc: str = "", quiet: bool = False
+    model: TinyLM, stream: Tensor, s: TrainSettings, desc: str = "", quiet: bool = False
 ) -> dict[str, Any]:
     """Train ``model`` from scratch for the run ``s`` describes (see :meth:`Trainer.run`)."""
     return Trainer(model, stream, s).run(desc=desc, quiet=quiet)

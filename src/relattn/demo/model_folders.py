@@ -1,5 +1,6 @@
-"""Checkpoint folders for the tools: loading one for a command, and saving a model so that no
-crash or Ctrl-C leaves a folder that disagrees with itself.
+"""Model folders for the tools: loading one for a command, saving a training run so that
+``--resume`` continues it, and saving a model so that no crash or Ctrl-C leaves a folder that
+disagrees with itself.
 
 A model folder is what :meth:`relattn.models.TinyLM.save` writes. ``relattn train`` adds
 ``training.json`` (settings, corpus, curve, results; for people) and ``training_state.pt``
@@ -20,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..cli._common import CLIError, atomic_write_bytes, atomic_write_text
+from .._errors import UserError
+from .._io import atomic_write_bytes, atomic_write_text
+from ..models import TinyLM
 
 __all__ = [
     "INFO_FILE",
@@ -37,20 +39,18 @@ INFO_FILE = "training.json"
 STATE_FILE = "training_state.pt"
 
 
-def load_model(path: str | os.PathLike, flag: str) -> nn.Module:
-    """:meth:`TinyLM.load`, with every way it can fail as one :class:`CLIError` line."""
-    from relattn.models import TinyLM
-
+def load_model(path: str | os.PathLike, flag: str) -> TinyLM:
+    """:meth:`TinyLM.load`, with every way it can fail as one :class:`UserError` line."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise CLIError(f"{flag} {str(path)!r} does not exist")
+        raise UserError(f"{flag} {str(path)!r} does not exist")
     if not p.is_dir():
-        raise CLIError(f"{flag} {str(path)!r} is not a folder (give a checkpoint folder)")
+        raise UserError(f"{flag} {str(path)!r} is not a folder (give a checkpoint folder)")
     try:
         model = TinyLM.load(p)
     except (FileNotFoundError, ValueError, TypeError, ImportError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"{flag} {str(path)!r} is not a usable checkpoint: {first}") from None
+        raise UserError(f"{flag} {str(path)!r} is not a usable checkpoint: {first}") from None
     return model.eval()
 
 
@@ -65,7 +65,7 @@ def _weights_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _save_model_files(model: nn.Module, folder: Path) -> None:
+def _save_model_files(model: TinyLM, folder: Path) -> None:
     """The model's files into ``folder``, each replaced atomically (written beside, renamed)."""
     with tempfile.TemporaryDirectory(prefix=".saving-", dir=folder) as tmp:
         model.save(tmp)
@@ -73,9 +73,7 @@ def _save_model_files(model: nn.Module, folder: Path) -> None:
             os.replace(Path(tmp) / name, folder / name)
 
 
-def save_training(
-    folder: Path, model: nn.Module, state: dict[str, Any], info: dict[str, Any]
-) -> None:
+def save_training(folder: Path, model: TinyLM, state: dict[str, Any], info: dict[str, Any]) -> None:
     """Save a training run: the model (loadable by ``TinyLM.load``), ``training.json`` and the
     resumable state, in that order, each file atomically."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,17 +84,17 @@ def save_training(
     atomic_write_bytes(folder / STATE_FILE, buffer.getvalue())
 
 
-def read_training(folder: Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+def read_training(folder: Path) -> tuple[TinyLM, dict[str, Any], dict[str, Any]]:
     """The model, ``training.json`` and the resumable state of a run saved by
     :func:`save_training`.
 
     Raises:
-        CLIError: a missing, unreadable or mismatched file, in one line.
+        UserError: a missing, unreadable or mismatched file, in one line.
     """
     where = f"--resume: {folder}"
     for name in (INFO_FILE, STATE_FILE):
         if not (folder / name).is_file():
-            raise CLIError(f"{where} has no {name}: nothing to resume (run without --resume)")
+            raise UserError(f"{where} has no {name}: nothing to resume (run without --resume)")
     model = load_model(folder, "--resume")
     try:
         info = json.loads((folder / INFO_FILE).read_text())
@@ -106,18 +104,18 @@ def read_training(folder: Path) -> tuple[nn.Module, dict[str, Any], dict[str, An
         if not isinstance(state, dict):
             raise ValueError(f"expected a dict, got {type(state).__name__}")
     except Exception as e:  # noqa: BLE001  (json, pickle and zip errors alike)
-        raise CLIError(
+        raise UserError(
             f"{where}: a training file is unreadable ({e}); run without --resume to start over"
         ) from None
     if state.get("weights_sha256") != _weights_digest(folder):
-        raise CLIError(
+        raise UserError(
             f"{where}: {STATE_FILE} belongs to other weights (an interrupted save?); run "
             "without --resume to start over"
         )
     return model, info, state
 
 
-def save_model_dir(model: nn.Module, folder: Path) -> None:
+def save_model_dir(model: TinyLM, folder: Path) -> None:
     """``model.save(folder)`` through a sibling temporary folder and renames, so ``folder`` is
     always the old checkpoint or the new one, never a mixture (a crash between the two renames
     leaves no ``folder`` at all, which a resume treats as not trained)."""

@@ -81,7 +81,8 @@ def decode_rows(
         One dict per (encoding, Nk): ``encoding``, ``nk``, ``hkv``, the median seconds per
         contender (``<key>_s``), and, round by round as (p25, median, p75),
         ``vs_sdpa`` (relattn ÷ SDPA without position term), ``vs_bias`` (relattn ÷ SDPA with
-        the bias row) and ``overhead_us`` (relattn − SDPA without position term, µs).
+        the bias row) and ``overhead_us`` (relattn − SDPA without position term, µs); a ratio
+        or overhead is None where a contender failed and has no times.
     """
     say = progress or (lambda line: None)
     rows = []
@@ -94,11 +95,12 @@ def decode_rows(
             row.update({f"{name}_s": t for name, t in med.items()})
             row["vs_sdpa"] = round_ratios(rounds, "relattn", "sdpa")
             row["vs_bias"] = round_ratios(rounds, "relattn", "sdpa_bias")
-            diffs = sorted(
-                (a - b) * 1e6 for a, b in zip(rounds["relattn"], rounds["sdpa"], strict=True)
-            )
-            q1, q2, q3 = statistics.quantiles(diffs, n=4, method="inclusive")
-            row["overhead_us"] = (q1, q2, q3)
+            ours, sdpa = rounds["relattn"], rounds["sdpa"]
+            row["overhead_us"] = None  # as the ratios: None where a contender has no times
+            if isinstance(ours, list) and isinstance(sdpa, list):
+                diffs = sorted((a - b) * 1e6 for a, b in zip(ours, sdpa, strict=True))
+                q1, q2, q3 = statistics.quantiles(diffs, n=4, method="inclusive")
+                row["overhead_us"] = (q1, q2, q3)
             say(f"{encoding} Nk={nk}: {med}")
             rows.append(row)
     return rows

@@ -6,7 +6,7 @@ round-robin. Settings: 1 thread, 2 threads, and 2 threads while a busy loop
 its float32 tile products from the BLAS torch exports (MKL's ``sgemm_``) instead of its own,
 ``cpu_kernel_aten`` with nested ``at::addmm_`` calls.
 
-    python benchmarks/cpu_kernel.py --ns 2048 4096 --rounds 7 --out cpu_kernel.md
+    python benchmarks/cpu_kernel_products.py --ns 2048 4096 --rounds 7 --out cpu_kernel_products.md
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def run(ns: list[int], rounds: int, threads: int, names: tuple[str, ...]) -> lis
     """Median seconds of each contender at each N, round-robin (same process)."""
     import torch
 
-    from relattn.bench.common import time_rounds
+    from relattn.benchmarking.common import time_rounds
 
     torch.set_num_threads(threads)
     rows = []

@@ -1,5 +1,0 @@
-"""Benchmarks: contenders timed side by side in one process (docs/design.md, Benchmark protocol).
-
-``common`` holds the device-independent pieces (machine description, interleaved timing, peak
-memory, Markdown); ``cpu`` the CPU comparison.
-"""
