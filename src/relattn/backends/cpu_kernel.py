@@ -326,7 +326,7 @@ class CpuKernelBackend(Backend):
         such call in a machine's life blocks for the compile, about 30 s (announced on
         stderr).
 
-        Measured (benchmarks/cpu_kernel.py; fp32 training, B=1, H=8, D=64, T5, causal; 2-core
+        Measured (benchmarks/cpu_kernel_products.py; fp32 training, B=1, H=8, D=64, T5, causal; 2-core
         AMD EPYC Zen 4; seconds per step, kernel / chunked / SDPA without bias): N=2048, 1
         thread 0.218 / 0.306 / 0.246; N=4096, 1 thread 0.821 / 1.100 / 0.876; 2 threads
         0.421 / 0.867 / 0.476; 2 threads with one core busy 0.695 / 2.345 / 0.723; and at
