@@ -326,13 +326,13 @@ class CpuKernelBackend(Backend):
         such call in a machine's life blocks for the compile, about 30 s (announced on
         stderr).
 
-        Measured (benchmarks/cpu_kernel_products.py; fp32 training, B=1, H=8, D=64, T5, causal; 2-core
-        AMD EPYC Zen 4; seconds per step, kernel / chunked / SDPA without bias): N=2048, 1
-        thread 0.218 / 0.306 / 0.246; N=4096, 1 thread 0.821 / 1.100 / 0.876; 2 threads
-        0.421 / 0.867 / 0.476; 2 threads with one core busy 0.695 / 2.345 / 0.723; and at
-        N = 160, 256, 512, 1024 with 1 and 2 threads the kernel took 0.43-0.75x chunked's
-        time. No crossover was found from N = 160 up, with 1 thread too, so it is preferred
-        wherever it runs."""
+        Measured (benchmarks/cpu_kernel_products.py; fp32 training, B=1, H=8, D=64, T5, causal;
+        2-core AMD EPYC Zen 4; seconds per step, kernel / chunked / SDPA without bias): N=2048,
+        1 thread 0.218 / 0.306 / 0.246; N=4096, 1 thread 0.821 / 1.100 / 0.876; 2 threads 0.421
+        / 0.867 / 0.476; 2 threads with one core busy 0.695 / 2.345 / 0.723; and at N = 160,
+        256, 512, 1024 with 1 and 2 threads the kernel took 0.43-0.75x chunked's time. No
+        crossover was found from N = 160 up, with 1 thread too, so it is preferred wherever it
+        runs."""
         if q.device.type != "cpu" or not _dtype_ok(q):
             return None
         if not available():
