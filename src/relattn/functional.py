@@ -31,6 +31,7 @@ from ._validate import (
     show,
 )
 from .backends import decode, reference
+from .backends.base import conform
 from .masks import contiguous_documents, offset_range
 from .pe import PositionEncoding, RoPE
 from .problem import Problem
@@ -90,6 +91,9 @@ def attention(
     impl = backends.choose(backend, q, k, problem)
     slopes = _closed_form(additive, q) if impl.fused else None
     table = None if slopes is not None else _table(additive, problem.lo, hi, q)
+    # The layout the backend's kernel reads (the one place a call's tensors are conformed; the
+    # custom op and context parallelism's blocks repeat it, a no-op on tensors that fit).
+    q, k, v, table, slopes = conform(impl.layout, q, k, v, table, slopes)
     out, _ = impl.attention(q, k, v, table, slopes, problem)
     return out
 
@@ -168,6 +172,8 @@ def _decode_step(q, k, v, pe, causal, scale, q_offset, backend) -> Tensor | None
         problem = Problem(q_offset - nk + 1, float(scale), True, q_offset, 0, None, None)
         if backends.choose(backend, q, k, problem) is not decode.BACKEND:
             return None
+    if not q.is_contiguous() or d > 1 and (k.stride(3) != 1 or v.stride(3) != 1):
+        q, k, v, _, _ = conform(decode.BACKEND.layout, q, k, v)  # decode's layout, inlined above
     if pe is None:
         return decode.step(q, k, v, None, 0, scale)
     if not isinstance(pe, PositionEncoding) or getattr(pe, "num_heads", None) != hq:

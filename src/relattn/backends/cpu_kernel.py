@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..masks import doc_bounds
 from ..problem import Problem
-from .base import Backend
+from .base import Backend, Layout
 
 __all__ = ["CpuKernelBackend", "available", "backward", "build_error", "forward", "load"]
 
@@ -203,8 +203,11 @@ def _dtype_ok(q: Tensor) -> bool:
 
 
 def _prepare(q, k, v, table, slopes):
+    """The kernel's dtypes; the layout (contiguous) is :class:`CpuKernelBackend`'s declared
+    one, which the caller's :func:`~relattn.backends.base.conform` gives (the kernel raises on
+    anything else)."""
     dt = q.dtype
-    q, k, v = (x.to(dt).contiguous() for x in (q, k, v))
+    q, k, v = (x.to(dt) for x in (q, k, v))
     empty = q.new_empty(0)
     table = table.to(dt).contiguous() if table is not None else empty
     slopes = slopes.to(dt).contiguous() if slopes is not None else empty
@@ -298,6 +301,7 @@ class CpuKernelBackend(Backend):
     """The fused C++ CPU kernel: float32/float64, every mask."""
 
     name = "cpu_kernel"
+    layout = Layout(q="contiguous", kv="contiguous")  # the C++ kernel indexes dense arrays
 
     def unsupported(self, q: Tensor, k: Tensor, problem: Problem) -> str | None:
         if q.device.type != "cpu":
