@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test explain docs gpu-compile gpu-check
+.PHONY: demo test test-sanitize explain docs gpu-compile gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ test: $(STAMP)
 	$(BIN)/mypy
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q -d site
 	$(BIN)/python -m pytest -n 2 -q
+	$(MAKE) test-sanitize
+
+# The C++ CPU kernel built with AddressSanitizer + UBSan, the tests that reach it run against
+# that build, after proving that a deliberate off-by-one is reported (tools/sanitize.py).
+test-sanitize: $(STAMP)
+	$(BIN)/python tools/sanitize.py
 
 # Every Triton kernel compiled for A100 (sm_80) and H100 (sm_90a) without a GPU: the resource table.
 gpu-compile: $(STAMP)

@@ -18,7 +18,9 @@ and reused from there by later processes. That first call blocks for about a min
 compiles (one line on stderr says so), like a first ``torch.compile``. ``RELATTN_CPU_KERNEL=0``
 turns the backend off. If the build fails, the reason is kept, one warning is given, the build
 is not tried again in this process, ``backend="auto"`` uses the chunked backend, and
-``backend="cpu_kernel"`` raises a RuntimeError with the reason.
+``backend="cpu_kernel"`` raises a RuntimeError with the reason. ``RELATTN_CPU_KERNEL_FLAGS``
+adds compile and link flags (a build of its own name: ``tools/sanitize.py`` builds with
+AddressSanitizer and UBSan this way).
 """
 
 from __future__ import annotations
@@ -74,7 +76,15 @@ def _cflags() -> list[str]:
     # RELATTN_CPU_KERNEL_ISA=avx2: no AVX-512 clone (benchmarks emulate an AVX2-class machine).
     if os.environ.get("RELATTN_CPU_KERNEL_ISA", "").strip().lower() == "avx2":
         flags.append("-DRELATTN_ISA_AVX2")
-    return flags
+    return flags + _extra_flags()
+
+
+def _extra_flags() -> list[str]:
+    """``RELATTN_CPU_KERNEL_FLAGS``: more flags for compiling and linking, after the defaults
+    (so ``-O1`` overrides ``-O3``), e.g. ``-fsanitize=address,undefined`` for the sanitizer
+    build of ``tools/sanitize.py``. They are part of the build's name, so such a build never
+    replaces or is mistaken for the ordinary one."""
+    return os.environ.get("RELATTN_CPU_KERNEL_FLAGS", "").split()
 
 
 def _name() -> str:
@@ -122,6 +132,7 @@ def _build() -> Any:
         name=name,
         sources=[str(SOURCE)],
         extra_cflags=_cflags(),
+        extra_ldflags=_extra_flags(),
         build_directory=build_dir,
         verbose=False,
     )
