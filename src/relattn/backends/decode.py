@@ -56,6 +56,8 @@ def _aten_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
     overlap, or D not innermost, make it write past its output). Inputs conformed to
     :attr:`DecodeBackend.layout` always pass; this guards the kernel against any other caller."""
     d = q.shape[-1]
+    if q.numel() == 0 or k.numel() == 0:
+        return  # nothing is read
     if d > 1 and not (fits(q, "rows") and fits(k, "rows") and fits(v, "rows")):
         raise ValueError(
             "decode backend: q, k and v must have unit stride along D (the last dim); got "
