@@ -172,10 +172,8 @@ def _decode_step(q, k, v, pe, causal, scale, q_offset, backend) -> Tensor | None
         problem = Problem(q_offset - nk + 1, float(scale), True, q_offset, 0, None, None)
         if backends.choose(backend, q, k, problem) is not decode.BACKEND:
             return None
-    if not q.is_contiguous() or d > 1 and (k.stride(3) != 1 or v.stride(3) != 1):
-        q, k, v, _, _ = conform(decode.BACKEND.layout, q, k, v)  # decode's layout, inlined above
     if pe is None:
-        return decode.step(q, k, v, None, 0, scale)
+        return _step(q, k, v, None, 0, scale)
     if not isinstance(pe, PositionEncoding) or getattr(pe, "num_heads", None) != hq:
         return None
     lo = q_offset - nk + 1
@@ -198,7 +196,17 @@ def _decode_step(q, k, v, pe, causal, scale, q_offset, backend) -> Tensor | None
         or (grad and rows.requires_grad)
     ):
         return None
-    return decode.step(q, k, v, rows, start, scale)
+    return _step(q, k, v, rows, start, scale)
+
+
+def _step(q: Tensor, k: Tensor, v: Tensor, rows: Tensor | None, start: int, scale: float):
+    """:func:`decode.step`, which checks the strides itself (one check per token); inputs it
+    cannot read are conformed to the decode backend's layout (copied) and tried again."""
+    try:
+        return decode.step(q, k, v, rows, start, scale)
+    except decode.LayoutError:
+        q, k, v, _, _ = conform(decode.BACKEND.layout, q, k, v)
+        return decode.step(q, k, v, rows, start, scale)
 
 
 # Positions up to 2^62: offsets and q_offset + 1 stay far inside int64 (the general path's bound).

@@ -29,7 +29,7 @@ from ..problem import Problem
 from .base import Backend, Layout, fits
 from .chunked import _antidiagonal_sums, _check, _softmax_backward, _stat_dtype
 
-__all__ = ["MAX_ROWS", "DecodeBackend", "backward", "forward", "step"]
+__all__ = ["MAX_ROWS", "DecodeBackend", "LayoutError", "backward", "forward", "step"]
 
 # ``auto`` sends CPU calls with at most this many query rows here. Measured (no grad, fp32,
 # B = 1, H = 8, D = 64, T5Bias, 1 thread, 2-core AMD EPYC Zen 4 under load): decode took
@@ -49,6 +49,10 @@ _NEG_INF = float("-inf")
 _SERIAL = 32768
 
 
+class LayoutError(ValueError):
+    """Strides that ATen's fused CPU kernel cannot read (see :func:`_aten_layout`)."""
+
+
 def _aten_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
     """Raise unless ATen's fused CPU kernel reads these inputs correctly: it indexes (B, H, N)
     by stride but D as dense, and writes its output in q's stride order (``empty_like``), so
@@ -59,12 +63,12 @@ def _aten_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.numel() == 0 or k.numel() == 0:
         return  # nothing is read
     if d > 1 and not (fits(q, "rows") and fits(k, "rows") and fits(v, "rows")):
-        raise ValueError(
+        raise LayoutError(
             "decode backend: q, k and v must have unit stride along D (the last dim); got "
             f"strides q {tuple(q.stride())}, k {tuple(k.stride())}, v {tuple(v.stride())}"
         )
     if any(s < d for s, n in zip(q.stride()[:-1], q.shape[:-1], strict=True) if n > 1):
-        raise ValueError(
+        raise LayoutError(
             "decode backend: q's rows must not overlap (every dim but D of stride >= D); got "
             f"shape {tuple(q.shape)}, strides {tuple(q.stride())}"
         )
