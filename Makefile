@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-stamp
 LATEST := .venv-latest
 PIP_INSTALL = python -m pip install --disable-pip-version-check
 
-.PHONY: demo test test-hf-floor test-latest lock explain docs gpu-compile gpu-check
+.PHONY: demo test test-hf-floor test-sanitize test-latest lock explain docs gpu-compile gpu-check
 
 $(DEMO_STAMP): pyproject.toml $(LOCK)
 	@echo "relattn: creating $(VENV)/ with $(TORCH) (CPU wheel, about 200 MB to download) and the demo's packages (matplotlib, safetensors)"
@@ -44,6 +44,7 @@ test: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q -d site
 	$(BIN)/python -m pytest -n 2 -q
 	$(MAKE) --no-print-directory test-hf-floor
+	$(MAKE) --no-print-directory test-sanitize
 
 # The transformers integration on the oldest release the package accepts (the lock pins the
 # newest checked one): that release alone, in a folder put ahead of the environment's.
@@ -80,6 +81,11 @@ lock:
 	$(MAKE) --no-print-directory $(LATEST)/.stamp
 	tools/lock.sh $(LATEST)/bin/python > $(LOCK)
 	@echo "relattn: wrote $(LOCK); now rm -rf $(VENV) && make test"
+
+# The C++ CPU kernel built with AddressSanitizer + UBSan, the tests that reach it run against
+# that build, after proving that a deliberate off-by-one is reported (tools/sanitize.py).
+test-sanitize: $(STAMP)
+	$(BIN)/python tools/sanitize.py
 
 # Every Triton kernel compiled for A100 (sm_80) and H100 (sm_90a) without a GPU: the resource table.
 gpu-compile: $(STAMP)

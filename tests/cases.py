@@ -7,6 +7,7 @@ backend joins :data:`BACKENDS` by registering itself before collection.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import pytest
@@ -245,3 +246,45 @@ def check_low_precision(backend, enc_name, mask_name, shape, dtype, device="cpu"
     naive = run_math(q, k, v, pe, grad_out, dtype, **kw)
     assert_flash_accuracy(got, naive, truth, dtype, label=f"{backend} {dtype}: ")
     _rows_without_keys_are_zero(got, {**kw, "_nk": k.shape[2]}, q.shape)
+
+
+# ----------------------------------------------------------------------------- memory layouts
+
+
+def layouts(ndim: int = 4, expandable: tuple[int, ...] = (0, 1)):
+    """A hypothesis strategy of memory layouts for an ``ndim``-d tensor: the order of its dims
+    in storage, a step along each (a non-unit last-dim stride among them), padding after each,
+    a storage offset, and which of the ``expandable`` dims (batch, heads) are stride-0
+    expansions of their first entry. :func:`lay_out` applies one; every property test that
+    draws its inputs through it checks every backend on these layouts."""
+    from hypothesis import strategies as st
+
+    return st.fixed_dictionaries(
+        {
+            "order": st.permutations(range(ndim)),
+            "step": st.lists(st.sampled_from([1, 1, 2, 3]), min_size=ndim, max_size=ndim),
+            "pad": st.lists(st.integers(0, 2), min_size=ndim, max_size=ndim),
+            "offset": st.integers(0, 7),
+            "expand": st.sets(st.sampled_from(expandable)) if expandable else st.just(set()),
+        }
+    )
+
+
+def lay_out(x: torch.Tensor, layout: dict) -> torch.Tensor:
+    """``x``'s values (its first entry along each expanded dim, broadcast) in a tensor of that
+    ``layout``, whose storage elsewhere holds NaN: a kernel that reads outside the view, or
+    assumes other strides, gives NaN or wrong values."""
+    shape = x.shape
+    for dim in layout["expand"]:
+        x = x.narrow(dim, 0, min(1, x.shape[dim]))
+    order, step, pad = layout["order"], layout["step"], layout["pad"]
+    # Storage dims in `order`, each step·size + pad long; the view takes every step-th entry.
+    full = [x.shape[d] * step[d] + pad[d] for d in order]
+    size = layout["offset"] + math.prod(full)
+    buf = torch.full((size,), float("nan"), dtype=x.dtype)
+    stored = buf[layout["offset"] :].view(full)
+    view = stored[tuple(slice(0, x.shape[d] * step[d], step[d]) for d in order)]
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    view = view.permute(*inverse)
+    view.copy_(x)
+    return view.expand(shape)

@@ -96,6 +96,16 @@ CORPUS = [
         V,
         r"non-empty",
     ),
+    # ---- the same mistakes in other layouts (strided, permuted, expanded, sliced, decoding):
+    # validation names the argument before any kernel sees the strides
+    (attn(k=torch.randn(B, H, N, 2 * D + 2)[..., ::2]), V, r"k must have q's head dim"),
+    (attn(v=torch.randn(D, N + 1, H, B).permute(3, 2, 1, 0)), V, r"v must have shape"),
+    (attn(k=torch.randn(1, H, N, D).expand(B + 1, H, N, D)), V, r"q's batch size"),
+    (attn(q=torch.randn(B, H, 1, 2 * D)[..., ::2].double()), T, r"k must have q's dtype"),
+    (attn(q=torch.randn(B, 3, 1, D)[..., :D], q_offset=N - 1), V, r"multiple of k's Hkv"),
+    (attn(q=torch.randn(B, H, 1, D + 1)[..., 1:], q_offset="5"), T, r"q_offset must be an int"),
+    (attn(k=torch.randn(B, H, N, 3 * D)[..., ::3].long()), T, r"k must be a floating-point"),
+    (attn(q=torch.randn(B, H, 1, D), pe=ShortTable(H, short=1)), V, r"ShortTable.table"),
     # ---- scalars
     (attn(causal=1), T, r"causal must be a bool; got int 1"),
     (attn(causal="yes"), T, r"causal must be a bool"),

@@ -10,10 +10,10 @@ import math
 
 import pytest
 import torch
-from cases import BACKENDS, ENCODINGS
+from cases import BACKENDS, ENCODINGS, lay_out, layouts
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracle import delta_grid, pe_bias, pe_leaves, rope_rotate, visible_mask
+from oracle import attention_math, delta_grid, pe_bias, pe_leaves, rope_rotate, visible_mask
 
 import relattn
 from relattn.pe import ALiBi, PositionEncoding, RoPE, T5Bias
@@ -375,3 +375,72 @@ def test_rope_rotation_matches_definition():
     vis = torch.ones(1, 1, 9, 9, dtype=torch.bool)
     torch.testing.assert_close(out.double(), _plain_softmax_attention(s, v.double(), vis),
                                rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+@PROPS
+@given(data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_any_layout_gives_the_float64_answer(backend, data, seed):
+    """Shapes drawn with memory layouts (cases.layouts: storage order, steps along each dim
+    including D, padding, a storage offset, stride-0 batch and heads) and aliasing (k and v one
+    tensor, q a view of it): out without autograd, out and dq, dk, dv with it, against float64
+    math on the same values. Few query rows against more keys (decoding) and full calls."""
+    tiny = backend == "triton"  # the interpreter: small shapes
+    b = data.draw(st.integers(0, 2), label="B")
+    hkv = data.draw(st.integers(1, 2), label="Hkv")
+    hq = hkv * data.draw(st.integers(1, 2), label="group")
+    d = data.draw(st.sampled_from([16] if tiny else [1, 8, 16]), label="D")
+    nk = data.draw(st.integers(1, 24 if tiny else 160), label="Nk")
+    nq = data.draw(st.integers(1, nk), label="Nq")
+    alias = hq == hkv and data.draw(st.booleans(), label="alias")
+    g = torch.Generator().manual_seed(seed)
+    k = lay_out(_randn(g, b, hkv, nk, d), data.draw(layouts(), label="k layout"))
+    if alias:  # one tensor: k = v, q its last rows
+        v, q = k, k[:, :, nk - nq :]
+    else:
+        v = lay_out(_randn(g, b, hkv, nk, d), data.draw(layouts(), label="v layout"))
+        q = lay_out(_randn(g, b, hq, nq, d), data.draw(layouts(), label="q layout"))
+    names = ["none", "t5", "alibi"] + (["rope"] if d % 2 == 0 else [])  # RoPE: pairs of dims
+    pe = _pe(data.draw(st.sampled_from(names), label="pe"), hq, d)
+    grad_out = _randn(g, b, hq, nq, d)
+    kw = {"q_offset": nk - nq}
+    with torch.no_grad():
+        out_ng = relattn.attention(q, k, v, pe, backend=backend, **kw)
+    qq, kk, vv, named = _differentiable(q, k, v, alias)
+    out = relattn.attention(qq, kk, vv, pe, backend=backend, **kw)
+    truth = _math_with_grads(q, k, v, pe, grad_out, alias, **kw)
+    if b == 0:
+        assert out_ng.shape == out.shape == truth["out"].shape
+        return
+    scale = 1.0 + truth["out"].abs().max().item()
+    assert (out_ng - truth["out"]).abs().max().item() <= 2e-5 * scale, "out without autograd"
+    grads = torch.autograd.grad(out, list(named.values()), grad_out)
+    got = {"out": out.detach(), **dict(zip(named, grads, strict=True))}
+    for name, t in truth.items():
+        assert got[name].shape == t.shape, name
+        tol = 2e-5 * (1.0 + t.abs().max().item())
+        assert (got[name].double() - t).abs().max().item() <= tol, name
+
+
+def _differentiable(q, k, v, alias):
+    """The caller's tensors, differentiable with their layout (``detach`` keeps the strides):
+    ``(q, k, v, {name: tensor to differentiate})``; aliased, one tensor x is k and v and its
+    last rows are q."""
+    if alias:
+        x = k.detach().requires_grad_(True)
+        return x[:, :, k.shape[2] - q.shape[2] :], x, x, {"x": x}
+    qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
+    return qq, kk, vv, {"q": qq, "k": kk, "v": vv}
+
+
+def _math_with_grads(q, k, v, pe, grad_out, alias, **kw):
+    """Float64 out and gradients of the formula (tests/oracle.py) for the same values."""
+    qq, kk, vv, named = _differentiable(*(t.detach().double() for t in (q, k, v)), alias)
+    out = attention_math(qq, kk, vv, pe, **kw)
+    if q.shape[0] == 0:
+        return {"out": out}
+    grads = torch.autograd.grad(out, list(named.values()), grad_out.double())
+    return {"out": out.detach(), **dict(zip(named, grads, strict=True))}

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .backends.base import conform
 from .problem import Problem
 
 __all__ = ["fused_attention"]
@@ -80,6 +81,7 @@ def _attention(
     reason = impl.unsupported(q, k, problem)
     if reason:
         raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
+    q, k, v, table, slopes = conform(impl.layout, q, k, v, table, slopes)
     out, lse = impl.forward(q, k, v, table, slopes, problem)
     return out.contiguous(), lse.to(_stat_dtype(q)).contiguous()
 
@@ -111,9 +113,10 @@ def _attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(dq, dk, dv, dtable)``; dtable is an empty tensor when table is None."""
     problem = _problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
-    dq, dk, dv, dtable = backends.get(backend).backward(
-        grad_out, q, k, v, out, lse, table, slopes, problem
-    )
+    impl = backends.get(backend)
+    q, k, v, table, slopes = conform(impl.layout, q, k, v, table, slopes)
+    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
+    dq, dk, dv, dtable = impl.backward(grad_out, q, k, v, out, lse, table, slopes, problem)
     if dtable is None:
         dtable = q.new_empty((0,), dtype=torch.float32)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dtable.contiguous()

@@ -31,6 +31,7 @@ from ._validate import (
     show,
 )
 from .backends import decode, reference
+from .backends.base import conform
 from .masks import contiguous_documents, offset_range
 from .pe import PositionEncoding, RoPE
 from .problem import Problem
@@ -90,6 +91,9 @@ def attention(
     impl = backends.choose(backend, q, k, problem)
     slopes = _closed_form(additive, q) if impl.fused else None
     table = None if slopes is not None else _table(additive, problem.lo, hi, q)
+    # The layout the backend's kernel reads (the one place a call's tensors are conformed; the
+    # custom op and context parallelism's blocks repeat it, a no-op on tensors that fit).
+    q, k, v, table, slopes = conform(impl.layout, q, k, v, table, slopes)
     out, _ = impl.attention(q, k, v, table, slopes, problem)
     return out
 
@@ -169,7 +173,7 @@ def _decode_step(q, k, v, pe, causal, scale, q_offset, backend) -> Tensor | None
         if backends.choose(backend, q, k, problem) is not decode.BACKEND:
             return None
     if pe is None:
-        return decode.step(q, k, v, None, 0, scale)
+        return _step(q, k, v, None, 0, scale)
     if not isinstance(pe, PositionEncoding) or getattr(pe, "num_heads", None) != hq:
         return None
     lo = q_offset - nk + 1
@@ -192,7 +196,17 @@ def _decode_step(q, k, v, pe, causal, scale, q_offset, backend) -> Tensor | None
         or (grad and rows.requires_grad)
     ):
         return None
-    return decode.step(q, k, v, rows, start, scale)
+    return _step(q, k, v, rows, start, scale)
+
+
+def _step(q: Tensor, k: Tensor, v: Tensor, rows: Tensor | None, start: int, scale: float):
+    """:func:`decode.step`, which checks the strides itself (one check per token); inputs it
+    cannot read are conformed to the decode backend's layout (copied) and tried again."""
+    try:
+        return decode.step(q, k, v, rows, start, scale)
+    except decode.LayoutError:
+        q, k, v, _, _ = conform(decode.BACKEND.layout, q, k, v)
+        return decode.step(q, k, v, rows, start, scale)
 
 
 # Positions up to 2^62: offsets and q_offset + 1 stay far inside int64 (the general path's bound).

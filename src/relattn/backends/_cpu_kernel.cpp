@@ -834,11 +834,31 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-d");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "q, k, v must share a dtype");
+  // The kernel indexes dense arrays: anything else is refused, never read past.
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(),
-              "q, k, v must be contiguous");
-  TORCH_CHECK(q.size(1) % k.size(1) == 0, "Hq must be a multiple of Hkv");
+              "relattn cpu kernel: q, k, v must be contiguous; got strides q ", q.strides(),
+              ", k ", k.strides(), ", v ", v.strides(), " (relattn.backends.base.conform)");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "Hq must be a multiple of Hkv");
   TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape");
+  TORCH_CHECK(q.size(0) == k.size(0), "q and k must have the same batch size");
   TORCH_CHECK(q.size(3) == k.size(3), "q and k must have the same head size");
+}
+
+// The position term's tensors: table (Hq, T) contiguous, or slopes (Hq,) contiguous, in q's
+// dtype; empty for none.
+void check_encoding(const at::Tensor& q, const at::Tensor& table, const at::Tensor& slopes) {
+  if (table.numel() > 0) {
+    TORCH_CHECK(table.dim() == 2 && table.size(0) == q.size(1) && table.is_contiguous() &&
+                    table.scalar_type() == q.scalar_type(),
+                "relattn cpu kernel: table must be contiguous (Hq, T) in q's dtype; got sizes ",
+                table.sizes(), ", strides ", table.strides());
+  }
+  if (slopes.numel() > 0) {
+    TORCH_CHECK(slopes.dim() == 1 && slopes.size(0) == q.size(1) && slopes.is_contiguous() &&
+                    slopes.scalar_type() == q.scalar_type(),
+                "relattn cpu kernel: slopes must be contiguous (Hq,) in q's dtype; got sizes ",
+                slopes.sizes(), ", strides ", slopes.strides());
+  }
 }
 
 // x (heads, nk, d) -> out (heads, d, ldt), columns nk .. ldt - 1 zero, d a multiple of 16: in
@@ -901,6 +921,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& doc_lo, const at::Tensor& doc_hi,
                                 const at::Tensor& kpm, int64_t block_m, int64_t block_n) {
   check_inputs(q, k, v);
+  check_encoding(q, table, slopes);
   const Shape s = make_shape(q, k, block_m, block_n, causal, q_offset, window, doc_lo, doc_hi,
                              kpm);
   at::Tensor out = at::empty(q.sizes(), q.options());
@@ -926,9 +947,17 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
                                  const at::Tensor& doc_hi, const at::Tensor& kpm,
                                  int64_t block_m, int64_t block_n, int64_t max_slots) {
   check_inputs(q, k, v);
+  check_encoding(q, table, slopes);
   TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous(),
-              "dout, out, lse must be contiguous");
-  TORCH_CHECK(lse.scalar_type() == q.scalar_type(), "lse must have q's dtype");
+              "relattn cpu kernel: dout, out, lse must be contiguous");
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && lse.dim() == 3 &&
+                  lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                  lse.size(2) == q.size(2),
+              "relattn cpu kernel: dout and out must have q's shape and lse (B, Hq, Nq); got "
+              "dout ", dout.sizes(), ", out ", out.sizes(), ", lse ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type() &&
+                  out.scalar_type() == q.scalar_type(),
+              "dout, out, lse must have q's dtype");
   const Shape s = make_shape(q, k, block_m, block_n, causal, q_offset, window, doc_lo, doc_hi,
                              kpm);
   // One dk/dv/table-gradient buffer per slot; max_slots bounds their memory (fewer threads).

@@ -10,13 +10,83 @@ log-sum-exp; its backward returns dq, dk, dv and the table's gradient
     lse (B, Hq, Nq)    float32 (float64 for float64 inputs), -inf for rows that see no key
 
 ``table`` and ``slopes`` are never both given.
+
+Layouts: each backend declares in :attr:`Backend.layout` the memory layout its kernel reads
+q, k and v in, and :func:`conform` -- the one step every call takes before a backend's
+``forward`` or ``backward`` runs -- hands it only tensors that fit: a tensor that fits passes
+as it is (a view of the caller's storage), one that does not is copied once (autograd of that
+copy returns gradients in the caller's shapes). Tables and slopes always arrive contiguous
+(they are small). Backends never write into their inputs: every output is a tensor they
+allocate, so overlapping or expanded inputs are read-only and safe to pass where they fit.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
 from torch import Tensor
 
 from ..problem import Problem
+
+Need = Literal["strided", "rows", "contiguous"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a backend's kernel needs of the strides of q and of k, v.
+
+    Each field is one of:
+
+    * ``"strided"``: any strided tensor (the backend reads through PyTorch ops, which handle
+      any strides, storage offsets, stride-0 expansion and aliasing);
+    * ``"rows"``: unit stride along the last dim D (each head's rows are dense vectors);
+      anything else goes: storage offsets, stride 0 (expanded batch or heads), permuted
+      outer dims, overlapping rows, q and k one tensor;
+    * ``"contiguous"``: C-contiguous, as :meth:`torch.Tensor.is_contiguous` says.
+
+    PyTorch strides are never negative, so "positive strides" needs no check of its own.
+    """
+
+    q: Need = "contiguous"
+    kv: Need = "contiguous"
+
+
+def fits(t: Tensor, need: Need) -> bool:
+    """Whether ``t`` can go to a kernel that needs ``need`` as it is."""
+    if need == "contiguous":
+        return t.is_contiguous()
+    if need == "rows":
+        return t.shape[-1] <= 1 or t.stride(-1) == 1 or t.numel() == 0
+    return True
+
+
+def conform(
+    layout: Layout,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor | None = None,
+    slopes: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """q, k, v, table and slopes as ``layout`` (and contiguous tables) need them: each tensor
+    that fits is returned as it is, each that does not is copied (``.contiguous()``, which
+    autograd differentiates back into the caller's layout). Costs a few stride checks when
+    everything fits."""
+    if not fits(q, layout.q):
+        q = q.contiguous()
+    need, given_k = layout.kv, k
+    if not fits(k, need):
+        k = k.contiguous()
+    if v is given_k:  # one tensor as k and v (self-attention's tests do it): copied once
+        v = k
+    elif not fits(v, need):
+        v = v.contiguous()
+    if table is not None and not table.is_contiguous():
+        table = table.contiguous()
+    if slopes is not None and not slopes.is_contiguous():
+        slopes = slopes.contiguous()
+    return q, k, v, table, slopes
 
 
 class Backend:
@@ -27,10 +97,14 @@ class Backend:
         fused: True if calls run through the custom op (``forward``/``backward``); False for a
             backend that is plain differentiable PyTorch (the reference), called through
             :meth:`attention`.
+        layout: the strides its kernel can read q, k, v in (see :class:`Layout`); inputs
+            arrive conformed to it. Contiguous by default, which is safe for any native code;
+            a backend that handles more declares it and saves its callers the copies.
     """
 
     name: str = ""
     fused: bool = True
+    layout: ClassVar[Layout] = Layout()
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         """How much ``backend="auto"`` prefers this backend here (higher wins), from static

@@ -25,7 +25,7 @@ from torch import Tensor
 from .._machine import SCHEDULE
 from ..masks import doc_bounds, key_span, offset_visible
 from ..problem import Problem
-from .base import Backend
+from .base import Backend, Layout
 
 # Query rows per block (live scores stay O(H·BLOCK_M·N)) and scores per batched matmul (so a
 # step's scores stay in cache between the matmul, the softmax and the product with v): both
@@ -480,6 +480,7 @@ class ChunkedBackend(Backend):
     """Block by block in plain PyTorch: any device, any floating dtype."""
 
     name = "chunked"
+    layout = Layout(q="strided", kv="strided")  # PyTorch ops only
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         return 10.0

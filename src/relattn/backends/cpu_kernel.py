@@ -19,6 +19,8 @@ and reused from there by later processes. That first call blocks while it compil
 ``RELATTN_CPU_KERNEL=0`` turns the backend off. If the build fails, the reason is kept, one
 warning is given, the build is not tried again in this process, ``backend="auto"`` uses the
 chunked backend, and ``backend="cpu_kernel"`` raises a RuntimeError with the reason.
+``RELATTN_CPU_KERNEL_FLAGS`` adds compile and link flags (a build of its own name:
+``tools/sanitize.py`` builds with AddressSanitizer and UBSan this way).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from torch import Tensor
 
 from ..masks import doc_bounds
 from ..problem import Problem
-from .base import Backend
+from .base import Backend, Layout
 
 __all__ = ["CpuKernelBackend", "available", "backward", "build_error", "forward", "load"]
 
@@ -79,7 +81,15 @@ def _cflags() -> list[str]:
     # RELATTN_CPU_KERNEL_ISA=avx2: no AVX-512 clone (benchmarks emulate an AVX2-class machine).
     if os.environ.get("RELATTN_CPU_KERNEL_ISA", "").strip().lower() == "avx2":
         flags.append("-DRELATTN_ISA_AVX2")
-    return flags
+    return flags + _extra_flags()
+
+
+def _extra_flags() -> list[str]:
+    """``RELATTN_CPU_KERNEL_FLAGS``: more flags for compiling and linking, after the defaults
+    (so ``-O1`` overrides ``-O3``), e.g. ``-fsanitize=address,undefined`` for the sanitizer
+    build of ``tools/sanitize.py``. They are part of the build's name, so such a build never
+    replaces or is mistaken for the ordinary one."""
+    return os.environ.get("RELATTN_CPU_KERNEL_FLAGS", "").split()
 
 
 def _name() -> str:
@@ -129,6 +139,7 @@ def _build() -> Any:
         name=name,
         sources=[str(SOURCE)],
         extra_cflags=_cflags(),
+        extra_ldflags=_extra_flags(),
         build_directory=build_dir,
         verbose=False,
     )
@@ -210,8 +221,11 @@ def _dtype_ok(q: Tensor) -> bool:
 
 
 def _prepare(q, k, v, table, slopes):
+    """The kernel's dtypes; the layout (contiguous) is :class:`CpuKernelBackend`'s declared
+    one, which the caller's :func:`~relattn.backends.base.conform` gives (the kernel raises on
+    anything else)."""
     dt = q.dtype
-    q, k, v = (x.to(dt).contiguous() for x in (q, k, v))
+    q, k, v = (x.to(dt) for x in (q, k, v))
     empty = q.new_empty(0)
     table = table.to(dt).contiguous() if table is not None else empty
     slopes = slopes.to(dt).contiguous() if slopes is not None else empty
@@ -305,6 +319,7 @@ class CpuKernelBackend(Backend):
     """The fused C++ CPU kernel: float32/float64, every mask."""
 
     name = "cpu_kernel"
+    layout = Layout(q="contiguous", kv="contiguous")  # the C++ kernel indexes dense arrays
 
     def unsupported(self, q: Tensor, k: Tensor, problem: Problem) -> str | None:
         if q.device.type != "cpu":

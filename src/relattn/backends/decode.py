@@ -26,10 +26,10 @@ from torch.nn.functional import scaled_dot_product_attention as _sdpa
 
 from ..masks import key_span
 from ..problem import Problem
-from .base import Backend
+from .base import Backend, Layout, fits
 from .chunked import _antidiagonal_sums, _check, _softmax_backward, _stat_dtype
 
-__all__ = ["MAX_ROWS", "DecodeBackend", "backward", "forward", "step"]
+__all__ = ["MAX_ROWS", "DecodeBackend", "LayoutError", "backward", "forward", "step"]
 
 # ``auto`` sends CPU calls with at most this many query rows here. Measured (no grad, fp32,
 # B = 1, H = 8, D = 64, T5Bias, 1 thread, 2-core AMD EPYC Zen 4 under load): decode took
@@ -47,6 +47,31 @@ _FUSED_DEVICES = ("cpu",)
 _NEG_INF = float("-inf")
 # ATen runs an elementwise op on one thread below this many elements (at::internal::GRAIN_SIZE).
 _SERIAL = 32768
+
+
+class LayoutError(ValueError):
+    """Strides that ATen's fused CPU kernel cannot read (see :func:`_aten_layout`)."""
+
+
+def _aten_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Raise unless ATen's fused CPU kernel reads these inputs correctly: it indexes (B, H, N)
+    by stride but D as dense, and writes its output in q's stride order (``empty_like``), so
+    k and v need unit stride along D and q, besides, no other dim of stride below D (rows that
+    overlap, or D not innermost, make it write past its output). Inputs conformed to
+    :attr:`DecodeBackend.layout` always pass; this guards the kernel against any other caller."""
+    d = q.shape[-1]
+    if q.numel() == 0 or k.numel() == 0:
+        return  # nothing is read
+    if d > 1 and not (fits(q, "rows") and fits(k, "rows") and fits(v, "rows")):
+        raise LayoutError(
+            "decode backend: q, k and v must have unit stride along D (the last dim); got "
+            f"strides q {tuple(q.stride())}, k {tuple(k.stride())}, v {tuple(v.stride())}"
+        )
+    if any(s < d for s, n in zip(q.stride()[:-1], q.shape[:-1], strict=True) if n > 1):
+        raise LayoutError(
+            "decode backend: q's rows must not overlap (every dim but D of stride >= D); got "
+            f"shape {tuple(q.shape)}, strides {tuple(q.stride())}"
+        )
 
 
 def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -105,7 +130,7 @@ def _reversed(t: Tensor) -> Tensor:
     """``t.flip(-1)`` for ``t (H, W)``, in pieces that each stay on one thread: the fused
     kernel is then the call's only parallel region (see the module docstring)."""
     if t.numel() <= _SERIAL:
-        return t.flip(-1)
+        return t.flip(-1).contiguous()  # flip keeps a dense input's strides: the views need (W, 1)
     h, w = t.shape
     out = torch.empty(h, w, dtype=t.dtype, device=t.device)
     cols = min(w, _SERIAL)
@@ -199,6 +224,7 @@ class _Setup:
     def fused(self, q: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """ATen's fused CPU kernel for queries ``q (B, Hkv, R, D)`` against the span, with
         rows whose mask is -inf throughout set to out 0, lse -inf."""
+        _aten_layout(q, self.k, self.v)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, self.k, self.v, 0.0, False, attn_mask=mask, scale=self.problem.scale
         )
@@ -256,8 +282,10 @@ def _one_token(q, k, v, table, problem: Problem) -> tuple[Tensor, Tensor] | None
     g, f0, keys = hq // hkv, f.stride(0), c1 - c0
     if keys < nk:
         k, v = k[:, :, c0:c1], v[:, :, c0:c1]
+    q = q.reshape(b, hkv, g, d)
+    _aten_layout(q, k, v)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.reshape(b, hkv, g, d), k, v, 0.0, False,
+        q, k, v, 0.0, False,
         attn_mask=f.as_strided((1, hkv, g, keys), (0, g * f0, f0, 1)), scale=problem.scale,
     )  # fmt: skip
     return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
@@ -266,9 +294,11 @@ def _one_token(q, k, v, table, problem: Problem) -> tuple[Tensor, Tensor] | None
 def step(q: Tensor, k: Tensor, v: Tensor, rows: Tensor | None, start: int, scale: float) -> Tensor:
     """One generated token, no autograd: ``q (B, Hq, 1, D)`` at position ``Nk - 1`` or later
     against every key of ``k, v (B, Hkv, Nk, D)``, all of them visible (causal, no window,
-    doc_ids or padding). ``rows (Hq, W)``, columns contiguous, holds the position term of key
-    ``c`` in column ``start + c``: the encoding's table for offsets ``q_offset - Nk + 1 ..
-    q_offset`` in reverse (or None). Returns ``out (B, Hq, 1, D)`` in q's dtype.
+    doc_ids or padding), q contiguous and k, v of unit stride along D (else a ValueError;
+    ``relattn.functional`` conforms them). ``rows (Hq, W)``, columns contiguous, holds the
+    position term of key ``c`` in column ``start + c``: the encoding's table for offsets
+    ``q_offset - Nk + 1 .. q_offset`` in reverse (or None). Returns ``out (B, Hq, 1, D)`` in
+    q's dtype.
 
     The caller (``relattn.functional``) has checked all of that; this is :func:`forward`'s
     single-row case without the log-sum-exp, through the public
@@ -277,6 +307,8 @@ def step(q: Tensor, k: Tensor, v: Tensor, rows: Tensor | None, start: int, scale
     """
     b, hq, _, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
+    if not q.is_contiguous() or d > 1 and (k.stride(3) != 1 or v.stride(3) != 1):
+        _aten_layout(q.reshape(b, hkv, hq // hkv, d), k, v)  # raises, naming the strides
     g = hq // hkv
     mask = None
     if rows is not None:
@@ -381,6 +413,10 @@ class DecodeBackend(Backend):
     """Few query rows against a long cache: one pass over k and v, no copies of them."""
 
     name = "decode"
+    # ATen's fused CPU kernel indexes (B, H, N) by stride but assumes D dense, and allocates
+    # its output like q (empty_like): q contiguous, so the output is; k, v need dense rows only
+    # (a KV cache's view of a longer buffer is used in place).
+    layout = Layout(q="contiguous", kv="rows")
     # Not routed through the custom op by the caller: attention() below routes itself, and so
     # is handed the encodings' cached table (a fixed ALiBi's too) rather than closed-form slopes
     # to expand at every token.

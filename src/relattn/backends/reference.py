@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..masks import visible
 from ..problem import Problem
-from .base import Backend
+from .base import Backend, Layout
 
 # Below this many scores per head the materializing reference beats the chunked backend on the
 # CPU. With few query rows (Nq <= 128) the decode backend outranks both: it took 0.3-0.5x the
@@ -68,6 +68,7 @@ class ReferenceBackend(Backend):
 
     name = "reference"
     fused = False
+    layout = Layout(q="strided", kv="strided")  # PyTorch ops only
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         tiny = q.device.type == "cpu" and q.shape[2] * k.shape[2] <= TINY

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..masks import doc_bounds
 from ..problem import Problem
-from .base import Backend
+from .base import Backend, Layout, fits
 
 __all__ = ["BACKEND", "TritonBackend"]
 
@@ -71,9 +71,16 @@ def _pow2_at_least(n: int) -> int:
 # ----------------------------------------------------------------------------- host-side prep
 
 
-def _unit_stride(x: Tensor) -> Tensor:
-    """Kernels index (b, h, n) by stride and need unit stride along D."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _unit_stride(name: str, x: Tensor) -> Tensor:
+    """``x``, which the kernels index by its (b, h, n) strides with D dense (the backend's
+    declared layout, which :func:`~relattn.backends.base.conform` gives); anything else is
+    refused rather than read wrongly."""
+    if not fits(x, "rows"):
+        raise ValueError(
+            f"triton backend: {name} must have unit stride along D (the last dim); got shape "
+            f"{tuple(x.shape)}, strides {tuple(x.stride())}"
+        )
+    return x
 
 
 def _doc_ranges(doc_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,7 +103,7 @@ class _Launch:
     """Arguments shared by every kernel of one call."""
 
     def __init__(self, K: ModuleType, q, k, v, table, slopes, problem: Problem):
-        self.q, self.k, self.v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+        self.q, self.k, self.v = _unit_stride("q", q), _unit_stride("k", k), _unit_stride("v", v)
         self.b, self.hq, self.nq, self.d = q.shape
         self.hkv, self.nk = k.shape[1], k.shape[2]
         self.lo, self.scale = problem.lo, problem.scale
@@ -162,6 +169,7 @@ class TritonBackend(Backend):
 
     name = "triton"
     fused = True
+    layout = Layout(q="rows", kv="rows")  # the kernels take strides of (B, H, N), D dense
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         """20 for CUDA tensors when triton is installed; never picked automatically elsewhere
@@ -255,7 +263,8 @@ class TritonBackend(Backend):
         """
         K = _kernels()
         a = _Launch(K, q, k, v, table, slopes, problem)
-        out, grad_out, lse = _unit_stride(out), _unit_stride(grad_out), lse.contiguous()
+        out, grad_out = _unit_stride("out", out), _unit_stride("grad_out", grad_out)
+        lse = lse.contiguous()
         dev = q.device
         delta_out = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
         pre = K.PREPROCESS_BLOCK

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ..backends.base import conform
 from ..masks import key_span
 from ..problem import Problem
 
@@ -69,7 +70,9 @@ def _block_forward(
 ) -> tuple[Tensor, Tensor]:
     """``(out (B, Hq, Nq, D), lse (B, Hq, Nq) float32)`` of one fused call."""
     problem = Problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
-    return backends.get(backend).forward(q, k, v, table, slopes, problem)
+    impl = backends.get(backend)
+    q, k, v, table, slopes = conform(impl.layout, q, k, v, table, slopes)
+    return impl.forward(q, k, v, table, slopes, problem)
 
 
 def _block_backward(
@@ -87,8 +90,10 @@ def _block_backward(
             lo, scale, causal, q_offset, window,
         )  # fmt: skip
     problem = Problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
-    return backends.get(backend).backward(
-        grad_out.contiguous(), q, k, v, out, lse, table, slopes, problem
+    impl = backends.get(backend)
+    q, k, v, table, slopes = conform(impl.layout, q, k, v, table, slopes)
+    return impl.backward(
+        grad_out.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), table, slopes, problem
     )
 
 
