@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def _cpuinfo() -> tuple[str, frozenset[str]]:
     return model, frozenset(flags or ())
 
 
-def detect(env: dict[str, str] | None = None, sysfs: Path = _SYSFS) -> CpuInfo:
+def detect(env: Mapping[str, str] | None = None, sysfs: Path = _SYSFS) -> CpuInfo:
     """The CPU as the OS reports it (``env`` defaults to ``os.environ``)."""
     env = os.environ if env is None else env
     sizes, source = _from_sysfs(sysfs), "sysfs"

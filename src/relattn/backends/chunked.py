@@ -98,7 +98,7 @@ def _batch_range(plan: _Plan, blk: _Block, b: int, q_offset: int) -> tuple[int, 
     """Keys ``[c0, c1)`` of a block for batch b, and whether an extra mask step is needed."""
     c0, c1 = blk.c0, blk.c1
     need_mask = False
-    if plan.doc_start is not None:
+    if plan.doc_start is not None and plan.doc_end is not None:  # set together
         p_first, p_last = q_offset + blk.r0, q_offset + blk.r0 + blk.m - 1
         c0 = max(c0, plan.doc_start[b][p_first])
         c1 = min(c1, plan.doc_end[b][p_last])
@@ -166,6 +166,7 @@ def _extra_mask(
     if key_padding_mask is not None:
         pad = ~key_padding_mask[b, None, c0:c1]
         hidden = pad if hidden is None else hidden | pad
+    assert hidden is not None, "called only where doc_ids or key_padding_mask hides a key"
     return hidden
 
 
@@ -280,7 +281,9 @@ def _foldable(q: Tensor, problem: Problem) -> bool:
     return q.shape[0] > 1 and problem.doc_ids is None and problem.key_padding_mask is None
 
 
-def _fold(q, k, v, table, slopes) -> tuple:
+def _fold(
+    q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, slopes: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """``(q, k, v, table, slopes)`` with the batch folded into the heads: ``(1, B·H, N, D)``,
     the table and slopes repeated per batch row (query head ``b·Hq + h`` still reads kv head
     ``(b·Hq + h) // G = b·Hkv + h // G``)."""
@@ -328,6 +331,7 @@ def forward(
         p, row_max = _probabilities(
             work, terms, base, qb, kt[b, h0:h1, :, c0:c1], hidden, group, h0, m
         )
+        assert row_max is not None  # with_max=True
         # p is exp(s - max)/Σ, so its largest entry is 1/Σ and lse = max + log Σ
         # costs one cheap reduction instead of another exp pass.
         block_lse = row_max - p.amax(dim=-1, keepdim=True).log()
@@ -370,6 +374,7 @@ def backward(
         args = (grad_out.reshape(folded[0].shape), *folded[:3], out.reshape(folded[0].shape))
         dq, dk, dv, dtable = backward(*args, lse.reshape(1, b * hq, nq), *folded[3:], problem)
         if dtable is not None:
+            assert table is not None  # dtable only comes back for a table
             dtable = dtable.view(b, *table.shape).sum(0)
         return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), dtable
     lo, scale, causal, q_offset, window, doc_ids, key_padding_mask = _unpack(problem)
@@ -421,6 +426,7 @@ def backward(
             dterms[h0 * group : h1 * group, base : base + m + keys - 1] += sums
     dq.mul_(scale)
     if dterms is not None:
+        assert table is not None and dtable is not None  # dterms exists only with a table
         dterms = dterms.flip(-1)  # column i is the offset e_min + i
         a, z = max(lo, plan.e_min), min(lo + table.shape[1] - 1, plan.e_max)
         if a <= z:

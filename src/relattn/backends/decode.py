@@ -229,6 +229,9 @@ class _Setup:
             q, self.k, self.v, 0.0, False, attn_mask=mask, scale=self.problem.scale
         )
         if self.maybe_empty:
+            # A row sees no key only where doc/padding or the Δ rules hide keys, and then the
+            # mask is there (F is None only when no offset is hidden).
+            assert mask is not None
             empty = ~(mask > _NEG_INF).any(dim=-1).expand(lse.shape)
             out = out.masked_fill(empty[..., None], 0.0)
             lse = lse.masked_fill(empty, _NEG_INF)
@@ -405,6 +408,7 @@ def backward(
         lo, t = problem.lo, table.shape[1]
         a, z = max(lo, st.e_min), min(lo + t - 1, st.e_max)
         if a <= z:
+            assert dtable is not None  # made above for a table
             dtable[:, a - lo : z - lo + 1] = sums[:, a - st.e_min : z - st.e_min + 1]
     return _as(dq, q.dtype).contiguous(), _as(dk, k.dtype), _as(dv, v.dtype), dtable
 

@@ -269,8 +269,8 @@ class TritonBackend(Backend):
         delta_out = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
         pre = K.PREPROCESS_BLOCK
         tensors, shape = [out, grad_out, delta_out, *a.strides(out, grad_out)], [a.hq, a.nq]
-        sizes = {"HEAD_DIM": a.d, "BLOCK_D": a.flags["BLOCK_D"], "BLOCK_M": pre}
-        K.bwd_preprocess[(_cdiv(a.nq, pre), a.hq, a.b)](*tensors, *shape, **sizes)
+        constants = {"HEAD_DIM": a.d, "BLOCK_D": a.flags["BLOCK_D"], "BLOCK_M": pre}
+        K.bwd_preprocess[(_cdiv(a.nq, pre), a.hq, a.b)](*tensors, *shape, **constants)
 
         deterministic = torch.are_deterministic_algorithms_enabled()
         atomic = table is not None and not deterministic

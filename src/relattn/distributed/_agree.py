@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 _MSG_BYTES = 400
-_KINDS = {None: 0, ValueError: 1, TypeError: 2, RuntimeError: 3}
-_BY_CODE = {code: kind for kind, code in _KINDS.items()}
+# 0 means "no error"; any other exception type travels as RuntimeError (3).
+_KINDS: dict[type[Exception], int] = {ValueError: 1, TypeError: 2, RuntimeError: 3}
+_BY_CODE: dict[int, type[Exception]] = {code: kind for kind, code in _KINDS.items()}
 
 
 def float_fact(x: float) -> int:

@@ -169,6 +169,7 @@ def _backward_from_out(
             work = torch.empty(hkv * group * m * widest, dtype=compute, device=dev)
         else:
             pad[:, :, keys : keys + m].zero_()  # what a wider block left in this row's padding
+        assert work is not None  # allocated with pad
         d0 = q_offset + r1 - 1 - c0
         e = _offsets_vector(table, slopes, hq, d0, m + keys - 1, lo, causal, window, compute, dev)
         bias = e.as_strided((hq, m, keys), (e.stride(0), 1, 1)).view(hkv, group, m, keys)

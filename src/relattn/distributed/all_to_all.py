@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ from .ring import STATS
 
 @dataclass
 class Plan:
-    group: object
+    group: dist.ProcessGroup | None
     rank: int
     world: int
     layout: str
@@ -109,7 +110,7 @@ class AllToAllAttention(torch.autograd.Function):
         return heads_to_seq(plan, [out_h])[0]
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         qh, kh, vh, out_h, lse_h, table_h, slopes_h, table = ctx.saved_tensors
         plan: Plan = ctx.plan
         (dout_h,) = seq_to_heads(plan, [grad_out])
@@ -124,5 +125,6 @@ class AllToAllAttention(torch.autograd.Function):
         dtable = None
         if table is not None and ctx.needs_input_grad[3]:
             dtable = torch.zeros_like(table)
+            assert dt is not None  # a backend's backward returns dtable for a table
             dtable[ctx.heads] = dt
         return dq, dk, dv, dtable, None, None

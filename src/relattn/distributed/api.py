@@ -110,9 +110,9 @@ def context_parallel_attention(
     if strategy == "ring":
         chunk = n if layout == "contiguous" else n // 2
         steps = ring.ring_steps(size, n, layout, causal, window)
-        plan = ring.Plan(group, rank, size, n, chunk, steps, lo, scale, causal, window, name)
-        ring.plan_calls(plan, layout, docs, kpm)
-        return ring.RingAttention.apply(q, k, v, table, slopes, plan)
+        ring_plan = ring.Plan(group, rank, size, n, chunk, steps, lo, scale, causal, window, name)
+        ring.plan_calls(ring_plan, layout, docs, kpm)
+        return ring.RingAttention.apply(q, k, v, table, slopes, ring_plan)
     plan = all_to_all.Plan(group, rank, size, layout, n, lo, scale, causal, window, name, docs, kpm)
     return all_to_all.AllToAllAttention.apply(q, k, v, table, slopes, plan)
 

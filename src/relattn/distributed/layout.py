@@ -126,13 +126,15 @@ def gather(x: Tensor, group, layout: str, *, dim: int) -> Tensor:
     n_local = x.shape[dim]
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.detach().contiguous(), group=group)
-    out = [None] * (2 * size if layout == "zigzag" else size)
+    out: list[Tensor | None] = [None] * (2 * size if layout == "zigzag" else size)
     for r, part in enumerate(parts):
         offset = 0
         for start, c in chunks(r, size, n_local, layout):
             out[start // c] = part.narrow(dim, offset, c)
             offset += c
-    return torch.cat(out, dim=dim)
+    pieces = [p for p in out if p is not None]
+    assert len(pieces) == len(out), "the layout's chunks cover every slot"
+    return torch.cat(pieces, dim=dim)
 
 
 def positions_of(rank: int, world_size: int, n_local: int, layout: str, device=None) -> Tensor:

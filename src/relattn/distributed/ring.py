@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,7 +57,7 @@ class Call:
 class Plan:
     """Everything a ring call needs besides the tensors; identical on every rank but ``calls``."""
 
-    group: object
+    group: dist.ProcessGroup | None
     rank: int
     world: int
     n_local: int
@@ -182,7 +183,10 @@ class _Visiting:
 
     def __init__(self, plan: Plan, k: Tensor, v: Tensor) -> None:
         self.plan, self.own = plan, (k.contiguous(), v.contiguous())
-        self.kv, self.spare, self.incoming, self.works = self.own, [], None, []
+        self.kv: tuple[Tensor, Tensor] = self.own
+        self.spare: list[tuple[Tensor, Tensor]] = []
+        self.incoming: tuple[Tensor, Tensor] | None = None
+        self.works: list = []
 
     def send_on(self) -> None:
         """Start passing the current block to the next rank and receiving the next one."""
@@ -195,6 +199,9 @@ class _Visiting:
 
     def advance(self) -> None:
         _wait(self.works)
+        if self.incoming is None:  # the last step: nothing was sent on, nothing comes
+            self.works = []
+            return
         if self.kv is not self.own:
             self.spare.append(self.kv)
         self.kv, self.incoming, self.works = self.incoming, None, []
@@ -253,7 +260,7 @@ class RingAttention(torch.autograd.Function):
         return out.to(q.dtype)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse, table, slopes = ctx.saved_tensors
         plan: Plan = ctx.plan
         c = plan.chunk
@@ -270,7 +277,10 @@ class RingAttention(torch.autograd.Function):
         # dK/dV of the visiting block accumulate in the buffer that brought them from the
         # previous rank: two buffers in all (the one filling, the one in flight), at the price
         # of waiting for it at the start of the step instead of overlapping that hop.
-        acc, spare, incoming, works = None, None, None, []
+        acc: Tensor | None = None
+        spare: Tensor | None = None
+        incoming: Tensor | None = None
+        works: list = []
         block_lse = iter(ctx.block_lse)
         for s in range(plan.steps):
             if s + 1 < plan.steps:
@@ -280,6 +290,7 @@ class RingAttention(torch.autograd.Function):
             else:
                 _wait(works)
                 acc, spare = incoming, acc
+            assert acc is not None  # step 0 made it; every later step received one
             t0 = time.perf_counter()
             for call in plan.calls[s]:
                 lse_o = next(block_lse)
@@ -300,6 +311,7 @@ class RingAttention(torch.autograd.Function):
                 _chunk(acc[0], call.kj, c)[call.batch, :, call.cols] += dk_
                 _chunk(acc[1], call.kj, c)[call.batch, :, call.cols] += dv_
                 if want_table:
+                    assert dtable is not None and dt_ is not None  # both exist for a table
                     dtable += dt_
                 del dq_, dk_, dv_, dt_
             STATS["compute_s"] += time.perf_counter() - t0
@@ -315,6 +327,7 @@ class RingAttention(torch.autograd.Function):
         _wait(works)
         del visiting, acc, spare
         acc_in = incoming
+        assert acc_in is not None  # plan.steps >= 1
         dk, dv = acc_in[0].to(k.dtype), acc_in[1].to(v.dtype)
         if dtable is not None:
             dtable = dtable.to(table.dtype)

@@ -56,7 +56,7 @@ class T5Bias(PositionEncoding):
         self.num_buckets = num_buckets
         self.max_distance = max_distance
         self.bidirectional = bidirectional
-        self.weight = nn.Parameter(torch.zeros(num_heads, num_buckets))
+        self.weight: Tensor = nn.Parameter(torch.zeros(num_heads, num_buckets))
         nn.init.normal_(self.weight, std=0.02)
 
     @classmethod

@@ -24,6 +24,7 @@ import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,8 +82,11 @@ def _attach_t5(per_layer: bool) -> Callable:
             blocks = getattr(stack, "block", None)
             if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
                 continue
-            owner = blocks[0].layer[0].SelfAttention
-            for block in blocks:
+            # transformers' T5Block: .layer[0].SelfAttention, decoders .layer[1].EncDecAttention
+            # (untyped to us; nn.Module's stubs would call every attribute Tensor | Module)
+            t5_blocks: list[Any] = list(blocks)
+            owner = t5_blocks[0].layer[0].SelfAttention
+            for block in t5_blocks:
                 layer = block.layer[0].SelfAttention
                 source = layer if per_layer else owner
                 layer.__dict__["_relattn_pe"] = SharedT5Bias(source, not owner.is_decoder)
@@ -231,7 +235,7 @@ def apply(model: nn.Module, *, ignore_attention_dropout: bool = False) -> nn.Mod
             f"got {type(ignore_attention_dropout).__name__}"
         )
     model_type = getattr(model.config, "model_type", None)
-    family = _FAMILIES.get(model_type)
+    family = _FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         raise NotImplementedError(
             f"relattn's transformers integration supports model_type in {SUPPORTED_MODEL_TYPES}; "
@@ -315,9 +319,9 @@ def _range_text() -> str:
     return f"transformers >= {low}, < {high}; checked on {', '.join(CHECKED_VERSIONS)}"
 
 
-def _lookup(modeling, name: str, version: str) -> type:
+def _lookup(modeling, name: str, version: str) -> type[nn.Module]:
     cls = getattr(modeling, name, None)
-    if not isinstance(cls, type):
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise NotImplementedError(
             f"{modeling.__name__} in transformers {version} has no class {name}, which "
             f"relattn's integration ({_range_text()}) hooks. {_advice()}"
@@ -325,7 +329,7 @@ def _lookup(modeling, name: str, version: str) -> type:
     return cls
 
 
-def _fit_forward(cls: type, family: _Family, version: str) -> Callable:
+def _fit_forward(cls: type[nn.Module], family: _Family, version: str) -> Callable:
     """``family.forward`` as a replacement for ``cls.forward`` of this transformers version.
 
     Where the two signatures agree, ``family.forward`` itself. Where they differ (a parameter
@@ -340,7 +344,7 @@ def _fit_forward(cls: type, family: _Family, version: str) -> Callable:
     return fitted
 
 
-def _fit(cls: type, family: _Family, version: str) -> Callable:
+def _fit(cls: type[nn.Module], family: _Family, version: str) -> Callable:
     theirs = inspect.signature(cls.forward)
     ours = inspect.signature(family.forward)
     if list(theirs.parameters) == list(ours.parameters):
@@ -441,7 +445,7 @@ def _relattn_mask(
     from transformers import masking_utils as mu
 
     model_type = getattr(config, "model_type", None)
-    family = _FAMILIES.get(model_type)
+    family = _FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         raise NotImplementedError(
             f"attn_implementation={NAME!r} is set by relattn.integrations.transformers.apply() "
@@ -458,6 +462,7 @@ def _relattn_mask(
             return torch.ones(0, dtype=torch.bool, device=device)
         return None
     padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    assert padding is not None  # None only for a None attention_mask, handled above
     padding = padding[:, kv_offset : kv_offset + kv_length].to(torch.bool)
     if family.positions_from_mask:  # data-dependent: a graph break under torch.compile
         _check_contiguous(padding, config.model_type)

@@ -7,6 +7,7 @@ ALiBi families get their slopes computed the way each model computes them.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +38,8 @@ class SharedT5Bias(T5Bias):
         bidirectional: buckets for keys after the query (T5 encoders) or not (decoders).
     """
 
+    _source: nn.Module  # set with object.__setattr__: not a registered submodule
+
     def __init__(self, attention: nn.Module, bidirectional: bool) -> None:
         nn.Module.__init__(self)  # T5Bias.__init__ would create a weight of its own
         embedding = getattr(attention, "relative_attention_bias", None)
@@ -48,14 +51,23 @@ class SharedT5Bias(T5Bias):
         num_buckets, num_heads = embedding.weight.shape
         self.num_heads = num_heads
         self.num_buckets = num_buckets
-        self.max_distance = int(attention.relative_attention_max_distance)
+        # a plain int attribute of T5 attention layers (the stubs say Tensor | Module)
+        self.max_distance = int(cast(int, attention.relative_attention_max_distance))
         self.bidirectional = bool(bidirectional)
         object.__setattr__(self, "_source", attention)
 
     @property
     def weight(self) -> Tensor:
         """The model's weight viewed as ``(H, num_buckets)`` (no copy)."""
-        return self._source.relative_attention_bias.weight.t()
+        embedding = self._source.relative_attention_bias
+        assert isinstance(embedding, nn.Embedding)  # checked in __init__
+        return embedding.weight.t()
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        raise AttributeError(
+            "SharedT5Bias.weight is the model's relative_attention_bias weight; set that instead"
+        )
 
 
 class SlopesALiBi(PositionEncoding):
@@ -70,6 +82,10 @@ class SlopesALiBi(PositionEncoding):
         slopes: ``(H,)`` slopes ``m_h``.
         device_of: a module whose parameters' device the tables follow.
     """
+
+    # set through __dict__ / object.__setattr__: neither a buffer nor a submodule
+    _slopes: Tensor
+    _device_of: nn.Module | None
 
     def __init__(self, slopes: Tensor, device_of: nn.Module | None = None) -> None:
         super().__init__()
