@@ -12,6 +12,11 @@ case is skipped with the reason."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +25,8 @@ from oracle import max_err
 from relattn.models import TinyLM, TinyLMConfig
 
 pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).parent
 
 # skylake-avx512's instructions: AVX-512 F, CD, BW, DQ, VL on top of AVX2 and FMA.
 _SKYLAKE_AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}
@@ -112,3 +119,31 @@ def test_compiled_generate_equals_eager(march):
     model.compile()
     assert torch.equal(model.generate(prompt, 6, temperature=0), greedy)
     assert torch.equal(model.generate(prompt, 6, temperature=0.8, top_k=10, seed=3), sampled)
+
+
+def test_compiled_with_avx2_kernels(tmp_path):
+    """The two tests above again with ATen's AVX2 kernels and inductor's AVX2 code, as an
+    AVX2-only CPU runs them (``ATEN_CPU_CAPABILITY=avx2``, read at import: a fresh process).
+    Inductor gets a cache folder of its own: run with the cache shared with AVX-512 runs, the
+    same model gave NaN logits and glibc heap-corruption aborts (seen 2026-12-06); with a cache
+    of its own it is exact."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("needs a CPU that runs AVX2 code")
+    env = {
+        **os.environ,
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+    }
+    code = (
+        "import torch\n"
+        "import test_compile as t\n"
+        "assert torch.backends.cpu.get_cpu_capability() == 'AVX2'\n"
+        "t.test_compiled_training_step_equals_eager_without_graph_breaks(None)\n"
+        "t.test_compiled_generate_equals_eager(None)\n"
+        "print('avx2 ok')\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0 and "avx2 ok" in run.stdout, run.stdout[-2000:] + run.stderr[-4000:]
