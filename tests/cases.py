@@ -188,9 +188,12 @@ def make_case(enc_name, mask_name, shape, dtype, encodings=None):
 
 
 def skip_unless_runs(backend, q, k, kw, device="cpu"):
-    """Skip the case where ``backend`` declines these inputs (its ``unsupported`` reason: the
-    CPU kernel's bf16 or doc_ids, which ``auto`` sends to chunked, or a kernel that could not
-    be built here, which test_cpu_kernel.py reports as one failure)."""
+    """Skip the case where ``backend`` declines these inputs and does not claim them: its
+    ``unsupported`` reason (the CPU kernel's bf16, which ``auto`` sends to chunked, or a kernel
+    that could not be built here, which test_cpu_kernel.py reports as one failure) where its
+    ``priority`` is None. A backend that declines a case its own priority claims fails: an
+    over-broad ``unsupported`` would otherwise shrink the grid silently (``auto`` would pass
+    the case on to the next backend)."""
     from relattn.problem import Problem
 
     on = lambda t: None if t is None else t.to(device)
@@ -203,9 +206,15 @@ def skip_unless_runs(backend, q, k, kw, device="cpu"):
         doc_ids=on(kw.get("doc_ids")),
         key_padding_mask=on(kw.get("key_padding_mask")),
     )
-    reason = relattn.backends.get(backend).unsupported(q.to(device), k.to(device), problem)
-    if reason is not None:
-        pytest.skip(f"{backend} declines: {reason}")
+    impl = relattn.backends.get(backend)
+    qd, kd = q.to(device), k.to(device)
+    reason = impl.unsupported(qd, kd, problem)
+    if reason is None:
+        return
+    claimed = impl.priority(qd, kd, problem)
+    if claimed is not None:
+        pytest.fail(f"{backend} declines a case its priority ({claimed}) claims: {reason}")
+    pytest.skip(f"{backend} declines: {reason}")
 
 
 def _rows_without_keys_are_zero(got, kw, shape_q):
