@@ -335,7 +335,9 @@ def test_one_token_shortcut_stands_aside(case, monkeypatch, builtin_backends):
         relattn.backends.register(_Eager())
     chosen = []
     real = relattn.backends.choose
-    monkeypatch.setattr(relattn.backends, "choose", lambda *a: chosen.append(1) or real(*a))
+    monkeypatch.setattr(
+        relattn.backends, "choose", lambda *a, **kw: chosen.append(1) or real(*a, **kw)
+    )
     monkeypatch.setattr(decode, "_sdpa", lambda *a, **k: pytest.fail("took the one-token step"))
     relattn.attention(q, k, v, pe, **kw)
     assert chosen
@@ -385,6 +387,43 @@ def test_one_token_shortcut_sees_weight_changes():
         after = relattn.attention(q, k, v, pe, q_offset=39)
         torch.testing.assert_close(after, _general(q, k, v, pe, q_offset=39), rtol=0, atol=0)
     assert not torch.equal(before, after)
+
+
+def test_one_token_with_a_gradient_reads_the_table():
+    """A one-row call that needs a gradient (q requires grad, the table does not) gets the
+    table, not the reversed copy kept for generation steps: output and dq as the reference's."""
+    pe = T5Bias(4).requires_grad_(False)
+    with torch.no_grad():
+        pe.weight.add_(torch.randn_like(pe.weight))
+    q = torch.randn(1, 4, 1, 8, requires_grad=True)
+    k, v = torch.randn(1, 4, 20, 8), torch.randn(1, 4, 20, 8)
+    with torch.no_grad():  # a generation step first: the reversed table is kept
+        step = relattn.attention(q, k, v, pe, q_offset=19)
+    call = relattn.call.prepare(q, k, v, pe, q_offset=19)
+    assert call.reversed is None and call.table is not None
+    out = relattn.attention(q, k, v, pe, q_offset=19)
+    want = relattn.attention(q, k, v, pe, q_offset=19, backend="reference")
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(step, want.detach(), rtol=1e-6, atol=1e-6)
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    (dq_want,) = torch.autograd.grad(want.sum(), q)
+    torch.testing.assert_close(dq, dq_want, rtol=1e-5, atol=1e-6)
+
+
+def test_reversed_table_flattens_as_the_table():
+    """A generation step's call carries the reversed table instead of the table; flattened for
+    the custom op (as_args) it carries the table again, equal to the encoding's."""
+    pe = T5Bias(4)
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 20, 8)
+    with torch.no_grad():
+        call = relattn.call.prepare(q, k, k, pe, q_offset=25)
+        assert call.table is None and call.reversed is not None
+        table = call.as_args()[3]
+        p = call.problem
+        torch.testing.assert_close(table, pe.table(p.lo, 25), rtol=0, atol=0)
+        rebuilt = relattn.backends.base.Call.from_args(call.as_args(), call.backend)
+        out, _ = decode.BACKEND.forward(rebuilt)
+        torch.testing.assert_close(out, relattn.attention(q, k, k, pe, q_offset=25))
 
 
 def test_one_token_shortcut_reports_bad_input_like_the_general_path():

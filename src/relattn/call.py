@@ -47,7 +47,6 @@ def prepare(
     k: Tensor,
     v: Tensor,
     pe: PE = None,
-    *,
     causal: bool = True,
     scale: float | None = None,
     q_offset: int = 0,
@@ -60,15 +59,45 @@ def prepare(
     """The prepared call of :func:`relattn.attention`'s arguments (see its docstring for
     shapes), or a TypeError / ValueError naming the argument, what it expected and what came.
 
-    ``lse=False``: the caller does not read the log-sum-exp (see :class:`Call`).
+    ``lse=False``: the caller does not read the log-sum-exp (see :class:`Call`). The arguments
+    may be passed by position, in this order (the public functions do: a decoding step counts
+    the µs that keyword passing costs).
     """
-    b, hq, nq, d, nk = check_tensors(q, k, v)
+    # check_tensors()'s fast path, written out (a decoding step counts each call)
+    qs: tuple[int, ...] = ()
+    ks: tuple[int, ...] = ()
+    if type(q) is Tensor and type(k) is Tensor and type(v) is Tensor:
+        qs, ks = q.shape, k.shape
+    if (
+        len(qs) == 4
+        and v.shape == ks
+        and len(ks) == 4
+        and q.dtype is k.dtype is v.dtype
+        and q.is_floating_point()
+        and q.is_cpu
+        and k.is_cpu
+        and v.is_cpu
+        and qs[0] == ks[0]
+        and qs[3] == ks[3]
+        and ks[1]
+        and not qs[1] % ks[1]
+        and qs[2]
+        and ks[2]
+        and qs[3]
+    ):
+        b, hq, nq, d = qs
+        nk = ks[2]
+    else:
+        b, hq, nq, d, nk = check_tensors(q, k, v)
     if causal is not True:
         check_bool("causal", causal)
     # Offsets q_offset + r - c, and positions q_offset + r, must stay in int64.
     if type(q_offset) is not int or not INT64_MIN + nk <= q_offset <= INT64_MAX - nq:
         q_offset = check_int("q_offset", q_offset, min=INT64_MIN + nk, max=INT64_MAX - nq)
-    scale = check_scale(scale, d)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif type(scale) is not float or not math.isfinite(scale):
+        scale = check_scale(scale, d)
     w = 0
     if window is not None:
         w = check_optional_int("window", window, min=1) or 0
@@ -79,14 +108,52 @@ def prepare(
         _check_doc_ids(doc_ids, nq, nk, q_offset)
     if key_padding_mask is not None:
         check_per_key("key_padding_mask", key_padding_mask, b, nk, q, "(B, Nk)")
-    rope, additive = split_pe(pe, hq, d)
+    additive: Sequence[PositionEncoding]
+    if pe is None:
+        rope, additive = None, ()
+    elif isinstance(pe, PositionEncoding) and getattr(pe, "num_heads", None) == hq:
+        rope, additive = None, (pe,)  # split_pe()'s fast path, written out
+    else:
+        rope, additive = split_pe(pe, hq, d)
     if rope is not None:
         q, k = rope.rotate(q, q_offset), rope.rotate(k, 0)
-    if not backends.known(backend):
+    if backend != "auto" and not backends.known(backend):
         raise ValueError(f"backend must be one of {backends.names()}; got {backend!r}")
-    lo, hi = offset_range(nq, nk, causal, q_offset, w)
+    if causal is True and not w and q_offset >= nk - 1:
+        lo, hi = q_offset - nk + 1, q_offset + nq - 1  # every offset >= 0: all visible
+    else:
+        lo, hi = offset_range(nq, nk, causal, q_offset, w)
     problem = Problem(lo, scale, causal, q_offset, w, doc_ids, key_padding_mask)
-    impl = backends.choose(backend, q, k, problem)
+    compiling = _compiling()
+    impl = backends.choose(backend, q, k, problem, compiling=compiling)
+    if (
+        impl.reads_reversed
+        and nq == 1
+        and len(additive) == 1
+        and not compiling
+        and not (impl.closed_form and additive[0].closed_form_slopes() is not None)
+    ):
+        # A generation step's table, kept reversed by the encoding's cache (Call.reversed),
+        # if it is a well-formed (Hq, W) table and nothing needs a gradient (the custom op,
+        # and autograd, take the table); else the table's own path below, which reports a
+        # malformed one (and recomputes one that needs a gradient: rare in a one-row call).
+        rows, start = additive[0].cached_reversed(lo, hi)  # rows[:, start + t]: offset hi - t
+        if (
+            type(rows) is Tensor
+            and type(start) is int
+            and rows.dim() == 2
+            and rows.shape[0] == hq
+            and 0 <= start <= rows.shape[1] - (hi - lo + 1)
+            and rows.stride(1) == 1
+            and rows.is_floating_point()
+            and (rows.is_cpu and q.is_cpu or rows.device == q.device)
+            and not (
+                torch.is_grad_enabled()
+                and (rows.requires_grad or q.requires_grad or k.requires_grad or v.requires_grad)
+            )
+        ):
+            reversed_table = rows, start + hi - lo, hi - lo + 1  # the column of offset lo, T
+            return Call(q, k, v, None, None, problem, impl, lse, reversed_table).conformed()
     table, slopes = encoding_terms(additive, lo, hi, q, impl.closed_form)
     return Call(q, k, v, table, slopes, problem, impl, lse).conformed()
 
@@ -99,10 +166,13 @@ def run(call: Call) -> tuple[Tensor, Tensor | None]:
     impl = call.backend
     if impl.autograd:
         return impl.attention(call)
-    if not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and _requires_grad(call)):
+    if not (torch.is_grad_enabled() and _requires_grad(call)) and not _compiling():
         out, lse = impl.forward(call)
         return out.contiguous(), lse
     return fused_attention(call)
+
+
+_compiling = torch.compiler.is_compiling
 
 
 def _requires_grad(call: Call) -> bool:
@@ -120,6 +190,24 @@ def _requires_grad(call: Call) -> bool:
 
 def check_tensors(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]:
     """``(B, Hq, Nq, D, Nk)`` of valid q ``(B, Hq, Nq, D)``, k, v ``(B, Hkv, Nk, D)``."""
+    if type(q) is Tensor and type(k) is Tensor and type(v) is Tensor:
+        # Valid CPU tensors in a few hundred ns (a decoding step counts them); anything else
+        # goes through the checks below, which say what is wrong.
+        qs, ks = q.shape, k.shape
+        if (
+            len(qs) == 4
+            and len(ks) == 4
+            and v.shape == ks
+            and q.dtype is k.dtype is v.dtype
+            and q.is_floating_point()
+            and q.is_cpu
+            and k.is_cpu
+            and v.is_cpu
+        ):
+            b, hq, nq, d = qs
+            kb, hkv, nk, kd = ks
+            if kb == b and kd == d and hkv and not hq % hkv and nq and nk and d:
+                return b, hq, nq, d, nk
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
@@ -245,7 +333,7 @@ def split_pe(pe: PE, hq: int, d: int) -> tuple[RoPE | None, list[PositionEncodin
 
 
 def encoding_terms(
-    additive: list[PositionEncoding], lo: int, hi: int, q: Tensor, closed_form: bool
+    additive: Sequence[PositionEncoding], lo: int, hi: int, q: Tensor, closed_form: bool
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(table (Hq, hi - lo + 1) or None, slopes (Hq,) or None)``: a fixed ALiBi's slopes
     where ``closed_form`` (the backend computes ``-m·|Δ|``) and it is the only encoding, else

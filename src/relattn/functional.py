@@ -60,9 +60,8 @@ def attention(
         v propagate to the rows that see them (as in any attention); they are not masked.
     """
     call = prepare(
-        q, k, v, pe, causal=causal, scale=scale, q_offset=q_offset, window=window,
-        doc_ids=doc_ids, key_padding_mask=key_padding_mask, backend=backend, lse=False,
-    )  # fmt: skip
+        q, k, v, pe, causal, scale, q_offset, window, doc_ids, key_padding_mask, backend, False
+    )
     return run(call)[0]
 
 

@@ -107,6 +107,13 @@ class Call(NamedTuple):
         backend: the backend that runs it (``backends.choose``'s answer).
         lse: whether the caller reads the log-sum-exp (False lets ``forward`` return None
             for it: a no-grad :func:`relattn.attention`).
+        reversed: for a backend with ``reads_reversed`` and one query row, when nothing needs
+            a gradient: ``(rows (Hq, W), at_lo, T)``, the table's columns in reverse order
+            (``rows[:, at_lo - t]`` holds offset ``problem.lo + t`` for ``t < T``, the
+            columns the table would have; see
+            :meth:`relattn.pe.PositionEncoding.cached_reversed`), given *instead of* ``table``
+            (which is then None), so a decoding step neither narrows nor flips the table per
+            token. None otherwise.
     """
 
     q: Tensor
@@ -117,14 +124,26 @@ class Call(NamedTuple):
     problem: Problem
     backend: Backend
     lse: bool = True
+    reversed: tuple[Tensor, int, int] | None = None
+
+    def with_table(self) -> Call:
+        """This call with ``table`` given (derived from ``reversed`` when that stands in for
+        it: ``(Hq, T)``, a view flipped back) and ``reversed`` None; itself otherwise."""
+        if self.reversed is None:
+            return self
+        rows, at_lo, width = self.reversed
+        table = rows[:, at_lo - width + 1 : at_lo + 1].flip(-1)
+        return self._replace(table=table, reversed=None)
 
     def as_args(self) -> tuple:
         """The call as the custom op's flat arguments (tensors, ints, floats, bools), in the one
         order :meth:`from_args` reads: ``q, k, v, table, slopes, doc_ids, key_padding_mask, lo,
-        scale, causal, q_offset, window``; the backend travels by name beside them."""
-        p = self.problem
+        scale, causal, q_offset, window``; the backend travels by name beside them (a
+        ``reversed`` table travels as ``table``, see :meth:`with_table`)."""
+        c = self.with_table()
+        p = c.problem
         return (
-            self.q, self.k, self.v, self.table, self.slopes, p.doc_ids, p.key_padding_mask,
+            c.q, c.k, c.v, c.table, c.slopes, p.doc_ids, p.key_padding_mask,
             p.lo, p.scale, p.causal, p.q_offset, p.window,
         )  # fmt: skip
 
@@ -138,12 +157,29 @@ class Call(NamedTuple):
     def conformed(self) -> Call:
         """This call with q, k, v, table and slopes in ``backend.layout`` (see :func:`conform`);
         itself when they already fit."""
-        q, k, v, table, slopes = conform(
-            self.backend.layout, self.q, self.k, self.v, self.table, self.slopes
-        )
-        if q is self.q and k is self.k and v is self.v and table is self.table:
-            if slopes is self.slopes:
-                return self
+        layout = self.backend.layout
+        q, k, v, table, slopes = self.q, self.k, self.v, self.table, self.slopes
+        # The common case, nothing to copy, with fits() written out (a decoding step counts
+        # each call); conform() below decides otherwise.
+        need_q, need_kv = layout.q, layout.kv
+        if (
+            (
+                need_q == "strided"
+                or (q.is_contiguous() if need_q == "contiguous" else q.stride(-1) == 1)
+            )
+            and (
+                need_kv == "strided"
+                or (
+                    k.is_contiguous() and v.is_contiguous()
+                    if need_kv == "contiguous"
+                    else k.stride(-1) == 1 and v.stride(-1) == 1
+                )
+            )
+            and (table is None or table.is_contiguous())
+            and (slopes is None or slopes.is_contiguous())
+        ):
+            return self
+        q, k, v, table, slopes = conform(layout, q, k, v, table, slopes)
         return self._replace(q=q, k=k, v=v, table=table, slopes=slopes)
 
     def stat_dtype(self) -> torch.dtype:
@@ -178,6 +214,9 @@ class Backend:
         dtypes: the dtypes of q it runs (None: any floating dtype).
         top_priority: the highest :meth:`priority` it ever returns (dispatch stops weighing
             backends once no later one can outrank the best so far); unbounded by default.
+        reads_reversed: True if :meth:`forward` reads ``call.reversed`` (the table's columns
+            in reverse) when a one-row call without gradients comes with it instead of
+            ``call.table`` (the decode backend: a generation loop's step).
     """
 
     name: str = ""
@@ -189,6 +228,7 @@ class Backend:
     devices: ClassVar[tuple[str, ...] | None] = None
     dtypes: ClassVar[tuple[torch.dtype, ...] | None] = None
     top_priority: ClassVar[float] = float("inf")
+    reads_reversed: ClassVar[bool] = False
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         """How much ``backend="auto"`` prefers this backend here (higher wins), from static
