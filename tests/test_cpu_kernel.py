@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import relattn
 from relattn._machine import CPU
-from relattn.backends import chunked, cpu_kernel
+from relattn.backends import Call, chunked, cpu_kernel
 from relattn.problem import Problem
 
 OFF = os.environ.get("RELATTN_CPU_KERNEL", "1") == "0"
@@ -120,9 +120,11 @@ def test_products_name_the_path():
         mod.set_products("tiles")
 
 
-def _fwd_bwd(backend, q, k, v, table, slopes, problem, grad_out):
-    out, lse = backend.forward(q, k, v, table, slopes, problem)
-    return (out, lse, *backend.backward(grad_out, q, k, v, out, lse, table, slopes, problem))
+def _fwd_bwd(module, q, k, v, table, slopes, problem, grad_out):
+    backend = module.BACKEND
+    call = Call(q, k, v, table, slopes, problem, backend)
+    out, lse = backend.forward(call)
+    return (out, lse, *backend.backward(call, grad_out, out, lse))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -287,9 +289,10 @@ def test_backward_memory_bound_limits_the_threads_not_the_answer(monkeypatch):
     torch.set_num_threads(2)
     try:
         out, lse = cpu_kernel.forward(q, k, v, table, None, problem)
-        want = cpu_kernel.backward(grad, q, k, v, out, lse, table, None, problem)
+        call = Call(q, k, v, table, None, problem, cpu_kernel.BACKEND)
+        want = cpu_kernel.backward(call, grad, out, lse)
         monkeypatch.setattr(cpu_kernel, "max_slots", lambda *a: 1)
-        got = cpu_kernel.backward(grad, q, k, v, out, lse, table, None, problem)
+        got = cpu_kernel.backward(call, grad, out, lse)
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(got, want, strict=True):

@@ -93,7 +93,7 @@ def test_lse_and_rows_without_keys():
         Problem(-nq + 1, 0.3, True, -2, 0, None, kpm),  # rows at positions -2, -1 see no key
         Problem(-nq + 1, 0.3, False, -2, 4, None, None),
     ):
-        want = relattn.backends.get("chunked").forward(q, k, v, table, None, problem)
+        want = relattn.backends.chunked.forward(q, k, v, table, None, problem)
         got = decode.forward(q, k, v, table, None, problem)
         op = torch.ops.relattn.attention(q, k, v, table, None, None, problem.key_padding_mask,
                                          problem.lo, 0.3, problem.causal, -2, problem.window,
@@ -189,7 +189,7 @@ def test_cached_steps_match_reference_backend(monkeypatch, builtin_backends):
     from relattn.models import TinyLM, TinyLMConfig
 
     calls = []
-    monkeypatch.setattr(decode, "step", lambda *a: calls.append(1) or _step(*a))
+    monkeypatch.setattr(decode, "_sdpa", lambda *a, **kw: calls.append(1) or _sdpa(*a, **kw))
     torch.manual_seed(0)
     model = TinyLM(TinyLMConfig(num_heads=4, num_kv_heads=2, d_model=64, max_seq_len=96)).eval()
     ref = copy.deepcopy(model)
@@ -205,7 +205,7 @@ def test_cached_steps_match_reference_backend(monkeypatch, builtin_backends):
     assert len(calls) == 60 * model.config.num_layers
 
 
-_step = decode.step
+_sdpa = decode._sdpa  # called by the one-token step only
 
 
 # ----------------------------------------------------------------------------- one-token shortcut
@@ -222,17 +222,15 @@ def builtin_backends(monkeypatch):
     builtins = {n: b for n, b in builtins.items() if b is importlib.import_module(
         relattn.backends._BUILTIN[n]).BACKEND}  # fmt: skip
     monkeypatch.setattr(relattn.backends, "_REGISTRY", builtins)
-    monkeypatch.setattr(relattn.backends, "customized", False)
+    monkeypatch.setattr(relattn.backends, "_CANDIDATES", {})
 
 
 def _general(q, k, v, pe, **kw):
-    """The same call through validation, dispatch and the decode backend's forward."""
-    saved = relattn.functional._decode_step
-    relattn.functional._decode_step = lambda *a: None
-    try:
-        return relattn.attention(q, k, v, pe, **kw)
-    finally:
-        relattn.functional._decode_step = saved
+    """The same call through the decode backend's general forward (the one that also returns
+    the log-sum-exp)."""
+    from relattn.call import prepare, run
+
+    return run(prepare(q, k, v, pe, **kw))[0]
 
 
 class _OwnCache(T5Bias):
@@ -251,8 +249,8 @@ class _OwnCache(T5Bias):
 def test_one_token_shortcut_is_bit_exact(
     dtype, pe_name, heads, nk, extra, monkeypatch, builtin_backends
 ):
-    """A generation step takes the shortcut (dispatch never runs) and returns bit for bit what
-    the general path returns, which the conformance suite checks against float64 math."""
+    """A generation step takes the one-token step and returns bit for bit what the general
+    path returns, which the conformance suite checks against float64 math."""
     hq, hkv = heads
     pe = {
         "none": None,
@@ -272,11 +270,13 @@ def test_one_token_shortcut_is_bit_exact(
     kw = {"q_offset": nk - 1 + extra}
     with torch.no_grad():
         want = _general(q, k, v, pe, **kw)
-        monkeypatch.setattr(relattn.backends, "choose", lambda *a: pytest.fail("dispatched"))
+        steps = []
+        monkeypatch.setattr(decode, "_sdpa", lambda *a, **k: steps.append(1) or _sdpa(*a, **k))
         for _ in range(2):  # the second call reads the cached, reversed table
             got = relattn.attention(q, k, v, pe, **kw)
             assert got.dtype == dtype and got.shape == q.shape and got.is_contiguous()
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert len(steps) == 2
     q64, k64, v64 = (t.double() for t in (q, k, v))
     math = attention_math(q64, k64, v64, pe, **kw)
     tol = 1e-5 if dtype != torch.bfloat16 else 3e-2
@@ -297,16 +297,11 @@ def test_auto_would_pick_decode_where_the_shortcut_answers():
     "case",
     [
         "grad",
-        "window",
         "doc_ids",
         "padding",
-        "rope",
-        "list",
         "early_offset",
         "two_rows",
         "explicit_chunked",
-        "not_causal",
-        "int_scale",
         "registered_backend",
     ],
 )
@@ -340,8 +335,10 @@ def test_one_token_shortcut_stands_aside(case, monkeypatch, builtin_backends):
         relattn.backends.register(_Eager())
     chosen = []
     real = relattn.backends.choose
-    monkeypatch.setattr(relattn.backends, "choose", lambda *a: chosen.append(1) or real(*a))
-    monkeypatch.setattr(decode, "step", lambda *a: pytest.fail("took the shortcut"))
+    monkeypatch.setattr(
+        relattn.backends, "choose", lambda *a, **kw: chosen.append(1) or real(*a, **kw)
+    )
+    monkeypatch.setattr(decode, "_sdpa", lambda *a, **k: pytest.fail("took the one-token step"))
     relattn.attention(q, k, v, pe, **kw)
     assert chosen
 
@@ -350,13 +347,13 @@ class _Eager(relattn.backends.Backend):
     """A user backend that wants every call (the reference's math, unfused)."""
 
     name = "eager_for_shortcut_test"
-    fused = False
+    autograd = True
 
     def priority(self, q, k, problem):
         return 1000.0
 
-    def attention(self, q, k, v, table, slopes, problem):
-        return relattn.backends.get("reference").attention(q, k, v, table, slopes, problem)
+    def attention(self, call):
+        return relattn.backends.get("reference").attention(call)
 
 
 class _Idle(relattn.backends.Backend):
@@ -369,13 +366,11 @@ def test_registered_backends_and_the_shortcut(monkeypatch, builtin_backends):
     """Registering a built-in's own backend changes nothing; a user backend makes the shortcut
     ask dispatch first, and it is still taken where dispatch picks decode."""
     relattn.backends.register(decode.BACKEND)
-    assert relattn.backends.customized is False
     relattn.backends.register(_Idle())
-    assert relattn.backends.customized is True
     pe = T5Bias(4)
     q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 20, 8)
     steps = []
-    monkeypatch.setattr(decode, "step", lambda *a: steps.append(1) or _step(*a))
+    monkeypatch.setattr(decode, "_sdpa", lambda *a, **k: steps.append(1) or _sdpa(*a, **k))
     with torch.no_grad():
         got = relattn.attention(q, k, k, pe, q_offset=19)
     assert steps  # dispatch still picks decode: the shortcut answers
@@ -392,6 +387,43 @@ def test_one_token_shortcut_sees_weight_changes():
         after = relattn.attention(q, k, v, pe, q_offset=39)
         torch.testing.assert_close(after, _general(q, k, v, pe, q_offset=39), rtol=0, atol=0)
     assert not torch.equal(before, after)
+
+
+def test_one_token_with_a_gradient_reads_the_table():
+    """A one-row call that needs a gradient (q requires grad, the table does not) gets the
+    table, not the reversed copy kept for generation steps: output and dq as the reference's."""
+    pe = T5Bias(4).requires_grad_(False)
+    with torch.no_grad():
+        pe.weight.add_(torch.randn_like(pe.weight))
+    q = torch.randn(1, 4, 1, 8, requires_grad=True)
+    k, v = torch.randn(1, 4, 20, 8), torch.randn(1, 4, 20, 8)
+    with torch.no_grad():  # a generation step first: the reversed table is kept
+        step = relattn.attention(q, k, v, pe, q_offset=19)
+    call = relattn.call.prepare(q, k, v, pe, q_offset=19)
+    assert call.reversed is None and call.table is not None
+    out = relattn.attention(q, k, v, pe, q_offset=19)
+    want = relattn.attention(q, k, v, pe, q_offset=19, backend="reference")
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(step, want.detach(), rtol=1e-6, atol=1e-6)
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    (dq_want,) = torch.autograd.grad(want.sum(), q)
+    torch.testing.assert_close(dq, dq_want, rtol=1e-5, atol=1e-6)
+
+
+def test_reversed_table_flattens_as_the_table():
+    """A generation step's call carries the reversed table instead of the table; flattened for
+    the custom op (as_args) it carries the table again, equal to the encoding's."""
+    pe = T5Bias(4)
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 20, 8)
+    with torch.no_grad():
+        call = relattn.call.prepare(q, k, k, pe, q_offset=25)
+        assert call.table is None and call.reversed is not None
+        table = call.as_args()[3]
+        p = call.problem
+        torch.testing.assert_close(table, pe.table(p.lo, 25), rtol=0, atol=0)
+        rebuilt = relattn.backends.base.Call.from_args(call.as_args(), call.backend)
+        out, _ = decode.BACKEND.forward(rebuilt)
+        torch.testing.assert_close(out, relattn.attention(q, k, k, pe, q_offset=25))
 
 
 def test_one_token_shortcut_reports_bad_input_like_the_general_path():

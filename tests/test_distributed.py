@@ -390,11 +390,14 @@ def test_ring_block_backward_stand_in(monkeypatch, causal, window, q_offset, nq,
     tab, slopes = (tab, None) if table == "t5" else (None, slopes if table == "slopes" else None)
     doc_ids = _doc_ids(b, nk, g) if docs else None
     kpm = _padding(b, nk, g) if padding else None
-    args = (tab, slopes, doc_ids, kpm, lo, 0.3, causal, q_offset, window)
-    out, lse = _block._block_forward(q, k, v, *args, "chunked")
+    chunked = relattn.backends.get("chunked")
+    call = _block.block_call(
+        chunked, q, k, v, tab, slopes, lo, 0.3, causal, q_offset, window, doc_ids, kpm
+    )
+    out, lse = _block._block_forward(call)
     grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    want = _block._block_backward(grad_out, q, k, v, out, lse, *args, "chunked", partial=False)
-    got = _block._backward_from_out(grad_out, q, k, v, out, lse, *args)
+    want = _block._block_backward(call, grad_out, out, lse, partial=False)
+    got = _block._backward_from_out(call, grad_out, out, lse)
     for name, w, x in zip(("dq", "dk", "dv", "dtable"), want, got, strict=True):
         if w is None:
             assert x is None
@@ -497,13 +500,14 @@ def test_ring_through_each_cpu_backend(pool2, backend):
 
 
 def test_auto_ring_backend_on_cpu():
-    from relattn.backends import cpu_kernel
-    from relattn.distributed._block import resolve_backend
+    from relattn.backends import choose, cpu_kernel
+    from relattn.problem import Problem
 
     q = torch.zeros(1, 2, 8, 4)
     want = "cpu_kernel" if cpu_kernel.available() else "chunked"
-    assert resolve_backend("auto", q, q) == want
-    assert resolve_backend("auto", q.bfloat16(), q.bfloat16()) == "chunked"
+    p = Problem(lo=0, scale=1.0)
+    assert choose("auto", q, q, p, context_parallel=True).name == want
+    assert choose("auto", q.bfloat16(), q.bfloat16(), p, context_parallel=True).name == "chunked"
 
 
 # ----------------------------------------------------------------------------- triton route

@@ -53,12 +53,14 @@ class ToyBackend(Backend):
 
     name = "toy"
 
-    def forward(self, q, k, v, table, slopes, problem):
-        out, lse = self._math(q, k, v, table, slopes, problem)
+    def forward(self, call):
+        q = call.q
+        out, lse = self._math(*call[:6])
         return out.to(q.dtype), lse.float()
 
-    def backward(self, grad_out, q, k, v, out, lse, table, slopes, problem):
+    def backward(self, call, grad_out, out, lse):
         # A custom op's kernel runs below autograd: the softmax backward by hand, in float64.
+        q, k, v, table, slopes, problem = call[:6]
         group = q.shape[1] // k.shape[1]
         p, delta, _ = self._weights(q, k, table, slopes, problem)
         kk, vv = (t.double().repeat_interleave(group, 1) for t in (k, v))

@@ -346,7 +346,7 @@ def test_native_entry_points_refuse_layouts_they_cannot_read():
     k = torch.randn(1, 2, 9, 16)[..., ::2]
     v = torch.randn(1, 2, 9, 8)
     with pytest.raises(ValueError, match="unit stride along D"):
-        decode.step(q, k, v, None, 0, 0.3)
+        decode._one_token(q, k, v, None, None, Problem(lo=0, scale=0.3, q_offset=8), False)
     with pytest.raises(ValueError, match="unit stride along D"):
         decode.forward(q, k, v, None, None, Problem(lo=0, scale=0.3, q_offset=8))
     qo = torch.randn(40).as_strided((1, 2, 1, 8), (16, 3, 8, 1))  # heads overlap

@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from relattn import _machine
-from relattn.backends import chunked
+from relattn.backends import Call, chunked
 from relattn.pe import T5Bias
 from relattn.problem import Problem
 
@@ -123,7 +123,8 @@ def _ops(b: int, backward: bool) -> int:
     out, lse = chunked.forward(q, k, v, table, None, p)
     with _OpCount() as seen:
         if backward:
-            chunked.backward(torch.randn_like(q), q, k, v, out, lse, table, None, p)
+            call = Call(q, k, v, table, None, p, chunked.BACKEND)
+            chunked.backward(call, torch.randn_like(q), out, lse)
         else:
             chunked.forward(q, k, v, table, None, p)
     return seen.count

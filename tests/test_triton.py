@@ -182,7 +182,7 @@ def test_backend_protocol():
     from relattn.backends.triton_backend import BACKEND, TritonBackend
 
     assert isinstance(BACKEND, TritonBackend)
-    assert BACKEND.name == "triton" and BACKEND.fused is True
+    assert BACKEND.name == "triton" and BACKEND.autograd is False
     q = torch.zeros(1, 1, 4, 16)
     # The interpreter is for tests: auto dispatch never picks triton for CPU tensors.
     assert BACKEND.priority(q, q, Problem(lo=0, scale=0.25)) is None

@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 
+from relattn.backends.base import Call
 from relattn.problem import Problem
 
 pytestmark = [
@@ -93,8 +94,9 @@ def grads(fn, q, k, v, table, slopes, problem, grad_out, dtype):
 def backend_grads(q, k, v, table, slopes, problem, grad_out):
     from relattn.backends.triton_backend import BACKEND
 
-    out, lse = BACKEND.forward(q, k, v, table, slopes, problem)
-    dq, dk, dv, dtable = BACKEND.backward(grad_out, q, k, v, out, lse, table, slopes, problem)
+    call = Call(q, k, v, table, slopes, problem, BACKEND)
+    out, lse = BACKEND.forward(call)
+    dq, dk, dv, dtable = BACKEND.backward(call, grad_out, out, lse)
     res = {"out": out, "q": dq, "k": dk, "v": dv}
     if table is not None:
         res["table"] = dtable

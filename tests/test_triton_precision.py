@@ -134,16 +134,15 @@ def test_table_gradient_rows_sum_to_zero():
     """A constant added to every table entry leaves the softmax unchanged, so the table
     gradient summed over all offsets is 0 (each row's dS sums to zero): float32-exact in bf16."""
     from relattn import Problem
-    from relattn.backends import triton_backend
+    from relattn.backends import Call, triton_backend
 
     g = torch.Generator().manual_seed(5)
     q, k, v, grad_out = (torch.randn(1, 2, N, D, generator=g).bfloat16().to(DEVICE) for _ in "qkvo")
     table = torch.randn(2, N, generator=g).to(DEVICE)
     scale = D**-0.5
     problem = Problem(lo=0, scale=scale)
-    out, lse = triton_backend.BACKEND.forward(q, k, v, table, None, problem)
-    _, _, _, dtable = triton_backend.BACKEND.backward(
-        grad_out, q, k, v, out, lse, table, None, problem
-    )
+    call = Call(q, k, v, table, None, problem, triton_backend.BACKEND)
+    out, lse = triton_backend.BACKEND.forward(call)
+    _, _, _, dtable = triton_backend.BACKEND.backward(call, grad_out, out, lse)
     total, magnitude = dtable.sum(1).abs(), dtable.abs().sum(1)
     assert (total <= 1e-5 * magnitude).all(), (total, magnitude)

@@ -2,7 +2,8 @@
 
 ``relattn::attention`` takes flat arguments (tensors, ints, floats, a backend name) so
 torch.compile keeps it as one graph node; this module is the one place where a
-:class:`~relattn.problem.Problem` is flattened into them and rebuilt. Its fake implementation
+:class:`~relattn.backends.base.Call` is flattened into them (``Call.as_args``) and rebuilt
+(``Call.from_args``). Its fake implementation
 gives shapes and strides for tracing (outputs are contiguous on every backend), and its
 autograd formula calls ``relattn::attention_backward``, which returns dq, dk, dv and the
 table's gradient ``g[h, Δ] = Σ_{b, i - j = Δ} ∂L/∂score[b, h, i, j]``; autograd carries ``g``
@@ -18,8 +19,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .backends.base import conform
-from .problem import Problem
+from .backends.base import Call
 
 __all__ = ["fused_attention"]
 
@@ -52,14 +52,6 @@ def _custom_op(name: str):
     return define
 
 
-def _problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask) -> Problem:
-    return Problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
-
-
-def _stat_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 @_custom_op("attention")
 def _attention(
     q: Tensor,
@@ -76,30 +68,37 @@ def _attention(
     window: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    problem = _problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
-    impl = backends.get(backend)
-    reason = impl.unsupported(q, k, problem)
+    """``Call.as_args()`` and the backend's name: ``(out, lse)``. The op checks the backend
+    can run the call (under torch.compile dispatch weighs priorities only); :func:`run` calls
+    it only where autograd or compile needs it."""
+    call = _call(list(locals().values()))
+    reason = call.backend.unsupported(call.q, call.k, call.problem)
     if reason:
         raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
-    q, k, v, table, slopes = conform(impl.layout, q, k, v, table, slopes)
-    out, lse = impl.forward(q, k, v, table, slopes, problem)
-    return out.contiguous(), lse.to(_stat_dtype(q)).contiguous()
+    out, lse = call.backend.forward(call)
+    return out.contiguous(), lse.to(call.stat_dtype()).contiguous()
+
+
+def _call(args: list) -> Call:
+    """The conformed call from the op's arguments (``Call.as_args()`` and the backend name)."""
+    return Call.from_args(args[:-1], backends.get(args[-1])).conformed()
 
 
 @torch.library.register_fake("relattn::attention", lib=_LIB)
-def _(q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window, b):
+def _(q, *args):
     bsz, h, n, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((bsz, h, n), dtype=_stat_dtype(q))
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape), q.new_empty((bsz, h, n), dtype=stat)
 
 
 @_custom_op("attention_backward")
 def _attention_backward(
     grad_out: Tensor,
+    out: Tensor,
+    lse: Tensor,
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    out: Tensor,
-    lse: Tensor,
     table: Tensor | None,
     slopes: Tensor | None,
     doc_ids: Tensor | None,
@@ -111,37 +110,31 @@ def _attention_backward(
     window: int,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(dq, dk, dv, dtable)``; dtable is an empty tensor when table is None."""
-    problem = _problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
-    impl = backends.get(backend)
-    q, k, v, table, slopes = conform(impl.layout, q, k, v, table, slopes)
+    """``grad_out, out, lse``, then the forward's arguments: ``(dq, dk, dv, dtable)``;
+    dtable is an empty tensor when table is None."""
+    call = _call(list(locals().values())[3:])
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
-    dq, dk, dv, dtable = impl.backward(grad_out, q, k, v, out, lse, table, slopes, problem)
+    dq, dk, dv, dtable = call.backend.backward(call, grad_out, out, lse)
     if dtable is None:
-        dtable = q.new_empty((0,), dtype=torch.float32)
+        dtable = call.q.new_empty((0,), dtype=torch.float32)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dtable.contiguous()
 
 
 @torch.library.register_fake("relattn::attention_backward", lib=_LIB)
-def _(grad_out, q, k, v, out, lse, table, slopes, doc_ids, kpm, lo, scale, causal, qo, w, b):
+def _(grad_out, out, lse, q, k, v, table, *args):
     dtable = table.new_empty(table.shape) if table is not None else q.new_empty((0,))
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dtable
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, table, slopes, doc_ids, kpm, lo, scale, causal, q_offset, window, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, table, slopes, doc_ids, kpm)
-    ctx.args = (lo, scale, causal, q_offset, window, backend)
+    ctx.save_for_backward(*inputs[:7], *output)  # q, k, v, table, slopes, doc_ids, kpm
+    ctx.args = inputs[7:]  # lo, scale, causal, q_offset, window, backend
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, table, slopes, doc_ids, kpm = ctx.saved_tensors
-    dq, dk, dv, dtable = _attention_backward(
-        grad_out.contiguous(), q, k, v, out, lse, table, slopes, doc_ids, kpm, *ctx.args
-    )
-    dtable = dtable if table is not None else None
-    return dq, dk, dv, dtable, None, None, None, None, None, None, None, None, None
+    *tensors, out, lse = ctx.saved_tensors
+    dq, dk, dv, dtable = _attention_backward(grad_out.contiguous(), out, lse, *tensors, *ctx.args)
+    return dq, dk, dv, dtable if tensors[3] is not None else None, *[None] * 9
 
 
 torch.library.register_autograd(
@@ -168,19 +161,7 @@ torch.library.register_autograd(
 )
 
 
-def fused_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    table: Tensor | None,
-    slopes: Tensor | None,
-    problem: Problem,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    """``(out (B, Hq, Nq, D), lse (B, Hq, Nq))`` through the custom op, differentiable in q, k,
-    v and table."""
-    p = problem
-    return _attention(
-        q, k, v, table, slopes, p.doc_ids, p.key_padding_mask,
-        p.lo, p.scale, p.causal, p.q_offset, p.window, backend,
-    )  # fmt: skip
+def fused_attention(call: Call) -> tuple[Tensor, Tensor]:
+    """``(out (B, Hq, Nq, D), lse (B, Hq, Nq))`` of ``call`` through the custom op,
+    differentiable in q, k, v and table."""
+    return _attention(*call.as_args(), call.backend.name)

@@ -7,14 +7,16 @@ that flattens it into plain arguments (torch.library ops take tensors and scalar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from torch import Tensor
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
     """The masks, scale and position alignment of one call (see :mod:`relattn.masks`).
+
+    Immutable; a named tuple rather than a frozen dataclass because a one-token decoding step
+    builds one per call (0.3 µs against 1 µs).
 
     Attributes:
         lo: the offset that column 0 of the table holds (table column ``t`` is ``Δ = lo + t``).

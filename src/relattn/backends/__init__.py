@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from ..problem import Problem
-from .base import Backend
+from .base import Backend, Call
 
-__all__ = ["Backend", "choose", "get", "names", "register"]
+__all__ = ["Backend", "Call", "choose", "get", "names", "register"]
 
 _REGISTRY: dict[str, Backend] = {}
 # Built-in backends load on first use (triton's module is cheap, triton itself loads later).
@@ -33,9 +33,9 @@ _BUILTIN = {
 # import them (importing triton costs about 0.4 s of a first call on the CPU).
 _AUTO_DEVICES = {"triton": ("cuda",)}
 _UNAVAILABLE: dict[str, str] = {}
-# True once a backend other than a built-in module's own was registered: ``auto`` may then pick
-# it, so relattn.functional's decode-step shortcut (which assumes the built-ins) stands aside.
-customized = False
+# ``auto``'s candidates per device type, highest top_priority first (cleared by register).
+_CANDIDATES: dict[str, list[Backend]] = {}
+_ORDER: dict[str, int] = {}
 
 
 def register(backend: Backend) -> Backend:
@@ -50,12 +50,14 @@ def register(backend: Backend) -> Backend:
         raise ValueError(
             f"backend.name must be an identifier other than 'auto'; got {backend.name!r}"
         )
-    global customized
-    module = _BUILTIN.get(backend.name)
-    if module is None or getattr(importlib.import_module(module), "BACKEND", None) is not backend:
-        customized = True
     _REGISTRY[backend.name] = backend
+    _CANDIDATES.clear()
     return backend
+
+
+def known(name: object) -> bool:
+    """Whether ``name`` is ``"auto"`` or a backend name (cheaper than ``name in names()``)."""
+    return type(name) is str and (name == "auto" or name in _REGISTRY or name in _BUILTIN)
 
 
 def names() -> list[str]:
@@ -79,42 +81,86 @@ def get(name: str) -> Backend:
     return register(module.BACKEND)
 
 
-def _all(device_type: str) -> list[Backend]:
-    out = []
+def _candidates(device_type: str) -> list[Backend]:
+    """The backends ``auto`` weighs on ``device_type``, highest ``top_priority`` first."""
+    found = _CANDIDATES.get(device_type)
+    if found is not None:
+        return found
+    found = []
     for name in names()[1:]:
         if name not in _REGISTRY and device_type not in _AUTO_DEVICES.get(name, (device_type,)):
             continue
         try:
-            out.append(get(name))
+            backend = get(name)
         except RuntimeError:
             continue
-    return out
+        if backend.devices is None or device_type in backend.devices:
+            found.append(backend)
+    _ORDER.update((b.name, i) for i, b in enumerate(found))  # ties: registration order
+    found.sort(key=lambda b: -b.top_priority)
+    _CANDIDATES[device_type] = found
+    return found
 
 
-def choose(name: str, q: Tensor, k: Tensor, problem: Problem) -> Backend:
-    """Resolve ``backend=name`` for these inputs.
+def choose(
+    name: str,
+    q: Tensor,
+    k: Tensor,
+    problem: Problem,
+    context_parallel: bool = False,
+    compiling: bool | None = None,
+) -> Backend:
+    """Resolve ``backend=name`` for these inputs: the one dispatcher.
 
     ``"auto"`` takes the highest :meth:`~Backend.priority` among backends that can run the
-    inputs. Under ``torch.compile`` only priorities are weighed (they read static facts), and
-    the custom op reports a backend that cannot run when it does.
+    inputs (``context_parallel``: among those whose ``context_parallel`` attribute is True).
+    Backends are weighed in order of their ``top_priority``, and weighing stops once no later
+    one can outrank the best found. Under ``torch.compile`` only priorities are weighed (they
+    read static facts), and the custom op reports a backend that cannot run when it does. An
+    explicit name is checked with :meth:`~Backend.unsupported` (in eager mode). ``compiling``:
+    ``torch.compiler.is_compiling()``, if the caller has asked already.
     """
-    if name == "auto":
+    if compiling is None:
         compiling = torch.compiler.is_compiling()
-        ranked = []
-        for backend in _all(q.device.type):
+    if name == "auto":
+        # (priority, registration rank, backend), best first; settled from the top as soon as
+        # no backend still to weigh can outrank it.
+        ranked: list[tuple[float, int, Backend]] = []
+        device = "cpu" if q.is_cpu else q.device.type  # is_cpu: 50 ns; device.type: 280
+        for rank, backend in enumerate(_candidates(device)):
+            while ranked and backend.top_priority < ranked[0][0]:
+                found = ranked.pop(0)[2]
+                if compiling or found.unsupported(q, k, problem) is None:
+                    return found
+            if context_parallel and not backend.context_parallel:
+                continue
+            if backend.dtypes is not None and q.dtype not in backend.dtypes:
+                continue
             p = backend.priority(q, k, problem)
+            if p is not None and not ranked and p >= backend.top_priority:
+                # No backend after it can outrank it (ties go to the earlier registered).
+                if compiling or backend.unsupported(q, k, problem) is None:
+                    return backend
+                continue
             if p is not None:
-                ranked.append((p, backend))
-        for _, backend in sorted(ranked, key=lambda pb: -pb[0]):
+                ranked.append((p, _ORDER.get(backend.name, rank), backend))
+                if len(ranked) > 1:
+                    ranked.sort(key=_rank)
+        for _, _, backend in ranked:
             if compiling or backend.unsupported(q, k, problem) is None:
                 return backend
-        return get("reference")
+        return get("chunked" if context_parallel else "reference")
     backend = get(name)
-    if not torch.compiler.is_compiling():
+    if not compiling:
         reason = backend.unsupported(q, k, problem)
         if reason:
             raise RuntimeError(f"backend={name!r} cannot run this call: {reason}")
     return backend
+
+
+def _rank(r: tuple[float, int, Backend]) -> tuple[float, int]:
+    """Best first: the highest priority, then the earliest registered."""
+    return -r[0], r[1]
 
 
 def _load_builtins() -> None:

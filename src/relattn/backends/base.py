@@ -1,9 +1,10 @@
 """The backend protocol: what every exact attention kernel provides, and nothing more.
 
-A backend receives the rotated q, k, v, the summed encoding table (or the closed-form slopes
-of a fixed ALiBi) and the :class:`~relattn.problem.Problem`, and returns the output with its
-log-sum-exp; its backward returns dq, dk, dv and the table's gradient
-``g[h, Δ] = Σ_{b, i - j = Δ} ∂L/∂score[b, h, i, j]``. Shapes:
+A backend receives one prepared :class:`Call` (built once by :func:`relattn.call.prepare`):
+the rotated q, k, v, the summed encoding table (or the closed-form slopes of a fixed ALiBi),
+the :class:`~relattn.problem.Problem` and the backend chosen for it. ``forward(call)`` returns
+the output with its log-sum-exp; ``backward(call, grad_out, out, lse)`` returns dq, dk, dv and
+the table's gradient ``g[h, Δ] = Σ_{b, i - j = Δ} ∂L/∂score[b, h, i, j]``. Shapes:
 
     q (B, Hq, Nq, D)   k, v (B, Hkv, Nk, D)   table (Hq, T), column t = offset lo + t
     slopes (Hq,)       out (B, Hq, Nq, D) contiguous, q's dtype
@@ -23,8 +24,9 @@ allocate, so overlapping or expanded inputs are read-only and safe to pass where
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
+import torch
 from torch import Tensor
 
 from ..problem import Problem
@@ -89,22 +91,144 @@ def conform(
     return q, k, v, table, slopes
 
 
+class Call(NamedTuple):
+    """One attention call, prepared once: validated, rotated, conformed, dispatched.
+
+    Built by :func:`relattn.call.prepare` (and, for context parallelism's blocks, by
+    :meth:`relattn.distributed.ring.Plan` and friends), read by every backend, and flattened
+    only by :meth:`as_args` (the custom op's arguments) and rebuilt by :meth:`from_args`.
+
+    Attributes:
+        q: ``(B, Hq, Nq, D)``, rotated by RoPE, in ``backend.layout``.
+        k, v: ``(B, Hkv, Nk, D)``, k rotated, in ``backend.layout``.
+        table: ``(Hq, T)`` summed encoding table, column ``t`` offset ``problem.lo + t``; or None.
+        slopes: ``(Hq,)`` float32 closed-form ALiBi slopes (``-m·|Δ|``); or None. Never both.
+        problem: the masks, scale and alignment (:class:`~relattn.problem.Problem`).
+        backend: the backend that runs it (``backends.choose``'s answer).
+        lse: whether the caller reads the log-sum-exp (False lets ``forward`` return None
+            for it: a no-grad :func:`relattn.attention`).
+        reversed: for a backend with ``reads_reversed`` and one query row, when nothing needs
+            a gradient: ``(rows (Hq, W), at_lo, T)``, the table's columns in reverse order
+            (``rows[:, at_lo - t]`` holds offset ``problem.lo + t`` for ``t < T``, the
+            columns the table would have; see
+            :meth:`relattn.pe.PositionEncoding.cached_reversed`), given *instead of* ``table``
+            (which is then None), so a decoding step neither narrows nor flips the table per
+            token. None otherwise.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    table: Tensor | None
+    slopes: Tensor | None
+    problem: Problem
+    backend: Backend
+    lse: bool = True
+    reversed: tuple[Tensor, int, int] | None = None
+
+    def with_table(self) -> Call:
+        """This call with ``table`` given (derived from ``reversed`` when that stands in for
+        it: ``(Hq, T)``, a view flipped back) and ``reversed`` None; itself otherwise."""
+        if self.reversed is None:
+            return self
+        rows, at_lo, width = self.reversed
+        table = rows[:, at_lo - width + 1 : at_lo + 1].flip(-1)
+        return self._replace(table=table, reversed=None)
+
+    def as_args(self) -> tuple:
+        """The call as the custom op's flat arguments (tensors, ints, floats, bools), in the one
+        order :meth:`from_args` reads: ``q, k, v, table, slopes, doc_ids, key_padding_mask, lo,
+        scale, causal, q_offset, window``; the backend travels by name beside them (a
+        ``reversed`` table travels as ``table``, see :meth:`with_table`)."""
+        c = self.with_table()
+        p = c.problem
+        return (
+            c.q, c.k, c.v, c.table, c.slopes, p.doc_ids, p.key_padding_mask,
+            p.lo, p.scale, p.causal, p.q_offset, p.window,
+        )  # fmt: skip
+
+    @staticmethod
+    def from_args(args: tuple | list, backend: Backend) -> Call:
+        """The call :meth:`as_args` flattened (``args``), run by ``backend``."""
+        q, k, v, table, slopes, doc_ids, kpm, lo, scale, causal, q_offset, window = args
+        problem = Problem(lo, scale, causal, q_offset, window, doc_ids, kpm)
+        return Call(q, k, v, table, slopes, problem, backend)
+
+    def conformed(self) -> Call:
+        """This call with q, k, v, table and slopes in ``backend.layout`` (see :func:`conform`);
+        itself when they already fit."""
+        layout = self.backend.layout
+        q, k, v, table, slopes = self.q, self.k, self.v, self.table, self.slopes
+        # The common case, nothing to copy, with fits() written out (a decoding step counts
+        # each call); conform() below decides otherwise.
+        need_q, need_kv = layout.q, layout.kv
+        if (
+            (
+                need_q == "strided"
+                or (q.is_contiguous() if need_q == "contiguous" else q.stride(-1) == 1)
+            )
+            and (
+                need_kv == "strided"
+                or (
+                    k.is_contiguous() and v.is_contiguous()
+                    if need_kv == "contiguous"
+                    else k.stride(-1) == 1 and v.stride(-1) == 1
+                )
+            )
+            and (table is None or table.is_contiguous())
+            and (slopes is None or slopes.is_contiguous())
+        ):
+            return self
+        q, k, v, table, slopes = conform(layout, q, k, v, table, slopes)
+        return self._replace(q=q, k=k, v=v, table=table, slopes=slopes)
+
+    def stat_dtype(self) -> torch.dtype:
+        """The log-sum-exp's dtype: float64 for float64 inputs, else float32."""
+        return torch.float64 if self.q.dtype == torch.float64 else torch.float32
+
+
 class Backend:
     """Base class of the backends; subclass it and :func:`relattn.backends.register` it.
 
+    A backend implements :meth:`forward` and :meth:`backward` on a prepared :class:`Call`
+    (or, with ``autograd = True``, :meth:`attention`), and says what it can do in attributes
+    that dispatch reads; :func:`relattn.backends.choose` is the only place that weighs them.
+
     Attributes:
         name: the ``backend=`` string users pass.
-        fused: True if calls run through the custom op (``forward``/``backward``); False for a
-            backend that is plain differentiable PyTorch (the reference), called through
-            :meth:`attention`.
         layout: the strides its kernel can read q, k, v in (see :class:`Layout`); inputs
             arrive conformed to it. Contiguous by default, which is safe for any native code;
             a backend that handles more declares it and saves its callers the copies.
+        autograd: True for a backend written in plain differentiable PyTorch (the reference):
+            calls that need a gradient run its :meth:`attention` under autograd. False (the
+            default): they run :meth:`forward` behind the custom op, whose backward calls
+            :meth:`backward`.
+        closed_form: True if the kernel computes a fixed ALiBi's ``-m·|Δ|`` from its slopes
+            (``call.slopes``); False: it is always handed the table.
+        row_term_from_out: True if :meth:`backward` takes the softmax backward's row term
+            ``rowsum(grad_out ∘ out)`` from the ``out`` it is given (context parallelism's
+            ring blocks need it; others get a stand-in there).
+        context_parallel: True if context parallelism may run its blocks (it needs the
+            log-sum-exp of :meth:`forward` to merge them).
+        devices: the device types it runs on (None: any). ``auto`` skips it elsewhere.
+        dtypes: the dtypes of q it runs (None: any floating dtype).
+        top_priority: the highest :meth:`priority` it ever returns (dispatch stops weighing
+            backends once no later one can outrank the best so far); unbounded by default.
+        reads_reversed: True if :meth:`forward` reads ``call.reversed`` (the table's columns
+            in reverse) when a one-row call without gradients comes with it instead of
+            ``call.table`` (the decode backend: a generation loop's step).
     """
 
     name: str = ""
-    fused: bool = True
     layout: ClassVar[Layout] = Layout()
+    autograd: ClassVar[bool] = False
+    closed_form: ClassVar[bool] = True
+    row_term_from_out: ClassVar[bool] = False
+    context_parallel: ClassVar[bool] = False
+    devices: ClassVar[tuple[str, ...] | None] = None
+    dtypes: ClassVar[tuple[torch.dtype, ...] | None] = None
+    top_priority: ClassVar[float] = float("inf")
+    reads_reversed: ClassVar[bool] = False
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         """How much ``backend="auto"`` prefers this backend here (higher wins), from static
@@ -116,46 +240,20 @@ class Backend:
         """None if the backend can run these inputs, else the reason, for the user."""
         return None
 
-    def forward(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        table: Tensor | None,
-        slopes: Tensor | None,
-        problem: Problem,
-    ) -> tuple[Tensor, Tensor]:
-        """``(out, lse)``; see the module docstring for shapes."""
+    def forward(self, call: Call) -> tuple[Tensor, Tensor]:
+        """``(out, lse)``; see the module docstring for shapes (lse may be None when
+        ``call.lse`` is False)."""
         raise NotImplementedError
 
     def backward(
-        self,
-        grad_out: Tensor,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        out: Tensor,
-        lse: Tensor,
-        table: Tensor | None,
-        slopes: Tensor | None,
-        problem: Problem,
+        self, call: Call, grad_out: Tensor, out: Tensor, lse: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """``(dq, dk, dv, dtable)`` shaped like q, k, v and table (None without a table)."""
         raise NotImplementedError
 
-    def attention(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        table: Tensor | None,
-        slopes: Tensor | None,
-        problem: Problem,
-    ) -> tuple[Tensor, Tensor]:
-        """``(out, lse)`` with autograd: through the custom op for a fused backend."""
-        from .._custom_op import fused_attention
-
-        return fused_attention(q, k, v, table, slopes, problem, self.name)
+    def attention(self, call: Call) -> tuple[Tensor, Tensor]:
+        """``(out, lse)`` differentiable by plain autograd (backends with ``autograd = True``)."""
+        raise NotImplementedError(f"backend {self.name!r} has no autograd-native attention")
 
     def __repr__(self) -> str:
         return f"<relattn backend {self.name!r}>"

@@ -25,7 +25,7 @@ from torch import Tensor
 from .._machine import SCHEDULE
 from ..masks import doc_bounds, key_span, offset_visible
 from ..problem import Problem
-from .base import Backend, Layout
+from .base import Backend, Call, Layout
 
 # Query rows per block (live scores stay O(H·BLOCK_M·N)) and scores per batched matmul (so a
 # step's scores stay in cache between the matmul, the softmax and the product with v): both
@@ -349,15 +349,7 @@ def forward(
 
 
 def backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    table: Tensor | None,
-    slopes: Tensor | None,
-    problem: Problem,
+    call: Call, grad_out: Tensor, out: Tensor, lse: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Returns ``(dq, dk, dv, dtable)`` shaped like q, k, v and table (None without a table).
 
@@ -367,12 +359,16 @@ def backward(
     for float64 inputs). ``out`` is part of the backend contract but not read: the softmax
     backward's row term ``D_i = dO_i·O_i`` is taken as ``Σ_c dP∘P`` from those probabilities.
     """
+    q, k, v, table, slopes, problem = call[:6]
     _check(q, k, table, slopes)
     if _foldable(q, problem):
         b, hq, nq, d = q.shape
-        folded = _fold(q, k, v, table, slopes)
-        args = (grad_out.reshape(folded[0].shape), *folded[:3], out.reshape(folded[0].shape))
-        dq, dk, dv, dtable = backward(*args, lse.reshape(1, b * hq, nq), *folded[3:], problem)
+        fq, fk, fv, ft, fs = _fold(q, k, v, table, slopes)
+        folded = call._replace(q=fq, k=fk, v=fv, table=ft, slopes=fs)
+        shape = fq.shape
+        dq, dk, dv, dtable = backward(
+            folded, grad_out.reshape(shape), out.reshape(shape), lse.reshape(1, b * hq, nq)
+        )
         if dtable is not None:
             assert table is not None  # dtable only comes back for a table
             dtable = dtable.view(b, *table.shape).sum(0)
@@ -487,15 +483,17 @@ class ChunkedBackend(Backend):
 
     name = "chunked"
     layout = Layout(q="strided", kv="strided")  # PyTorch ops only
+    context_parallel = True
+    top_priority = 10.0
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         return 10.0
 
-    def forward(self, q, k, v, table, slopes, problem):
-        return forward(q, k, v, table, slopes, problem)
+    def forward(self, call: Call) -> tuple[Tensor, Tensor]:
+        return forward(*call[:6])
 
-    def backward(self, grad_out, q, k, v, out, lse, table, slopes, problem):
-        return backward(grad_out, q, k, v, out, lse, table, slopes, problem)
+    def backward(self, call: Call, grad_out: Tensor, out: Tensor, lse: Tensor) -> tuple:
+        return backward(call, grad_out, out, lse)
 
 
 BACKEND = ChunkedBackend()

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..masks import doc_bounds
 from ..problem import Problem
-from .base import Backend, Layout
+from .base import Backend, Call, Layout
 
 __all__ = ["CpuKernelBackend", "available", "backward", "build_error", "forward", "load"]
 
@@ -291,17 +291,10 @@ def max_slots(q: Tensor, k: Tensor, has_table: bool) -> int:
 
 
 def backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    table: Tensor | None,
-    slopes: Tensor | None,
-    problem: Problem,
+    call: Call, grad_out: Tensor, out: Tensor, lse: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """``(dq, dk, dv, dtable)`` shaped like q, k, v and table (None without a table)."""
+    q, k, v, table, slopes, problem = call[:6]
     mod = load()
     dt = q.dtype
     q2, k2, v2, t, s = _prepare(q, k, v, table, slopes)
@@ -320,6 +313,11 @@ class CpuKernelBackend(Backend):
 
     name = "cpu_kernel"
     layout = Layout(q="contiguous", kv="contiguous")  # the C++ kernel indexes dense arrays
+    row_term_from_out = True  # D_i = rowsum(grad_out ∘ out), P from the given lse
+    context_parallel = True
+    devices = ("cpu",)
+    dtypes = (torch.float32, torch.float64)
+    top_priority = 20.0
 
     def unsupported(self, q: Tensor, k: Tensor, problem: Problem) -> str | None:
         if q.device.type != "cpu":
@@ -354,11 +352,11 @@ class CpuKernelBackend(Backend):
             return None
         return 20.0
 
-    def forward(self, q, k, v, table, slopes, problem):
-        return forward(q, k, v, table, slopes, problem)
+    def forward(self, call: Call) -> tuple[Tensor, Tensor]:
+        return forward(*call[:6])
 
-    def backward(self, grad_out, q, k, v, out, lse, table, slopes, problem):
-        return backward(grad_out, q, k, v, out, lse, table, slopes, problem)
+    def backward(self, call: Call, grad_out: Tensor, out: Tensor, lse: Tensor) -> tuple:
+        return backward(call, grad_out, out, lse)
 
 
 BACKEND = CpuKernelBackend()

@@ -26,10 +26,10 @@ from torch.nn.functional import scaled_dot_product_attention as _sdpa
 
 from ..masks import key_span
 from ..problem import Problem
-from .base import Backend, Layout, fits
+from .base import Backend, Call, Layout, fits
 from .chunked import _antidiagonal_sums, _check, _softmax_backward, _stat_dtype
 
-__all__ = ["MAX_ROWS", "DecodeBackend", "LayoutError", "backward", "forward", "step"]
+__all__ = ["MAX_ROWS", "DecodeBackend", "LayoutError", "backward", "forward"]
 
 # ``auto`` sends CPU calls with at most this many query rows here. Measured (no grad, fp32,
 # B = 1, H = 8, D = 64, T5Bias, 1 thread, 2-core AMD EPYC Zen 4 under load): decode took
@@ -255,15 +255,28 @@ class _Setup:
         return x.flip(2) if self.nq > 1 else x
 
 
-def _one_token(q, k, v, table, problem: Problem) -> tuple[Tensor, Tensor] | None:
+def _one_token(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor | None,
+    slopes: Tensor | None,
+    problem: Problem,
+    need_lse: bool,
+    reversed_table: tuple[Tensor, int, int] | None = None,
+) -> tuple[Tensor, Tensor | None] | None:
     """The generation loop's call, with as little Python as possible: one query row on the CPU,
-    a table, every key of the span visible by offset and no doc_ids or padding. None: not
-    this case (``forward`` then takes the general path)."""
+    every key of the span visible by offset and no doc_ids or padding. None: not this case
+    (``forward`` then takes the general path). The position term is ``reversed_table`` (a
+    call's ``reversed``) when prepare gave it (a view, no copy per token), else the table's
+    span flipped. Without
+    ``need_lse`` it goes through the public ``scaled_dot_product_attention`` (the same fused
+    kernel on the CPU, about 4 µs cheaper to call than the ATen op that also returns the
+    log-sum-exp) and returns None for lse."""
     if (
         q.shape[2] != 1
-        or table is None
-        or table.dim() != 2
-        or q.device.type not in _FUSED_DEVICES
+        or slopes is not None
+        or not q.is_cpu
         or problem.doc_ids is not None
         or problem.key_padding_mask is not None
     ):
@@ -271,69 +284,98 @@ def _one_token(q, k, v, table, problem: Problem) -> tuple[Tensor, Tensor] | None
     b, hq, _, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     qo, lo = problem.q_offset, problem.lo
-    c0, c1 = key_span(qo, qo, nk, problem.causal, problem.window)
-    e_max, e_min = qo - c0, qo - (c1 - 1)  # key c0 + j has offset e_max - j
-    if c1 <= c0 or e_min < lo or e_max >= lo + table.shape[1] or hq % hkv:
-        return None
-    if e_min < 0 and problem.causal or problem.window and e_max >= problem.window:
-        return None  # hidden offsets inside the span: the general path masks them
-    if table.shape[0] != hq:
-        return None  # the general path reports it
-    if e_min != lo or e_max - e_min + 1 != table.shape[1]:
-        table = table[:, e_min - lo : e_max - lo + 1]
-    f = _reversed(_as(table, torch.promote_types(q.dtype, torch.float32)))
-    g, f0, keys = hq // hkv, f.stride(0), c1 - c0
+    if problem.causal and not problem.window and 0 <= qo - nk + 1 == lo:
+        c0, c1, e_max, e_min = 0, nk, qo, lo  # a generation step: every key, every offset seen
+    else:
+        c0, c1 = key_span(qo, qo, nk, problem.causal, problem.window)
+        e_max, e_min = qo - c0, qo - (c1 - 1)  # key c0 + j has offset e_max - j
+        if c1 <= c0 or e_min < 0 and problem.causal or problem.window and e_max >= problem.window:
+            return None  # hidden offsets inside the span: the general path masks them
+    g, keys = hq // hkv, c1 - c0
+    mask = None
+    compute = torch.float64 if q.dtype is torch.float64 else torch.float32  # promote_types
+    if reversed_table is not None:
+        rows, at_lo, _ = reversed_table  # rows[:, at_lo - t] holds offset lo + t
+        start = at_lo - (e_max - lo)  # the column of offset e_max: key c0
+        if rows.dtype != compute:
+            rows, start = rows.narrow(1, start, keys).to(compute), 0
+        f0 = rows.stride(0)
+        mask = rows.as_strided((1, hkv, g, keys), (0, g * f0, f0, 1), rows.storage_offset() + start)
+    elif table is not None:
+        if e_min < lo or e_max >= lo + table.shape[1]:
+            return None  # the general path reports it
+        if e_min != lo or e_max - e_min + 1 != table.shape[1]:
+            table = table[:, e_min - lo : e_max - lo + 1]
+        f = _reversed(_as(table, compute))
+        f0 = f.stride(0)
+        mask = f.as_strided((1, hkv, g, keys), (0, g * f0, f0, 1))
     if keys < nk:
         k, v = k[:, :, c0:c1], v[:, :, c0:c1]
-    q = q.reshape(b, hkv, g, d)
-    _aten_layout(q, k, v)
+    if g > 1:
+        q = q.reshape(b, hkv, g, d)
+    if not q.is_contiguous() or d > 1 and (k.stride(3) != 1 or v.stride(3) != 1):
+        _aten_layout(q, k, v)  # raises, naming the strides (a conformed call never does)
+    if not need_lse:
+        out = _sdpa(q, k, v, attn_mask=mask, scale=problem.scale)
+        return (out.reshape(b, hq, 1, d) if g > 1 else out), None
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False,
-        attn_mask=f.as_strided((1, hkv, g, keys), (0, g * f0, f0, 1)), scale=problem.scale,
-    )  # fmt: skip
+        q, k, v, 0.0, False, attn_mask=mask, scale=problem.scale
+    )
     return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
 
 
-def step(q: Tensor, k: Tensor, v: Tensor, rows: Tensor | None, start: int, scale: float) -> Tensor:
-    """One generated token, no autograd: ``q (B, Hq, 1, D)`` at position ``Nk - 1`` or later
-    against every key of ``k, v (B, Hkv, Nk, D)``, all of them visible (causal, no window,
-    doc_ids or padding), q contiguous and k, v of unit stride along D (else a ValueError;
-    ``relattn.functional`` conforms them). ``rows (Hq, W)``, columns contiguous, holds the
-    position term of key ``c`` in column ``start + c``: the encoding's table for offsets
-    ``q_offset - Nk + 1 .. q_offset`` in reverse (or None). Returns ``out (B, Hq, 1, D)`` in
-    q's dtype.
-
-    The caller (``relattn.functional``) has checked all of that; this is :func:`forward`'s
-    single-row case without the log-sum-exp, through the public
-    ``scaled_dot_product_attention`` (the same fused kernel on the CPU, about 4 µs cheaper to
-    call than the ATen op itself).
-    """
-    b, hq, _, d = q.shape
+def _step(q, k, v, table, slopes, problem, backend, lse, reversed_table) -> Tensor | None:
+    """:func:`_one_token` for a generation loop's step (a :class:`Call`'s fields), in as few
+    Python operations as possible (a step at a short cache counts each µs): one query row at
+    position Nk - 1 or later, causal, no window, doc_ids or padding, the table reversed
+    (``reversed_table``, not None), no log-sum-exp. None: not this case."""
+    b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
-    if not q.is_contiguous() or d > 1 and (k.stride(3) != 1 or v.stride(3) != 1):
-        _aten_layout(q.reshape(b, hkv, hq // hkv, d), k, v)  # raises, naming the strides
+    lo = problem.lo
+    if (
+        nq != 1
+        or not problem.causal
+        or problem.window
+        or not 0 <= lo == problem.q_offset - nk + 1
+        or problem.doc_ids is not None
+        or problem.key_padding_mask is not None
+        or not q.is_cpu
+        or not q.is_contiguous()
+        or d > 1
+        and (k.stride(3) != 1 or v.stride(3) != 1)
+    ):
+        return None
+    rows, at_lo, _ = reversed_table  # the caller checked it is given
+    start = at_lo - (nk - 1)  # the column of offset q_offset, against key 0
+    if rows.dtype is not (torch.float64 if q.dtype is torch.float64 else torch.float32):
+        return None
     g = hq // hkv
-    mask = None
-    if rows is not None:
-        compute = torch.float64 if q.dtype is torch.float64 else torch.float32  # promote_types
-        if rows.dtype != compute:
-            rows, start = rows.narrow(1, start, nk).to(compute), 0
-        f0 = rows.stride(0)
-        offset = rows.storage_offset() + start
-        mask = rows.as_strided((1, hkv, g, nk), (0, g * f0, f0, 1), offset)
+    f0 = rows.stride(0)
+    mask = rows.as_strided((1, hkv, g, nk), (0, g * f0, f0, 1), rows.storage_offset() + start)
     if g == 1:
-        return _sdpa(q, k, v, attn_mask=mask, scale=scale)
-    out = _sdpa(q.reshape(b, hkv, g, d), k, v, attn_mask=mask, scale=scale)
-    return out.reshape(b, hq, 1, d)
+        return _sdpa(q, k, v, attn_mask=mask, scale=problem.scale)
+    return _sdpa(q.reshape(b, hkv, g, d), k, v, attn_mask=mask, scale=problem.scale).reshape(
+        b, hq, 1, d
+    )
 
 
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, slopes: Tensor | None, problem: Problem
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor | None,
+    slopes: Tensor | None,
+    problem: Problem,
+    reversed_table: tuple[Tensor, int, int] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq))``; see :mod:`relattn.backends.base`."""
-    fast = _one_token(q, k, v, table, problem)
+    """``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq))``; see :mod:`relattn.backends.base`
+    (``reversed_table``: a call's ``reversed``, given instead of ``table``)."""
+    fast = _one_token(q, k, v, table, slopes, problem, True, reversed_table)
     if fast is not None:
-        return fast
+        return fast  # type: ignore[return-value]  # lse is given when asked for
+    if reversed_table is not None:  # the general path reads the table in its own order
+        rows, at_lo, width = reversed_table
+        table = rows[:, at_lo - width + 1 : at_lo + 1].flip(-1)
     st = _Setup(q, k, v, table, slopes, problem)
     b, hq, nq = st.b, st.hq, st.nq
     stat = _stat_dtype(q)
@@ -365,18 +407,11 @@ def forward(
 
 
 def backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    table: Tensor | None,
-    slopes: Tensor | None,
-    problem: Problem,
+    call: Call, grad_out: Tensor, out: Tensor, lse: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """``(dq, dk, dv, dtable)`` from probabilities recomputed in one block; ``out`` is unread
     (the softmax backward's row term comes from the probabilities, as in the chunked backend)."""
+    q, k, v, table, slopes, problem = call[:6]
     st = _Setup(q, k, v, table, slopes, problem)
     dk = torch.zeros(k.shape, dtype=st.compute, device=q.device)
     dv = torch.zeros(v.shape, dtype=st.compute, device=q.device)
@@ -421,38 +456,38 @@ class DecodeBackend(Backend):
     # its output like q (empty_like): q contiguous, so the output is; k, v need dense rows only
     # (a KV cache's view of a longer buffer is used in place).
     layout = Layout(q="contiguous", kv="rows")
-    # Not routed through the custom op by the caller: attention() below routes itself, and so
-    # is handed the encodings' cached table (a fixed ALiBi's too) rather than closed-form slopes
-    # to expand at every token.
-    fused = False
+    # It reads the encodings' table (a fixed ALiBi's too) rather than closed-form slopes to
+    # expand at every token.
+    closed_form = False
+    reads_reversed = True  # a generation step's table, kept reversed by the encoding's cache
+    devices = ("cpu",)  # where auto picks it (backend="decode" runs anywhere)
+    top_priority = 40.0
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         b, hq, nq, _ = q.shape
-        if q.device.type != "cpu" or nq > MAX_ROWS:
+        if not q.is_cpu or nq > MAX_ROWS:
             return None
-        qo = problem.q_offset
-        c0, c1 = key_span(qo, qo + nq - 1, k.shape[2], problem.causal, problem.window)
         masks = problem.doc_ids is not None or problem.key_padding_mask is not None
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-        if (masks or grad) and b * hq * nq * max(0, c1 - c0) > MAX_LIVE_SCORES:
-            return None
+        if masks or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+            qo = problem.q_offset
+            c0, c1 = key_span(qo, qo + nq - 1, k.shape[2], problem.causal, problem.window)
+            if b * hq * nq * max(0, c1 - c0) > MAX_LIVE_SCORES:
+                return None
         return 40.0
 
-    def forward(self, q, k, v, table, slopes, problem):
-        return forward(q, k, v, table, slopes, problem)
+    def forward(self, call: Call) -> tuple[Tensor, Tensor]:
+        if not call.lse:  # a no-grad attention() call: a generation loop's step
+            if call.reversed is not None:
+                out = _step(*call)
+                if out is not None:
+                    return out, None  # type: ignore[return-value]  # lse None: call.lse is False
+            fast = _one_token(*call[:6], False, call.reversed)
+            if fast is not None:
+                return fast  # type: ignore[return-value]  # lse None: call.lse is False
+        return forward(*call[:6], call.reversed)
 
-    def backward(self, grad_out, q, k, v, out, lse, table, slopes, problem):
-        return backward(grad_out, q, k, v, out, lse, table, slopes, problem)
-
-    def attention(self, q, k, v, table, slopes, problem):
-        """Straight to :func:`forward` when nothing needs a gradient (a generation loop): the
-        custom op's dispatch costs about 20 µs a call, as much as a whole step at Nk = 128."""
-        tensors = (q, k, v) if table is None else (q, k, v, table)
-        if torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        ):
-            return super().attention(q, k, v, table, slopes, problem)
-        return forward(q, k, v, table, slopes, problem)
+    def backward(self, call: Call, grad_out: Tensor, out: Tensor, lse: Tensor) -> tuple:
+        return backward(call, grad_out, out, lse)
 
 
 BACKEND = DecodeBackend()

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..masks import visible
 from ..problem import Problem
-from .base import Backend, Layout
+from .base import Backend, Call, Layout
 
 # Below this many scores per head the materializing reference beats the chunked backend on the
 # CPU. With few query rows (Nq <= 128) the decode backend outranks both: it took 0.3-0.5x the
@@ -67,24 +67,27 @@ class ReferenceBackend(Backend):
     """The formula, materialized; differentiable by plain autograd (double backward too)."""
 
     name = "reference"
-    fused = False
     layout = Layout(q="strided", kv="strided")  # PyTorch ops only
+    autograd = True
+    closed_form = False  # it reads the table (attention_weights' numbers stay the table's)
+    top_priority = 30.0
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         tiny = q.device.type == "cpu" and q.shape[2] * k.shape[2] <= TINY
         return 30.0 if tiny else 0.0
 
-    def attention(self, q, k, v, table, slopes, problem):
-        return attention(q, k, v, table, slopes, problem)
+    def attention(self, call: Call) -> tuple[Tensor, Tensor]:
+        return attention(*call[:6])
 
-    def forward(self, q, k, v, table, slopes, problem):
+    def forward(self, call: Call) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            out, lse = attention(q, k, v, table, slopes, problem)
+            out, lse = attention(*call[:6])
         return out.contiguous(), lse
 
-    def backward(self, grad_out, q, k, v, out, lse, table, slopes, problem):
+    def backward(self, call: Call, grad_out: Tensor, out: Tensor, lse: Tensor) -> tuple:
         """The softmax backward written out on the materialized weights (a custom op's kernel
         runs below autograd, so it cannot differentiate its own forward)."""
+        q, k, v, table, slopes, problem = call[:6]
         scores, _, p = scores_and_weights(q, k, table, slopes, problem)
         compute, group = p.dtype, q.shape[1] // k.shape[1]
         kk = k.to(compute).repeat_interleave(group, dim=1)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..masks import doc_bounds
 from ..problem import Problem
-from .base import Backend, Layout, fits
+from .base import Backend, Call, Layout, fits
 
 __all__ = ["BACKEND", "TritonBackend"]
 
@@ -168,8 +168,11 @@ class TritonBackend(Backend):
     ``triton_kernels``); the table gradient comes out of the dk/dv pass."""
 
     name = "triton"
-    fused = True
     layout = Layout(q="rows", kv="rows")  # the kernels take strides of (B, H, N), D dense
+    context_parallel = True
+    devices = ("cuda",)  # where auto picks it (TRITON_INTERPRET=1 runs it on the CPU)
+    dtypes = _DTYPES
+    top_priority = 20.0
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         """20 for CUDA tensors when triton is installed; never picked automatically elsewhere
@@ -213,22 +216,14 @@ class TritonBackend(Backend):
             return f"head dim D={q.shape[-1]} is larger than the triton backend's {_MAX_HEAD_DIM}"
         return None
 
-    def forward(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        table: Tensor | None,
-        slopes: Tensor | None,
-        problem: Problem,
-    ) -> tuple[Tensor, Tensor]:
+    def forward(self, call: Call) -> tuple[Tensor, Tensor]:
         """``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) float32)``.
 
-        Args:
-            q: ``(B, Hq, Nq, D)``; k, v: ``(B, Hkv, Nk, D)``; table: ``(Hq, T)`` float32, column
-            t is offset ``problem.lo + t``, or None; slopes: ``(Hq,)`` fixed ALiBi slopes
-            (``-slope·|Δ|`` in closed form), or None; never both.
+        ``call``: q ``(B, Hq, Nq, D)``; k, v ``(B, Hkv, Nk, D)``; table ``(Hq, T)`` float32,
+        column t is offset ``problem.lo + t``, or None; slopes ``(Hq,)`` fixed ALiBi slopes
+        (``-slope·|Δ|`` in closed form), or None; never both.
         """
+        q, k, v, table, slopes, problem = call[:6]
         K = _kernels()
         a = _Launch(K, q, k, v, table, slopes, problem)
         splits = _decode_splits(K, a)
@@ -245,22 +240,14 @@ class TritonBackend(Backend):
         return out, lse
 
     def backward(
-        self,
-        grad_out: Tensor,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        out: Tensor,
-        lse: Tensor,
-        table: Tensor | None,
-        slopes: Tensor | None,
-        problem: Problem,
+        self, call: Call, grad_out: Tensor, out: Tensor, lse: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """``(dq, dk, dv, dtable)`` shaped like q, k, v and table (dtable None without one).
 
         Under ``torch.use_deterministic_algorithms(True)`` no kernel uses atomics and the
         gradients are bit-identical across runs.
         """
+        q, k, v, table, slopes, problem = call[:6]
         K = _kernels()
         a = _Launch(K, q, k, v, table, slopes, problem)
         out, grad_out = _unit_stride("out", out), _unit_stride("grad_out", grad_out)

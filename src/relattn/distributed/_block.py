@@ -1,9 +1,9 @@
 """The two calls context parallelism makes into relattn's fused backends, and nothing else does.
 
-``_block_forward`` / ``_block_backward`` take the fused op's flat arguments and call the backend
-behind it directly: they already run inside an autograd.Function (no torch.compile graph spans
-the collectives), and the custom-op wrapper's first call imports torch._dynamo, seconds per
-process. Arguments: q ``(B, Hq, Nq, D)``,
+``_block_forward`` / ``_block_backward`` take a :class:`~relattn.backends.base.Call` (built by
+:func:`block_call`) and call its backend directly: they already run inside an
+autograd.Function (no torch.compile graph spans the collectives), and the custom-op wrapper's
+first call imports torch._dynamo, seconds per process. The call holds q ``(B, Hq, Nq, D)``,
 k, v ``(B, Hkv, Nk, D)``, table ``(Hq, T)`` whose column t holds offset ``lo + t`` (or slopes
 ``(Hq,)``), and a query row r at offset ``q_offset + r - c`` from key column c.
 
@@ -15,7 +15,8 @@ A ring step's backward sees only one block of the keys a query row attends to. I
 where ``α = exp(lse_block - lse_global)`` is the share of the row's softmax mass in the block.
 Then ``dS = P_block ∘ (grad_out·vᵀ - rowsum(grad_out ∘ out))`` is exactly the global
 ``P ∘ (dO·vᵀ - rowsum(dO ∘ O))`` on the block's keys, *provided the backend takes the softmax
-backward's row term from ``out``*. The fused CPU kernel (``cpu_kernel``) does. The chunked
+backward's row term from ``out``* (its ``row_term_from_out`` attribute). The fused CPU kernel
+(``cpu_kernel``) does. The chunked
 backend takes it from its own block probabilities (exact for one whole call, wrong for a block
 of a ring), and so do triton's dk/dv, so for them ``_backward_from_out`` below stands in:
 blockwise PyTorch with the same contract.
@@ -26,75 +27,50 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backends
-from ..backends.base import conform
+from ..backends.base import Backend, Call
 from ..masks import key_span
 from ..problem import Problem
-
-# Backends whose backward computes D_i = rowsum(grad_out ∘ out) from the ``out`` it is given:
-# the CPU kernel (its P from the given lse, which for a ring block is the block's own). Not
-# triton: its dk/dv and table gradient take D_i = Σ_j P·dP from their own recomputed weights
-# (exact for a whole call in low precision, not for one block of a ring).
-_ROW_TERM_FROM_OUT: frozenset[str] = frozenset({"cpu_kernel"})
 
 # Scores per block of the stand-in backward: 2M fp32 (8 MiB) per live (H, rows, keys) tensor.
 _SCORES_PER_BLOCK = 1 << 21
 
 
-def resolve_backend(backend: str, q: Tensor, k: Tensor) -> str:
-    """The fused backend ``backend`` names here (``"auto"``: triton on CUDA, the CPU kernel on
-    the CPU where it runs (float32/float64, a compiler found), else chunked)."""
-    if backend == "auto":
-        if q.device.type == "cuda" and _unsupported("triton", q, k) is None:
-            return "triton"
-        if q.device.type == "cpu" and _unsupported("cpu_kernel", q, k) is None:
-            if backends.get("cpu_kernel").priority(q, k, Problem(lo=0, scale=1.0)) is not None:
-                return "cpu_kernel"
-        return "chunked"
-    reason = _unsupported(backend, q, k)
-    if reason:
-        raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
-    return backend
-
-
-def _unsupported(name: str, q: Tensor, k: Tensor) -> str | None:
-    try:
-        backend = backends.get(name)
-    except RuntimeError as e:
-        return str(e)
-    return backend.unsupported(q, k, Problem(lo=0, scale=1.0))
-
-
-def _block_forward(
-    q, k, v, table, slopes, doc_ids, key_padding_mask, lo, scale, causal, q_offset, window, backend
-) -> tuple[Tensor, Tensor]:
-    """``(out (B, Hq, Nq, D), lse (B, Hq, Nq) float32)`` of one fused call."""
+def block_call(
+    backend: Backend,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor | None,
+    slopes: Tensor | None,
+    lo: int,
+    scale: float,
+    causal: bool,
+    q_offset: int,
+    window: int,
+    doc_ids: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+) -> Call:
+    """One block's call, conformed to ``backend``'s layout."""
     problem = Problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
-    impl = backends.get(backend)
-    q, k, v, table, slopes = conform(impl.layout, q, k, v, table, slopes)
-    return impl.forward(q, k, v, table, slopes, problem)
+    return Call(q, k, v, table, slopes, problem, backend).conformed()
+
+
+def _block_forward(call: Call) -> tuple[Tensor, Tensor]:
+    """``(out (B, Hq, Nq, D), lse (B, Hq, Nq) float32)`` of one fused call."""
+    return call.backend.forward(call)
 
 
 def _block_backward(
-    grad_out, q, k, v, out, lse, table, slopes, doc_ids, key_padding_mask,
-    lo, scale, causal, q_offset, window, backend, partial: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    call: Call, grad_out: Tensor, out: Tensor, lse: Tensor, partial: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """``(dq, dk, dv, dtable or None)`` of one fused call.
 
     ``partial=False``: out and lse are this call's own (the plain contract of every backend).
     ``partial=True``: out is the global output of a larger call (see the module docstring).
     """
-    if partial and backend not in _ROW_TERM_FROM_OUT:
-        return _backward_from_out(
-            grad_out, q, k, v, out, lse, table, slopes, doc_ids, key_padding_mask,
-            lo, scale, causal, q_offset, window,
-        )  # fmt: skip
-    problem = Problem(lo, scale, causal, q_offset, window, doc_ids, key_padding_mask)
-    impl = backends.get(backend)
-    q, k, v, table, slopes = conform(impl.layout, q, k, v, table, slopes)
-    return impl.backward(
-        grad_out.contiguous(), q, k, v, out.contiguous(), lse.contiguous(), table, slopes, problem
-    )
+    if partial and not call.backend.row_term_from_out:
+        return _backward_from_out(call, grad_out, out, lse)
+    return call.backend.backward(call, grad_out.contiguous(), out.contiguous(), lse.contiguous())
 
 
 # ----------------------------------------------------------------------------- the stand-in
@@ -128,9 +104,8 @@ def _rev(x: Tensor) -> Tensor:
 
 
 def _backward_from_out(
-    grad_out, q, k, v, out, lse, table, slopes, doc_ids, key_padding_mask,
-    lo, scale, causal, q_offset, window,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    call: Call, grad_out: Tensor, out: Tensor, lse: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The fused backward with ``D = rowsum(grad_out ∘ out)``, in blocks of query rows (no N×N
     tensor), skipping keys the offsets hide. ``P`` is a fresh softmax over the call's keys (each
     row block sees all of them), equal to ``exp(s - lse)`` but exactly normalized whatever the
@@ -141,6 +116,10 @@ def _backward_from_out(
     whose rows are padded with zeros, gives the table's gradient as one strided sum over its
     anti-diagonals.
     """
+    q, k, v, table, slopes = call.q, call.k, call.v, call.table, call.slopes
+    pr = call.problem
+    lo, causal, q_offset, window, scale = pr.lo, pr.causal, pr.q_offset, pr.window, pr.scale
+    doc_ids, key_padding_mask = pr.doc_ids, pr.key_padding_mask
     bsz, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -207,5 +186,5 @@ def _backward_from_out(
                 a, z = max(first, 0), min(first + sums.shape[1], dtable.shape[1])
                 if a < z:
                     dtable[:, a:z] += sums[:, a - first : z - first]
-    dtable = dtable.to(table.dtype) if dtable is not None else None
+    dtable = dtable.to(table.dtype) if dtable is not None and table is not None else None
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtable

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._block import _block_backward, _block_forward
+from ..backends.base import Backend, Call
+from ._block import _block_backward, _block_forward, block_call
 from .layout import chunks
 from .ring import STATS
 
@@ -34,9 +35,16 @@ class Plan:
     scale: float
     causal: bool
     window: int
-    backend: str
+    backend: Backend
     doc_ids: Tensor | None  # (B, N), global order
     key_padding_mask: Tensor | None
+
+    def block(self, q: Tensor, k: Tensor, v: Tensor, table, slopes) -> Call:
+        """This rank's heads as one prepared call (no offset between its rows and keys)."""
+        return block_call(
+            self.backend, q, k, v, table, slopes, self.lo, self.scale, self.causal, 0,
+            self.window, self.doc_ids, self.key_padding_mask,
+        )  # fmt: skip
 
 
 def _all_to_all(plan: Plan, x: Tensor) -> Tensor:
@@ -100,13 +108,11 @@ class AllToAllAttention(torch.autograd.Function):
         table_h = table[heads] if table is not None else None
         slopes_h = slopes[heads] if slopes is not None else None
         t0 = time.perf_counter()
-        out_h, lse_h = _block_forward(
-            qh, kh, vh, table_h, slopes_h, plan.doc_ids, plan.key_padding_mask,
-            plan.lo, plan.scale, plan.causal, 0, plan.window, plan.backend,
-        )  # fmt: skip
+        call = plan.block(qh, kh, vh, table_h, slopes_h)
+        out_h, lse_h = _block_forward(call)
         STATS["compute_s"] += time.perf_counter() - t0
         ctx.plan, ctx.heads = plan, heads
-        ctx.save_for_backward(qh, kh, vh, out_h, lse_h, table_h, slopes_h, table)
+        ctx.save_for_backward(call.q, call.k, call.v, out_h, lse_h, call.table, call.slopes, table)
         return heads_to_seq(plan, [out_h])[0]
 
     @staticmethod
@@ -115,11 +121,8 @@ class AllToAllAttention(torch.autograd.Function):
         plan: Plan = ctx.plan
         (dout_h,) = seq_to_heads(plan, [grad_out])
         t0 = time.perf_counter()
-        dqh, dkh, dvh, dt = _block_backward(
-            dout_h, qh, kh, vh, out_h, lse_h, table_h, slopes_h, plan.doc_ids,
-            plan.key_padding_mask, plan.lo, plan.scale, plan.causal, 0, plan.window,
-            plan.backend, partial=False,
-        )  # fmt: skip
+        call = plan.block(qh, kh, vh, table_h, slopes_h)
+        dqh, dkh, dvh, dt = _block_backward(call, dout_h, out_h, lse_h, partial=False)
         STATS["compute_s"] += time.perf_counter() - t0
         dq, dk, dv = heads_to_seq(plan, [dqh, dkh, dvh])
         dtable = None

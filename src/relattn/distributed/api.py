@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,21 +9,21 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._validate import check_bool, check_choice, check_optional_int, show
+from .. import backends
+from .._validate import check_bool, check_choice, check_optional_int
 from ..cache import within_doc_positions
-from ..functional import _split_pe as split_encodings
-from ..functional import attention, checked_table
+from ..call import check_per_key, check_scale, check_tensors, encoding_terms, split_pe
+from ..functional import attention
 from ..masks import contiguous_documents, offset_range
 from ..pe import PositionEncoding, RoPE
+from ..problem import Problem
 from . import all_to_all, ring
 from ._agree import agree, comm_device, float_fact, text_fact
-from ._block import resolve_backend
 from .layout import check_layout, gather, shard, shard_positions, unshard, world
 
 __all__ = ["STRATEGIES", "ContextParallel", "context_parallel_attention"]
 
 STRATEGIES = ("ring", "all_to_all")
-_FUSED_BACKENDS = ("auto", "chunked", "cpu_kernel", "triton")
 
 PE = PositionEncoding | RoPE | Sequence[PositionEncoding | RoPE] | None
 
@@ -95,7 +94,7 @@ def context_parallel_attention(
     )  # fmt: skip
     hint = q.device if isinstance(q, Tensor) else None
     agree(group, comm_device(group, hint), facts, error, "context_parallel_attention")
-    rope, additive, scale, window, name = parsed
+    rope, additive, scale, window, impl = parsed
     n = q.shape[2]
     docs = gather(doc_ids.to(torch.int64), group, layout, dim=1) if doc_ids is not None else None
     kpm = gather(key_padding_mask, group, layout, dim=1) if key_padding_mask is not None else None
@@ -105,15 +104,15 @@ def context_parallel_attention(
         pos = shard_positions(n, group, layout, device=q.device)
         q, k = rope.rotate(q, pos), rope.rotate(k, pos)
     lo, hi = offset_range(n * size, n * size, causal, 0, window)
-    table, slopes = _table(additive, lo, hi, q)
+    table, slopes = encoding_terms(additive, lo, hi, q, impl.closed_form)
     rank = dist.get_rank(group)
     if strategy == "ring":
         chunk = n if layout == "contiguous" else n // 2
         steps = ring.ring_steps(size, n, layout, causal, window)
-        ring_plan = ring.Plan(group, rank, size, n, chunk, steps, lo, scale, causal, window, name)
+        ring_plan = ring.Plan(group, rank, size, n, chunk, steps, lo, scale, causal, window, impl)
         ring.plan_calls(ring_plan, layout, docs, kpm)
         return ring.RingAttention.apply(q, k, v, table, slopes, ring_plan)
-    plan = all_to_all.Plan(group, rank, size, layout, n, lo, scale, causal, window, name, docs, kpm)
+    plan = all_to_all.Plan(group, rank, size, layout, n, lo, scale, causal, window, impl, docs, kpm)
     return all_to_all.AllToAllAttention.apply(q, k, v, table, slopes, plan)
 
 
@@ -159,17 +158,6 @@ def _check_documents(docs: Tensor) -> None:
             "global positions; the shards put together do not (were they sharded with the same "
             "layout as q? use relattn.distributed.shard(doc_ids, group, layout, dim=1))"
         )
-
-
-def _table(additive, lo: int, hi: int, q: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    slopes = additive[0].closed_form_slopes() if len(additive) == 1 else None
-    if slopes is not None:
-        return None, slopes.detach().to(device=q.device, dtype=torch.float32)
-    table = None
-    for enc in additive:
-        t = checked_table(enc, enc.table(lo, hi), lo, hi, q)
-        table = t if table is None else table + t
-    return table, None
 
 
 def _choice(name: str, value, choices) -> str:
@@ -228,34 +216,25 @@ def _check_local(q, k, v, pe, size, strategy, layout, causal, scale, window, doc
 
 def _parse(q, k, v, pe, size, strategy, layout, causal, scale, window, doc_ids,
            key_padding_mask, backend):  # fmt: skip
+    """relattn.call's checks (the one validator), the shard's own rules, and the backend
+    (``backends.choose`` among backends with ``context_parallel`` set)."""
     _choice("strategy", strategy, STRATEGIES)
     check_layout(layout)
-    if backend == "reference":
+    names = backends.names()
+    fused = [n for n in names if n == "auto" or _context_parallel(n)]
+    if isinstance(backend, str) and backend in names and backend not in fused:
         raise ValueError(
-            "backend='reference' cannot run context parallel: blocks merge by their log-sum-exp, "
-            f"which only a fused backend returns; use one of {_FUSED_BACKENDS}"
+            f"backend={backend!r} cannot run context parallel: blocks merge by their "
+            f"log-sum-exp, which only a fused backend returns; use one of {tuple(fused)}"
         )
-    _choice("backend", backend, _FUSED_BACKENDS)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, N/W, D); got shape {_shape(t)}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor; got dtype {t.dtype}")
-        if t.dtype != q.dtype or t.device != q.device:
-            raise TypeError(f"{name} must have q's dtype and device; got {t.dtype} on {t.device}")
-    b, hq, n, d = q.shape
-    if k.shape[0] != b or k.shape[2:] != q.shape[2:] or v.shape != k.shape:
+    _choice("backend", backend, fused)
+    b, hq, n, d, nk = check_tensors(q, k, v)
+    if nk != n:
         raise ValueError(
             f"k and v must have shape (B, Hkv, N/W, D) with q's B, N/W and D; got q {_shape(q)}, "
             f"k {_shape(k)}, v {_shape(v)}"
         )
     hkv = k.shape[1]
-    if hkv == 0 or hq % hkv or n == 0 or d == 0:
-        raise ValueError(
-            f"need Hq a multiple of Hkv and non-empty shards; got q {_shape(q)}, k {_shape(k)}"
-        )
     if layout == "zigzag" and n % 2:
         raise ValueError(
             f"layout='zigzag' gives each rank two equal chunks, so the shard length N/W must be "
@@ -267,40 +246,19 @@ def _parse(q, k, v, pe, size, strategy, layout, causal, scale, window, doc_ids,
             f"divisible by {size}; got Hq={hq}, Hkv={hkv} (use strategy='ring')"
         )
     check_bool("causal", causal)
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a finite float or None; got {show(scale)}")
-    elif not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite float or None; got {scale!r}")
+    scale = check_scale(scale, d)
     window = check_optional_int("window", window, min=1) or 0
     for name, t in (("doc_ids", doc_ids), ("key_padding_mask", key_padding_mask)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor):
-            raise TypeError(
-                f"{name} must be a torch.Tensor of shape (B, N/W); got {type(t).__name__}"
-            )
-        if tuple(t.shape) != (b, n):
-            raise ValueError(
-                f"{name} must be this rank's shard, shape (B, N/W) = ({b}, {n}); got {_shape(t)}"
-            )
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}; got {t.device}")
-    if doc_ids is not None and (doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool):
-        raise TypeError(f"doc_ids must be an integer tensor; got dtype {doc_ids.dtype}")
-    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-        raise TypeError(
-            f"key_padding_mask must be a bool tensor (True = real token); got dtype "
-            f"{key_padding_mask.dtype}"
-        )
-    rope, additive = _split_pe(pe, hq, d)
-    name = resolve_backend(backend, q, k)
-    return rope, additive, float(scale), window, name
+        if t is not None:
+            check_per_key(name, t, b, n, q, "(B, N/W)")
+    rope, additive = split_pe(pe, hq, d)
+    problem = Problem(0, scale, causal, 0, window, doc_ids, key_padding_mask)
+    impl = backends.choose(backend, q, k, problem, context_parallel=True)
+    return rope, additive, scale, window, impl
 
 
-def _split_pe(pe, hq: int, d: int) -> tuple[RoPE | None, list[PositionEncoding]]:
-    rope, additive = split_encodings(pe, hq)
-    if rope is not None and rope.head_dim != d:
-        raise ValueError(f"pe RoPE has head_dim={rope.head_dim}; q has D={d}")
-    return rope, additive
+def _context_parallel(name: str) -> bool:
+    try:
+        return backends.get(name).context_parallel
+    except RuntimeError:  # not available here: choose() says why
+        return True

@@ -29,8 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..backends.base import Backend
+from ..backends.base import Call as Prepared
 from ..masks import doc_bounds, offset_bounds
-from ._block import _block_backward, _block_forward
+from ._block import _block_backward, _block_forward, block_call
 from .layout import chunks
 
 _NEG_INF = float("-inf")
@@ -67,8 +69,15 @@ class Plan:
     scale: float
     causal: bool
     window: int
-    backend: str
+    backend: Backend
     calls: list[list[Call]] = field(default_factory=list)  # per step
+
+    def block(self, call: Call, q: Tensor, k: Tensor, v: Tensor, table, slopes) -> Prepared:
+        """The prepared call of one block (see :func:`relattn.distributed._block.block_call`)."""
+        return block_call(
+            self.backend, q, k, v, table, slopes, self.lo, self.scale, self.causal,
+            call.q_offset, self.window, call.doc_ids, call.key_padding_mask,
+        )  # fmt: skip
 
 
 def pair_visible(qs: int, nq: int, ks: int, nk: int, causal: bool, window: int) -> bool:
@@ -243,10 +252,7 @@ class RingAttention(torch.autograd.Function):
             for call in plan.calls[s]:
                 kc, vc = (_chunk(x, call.kj, c)[call.batch, :, call.cols] for x in visiting.kv)
                 qc = _chunk(q, call.qi, c)[call.batch, :, call.rows]
-                o, lse_o = _block_forward(
-                    qc, kc, vc, table, slopes, call.doc_ids, call.key_padding_mask,
-                    plan.lo, plan.scale, plan.causal, call.q_offset, plan.window, plan.backend,
-                )  # fmt: skip
+                o, lse_o = _block_forward(plan.block(call, qc, kc, vc, table, slopes))
                 rows_out = _chunk(out, call.qi, c)[call.batch, :, call.rows]
                 rows_lse = lse[..., call.qi * c : (call.qi + 1) * c][call.batch, :, call.rows]
                 _merge(rows_out, rows_lse, o, lse_o)
@@ -301,11 +307,10 @@ class RingAttention(torch.autograd.Function):
                 kc, vc = (_chunk(x, call.kj, c)[call.batch, :, call.cols] for x in visiting.kv)
                 qc = _chunk(q, call.qi, c)[call.batch, :, call.rows]
                 oc = _chunk(out, call.qi, c)[call.batch, :, call.rows]
+                block = plan.block(call, qc, kc, vc, table, slopes)
                 dq_, dk_, dv_, dt_ = _block_backward(
-                    g.to(q.dtype), qc, kc, vc, oc.to(q.dtype), lse_o, table, slopes,
-                    call.doc_ids, call.key_padding_mask, plan.lo, plan.scale, plan.causal,
-                    call.q_offset, plan.window, plan.backend, partial=True,
-                )  # fmt: skip
+                    block, g.to(q.dtype), oc.to(q.dtype), lse_o, partial=True
+                )
                 del g
                 _chunk(dq, call.qi, c)[call.batch, :, call.rows] += dq_
                 _chunk(acc[0], call.kj, c)[call.batch, :, call.cols] += dk_

@@ -66,6 +66,28 @@ class PositionEncoding(nn.Module):
         """
         return self._cached(lo, hi, False)
 
+    def cached_reversed(self, lo: int, hi: int) -> tuple[Tensor, int]:
+        """:meth:`cached_table` with its columns in reverse order, as a decoding step lays them
+        over the keys (offset ``hi`` against the first key): ``(rows, start)`` such that
+        ``rows[:, start : start + hi - lo + 1]`` is ``cached_table(lo, hi).flip(-1)``.
+
+        Kept flipped beside the cached table (flipped once per cache entry, not per token) and
+        not narrowed (a view costs a few µs, which a one-token step counts). An encoding that
+        overrides :meth:`cached_table` is asked for it and the answer flipped.
+
+        Returns:
+            ``rows (H, W)`` with ``W >= start + hi - lo + 1`` and ``start >= 0`` (do not
+            modify it in place).
+        """
+        if type(self).cached_table is not PositionEncoding.cached_table:
+            return _flip(self.cached_table(lo, hi), True)
+        entry = _CACHE.get(self)  # _cached's first step, here to save a decoding step a call
+        if entry is not None and self._unchanged(entry[7]) and not torch.compiler.is_compiling():
+            served = _serve(entry, lo, hi, True)
+            if served is not None:
+                return served
+        return self._cached(lo, hi, True)
+
     def _cached(self, lo: int, hi: int, reverse: bool):
         """:meth:`cached_table`; with ``reverse``, ``(rows, start)`` such that
         ``rows[:, start : start + hi - lo + 1]`` holds its columns in reverse order (offset
@@ -123,43 +145,53 @@ class PositionEncoding(nn.Module):
             return None
         # nn.Module's own internals are left out, as from the key (their hooks may refer back to
         # the module, which the cache must not keep alive).
+        names = vars(self)
         attrs = tuple(
             (k, v, _tensor_key(v) if isinstance(v, Tensor) else None)
-            for k, v in vars(self).items()
+            for k, v in names.items()
             if k not in _MODULE_INTERNALS
         )
         tensors = tuple(
-            (k, t, None if t is None else _tensor_key(t))
-            for k, t in (*self._parameters.items(), *self._buffers.items())
+            (i, k, t, None if t is None else _tensor_key(t))
+            for i, where in enumerate(self._tensor_dicts())
+            for k, t in where.items()
         )
-        return torch.is_inference_mode_enabled(), attrs, tensors
+        sizes = len(names), len(self._parameters), len(self._buffers)
+        return torch.is_inference_mode_enabled(), sizes, attrs, tensors
+
+    def _tensor_dicts(self) -> tuple[dict[str, Tensor | None], dict[str, Tensor | None]]:
+        return self._parameters, self._buffers  # type: ignore[return-value]
 
     def _unchanged(self, snap: tuple | None) -> bool:
         """True only if nothing the cache key covers can have changed since :meth:`_snapshot`
         (stricter than the key: a plain value counts as changed when it is another object, even
         an equal one), and no gradient is needed. A decoding step then skips building the key,
-        which costs more than a short step's attention (False: the full key decides)."""
+        which costs more than a short step's attention (False: the full key decides). The
+        attribute and tensor counts catch an added or removed name; each snapshot name is
+        then looked up, not every attribute of the module walked (a few µs per token)."""
         if snap is None or torch.is_inference_mode_enabled() != snap[0]:
             return False
-        saved = iter(snap[1])
-        for k, v in vars(self).items():
-            if k in _MODULE_INTERNALS:
-                continue
-            k0, v0, key0 = next(saved, (None, None, None))
-            if v is not v0 or k != k0:
-                return False
-            if key0 is not None and (not isinstance(v, Tensor) or _tensor_key(v) != key0):
-                return False
-        if next(saved, None) is not None:
+        names, dicts = vars(self), (self._parameters, self._buffers)
+        if snap[1] != (len(names), len(dicts[0]), len(dicts[1])):
             return False
-        tensors = (*self._parameters.items(), *self._buffers.items())
-        if len(tensors) != len(snap[2]):
-            return False
+        for k, v0, key0 in snap[2]:
+            v = names.get(k, _ABSENT)
+            if v is not v0 or key0 is not None and _tensor_key(v) != key0:
+                return False
         grad = torch.is_grad_enabled()
-        for (k, t), (k0, t0, key0) in zip(tensors, snap[2], strict=True):
-            if t is not t0 or k != k0:
+        for i, k, t0, key0 in snap[3]:
+            t = dicts[i].get(k, _ABSENT)
+            if t is not t0:
                 return False
-            if t is not None and ((grad and t.requires_grad) or _tensor_key(t) != key0):
+            if t is None:
+                continue
+            if grad and t.requires_grad:
+                return False
+            # _tensor_key(t) != key0, written out (a decoding step runs it per token)
+            version = None if t.is_inference() else t._version
+            key = (id(t), t.data_ptr(), version, t.shape, t.stride(), t.storage_offset(),
+                   t.dtype, t.device)  # fmt: skip
+            if key != key0:
                 return False
         return True
 
@@ -211,11 +243,14 @@ def _serve(entry: tuple, lo: int, hi: int, reverse: bool):
     """The answer from a valid cache entry (see ``_cached``), or None when the kept table
     does not cover ``lo .. hi`` or was modified in place. The reversed copy is made once."""
     c_lo, c_hi, kept, version, flipped = entry[1], entry[2], entry[3], entry[4], entry[6]
-    if not (c_lo <= lo and hi <= c_hi and _version(kept) == version):
+    # (_version() written out: a decoding step runs this per token)
+    now = None if kept.is_inference() else kept._version
+    if not (c_lo <= lo and hi <= c_hi and now == version):
         return None
     if not reverse:
         return kept.narrow(1, lo - c_lo, hi - lo + 1)
-    if not flipped or _version(flipped[0]) != flipped[1]:
+    rev = flipped[0] if flipped else None
+    if rev is None or (None if rev.is_inference() else rev._version) != flipped[1]:
         rev = kept.flip(-1)
         flipped[:] = [rev, _version(rev)]
     return flipped[0], c_hi - hi
@@ -229,13 +264,17 @@ def _flip(t, reverse: bool):
     return (t.flip(-1) if isinstance(t, Tensor) and t.dim() == 2 else t), 0
 
 
+_ABSENT = object()  # a name not there (None may be a value)
+
+
 def _version(t: Tensor) -> int | None:
     """The version counter (None for an inference tensor, which has none)."""
     return None if t.is_inference() else t._version
 
 
 def _tensor_key(t: Tensor) -> tuple:
-    return (id(t), t.data_ptr(), _version(t), t.shape, t.stride(), t.storage_offset(), t.dtype,
+    version = None if t.is_inference() else t._version  # _version() written out: per token
+    return (id(t), t.data_ptr(), version, t.shape, t.stride(), t.storage_offset(), t.dtype,
             t.device)  # fmt: skip
 
 
