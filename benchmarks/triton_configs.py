@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton.testing
 
     from relattn.backends import triton_kernels as K
+    from relattn.backends.base import Call
     from relattn.backends.triton_backend import BACKEND
     from relattn.problem import Problem
 
@@ -101,12 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         say(f"{kernel} {config} {encoding}: {row.get('ms', row.get('note'))}")
         rows.append(row)
 
+    def call(tab, slo):  # the backend's prepared call for this table or these slopes
+        return Call(q, k, v, tab, slo, problem, BACKEND)
+
     for config in SWEEP["attn_fwd"]:
         for encoding, tab, slo in (("t5", table, None), ("alibi", None, slopes)):
-            fn = lambda tab=tab, slo=slo: BACKEND.forward(q, k, v, tab, slo, problem)
+            fn = lambda tab=tab, slo=slo: BACKEND.forward(call(tab, slo))
             measure("attn_fwd", config, encoding, fn)
-    out, lse = BACKEND.forward(q, k, v, table, None, problem)
-    backward = lambda: BACKEND.backward(do, q, k, v, out, lse, table, None, problem)
+    out, lse = BACKEND.forward(call(table, None))
+    backward = lambda: BACKEND.backward(call(table, None), do, out, lse)
     for kernel in ("attn_bwd_dq", "attn_bwd_dkdv"):
         for config in SWEEP[kernel]:
             measure(kernel, config, "t5", backward)
@@ -140,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.autograd.grad(o, leaves, do)
 
     def relattn_t5(backward: bool):
-        o, lse_ = BACKEND.forward(q, k, v, table, None, problem)
+        o, lse_ = BACKEND.forward(call(table, None))
         if backward:
-            BACKEND.backward(do, q, k, v, o, lse_, table, None, problem)
+            BACKEND.backward(call(table, None), do, o, lse_)
 
     totals = {}
     totals["sdpa fwd"] = bench(lambda: sdpa(False))
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         totals["t5 fwd"] = bench(lambda: relattn_t5(False))
         totals["t5 fwd+bwd"] = bench(lambda: relattn_t5(True))
     with forced(chosen["alibi"]):
-        totals["alibi fwd"] = bench(lambda: BACKEND.forward(q, k, v, None, slopes, problem))
+        totals["alibi fwd"] = bench(lambda: BACKEND.forward(call(None, slopes)))
 
     gpu = torch.cuda.get_device_name()
     lines = [

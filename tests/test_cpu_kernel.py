@@ -354,3 +354,19 @@ def test_a_training_step_dispatches_o1_ops(small_tiles, monkeypatch):
     chunked_few = _ops_of_a_training_step(chunked, 56)
     chunked_many = _ops_of_a_training_step(chunked, 448)
     assert chunked_many > 4 * chunked_few and chunked_few > many, (chunked_few, chunked_many)
+
+
+def test_params_struct_is_filled_by_name_and_checked():
+    """The kernel takes one Params struct; one left unset is a clear error, not a crash, and
+    the struct filled by cpu_kernel._params gives the backend's own answer."""
+    mod = cpu_kernel.load()
+    q, k, v = (torch.randn(1, 2, 5, 16) for _ in range(3))
+    problem = Problem(lo=0, scale=0.25, q_offset=0)
+    with pytest.raises(RuntimeError, match="every tensor of Params must be set"):
+        mod.forward(mod.Params())
+    params = cpu_kernel._params(mod, q, k, v, torch.empty(0), torch.empty(0), problem)
+    assert (params.lo, params.scale, params.causal, params.q_offset) == (0, 0.25, True, 0)
+    out, lse = mod.forward(params)
+    want, want_lse = chunked.forward(q, k, v, None, None, problem)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-6)

@@ -357,8 +357,7 @@ def test_native_entry_points_refuse_layouts_they_cannot_read():
             cpu_kernel.forward(q, k, v, None, None, Problem(lo=0, scale=0.3, q_offset=8))
         table = torch.randn(20, 2).t()  # (2, 20), strides (1, 2)
         with pytest.raises(RuntimeError, match="table must be contiguous"):
-            cpu_kernel.load().forward(
-                q, v, v, table, torch.empty(0), 0, 0.3, True, 8, 0,
-                torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
-                torch.empty(0, dtype=torch.bool), 128, 256,
-            )  # fmt: skip
+            mod = cpu_kernel.load()
+            problem = Problem(lo=0, scale=0.3, q_offset=8)
+            empty = torch.empty(0)
+            mod.forward(cpu_kernel._params(mod, q, v, v, table, empty, problem))

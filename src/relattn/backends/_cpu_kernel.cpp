@@ -914,16 +914,38 @@ Mul<T> products(const Shape& s, const at::Tensor& k, const at::Tensor* v, at::Te
   return mul;
 }
 
+// One call, as Python's cpu_kernel.py fills it (by name: the one flattening of a call into
+// the kernel's arguments). Tensors: q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D), table (Hq, T) or
+// empty, slopes (Hq,) or empty, doc_lo / doc_hi int64 (B, Nq) or empty, kpm bool (B, Nk) or
+// empty; all contiguous (checked). Table column t is offset lo + t.
+struct Params {
+  at::Tensor q, k, v, table, slopes, doc_lo, doc_hi, kpm;
+  int64_t lo = 0;
+  double scale = 1.0;
+  bool causal = true;
+  int64_t q_offset = 0;
+  int64_t window = 0;
+  int64_t block_m = 128;
+  int64_t block_n = 256;
+};
+
+Shape params_shape(const Params& p) {
+  TORCH_CHECK(p.q.defined() && p.k.defined() && p.v.defined() && p.table.defined() &&
+                  p.slopes.defined() && p.doc_lo.defined() && p.doc_hi.defined() &&
+                  p.kpm.defined(),
+              "relattn cpu kernel: every tensor of Params must be set (an empty one for none)");
+  check_inputs(p.q, p.k, p.v);
+  check_encoding(p.q, p.table, p.slopes);
+  return make_shape(p.q, p.k, p.block_m, p.block_n, p.causal, p.q_offset, p.window, p.doc_lo,
+                    p.doc_hi, p.kpm);
+}
+
 // Returns (out (B, Hq, Nq, D), lse (B, Hq, Nq)), both in q's dtype.
-std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                const at::Tensor& table, const at::Tensor& slopes, int64_t lo,
-                                double scale, bool causal, int64_t q_offset, int64_t window,
-                                const at::Tensor& doc_lo, const at::Tensor& doc_hi,
-                                const at::Tensor& kpm, int64_t block_m, int64_t block_n) {
-  check_inputs(q, k, v);
-  check_encoding(q, table, slopes);
-  const Shape s = make_shape(q, k, block_m, block_n, causal, q_offset, window, doc_lo, doc_hi,
-                             kpm);
+std::vector<at::Tensor> forward(const Params& p) {
+  const at::Tensor &q = p.q, &k = p.k, &v = p.v, &table = p.table, &slopes = p.slopes;
+  const int64_t lo = p.lo;
+  const double scale = p.scale;
+  const Shape s = params_shape(p);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({s.B, s.Hq, s.Nq}, q.options());
   const int64_t n_slots = std::max<int64_t>(1, at::get_num_threads());
@@ -939,15 +961,14 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 }
 
 // Returns (dq, dk, dv, dtable): dtable (Hq, T) in q's dtype, or an empty tensor without a table.
-std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const at::Tensor& out,
-                                 const at::Tensor& lse, const at::Tensor& table,
-                                 const at::Tensor& slopes, int64_t lo, double scale, bool causal,
-                                 int64_t q_offset, int64_t window, const at::Tensor& doc_lo,
-                                 const at::Tensor& doc_hi, const at::Tensor& kpm,
-                                 int64_t block_m, int64_t block_n, int64_t max_slots) {
-  check_inputs(q, k, v);
-  check_encoding(q, table, slopes);
+// dout, out (B, Hq, Nq, D) and lse (B, Hq, Nq) in q's dtype; max_slots bounds the per-thread
+// dk/dv/table-gradient buffers.
+std::vector<at::Tensor> backward(const Params& p, const at::Tensor& dout, const at::Tensor& out,
+                                 const at::Tensor& lse, int64_t max_slots) {
+  const at::Tensor &q = p.q, &k = p.k, &v = p.v, &table = p.table, &slopes = p.slopes;
+  const int64_t lo = p.lo;
+  const double scale = p.scale;
+  const Shape s = params_shape(p);
   TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous(),
               "relattn cpu kernel: dout, out, lse must be contiguous");
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && lse.dim() == 3 &&
@@ -958,8 +979,6 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& q, co
   TORCH_CHECK(lse.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type() &&
                   out.scalar_type() == q.scalar_type(),
               "dout, out, lse must have q's dtype");
-  const Shape s = make_shape(q, k, block_m, block_n, causal, q_offset, window, doc_lo, doc_hi,
-                             kpm);
   // One dk/dv/table-gradient buffer per slot; max_slots bounds their memory (fewer threads).
   const int64_t n_slots = std::max<int64_t>(
       1, std::min<int64_t>({at::get_num_threads(), s.B * s.Hq * s.n_blocks, max_slots}));
@@ -1025,6 +1044,23 @@ std::string products_for(int64_t d) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<Params>(m, "Params", "One call's tensors and scalars (see cpu_kernel.py)")
+      .def(py::init<>())
+      .def_readwrite("q", &Params::q)
+      .def_readwrite("k", &Params::k)
+      .def_readwrite("v", &Params::v)
+      .def_readwrite("table", &Params::table)
+      .def_readwrite("slopes", &Params::slopes)
+      .def_readwrite("doc_lo", &Params::doc_lo)
+      .def_readwrite("doc_hi", &Params::doc_hi)
+      .def_readwrite("kpm", &Params::kpm)
+      .def_readwrite("lo", &Params::lo)
+      .def_readwrite("scale", &Params::scale)
+      .def_readwrite("causal", &Params::causal)
+      .def_readwrite("q_offset", &Params::q_offset)
+      .def_readwrite("window", &Params::window)
+      .def_readwrite("block_m", &Params::block_m)
+      .def_readwrite("block_n", &Params::block_n);
   // The kernels touch no Python object: other Python threads run meanwhile.
   m.def("forward", &forward, "(out, lse) of exact attention with a relative position term",
         py::call_guard<py::gil_scoped_release>());

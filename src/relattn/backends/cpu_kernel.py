@@ -232,9 +232,17 @@ def _prepare(q, k, v, table, slopes):
     return q, k, v, table, slopes
 
 
-def _problem_args(q: Tensor, p: Problem) -> tuple:
-    """The kernel's arguments after the tensors, as forward and backward both take them."""
-    return (p.lo, p.scale, p.causal, p.q_offset, p.window, *_masks(q, p), BLOCK_M, BLOCK_N)
+def _params(mod, q: Tensor, k: Tensor, v: Tensor, t: Tensor, s: Tensor, p: Problem):
+    """The kernel's ``Params`` (one C++ struct, filled by name: the one place a call is
+    flattened for it) from the conformed tensors, the table ``t`` and slopes ``s`` (empty
+    tensors for none) and the problem."""
+    params = mod.Params()
+    params.q, params.k, params.v, params.table, params.slopes = q, k, v, t, s
+    params.doc_lo, params.doc_hi, params.kpm = _masks(q, p)
+    params.lo, params.scale, params.causal = p.lo, p.scale, p.causal
+    params.q_offset, params.window = p.q_offset, p.window
+    params.block_m, params.block_n = BLOCK_M, BLOCK_N
+    return params
 
 
 def _masks(q: Tensor, problem: Problem) -> tuple[Tensor, Tensor, Tensor]:
@@ -262,7 +270,7 @@ def forward(
     """
     mod = load()
     q, k, v, t, s = _prepare(q, k, v, table, slopes)
-    out, lse = mod.forward(q, k, v, t, s, *_problem_args(q, problem))
+    out, lse = mod.forward(_params(mod, q, k, v, t, s, problem))
     return out, lse
 
 
@@ -299,10 +307,8 @@ def backward(
     dt = q.dtype
     q2, k2, v2, t, s = _prepare(q, k, v, table, slopes)
     dout, out, lse = (x.to(dt).contiguous() for x in (grad_out, out, lse))
-    dq, dk, dv, dtable = mod.backward(
-        dout, q2, k2, v2, out, lse, t, s, *_problem_args(q, problem),
-        max_slots(q2, k2, t.numel() > 0),
-    )  # fmt: skip
+    params = _params(mod, q2, k2, v2, t, s, problem)
+    dq, dk, dv, dtable = mod.backward(params, dout, out, lse, max_slots(q2, k2, t.numel() > 0))
     if table is None:
         return dq, dk.to(k.dtype), dv.to(v.dtype), None
     return dq, dk.to(k.dtype), dv.to(v.dtype), dtable.to(table.dtype)

@@ -137,6 +137,17 @@ class _Launch:
         )
         self.encoding = {"HAS_TABLE": table is not None, "HAS_SLOPES": slopes is not None}
         self.seq_bucket = _pow2_at_least(max(self.nq, self.nk))  # part of the autotune key
+        # What every kernel of the call may read, by the kernels' parameter names; each launch
+        # adds its own outputs (see _run, which hands a kernel the names it declares).
+        self.args: dict = dict(
+            Q=self.q, K=self.k, V=self.v, Table=self.table, Slopes=self.slopes,
+            DocStart=self.doc_start, DocEnd=self.doc_end, Kpm=self.kpm, KvBounds=self.kv_bounds,
+            **_strides("q", self.q), **_strides("k", self.k), **_strides("v", self.v),
+            stride_t=self.table.stride(0), Hq=self.hq, group=self.hq // self.hkv, Nq=self.nq,
+            Nk=self.nk, T=self.t, lo=self.lo, q_offset=self.q_offset, window=self.window,
+            qk_scale=self.scale * _LOG2E, scale=self.scale, seq_bucket=self.seq_bucket,
+            **self.encoding, **self.flags,
+        )  # fmt: skip
 
     def table_ends(self, K: ModuleType) -> Tensor:
         """(Hq, 2) int32: per head, the table's constant head and tail (``table_ends``); the
@@ -144,20 +155,28 @@ class _Launch:
         if not self.encoding["HAS_TABLE"]:
             return self.dummy_i
         ends = torch.empty((self.hq, 2), dtype=torch.int32, device=self.q.device)
-        K.table_ends[(self.hq,)](
-            self.table, ends, self.t, self.table.stride(0), BLOCK=K.TABLE_ENDS_BLOCK
-        )
+        args = {"TableEnds": ends, "BLOCK": K.TABLE_ENDS_BLOCK, **self.args}
+        _run(K.table_ends, (self.hq,), args)
         return ends
 
-    def strides(self, *tensors: Tensor) -> list[int]:
-        return [s for t in tensors for s in t.stride()[:3]]
 
-    def masks(self) -> list[Tensor]:
-        return [self.doc_start, self.doc_end, self.kpm]
+def _strides(name: str, t: Tensor) -> dict[str, int]:
+    """``stride_<name>b``, ``stride_<name>h``, ``stride_<name>n`` of ``t (B, H, N, D)``."""
+    sb, sh, sn = t.stride()[:3]
+    return {f"stride_{name}b": sb, f"stride_{name}h": sh, f"stride_{name}n": sn}
 
-    def sizes(self) -> list:
-        """``Nq, Nk, T, lo, q_offset, window, qk_scale`` (scale in log2 units)."""
-        return [self.nq, self.nk, self.t, self.lo, self.q_offset, self.window, self.scale * _LOG2E]
+
+def _run(kernel, grid, args: dict) -> None:
+    """Launch ``kernel`` on ``grid`` with its parameters taken from ``args`` by name (names it
+    does not declare are left out; one it declares and ``args`` lacks is Triton's error, unless
+    an autotune config gives it). The one way the backend passes arguments: adding a
+    parameter to a kernel is one entry in :attr:`_Launch.args` or at its launch. Launch
+    options (``num_warps``, ``num_stages``) in ``args`` pass too."""
+    names = (*kernel.arg_names, *_LAUNCH_OPTIONS)
+    kernel[grid](**{name: args[name] for name in names if name in args})
+
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -232,11 +251,8 @@ class TritonBackend(Backend):
         out = torch.empty((a.b, a.hq, a.nq, a.d), dtype=q.dtype, device=q.device)
         lse = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=q.device)
         grid = lambda meta: (_cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
-        ends = a.table_ends(K)
-        tensors = [a.q, a.k, a.v, out, lse, a.table, ends, a.slopes, *a.masks(), a.kv_bounds]
-        strides = [*a.strides(a.q, a.k, a.v, out), a.table.stride(0)]
-        sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.seq_bucket]
-        K.attn_fwd[grid](*tensors, *strides, *sizes, **a.encoding, **a.flags)
+        args = {"Out": out, "Lse": lse, "TableEnds": a.table_ends(K), **_strides("o", out)}
+        _run(K.attn_fwd, grid, {**a.args, **args})
         return out, lse
 
     def backward(
@@ -255,9 +271,9 @@ class TritonBackend(Backend):
         dev = q.device
         delta_out = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
         pre = K.PREPROCESS_BLOCK
-        tensors, shape = [out, grad_out, delta_out, *a.strides(out, grad_out)], [a.hq, a.nq]
-        constants = {"HEAD_DIM": a.d, "BLOCK_D": a.flags["BLOCK_D"], "BLOCK_M": pre}
-        K.bwd_preprocess[(_cdiv(a.nq, pre), a.hq, a.b)](*tensors, *shape, **constants)
+        grads = {"dOut": grad_out, "Lse": lse, "DeltaOut": delta_out, **_strides("d", grad_out)}
+        args = {**a.args, **grads, "Out": out, **_strides("o", out), "BLOCK_M": pre}
+        _run(K.bwd_preprocess, (_cdiv(a.nq, pre), a.hq, a.b), args)
 
         deterministic = torch.are_deterministic_algorithms_enabled()
         atomic = table is not None and not deterministic
@@ -269,21 +285,15 @@ class TritonBackend(Backend):
         per_head = k.dtype if a.hq == a.hkv else torch.float32
         dk = torch.empty((a.b, a.hq, a.nk, a.d), dtype=per_head, device=dev)
         dv = torch.empty((a.b, a.hq, a.nk, a.d), dtype=per_head, device=dev)
-        strides = [*a.strides(a.q, a.k, a.v, grad_out), a.table.stride(0)]
         # dq first: it sees whole rows and leaves, per row, the renormalization factor in inv
         # and D = Σ_j P·dP in delta, both in float32 from the recomputed weights.
         inv, delta = torch.empty_like(delta_out), torch.empty_like(delta_out)
+        grads.update(Delta=delta, Inv=inv)
         grid_q = lambda meta: (_cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
-        tensors = [a.q, a.k, a.v, grad_out, lse, delta_out, delta, inv, dq, a.table, a.slopes]
-        tensors += [*a.masks(), a.kv_bounds]
-        sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.scale, a.seq_bucket]
-        K.attn_bwd_dq[grid_q](*tensors, *strides, *sizes, **a.encoding, **a.flags)
+        _run(K.attn_bwd_dq, grid_q, {**a.args, **grads, "dQ": dq})
         grid_kv = lambda meta: (_cdiv(a.nk, meta["BLOCK_N"]), a.hq, a.b)
-        tensors = [a.q, a.k, a.v, grad_out, lse, delta, inv, dk, dv, a.table, dtable, a.slopes]
-        tensors += [*a.masks(), a.kv_bounds]
-        sizes = [a.hq, a.hq // a.hkv, *a.sizes(), a.scale, a.seq_bucket]
-        flags = {"ATOMIC_TABLE": atomic, **a.encoding, **a.flags}
-        K.attn_bwd_dkdv[grid_kv](*tensors, *strides, *sizes, **flags)
+        outputs = {"dK": dk, "dV": dv, "DTable": dtable, "ATOMIC_TABLE": atomic}
+        _run(K.attn_bwd_dkdv, grid_kv, {**a.args, **grads, **outputs})
         if a.hq != a.hkv:
             group = (a.b, a.hkv, a.hq // a.hkv, a.nk, a.d)
             dk = dk.view(group).sum(2).to(k.dtype)
@@ -291,7 +301,7 @@ class TritonBackend(Backend):
         if table is None:
             return dq, dk, dv, None
         if deterministic:
-            dtable = _table_grad_bands(K, a, grad_out, lse, delta, inv, strides)
+            dtable = _table_grad_bands(K, a, grads)
         return dq, dk, dv, dtable.to(table.dtype)
 
 
@@ -317,18 +327,16 @@ def _forward_splitkv(K: ModuleType, a: _Launch, splits: int) -> tuple[Tensor, Te
     dev = a.q.device
     part_out = torch.empty((a.b, a.hq, splits, a.nq, a.d), dtype=torch.float32, device=dev)
     part_lse = torch.empty((a.b, a.hq, splits, a.nq), dtype=torch.float32, device=dev)
-    tensors = [a.q, a.k, a.v, part_out, part_lse, a.table, a.slopes, *a.masks(), a.kv_bounds]
-    strides = [*a.strides(a.q, a.k, a.v), a.table.stride(0)]
-    sizes = [a.hq, a.hq // a.hkv, *a.sizes(), splits, per_split]
-    grid = (splits, a.hq, a.b)
-    K.attn_fwd_splitkv[grid](*tensors, *strides, *sizes, **config, **a.encoding, **a.flags)
+    args = {"PartialOut": part_out, "PartialLse": part_lse, "num_splits": splits}
+    _run(K.attn_fwd_splitkv, (splits, a.hq, a.b), {**a.args, **args, **config,
+                                                   "split_blocks": per_split})  # fmt: skip
     lse = torch.logsumexp(part_lse, 2)  # -inf for rows with no visible key
     weight = torch.exp(part_lse - lse.unsqueeze(2)).nan_to_num(0.0)
     out = (weight.unsqueeze(-1) * part_out).sum(2)
     return out.to(a.q.dtype), lse
 
 
-def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, inv, strides) -> Tensor:
+def _table_grad_bands(K: ModuleType, a: _Launch, grads: dict) -> Tensor:
     """The table gradient without atomics: per block diagonal, the elementwise sum of its tiles'
     ∂L/∂score (every tile pair (r, c) there has offset ``q_offset + d·BLOCK + r - c``), then
     that sum's diagonals and the overlapping neighbours added in a fixed order."""
@@ -338,10 +346,8 @@ def _table_grad_bands(K: ModuleType, a: _Launch, grad_out, lse, delta, inv, stri
     band_min, num_bands = -(n_k - 1), n_q + n_k - 1
     shape = (a.b, a.hq, num_bands, block, block)
     partial = torch.empty(shape, dtype=torch.float32, device=a.q.device)
-    tensors = [a.q, a.k, a.v, grad_out, lse, delta, inv, a.table, partial, *a.masks()]
-    sizes = [a.hq, a.hq // a.hkv, *a.sizes(), num_bands, band_min]
-    grid = (num_bands, a.hq, a.b)
-    K.attn_bwd_table_bands[grid](*tensors, *strides, *sizes, **config, **a.flags)
+    args = {"Partial": partial, "num_bands": num_bands, "band_min": band_min, **config}
+    _run(K.attn_bwd_table_bands, (num_bands, a.hq, a.b), {**a.args, **grads, **args})
     partial = partial.sum(0)
     # Diagonal sums of each (r, c) tile: flip c, pad each row with `block` zeros and re-read the
     # rows one element shorter, so row r shifts by r and column t holds r - c = t - (block - 1).
