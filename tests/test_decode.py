@@ -152,7 +152,10 @@ def test_gqa_decode_copies_no_keys(pe, nq):
     assert out.shape == q.shape
     assert seen.largest <= hq * (nk + nq)  # the positional rows, at most
     assert not any("relattn" in op for op in seen.ops)
-    assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in seen.ops
+    if nq == 1 and decode._native() is not None:  # the C++ step: its out and lse, nothing else
+        assert seen.ops == ["aten.empty.memory_format"] * 2
+    else:
+        assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in seen.ops
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -188,8 +191,7 @@ def test_cached_steps_match_reference_backend(monkeypatch, builtin_backends):
     under auto and gives the reference backend's logits."""
     from relattn.models import TinyLM, TinyLMConfig
 
-    calls = []
-    monkeypatch.setattr(decode, "_sdpa", lambda *a, **kw: calls.append(1) or _sdpa(*a, **kw))
+    calls = _count_steps(monkeypatch)
     torch.manual_seed(0)
     model = TinyLM(TinyLMConfig(num_heads=4, num_kv_heads=2, d_model=64, max_seq_len=96)).eval()
     ref = copy.deepcopy(model)
@@ -205,7 +207,21 @@ def test_cached_steps_match_reference_backend(monkeypatch, builtin_backends):
     assert len(calls) == 60 * model.config.num_layers
 
 
-_sdpa = decode._sdpa  # called by the one-token step only
+_attend_one = decode._attend_one  # the one-row kernel call
+
+
+def _count_steps(monkeypatch) -> list:
+    """A list that grows by one at each generation step's kernel call (the one-row call
+    without a log-sum-exp: no other call makes it)."""
+    steps: list = []
+
+    def counted(*a):
+        if a[-1] is False:  # need_lse
+            steps.append(1)
+        return _attend_one(*a)
+
+    monkeypatch.setattr(decode, "_attend_one", counted)
+    return steps
 
 
 # ----------------------------------------------------------------------------- one-token shortcut
@@ -270,8 +286,7 @@ def test_one_token_shortcut_is_bit_exact(
     kw = {"q_offset": nk - 1 + extra}
     with torch.no_grad():
         want = _general(q, k, v, pe, **kw)
-        steps = []
-        monkeypatch.setattr(decode, "_sdpa", lambda *a, **k: steps.append(1) or _sdpa(*a, **k))
+        steps = _count_steps(monkeypatch)
         for _ in range(2):  # the second call reads the cached, reversed table
             got = relattn.attention(q, k, v, pe, **kw)
             assert got.dtype == dtype and got.shape == q.shape and got.is_contiguous()
@@ -338,9 +353,9 @@ def test_one_token_shortcut_stands_aside(case, monkeypatch, builtin_backends):
     monkeypatch.setattr(
         relattn.backends, "choose", lambda *a, **kw: chosen.append(1) or real(*a, **kw)
     )
-    monkeypatch.setattr(decode, "_sdpa", lambda *a, **k: pytest.fail("took the one-token step"))
+    steps = _count_steps(monkeypatch)
     relattn.attention(q, k, v, pe, **kw)
-    assert chosen
+    assert chosen and not steps  # dispatch ran, and the generation step's kernel call did not
 
 
 class _Eager(relattn.backends.Backend):
@@ -369,8 +384,7 @@ def test_registered_backends_and_the_shortcut(monkeypatch, builtin_backends):
     relattn.backends.register(_Idle())
     pe = T5Bias(4)
     q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 20, 8)
-    steps = []
-    monkeypatch.setattr(decode, "_sdpa", lambda *a, **k: steps.append(1) or _sdpa(*a, **k))
+    steps = _count_steps(monkeypatch)
     with torch.no_grad():
         got = relattn.attention(q, k, k, pe, q_offset=19)
     assert steps  # dispatch still picks decode: the shortcut answers
@@ -424,6 +438,91 @@ def test_reversed_table_flattens_as_the_table():
         rebuilt = relattn.backends.base.Call.from_args(call.as_args(), call.backend)
         out, _ = decode.BACKEND.forward(rebuilt)
         torch.testing.assert_close(out, relattn.attention(q, k, k, pe, q_offset=25))
+
+
+def _kv(layout: str, b: int, hkv: int, nk: int, d: int, dtype, g):
+    """k or v (B, Hkv, Nk, D) in ``layout``: contiguous; a KV cache's view of a longer buffer;
+    rows that overlap (row stride D/2, which BLAS cannot read: the per-key products run)."""
+    if layout == "contiguous":
+        return torch.randn(b, hkv, nk, d, dtype=dtype, generator=g)
+    if layout == "cache_view":
+        return torch.randn(b, hkv, nk + 7, d, dtype=dtype, generator=g)[:, :, :nk]
+    base = torch.randn(b * hkv * (nk + 1) * d, dtype=dtype, generator=g)
+    return base.as_strided((b, hkv, nk, d), (hkv * (nk + 1) * d, (nk + 1) * d, d // 2, 1))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["cpu_kernel_step", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("layout", ["contiguous", "cache_view", "overlapping_rows"])
+@pytest.mark.parametrize("pe_name", ["none", "t5"])
+def test_generation_step_kernels_against_float64(
+    native, dtype, heads, layout, pe_name, monkeypatch
+):
+    """A generation step runs the C++ extension's one-row kernel where it is built (float32 and
+    float64), else ATen's fused kernel: both agree with float64 math for every GQA grouping,
+    KV-cache views and overlapping rows, with and without a position term."""
+    if native:
+        if os.environ.get("RELATTN_CPU_KERNEL", "1") == "0":
+            pytest.skip("RELATTN_CPU_KERNEL=0")
+        mod = cpu_kernel.load()  # builds it if needed: this test is about it
+        monkeypatch.setattr(decode, "_native", lambda: mod)
+    else:
+        monkeypatch.setattr(decode, "_native", lambda: None)
+    hq, hkv = heads
+    g = torch.Generator().manual_seed(hq * 10 + hkv)
+    b, nk, d = 2, 37, 16
+    q = torch.randn(b, hq, 1, d, dtype=dtype, generator=g)
+    k, v = (_kv(layout, b, hkv, nk, d, dtype, g) for _ in range(2))
+    pe = None if pe_name == "none" else T5Bias(hq).eval()
+    if pe is not None:
+        with torch.no_grad():
+            pe.weight.add_(torch.randn(pe.weight.shape, generator=g))
+    steps = _count_steps(monkeypatch)
+    with torch.no_grad():
+        got = relattn.attention(q, k, v, pe, q_offset=nk + 2)
+    assert steps and got.dtype == dtype and got.shape == q.shape
+    want = attention_math(q, k, v, pe, q_offset=nk + 2)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+
+
+def test_native_step_rejects_what_it_cannot_read():
+    """The C++ step checks its inputs rather than trusting its caller."""
+    if os.environ.get("RELATTN_CPU_KERNEL", "1") == "0":
+        pytest.skip("RELATTN_CPU_KERNEL=0")
+    mod = cpu_kernel.load()
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 9, 8)
+    none = torch.empty(0)
+    with pytest.raises(RuntimeError, match="unit stride along D"):
+        mod.step(q, torch.randn(1, 2, 9, 16)[..., ::2], k, none, 0, 0.3)
+    with pytest.raises(RuntimeError, match="q must be contiguous"):
+        mod.step(torch.randn(1, 1, 8, 2).permute(0, 3, 1, 2), k, k, none, 0, 0.3)
+    with pytest.raises(RuntimeError, match="start \\+ Nk <= W"):
+        mod.step(q, k, k, torch.randn(2, 9), 1, 0.3)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        mod.step(q.half(), k.half(), k.half(), none, 0, 0.3)
+    with pytest.raises(RuntimeError, match="q must be \\(B, Hq, 1, D\\)"):
+        mod.step(torch.randn(1, 2, 2, 8), k, k, none, 0, 0.3)
+
+
+def test_decoding_never_builds_the_extension(monkeypatch, tmp_path):
+    """cpu_kernel.ready() (what a generation step asks) imports a finished build and never
+    starts one: a step must not wait for a compile. A build it did not find is not looked for
+    again in the process."""
+    monkeypatch.setenv("RELATTN_CPU_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernel, "_module", None)
+    monkeypatch.setattr(cpu_kernel, "_looked", False)
+    monkeypatch.setattr(cpu_kernel, "_build", lambda: pytest.fail("ready() started a build"))
+    assert cpu_kernel.ready() is None
+    assert list(tmp_path.iterdir()) == []  # not even a folder made
+    monkeypatch.setattr(cpu_kernel, "_name", lambda: pytest.fail("looked again"))
+    assert cpu_kernel.ready() is None
+    with torch.no_grad():  # and the step runs on ATen's kernel meanwhile
+        q, k, pe = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8), T5Bias(2)
+        got = relattn.attention(q, k, k, pe, q_offset=4)
+    want = attention_math(q, k, k, pe, q_offset=4)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_one_token_shortcut_reports_bad_input_like_the_general_path():

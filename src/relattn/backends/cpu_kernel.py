@@ -104,13 +104,18 @@ def _build_dir(name: str) -> str:
     default). Not torch's extensions directory: finding that imports
     ``torch.utils.cpp_extension`` (and setuptools), a tenth of a second of every process's
     first call even when the build is there."""
+    path = _build_path(name)
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _build_path(name: str) -> Path:
+    """:func:`_build_dir`'s path, not created."""
     root = os.environ.get("RELATTN_CPU_KERNEL_DIR")
     if not root:
         cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         root = os.path.join(cache, "relattn")
-    path = os.path.join(root, name)
-    os.makedirs(path, exist_ok=True)
-    return path
+    return Path(root) / name
 
 
 def _build() -> Any:
@@ -214,6 +219,32 @@ def available() -> bool:
     if build_error() is not None:
         return False
     return _module is not None or _toolchain()
+
+
+def ready() -> Any:
+    """The extension module if it is loaded, or built on disk and loaded now (an import, no
+    compile); else None. Decoding's one-row kernel uses it where it exists and never starts a
+    build. A build absent at the first ask is not looked for again in this process (each
+    decoding step asks), until :func:`load` builds it."""
+    global _looked
+    if _module is not None:
+        return _module
+    if _looked:
+        return None
+    _looked = True
+    if build_error() is not None or not _toolchain():
+        return None
+    name = _name()
+    path = _build_path(name)
+    if not (path / f"{name}.so").exists() or (path / "lock").exists():
+        return None
+    try:
+        return load()
+    except RuntimeError:
+        return None
+
+
+_looked = False
 
 
 def _dtype_ok(q: Tensor) -> bool:

@@ -26,6 +26,7 @@ from torch.nn.functional import scaled_dot_product_attention as _sdpa
 
 from ..masks import key_span
 from ..problem import Problem
+from . import cpu_kernel
 from .base import Backend, Call, Layout, fits
 from .chunked import _antidiagonal_sums, _check, _softmax_backward, _stat_dtype
 
@@ -281,8 +282,7 @@ def _one_token(
         or problem.key_padding_mask is not None
     ):
         return None
-    b, hq, _, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
+    d, nk = q.shape[3], k.shape[2]
     qo, lo = problem.q_offset, problem.lo
     if problem.causal and not problem.window and 0 <= qo - nk + 1 == lo:
         c0, c1, e_max, e_min = 0, nk, qo, lo  # a generation step: every key, every offset seen
@@ -291,37 +291,74 @@ def _one_token(
         e_max, e_min = qo - c0, qo - (c1 - 1)  # key c0 + j has offset e_max - j
         if c1 <= c0 or e_min < 0 and problem.causal or problem.window and e_max >= problem.window:
             return None  # hidden offsets inside the span: the general path masks them
-    g, keys = hq // hkv, c1 - c0
-    mask = None
+    keys = c1 - c0
+    rows, start = None, 0  # key c0 + j reads rows[:, start + j]
     compute = torch.float64 if q.dtype is torch.float64 else torch.float32  # promote_types
     if reversed_table is not None:
         rows, at_lo, _ = reversed_table  # rows[:, at_lo - t] holds offset lo + t
         start = at_lo - (e_max - lo)  # the column of offset e_max: key c0
         if rows.dtype != compute:
             rows, start = rows.narrow(1, start, keys).to(compute), 0
-        f0 = rows.stride(0)
-        mask = rows.as_strided((1, hkv, g, keys), (0, g * f0, f0, 1), rows.storage_offset() + start)
     elif table is not None:
         if e_min < lo or e_max >= lo + table.shape[1]:
             return None  # the general path reports it
         if e_min != lo or e_max - e_min + 1 != table.shape[1]:
             table = table[:, e_min - lo : e_max - lo + 1]
-        f = _reversed(_as(table, compute))
-        f0 = f.stride(0)
-        mask = f.as_strided((1, hkv, g, keys), (0, g * f0, f0, 1))
+        rows = _reversed(_as(table, compute))
     if keys < nk:
         k, v = k[:, :, c0:c1], v[:, :, c0:c1]
-    if g > 1:
-        q = q.reshape(b, hkv, g, d)
     if not q.is_contiguous() or d > 1 and (k.stride(3) != 1 or v.stride(3) != 1):
         _aten_layout(q, k, v)  # raises, naming the strides (a conformed call never does)
+    return _attend_one(q, k, v, rows, start, problem.scale, need_lse)
+
+
+def _attend_one(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rows: Tensor | None,
+    start: int,
+    scale: float,
+    need_lse: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """One query row per head against every key given: ``q (B, Hq, 1, D)`` contiguous, ``k, v
+    (B, Hkv, L, D)`` of unit stride along D, ``rows (Hq, W)`` of unit column stride in the
+    compute dtype whose column ``start + c`` is key c's position term (or None). Returns
+    ``(out (B, Hq, 1, D), lse (B, Hq, 1) or None without need_lse)``.
+
+    float32 and float64 run the C++ extension's ``step`` where it is built already (never
+    building it here: a generation step must not wait for a compile), one pass over k and v
+    per head with the scores in a vector; else, and for 16-bit dtypes, ATen's fused CPU
+    kernel behind ``scaled_dot_product_attention`` with the position term as a strided mask
+    (its public function when the log-sum-exp is not needed: about 4 µs cheaper to call)."""
+    mod = _native() if q.dtype is torch.float32 or q.dtype is torch.float64 else None
+    if mod is not None:
+        out, lse = mod.step(q, k, v, _NO_BIAS if rows is None else rows, start, scale)
+        return out, lse if need_lse else None
+    b, hq, _, d = q.shape
+    hkv, keys = k.shape[1], k.shape[2]
+    g = hq // hkv
+    mask = None
+    if rows is not None:
+        f0 = rows.stride(0)
+        mask = rows.as_strided((1, hkv, g, keys), (0, g * f0, f0, 1), rows.storage_offset() + start)
+    if g > 1:
+        q = q.reshape(b, hkv, g, d)
     if not need_lse:
-        out = _sdpa(q, k, v, attn_mask=mask, scale=problem.scale)
+        out = _sdpa(q, k, v, attn_mask=mask, scale=scale)
         return (out.reshape(b, hq, 1, d) if g > 1 else out), None
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, False, attn_mask=mask, scale=problem.scale
+        q, k, v, 0.0, False, attn_mask=mask, scale=scale
     )
     return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
+
+
+_NO_BIAS = torch.empty(0)
+
+
+def _native():
+    """The C++ extension module if it is built (see :func:`cpu_kernel.ready`), else None."""
+    return cpu_kernel.ready()
 
 
 def _step(q, k, v, table, slopes, problem, backend, lse, reversed_table) -> Tensor | None:
@@ -329,8 +366,8 @@ def _step(q, k, v, table, slopes, problem, backend, lse, reversed_table) -> Tens
     Python operations as possible (a step at a short cache counts each µs): one query row at
     position Nk - 1 or later, causal, no window, doc_ids or padding, the table reversed
     (``reversed_table``, not None), no log-sum-exp. None: not this case."""
-    b, hq, nq, d = q.shape
-    hkv, nk = k.shape[1], k.shape[2]
+    nq, d = q.shape[2], q.shape[3]
+    nk = k.shape[2]
     lo = problem.lo
     if (
         nq != 1
@@ -346,17 +383,10 @@ def _step(q, k, v, table, slopes, problem, backend, lse, reversed_table) -> Tens
     ):
         return None
     rows, at_lo, _ = reversed_table  # the caller checked it is given
-    start = at_lo - (nk - 1)  # the column of offset q_offset, against key 0
     if rows.dtype is not (torch.float64 if q.dtype is torch.float64 else torch.float32):
         return None
-    g = hq // hkv
-    f0 = rows.stride(0)
-    mask = rows.as_strided((1, hkv, g, nk), (0, g * f0, f0, 1), rows.storage_offset() + start)
-    if g == 1:
-        return _sdpa(q, k, v, attn_mask=mask, scale=problem.scale)
-    return _sdpa(q.reshape(b, hkv, g, d), k, v, attn_mask=mask, scale=problem.scale).reshape(
-        b, hq, 1, d
-    )
+    # key 0 reads the column of offset q_offset
+    return _attend_one(q, k, v, rows, at_lo - (nk - 1), problem.scale, False)[0]
 
 
 def forward(
