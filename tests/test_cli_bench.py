@@ -224,3 +224,18 @@ def test_the_generation_baseline_is_the_same_model(monkeypatch):
         assert torch.equal(
             twin.generate(prompt, 6, temperature=0.0), model.generate(prompt, 6, temperature=0.0)
         )
+
+
+def test_decode_benchmark_rows_and_table():
+    """benchmarks/decode.py's rows: ratios and both overheads (three contenders interleaved,
+    and relattn with SDPA alone) per encoding and cache length, in the Markdown table."""
+    from relattn.benchmarking import decode
+
+    rows = decode.decode_rows([16], ["t5", "alibi"], 3)
+    assert [(r["encoding"], r["nk"]) for r in rows] == [("t5", 16), ("alibi", 16)]
+    for r in rows:
+        for key in ("vs_sdpa", "vs_bias", "overhead_us", "paired_overhead_us"):
+            q1, q2, q3 = r[key]
+            assert q1 <= q2 <= q3
+    text = decode.to_markdown(rows)
+    assert "the same, the two alone, µs" in text and text.count("\n") >= 3

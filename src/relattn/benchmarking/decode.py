@@ -81,8 +81,9 @@ def decode_rows(
         One dict per (encoding, Nk): ``encoding``, ``nk``, ``hkv``, the median seconds per
         contender (``<key>_s``), and, round by round as (p25, median, p75),
         ``vs_sdpa`` (relattn ÷ SDPA without position term), ``vs_bias`` (relattn ÷ SDPA with
-        the bias row) and ``overhead_us`` (relattn − SDPA without position term, µs); a ratio
-        or overhead is None where a contender failed and has no times.
+        the bias row), ``overhead_us`` (relattn − SDPA without position term, µs) and
+        ``paired_overhead_us`` (the same from rounds of those two alone); a ratio or overhead
+        is None where a contender failed and has no times.
     """
     say = progress or (lambda line: None)
     rows = []
@@ -95,15 +96,26 @@ def decode_rows(
             row.update({f"{name}_s": t for name, t in med.items()})
             row["vs_sdpa"] = round_ratios(rounds, "relattn", "sdpa")
             row["vs_bias"] = round_ratios(rounds, "relattn", "sdpa_bias")
-            ours, sdpa = rounds["relattn"], rounds["sdpa"]
-            row["overhead_us"] = None  # as the ratios: None where a contender has no times
-            if isinstance(ours, list) and isinstance(sdpa, list):
-                diffs = sorted((a - b) * 1e6 for a, b in zip(ours, sdpa, strict=True))
-                q1, q2, q3 = statistics.quantiles(diffs, n=4, method="inclusive")
-                row["overhead_us"] = (q1, q2, q3)
+            row["overhead_us"] = _differences(rounds)
+            # The same two alone, alternating: the cost of the call itself. In the rounds above
+            # the bias contender runs between them and evicts relattn's Python code and data
+            # from the caches, which its next call pays for (SDPA's C++ path barely).
+            pair = {name: fns[name] for name in ("relattn", "sdpa")}
+            row["paired_overhead_us"] = _differences(time_rounds(pair, repeats, warmup=3))
             say(f"{encoding} Nk={nk}: {med}")
             rows.append(row)
     return rows
+
+
+def _differences(rounds: dict[str, list[float] | str]) -> tuple[float, float, float] | None:
+    """(p25, median, p75) of relattn − SDPA without position term, µs, round by round; None
+    where a contender has no times (as the ratios)."""
+    ours, sdpa = rounds["relattn"], rounds["sdpa"]
+    if not (isinstance(ours, list) and isinstance(sdpa, list)):
+        return None
+    diffs = sorted((a - b) * 1e6 for a, b in zip(ours, sdpa, strict=True))
+    q1, q2, q3 = statistics.quantiles(diffs, n=4, method="inclusive")
+    return q1, q2, q3
 
 
 _COLD = r"""
@@ -159,6 +171,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
             "vs_sdpa": _q(r["vs_sdpa"]),
             "vs_bias": _q(r["vs_bias"]),
             "over": _q(r["overhead_us"], ".0f"),
+            "paired": _q(r.get("paired_overhead_us"), ".0f"),
         }
         for r in rows
     ]
@@ -171,6 +184,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
         ("vs_sdpa", "relattn ÷ SDPA no PE"),
         ("vs_bias", "relattn ÷ SDPA + bias"),
         ("over", "relattn − SDPA no PE, µs"),
+        ("paired", "the same, the two alone, µs"),
     ]
     return markdown_table(table, columns)
 
