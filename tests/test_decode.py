@@ -224,7 +224,7 @@ def _count_steps(monkeypatch) -> list:
     return steps
 
 
-# ----------------------------------------------------------------------------- one-token shortcut
+# ----------------------------------------------------------------------------- generation steps
 
 
 @pytest.fixture
@@ -250,7 +250,7 @@ def _general(q, k, v, pe, **kw):
 
 
 class _OwnCache(T5Bias):
-    """An encoding that overrides cached_table (the shortcut must still call it)."""
+    """An encoding that overrides cached_table (a generation step must still call it)."""
 
     def cached_table(self, lo, hi):
         return self.table(lo, hi)
@@ -262,7 +262,7 @@ class _OwnCache(T5Bias):
 )
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("nk,extra", [(1, 0), (29, 0), (29, 5), (300, 0)])
-def test_one_token_shortcut_is_bit_exact(
+def test_generation_step_is_bit_exact(
     dtype, pe_name, heads, nk, extra, monkeypatch, builtin_backends
 ):
     """A generation step takes the one-token step and returns bit for bit what the general
@@ -298,8 +298,8 @@ def test_one_token_shortcut_is_bit_exact(
     torch.testing.assert_close(got.double(), math, rtol=tol, atol=tol)
 
 
-def test_auto_would_pick_decode_where_the_shortcut_answers():
-    """The shortcut stands in for auto's choice: decode, for every shape it accepts."""
+def test_auto_picks_decode_for_generation_steps():
+    """auto's choice for a generation step: decode, for every GQA grouping and cache length."""
     for nq_heads in [(8, 8), (8, 2), (8, 1)]:
         for nk in (1, 2, 64, 129, 5000, 70000):
             q = torch.zeros(1, nq_heads[0], 1, 16)
@@ -320,7 +320,7 @@ def test_auto_would_pick_decode_where_the_shortcut_answers():
         "registered_backend",
     ],
 )
-def test_one_token_shortcut_stands_aside(case, monkeypatch, builtin_backends):
+def test_generation_step_stands_aside(case, monkeypatch, builtin_backends):
     """Anything beyond a plain generation step goes through validation and dispatch."""
     pe, nk, kw = T5Bias(4), 20, {"q_offset": 19}
     q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 4, nk, 8), torch.randn(1, 4, nk, 8)
@@ -361,7 +361,7 @@ def test_one_token_shortcut_stands_aside(case, monkeypatch, builtin_backends):
 class _Eager(relattn.backends.Backend):
     """A user backend that wants every call (the reference's math, unfused)."""
 
-    name = "eager_for_shortcut_test"
+    name = "eager_for_step_test"
     autograd = True
 
     def priority(self, q, k, problem):
@@ -374,12 +374,12 @@ class _Eager(relattn.backends.Backend):
 class _Idle(relattn.backends.Backend):
     """A user backend that never asks for a call."""
 
-    name = "idle_for_shortcut_test"
+    name = "idle_for_step_test"
 
 
-def test_registered_backends_and_the_shortcut(monkeypatch, builtin_backends):
-    """Registering a built-in's own backend changes nothing; a user backend makes the shortcut
-    ask dispatch first, and it is still taken where dispatch picks decode."""
+def test_registered_backends_and_generation_steps(monkeypatch, builtin_backends):
+    """Registering a built-in's own backend changes nothing, nor does a user backend that
+    never asks for a call: dispatch still picks decode and its step kernel answers."""
     relattn.backends.register(decode.BACKEND)
     relattn.backends.register(_Idle())
     pe = T5Bias(4)
@@ -387,11 +387,11 @@ def test_registered_backends_and_the_shortcut(monkeypatch, builtin_backends):
     steps = _count_steps(monkeypatch)
     with torch.no_grad():
         got = relattn.attention(q, k, k, pe, q_offset=19)
-    assert steps  # dispatch still picks decode: the shortcut answers
+    assert steps  # dispatch still picks decode: the step's kernel answers
     torch.testing.assert_close(got, _general(q, k, k, pe, q_offset=19), rtol=0, atol=0)
 
 
-def test_one_token_shortcut_sees_weight_changes():
+def test_generation_step_sees_weight_changes():
     """The reversed table kept for decoding follows the encoding's weights like the table."""
     pe = T5Bias(4)
     q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 40, 8), torch.randn(1, 4, 40, 8)
@@ -525,7 +525,7 @@ def test_decoding_never_builds_the_extension(monkeypatch, tmp_path):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
-def test_one_token_shortcut_reports_bad_input_like_the_general_path():
+def test_generation_step_reports_bad_input_like_the_general_path():
     pe = T5Bias(4)
     q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 20, 8)
     with pytest.raises(ValueError, match="v must have shape"):
@@ -613,7 +613,7 @@ class _Scaled(T5Bias):
 
 
 def _both_ways(pe, lo, hi):
-    """cached_table and the decoding shortcut's reversed read, each checked against table()."""
+    """cached_table and the decoding step's reversed read, each checked against table()."""
     want = pe.table(lo, hi)
     torch.testing.assert_close(pe.cached_table(lo, hi), want, rtol=0, atol=0)
     rows, start = pe._cached(lo, hi, True)
