@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 extern "C" {
@@ -983,12 +984,29 @@ inline double exp_row_sum(double* x, int64_t n, double a) {
 // below D), which BLAS cannot read, always take the own loops.
 constexpr int64_t kStepBlasGroup = 4;
 
-template <typename T>
-void step_impl(const T* q, const T* k, const T* v, const T* bias, int64_t B, int64_t Hq,
-               int64_t Hkv, int64_t Nk, int64_t D, const int64_t* sk, const int64_t* sv,
-               int64_t sbias, T scale, T* out, T* lse) {
+// rows x rows of n values of S, row stride ld, as dense float/double rows in out.
+template <typename S, typename T>
+void widen_rows(const S* x, int64_t rows, int64_t n, int64_t ld, T* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* xr = x + r * ld;
+    T* o = out + r * n;
+    for (int64_t j = 0; j < n; ++j) o[j] = static_cast<T>(xr[j]);
+  }
+}
+
+// S: the dtype of q, k, v, out; T: the compute dtype (float for 16-bit S, else S). For 16-bit
+// inputs each task widens its q rows and its kv head's k and v to float once (a pass over the
+// head's cache, which it reads anyway), computes in float and rounds out once.
+template <typename S, typename T>
+void step_impl(const S* q, const S* k, const S* v, const T* bias, int64_t B, int64_t Hq,
+               int64_t Hkv, int64_t Nk, int64_t D, const int64_t* sk_in, const int64_t* sv_in,
+               int64_t sbias, T scale, S* out, T* lse) {
+  constexpr bool kWiden = !std::is_same_v<S, T>;
   const int64_t G = Hq / Hkv;
   const T inf = std::numeric_limits<T>::infinity();
+  // Row strides the products read: the inputs', or D for the widened copies.
+  const int64_t sk[3] = {sk_in[0], sk_in[1], kWiden ? D : sk_in[2]};
+  const int64_t sv[3] = {sv_in[0], sv_in[1], kWiden ? D : sv_in[2]};
   const bool products = G >= kStepBlasGroup && sk[2] >= D && sv[2] >= D &&
                         Nk <= std::numeric_limits<int>::max() &&
                         sk[2] <= std::numeric_limits<int>::max() &&
@@ -997,11 +1015,28 @@ void step_impl(const T* q, const T* k, const T* v, const T* bias, int64_t B, int
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, 2 * G * Nk * D));
   at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> s(G * Nk), qk(products ? 0 : Nk);
+    std::vector<T> wide_q(kWiden ? G * D : 0), wide_o(kWiden ? G * D : 0);
+    std::vector<T> wide_k(kWiden ? Nk * D : 0), wide_v(kWiden ? Nk * D : 0);
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t b = bk / Hkv, hk = bk % Hkv, h0 = hk * G, row0 = b * Hq + h0;
-      const T* kb = k + b * sk[0] + hk * sk[1];
-      const T* vb = v + b * sv[0] + hk * sv[1];
-      T* o = out + row0 * D;
+      const T* qg;  // the group's G query rows, (G, D) dense
+      const T* kb;
+      const T* vb;
+      T* o;
+      if constexpr (kWiden) {
+        widen_rows(q + row0 * D, G, D, D, wide_q.data());
+        widen_rows(k + b * sk_in[0] + hk * sk_in[1], Nk, D, sk_in[2], wide_k.data());
+        widen_rows(v + b * sv_in[0] + hk * sv_in[1], Nk, D, sv_in[2], wide_v.data());
+        qg = wide_q.data();
+        kb = wide_k.data();
+        vb = wide_v.data();
+        o = wide_o.data();
+      } else {
+        qg = q + row0 * D;
+        kb = k + b * sk[0] + hk * sk[1];
+        vb = v + b * sv[0] + hk * sv[1];
+        o = out + row0 * D;
+      }
       for (int64_t j = 0; j < G; ++j) {  // the bias, or 0, under each row's scores
         T* sr = s.data() + j * Nk;
         if (bias) {
@@ -1011,11 +1046,11 @@ void step_impl(const T* q, const T* k, const T* v, const T* bias, int64_t B, int
         }
       }
       if (products) {
-        gemm<T>(false, true, G, Nk, D, scale, q + row0 * D, D, kb, sk[2], T(1), s.data(), Nk);
+        gemm<T>(false, true, G, Nk, D, scale, qg, D, kb, sk[2], T(1), s.data(), Nk);
       } else {
         for (int64_t j = 0; j < G; ++j) {
           T* sr = s.data() + j * Nk;
-          dot_rows(q + (row0 + j) * D, kb, sk[2], Nk, D, qk.data());
+          dot_rows(qg + j * D, kb, sk[2], Nk, D, qk.data());
           for (int64_t c = 0; c < Nk; ++c) sr[c] += qk[c] * scale;
         }
       }
@@ -1041,14 +1076,19 @@ void step_impl(const T* q, const T* k, const T* v, const T* bias, int64_t B, int
       for (int64_t j = 0; j < G; ++j) {
         if (sums[j] != T(0)) row_scale(o + j * D, D, T(1) / sums[j]);  // NaN scales: stays NaN
       }
+      if constexpr (kWiden) {
+        S* dst = out + row0 * D;
+        for (int64_t i = 0; i < G * D; ++i) dst[i] = static_cast<S>(o[i]);
+      }
     }
   });
 }
 
 // One generated token: q (B, Hq, 1, D) contiguous; k, v (B, Hkv, Nk, D) with unit stride along
 // D (any other strides: a KV cache's view of its buffer); bias (Hq, W) with unit column stride,
-// key c of head h adding bias[h, start + c], or an empty tensor for none; float32 or float64,
-// all one dtype. Returns (out (B, Hq, 1, D), lse (B, Hq, 1)) in q's dtype.
+// key c of head h adding bias[h, start + c], or an empty tensor for none; q, k, v float32,
+// float64, bfloat16 or float16, one dtype (16-bit computed in float32), the bias in the compute
+// dtype. Returns (out (B, Hq, 1, D) in q's dtype, lse (B, Hq, 1) in the compute dtype).
 std::vector<at::Tensor> step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& bias, int64_t start, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(2) == 1 &&
@@ -1056,9 +1096,14 @@ std::vector<at::Tensor> step(const at::Tensor& q, const at::Tensor& k, const at:
                   q.size(1) % k.size(1) == 0 && k.size(2) > 0,
               "relattn cpu kernel step: q must be (B, Hq, 1, D) and k, v (B, Hkv, Nk, D), Nk >= "
               "1; got q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
-                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble),
-              "relattn cpu kernel step: q, k, v must be float32 or float64, one dtype");
+  const at::ScalarType st = q.scalar_type();
+  TORCH_CHECK(st == k.scalar_type() && st == v.scalar_type() &&
+                  (st == at::kFloat || st == at::kDouble || st == at::kBFloat16 ||
+                   st == at::kHalf),
+              "relattn cpu kernel step: q, k, v must be float32, float64, bfloat16 or float16, "
+              "one dtype");
+  // The compute dtype: float64 for float64, else float32 (bias and lse are in it).
+  const at::ScalarType compute = st == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t D = q.size(3);
   TORCH_CHECK(q.is_contiguous() && (D == 1 || (k.stride(3) == 1 && v.stride(3) == 1)),
               "relattn cpu kernel step: q must be contiguous and k, v of unit stride along D; "
@@ -1066,23 +1111,25 @@ std::vector<at::Tensor> step(const at::Tensor& q, const at::Tensor& k, const at:
   const bool has_bias = bias.numel() > 0;
   if (has_bias) {
     TORCH_CHECK(bias.dim() == 2 && bias.size(0) == q.size(1) &&
-                    bias.scalar_type() == q.scalar_type() &&
+                    bias.scalar_type() == compute &&
                     (bias.size(1) <= 1 || bias.stride(1) == 1) && start >= 0 &&
                     start + k.size(2) <= bias.size(1),
-                "relattn cpu kernel step: bias must be (Hq, W) in q's dtype with unit column "
-                "stride and start + Nk <= W; got ", bias.sizes(), " strides ", bias.strides(),
+                "relattn cpu kernel step: bias must be (Hq, W) in the compute dtype (float64 "
+                "for float64 inputs, else float32) with unit column stride and start + Nk <= W; "
+                "got ", bias.scalar_type(), " ", bias.sizes(), " strides ", bias.strides(),
                 ", start ", start);
   }
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), 1}, q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), 1}, q.options().dtype(compute));
   const int64_t sk[3] = {k.stride(0), k.stride(1), k.stride(2)};
   const int64_t sv[3] = {v.stride(0), v.stride(1), v.stride(2)};
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "relattn_cpu_step", [&] {
-    const scalar_t* b = has_bias ? bias.data_ptr<scalar_t>() + start : nullptr;
-    step_impl<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                        b, q.size(0), q.size(1), k.size(1), k.size(2), D, sk, sv,
-                        has_bias ? bias.stride(0) : 0, static_cast<scalar_t>(scale),
-                        out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "relattn_cpu_step", [&] {
+    using compute_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const compute_t* b = has_bias ? bias.data_ptr<compute_t>() + start : nullptr;
+    step_impl<scalar_t, compute_t>(
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), b, q.size(0),
+        q.size(1), k.size(1), k.size(2), D, sk, sv, has_bias ? bias.stride(0) : 0,
+        static_cast<compute_t>(scale), out.data_ptr<scalar_t>(), lse.data_ptr<compute_t>());
   });
   return {out, lse};
 }

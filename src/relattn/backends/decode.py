@@ -326,12 +326,13 @@ def _attend_one(
     compute dtype whose column ``start + c`` is key c's position term (or None). Returns
     ``(out (B, Hq, 1, D), lse (B, Hq, 1) or None without need_lse)``.
 
-    float32 and float64 run the C++ extension's ``step`` where it is built already (never
-    building it here: a generation step must not wait for a compile), one pass over k and v
-    per head with the scores in a vector; else, and for 16-bit dtypes, ATen's fused CPU
-    kernel behind ``scaled_dot_product_attention`` with the position term as a strided mask
-    (its public function when the log-sum-exp is not needed: about 4 µs cheaper to call)."""
-    mod = _native() if q.dtype is torch.float32 or q.dtype is torch.float64 else None
+    The C++ extension's ``step`` runs it where the extension is built already (never building
+    it here: a generation step must not wait for a compile): one pass over k and v per kv
+    head with the scores in a vector, 16-bit inputs widened to float32 per head; else ATen's
+    fused CPU kernel behind ``scaled_dot_product_attention`` with the position term as a
+    strided mask (its public function when the log-sum-exp is not needed: about 4 µs
+    cheaper to call)."""
+    mod = _native() if q.dtype in _NATIVE_DTYPES else None
     if mod is not None:
         out, lse = mod.step(q, k, v, _NO_BIAS if rows is None else rows, start, scale)
         return out, lse if need_lse else None
@@ -354,6 +355,7 @@ def _attend_one(
 
 
 _NO_BIAS = torch.empty(0)
+_NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _native():
