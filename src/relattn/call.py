@@ -63,7 +63,8 @@ def prepare(
     may be passed by position, in this order (the public functions do: a decoding step counts
     the µs that keyword passing costs).
     """
-    # check_tensors()'s fast path, written out (a decoding step counts each call)
+    # Valid CPU tensors recognised in a few hundred ns (a decoding step counts each call);
+    # anything else goes through check_tensors, which says what is wrong.
     qs: tuple[int, ...] = ()
     ks: tuple[int, ...] = ()
     if type(q) is Tensor and type(k) is Tensor and type(v) is Tensor:
@@ -190,24 +191,6 @@ def _requires_grad(call: Call) -> bool:
 
 def check_tensors(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]:
     """``(B, Hq, Nq, D, Nk)`` of valid q ``(B, Hq, Nq, D)``, k, v ``(B, Hkv, Nk, D)``."""
-    if type(q) is Tensor and type(k) is Tensor and type(v) is Tensor:
-        # Valid CPU tensors in a few hundred ns (a decoding step counts them); anything else
-        # goes through the checks below, which say what is wrong.
-        qs, ks = q.shape, k.shape
-        if (
-            len(qs) == 4
-            and len(ks) == 4
-            and v.shape == ks
-            and q.dtype is k.dtype is v.dtype
-            and q.is_floating_point()
-            and q.is_cpu
-            and k.is_cpu
-            and v.is_cpu
-        ):
-            b, hq, nq, d = qs
-            kb, hkv, nk, kd = ks
-            if kb == b and kd == d and hkv and not hq % hkv and nq and nk and d:
-                return b, hq, nq, d, nk
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")

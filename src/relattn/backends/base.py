@@ -91,6 +91,12 @@ def conform(
     return q, k, v, table, slopes
 
 
+def unreversed(reversed_table: tuple[Tensor, int, int]) -> Tensor:
+    """The table ``(Hq, T)`` of a call's ``reversed`` ``(rows, at_lo, T)``: a view flipped back."""
+    rows, at_lo, width = reversed_table
+    return rows[:, at_lo - width + 1 : at_lo + 1].flip(-1)
+
+
 class Call(NamedTuple):
     """One attention call, prepared once: validated, rotated, conformed, dispatched.
 
@@ -131,9 +137,7 @@ class Call(NamedTuple):
         it: ``(Hq, T)``, a view flipped back) and ``reversed`` None; itself otherwise."""
         if self.reversed is None:
             return self
-        rows, at_lo, width = self.reversed
-        table = rows[:, at_lo - width + 1 : at_lo + 1].flip(-1)
-        return self._replace(table=table, reversed=None)
+        return self._replace(table=unreversed(self.reversed), reversed=None)
 
     def as_args(self) -> tuple:
         """The call as the custom op's flat arguments (tensors, ints, floats, bools), in the one

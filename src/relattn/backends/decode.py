@@ -27,7 +27,7 @@ from torch.nn.functional import scaled_dot_product_attention as _sdpa
 from ..masks import key_span
 from ..problem import Problem
 from . import cpu_kernel
-from .base import Backend, Call, Layout, fits
+from .base import Backend, Call, Layout, fits, unreversed
 from .chunked import _antidiagonal_sums, _check, _softmax_backward, _stat_dtype
 
 __all__ = ["MAX_ROWS", "DecodeBackend", "LayoutError", "backward", "forward"]
@@ -406,8 +406,7 @@ def forward(
     if fast is not None:
         return fast  # type: ignore[return-value]  # lse is given when asked for
     if reversed_table is not None:  # the general path reads the table in its own order
-        rows, at_lo, width = reversed_table
-        table = rows[:, at_lo - width + 1 : at_lo + 1].flip(-1)
+        table = unreversed(reversed_table)
     st = _Setup(q, k, v, table, slopes, problem)
     b, hq, nq = st.b, st.hq, st.nq
     stat = _stat_dtype(q)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,10 +11,9 @@ from torch import Tensor
 from .. import backends
 from .._validate import check_bool, check_choice, check_optional_int
 from ..cache import within_doc_positions
-from ..call import check_per_key, check_scale, check_tensors, encoding_terms, split_pe
+from ..call import PE, check_per_key, check_scale, check_tensors, encoding_terms, split_pe
 from ..functional import attention
 from ..masks import contiguous_documents, offset_range
-from ..pe import PositionEncoding, RoPE
 from ..problem import Problem
 from . import all_to_all, ring
 from ._agree import agree, comm_device, float_fact, text_fact
@@ -24,8 +22,6 @@ from .layout import check_layout, gather, shard, shard_positions, unshard, world
 __all__ = ["STRATEGIES", "ContextParallel", "context_parallel_attention"]
 
 STRATEGIES = ("ring", "all_to_all")
-
-PE = PositionEncoding | RoPE | Sequence[PositionEncoding | RoPE] | None
 
 
 def context_parallel_attention(
