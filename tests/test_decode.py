@@ -492,6 +492,20 @@ def test_generation_step_kernels_against_float64(
         assert max_err(got, want) <= 2 * max_err(naive, want) + 1e-6
 
 
+def test_native_step_with_an_empty_batch():
+    """An empty batch reads nothing, so the decode layout lets any strides through (found by
+    the property tests): the step returns empty outputs instead of refusing them."""
+    if os.environ.get("RELATTN_CPU_KERNEL", "1") == "0":
+        pytest.skip("RELATTN_CPU_KERNEL=0")
+    mod = cpu_kernel.load()
+    q, k = torch.randn(0, 2, 1, 8), torch.randn(0, 1, 1, 8)
+    v = torch.randn(0, 1, 1, 16)[..., ::2]
+    out, lse = mod.step(q, k, v, torch.empty(0), 0, 0.3)
+    assert out.shape == (0, 2, 1, 8) and lse.shape == (0, 2, 1)
+    with torch.no_grad():
+        assert relattn.attention(q, k, v, q_offset=0).shape == (0, 2, 1, 8)
+
+
 def test_native_step_rejects_what_it_cannot_read():
     """The C++ step checks its inputs rather than trusting its caller."""
     if os.environ.get("RELATTN_CPU_KERNEL", "1") == "0":

@@ -1105,7 +1105,9 @@ std::vector<at::Tensor> step(const at::Tensor& q, const at::Tensor& k, const at:
   // The compute dtype: float64 for float64, else float32 (bias and lse are in it).
   const at::ScalarType compute = st == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t D = q.size(3);
-  TORCH_CHECK(q.is_contiguous() && (D == 1 || (k.stride(3) == 1 && v.stride(3) == 1)),
+  // (an empty batch reads nothing: any strides, as the decode backend's layout allows)
+  TORCH_CHECK(q.is_contiguous() && (D == 1 || q.size(0) == 0 ||
+                                    (k.stride(3) == 1 && v.stride(3) == 1)),
               "relattn cpu kernel step: q must be contiguous and k, v of unit stride along D; "
               "got strides q ", q.strides(), ", k ", k.strides(), ", v ", v.strides());
   const bool has_bias = bias.numel() > 0;
