@@ -227,9 +227,12 @@ def test_auto_prefers_the_kernel_for_long_float_inputs():
     assert relattn.backends.choose("auto", q64, k64, p).name == "cpu_kernel"
     q, k, p = _inputs(64)  # few rows: decode
     assert relattn.backends.choose("auto", q, k, p).name == "decode"
-    q, k, p = _inputs(300, torch.bfloat16)
-    assert relattn.backends.choose("auto", q, k, p).name == "chunked"
-    with pytest.raises(RuntimeError, match="float32 or float64"):
+    for dt in (torch.bfloat16, torch.float16):
+        q, k, p = _inputs(300, dt)
+        assert relattn.backends.choose("auto", q, k, p).name == "cpu_kernel"
+    q = torch.zeros(1, 2, 300, 16, dtype=torch.int32)
+    k = q.clone()
+    with pytest.raises(RuntimeError, match="float32, float64, bfloat16 or float16"):
         relattn.backends.choose("cpu_kernel", q, k, p)
 
 

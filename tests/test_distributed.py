@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from cases import ENCODINGS
-from oracle import assert_close_f64, run_math, seed_of, visible_mask
+from oracle import assert_close_f64, assert_flash_accuracy, run_math, seed_of, visible_mask
 
 import relattn
 from relattn.distributed import (
@@ -499,6 +499,27 @@ def test_ring_through_each_cpu_backend(pool2, backend):
     pool2.run(_backend_worker, backend)
 
 
+def _bf16_worker(rank: int, world: int, backend: str) -> None:
+    # 16-bit blocks: the partial lse merge and the kernel's backward (bf16 out, float32 lse).
+    case = Case("t5", docs=True, padding=True, hkv=2, n=16, b=1, d=16)
+    q, k, v, pe, grad_out, kw = make(case, (backend, "bf16"))
+    q, k, v, grad_out = (t.to(torch.bfloat16) for t in (q, k, v, grad_out))
+    got = run_cp(q, k, v, pe, grad_out, kw, None, "ring", "zigzag", backend=backend)
+    truth = run_math(q, k, v, pe, grad_out, torch.float64, **kw)
+    naive = run_math(q, k, v, pe, grad_out, torch.bfloat16, **kw)
+    assert_flash_accuracy(got, naive, truth, torch.bfloat16, label=f"ring bf16/{backend}: ")
+
+
+@pytest.mark.parametrize("backend", ["chunked", "cpu_kernel"])
+def test_ring_bf16_through_each_cpu_backend(pool2, backend):
+    if backend == "cpu_kernel":
+        from relattn.backends import cpu_kernel
+
+        if not cpu_kernel.available():
+            pytest.skip(f"the CPU kernel cannot be built here: {cpu_kernel.build_error()}")
+    pool2.run(_bf16_worker, backend)
+
+
 def test_auto_ring_backend_on_cpu():
     from relattn.backends import choose, cpu_kernel
     from relattn.problem import Problem
@@ -507,7 +528,7 @@ def test_auto_ring_backend_on_cpu():
     want = "cpu_kernel" if cpu_kernel.available() else "chunked"
     p = Problem(lo=0, scale=1.0)
     assert choose("auto", q, q, p, context_parallel=True).name == want
-    assert choose("auto", q.bfloat16(), q.bfloat16(), p, context_parallel=True).name == "chunked"
+    assert choose("auto", q.bfloat16(), q.bfloat16(), p, context_parallel=True).name == want
 
 
 # ----------------------------------------------------------------------------- triton route

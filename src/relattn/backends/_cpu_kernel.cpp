@@ -25,8 +25,10 @@
 // per-thread buffers and the table gradient into per-thread G_h[u] += dS[r, j] (a contiguous
 // add per row), all reduced once after the region.
 //
-// Shapes: q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D) contiguous, float32 or float64;
-// table (Hq, T) or slopes (Hq,) in the same dtype, or empty tensors.
+// Shapes: q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D) contiguous, float32, float64, bfloat16 or
+// float16 (16-bit inputs are widened to float32 once per call and computed in float32: the
+// products, statistics, position term and every gradient sum; out, dq, dk, dv are rounded back
+// once); table (Hq, T) or slopes (Hq,) in the compute dtype, or empty tensors.
 
 #include <torch/extension.h>
 
@@ -876,11 +878,23 @@ void backward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, co
   });
 }
 
+// 16-bit inputs (bfloat16, float16) compute in float32; float32 and float64 in themselves.
+bool is_16bit(at::ScalarType st) { return st == at::kBFloat16 || st == at::kHalf; }
+at::ScalarType compute_type(at::ScalarType st) { return is_16bit(st) ? at::kFloat : st; }
+
+// x in the compute dtype: a widened copy of a 16-bit tensor (one O(size) pass; the passes'
+// products are O(N) times more), else x itself.
+at::Tensor widened(const at::Tensor& x) {
+  return is_16bit(x.scalar_type()) ? x.to(at::kFloat) : x;
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
               "relattn cpu kernel: CPU tensors only");
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "relattn cpu kernel: float32 or float64 only");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble ||
+                  is_16bit(q.scalar_type()),
+              "relattn cpu kernel: float32, float64, bfloat16 or float16 only; got ",
+              q.scalar_type());
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-d");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "q, k, v must share a dtype");
@@ -894,20 +908,23 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.size(3) == k.size(3), "q and k must have the same head size");
 }
 
-// The position term's tensors: table (Hq, T) contiguous, or slopes (Hq,) contiguous, in q's
-// dtype; empty for none.
+// The position term's tensors: table (Hq, T) contiguous, or slopes (Hq,) contiguous, in the
+// compute dtype (float32 for 16-bit q); empty for none.
 void check_encoding(const at::Tensor& q, const at::Tensor& table, const at::Tensor& slopes) {
+  const at::ScalarType ct = compute_type(q.scalar_type());
   if (table.numel() > 0) {
     TORCH_CHECK(table.dim() == 2 && table.size(0) == q.size(1) && table.is_contiguous() &&
-                    table.scalar_type() == q.scalar_type(),
-                "relattn cpu kernel: table must be contiguous (Hq, T) in q's dtype; got sizes ",
-                table.sizes(), ", strides ", table.strides());
+                    table.scalar_type() == ct,
+                "relattn cpu kernel: table must be contiguous (Hq, T) in the compute dtype ", ct,
+                "; got ", table.scalar_type(), " sizes ", table.sizes(), ", strides ",
+                table.strides());
   }
   if (slopes.numel() > 0) {
     TORCH_CHECK(slopes.dim() == 1 && slopes.size(0) == q.size(1) && slopes.is_contiguous() &&
-                    slopes.scalar_type() == q.scalar_type(),
-                "relattn cpu kernel: slopes must be contiguous (Hq,) in q's dtype; got sizes ",
-                slopes.sizes(), ", strides ", slopes.strides());
+                    slopes.scalar_type() == ct,
+                "relattn cpu kernel: slopes must be contiguous (Hq,) in the compute dtype ", ct,
+                "; got ", slopes.scalar_type(), " sizes ", slopes.sizes(), ", strides ",
+                slopes.strides());
   }
 }
 
@@ -1162,12 +1179,15 @@ Shape params_shape(const Params& p) {
                     p.doc_hi, p.kpm);
 }
 
-// Returns (out (B, Hq, Nq, D), lse (B, Hq, Nq)), both in q's dtype.
+// Returns (out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq) in the compute dtype). 16-bit
+// q, k, v are widened to float32 once; the statistics, the position term, the products'
+// accumulation and out are float32 until out is rounded once at the end.
 std::vector<at::Tensor> forward(const Params& p) {
-  const at::Tensor &q = p.q, &k = p.k, &v = p.v, &table = p.table, &slopes = p.slopes;
+  const at::Tensor &table = p.table, &slopes = p.slopes;
   const int64_t lo = p.lo;
   const double scale = p.scale;
   const Shape s = params_shape(p);
+  const at::Tensor q = widened(p.q), k = widened(p.k), v = widened(p.v);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({s.B, s.Hq, s.Nq}, q.options());
   const int64_t n_slots = std::max<int64_t>(1, at::get_num_threads());
@@ -1179,28 +1199,37 @@ std::vector<at::Tensor> forward(const Params& p) {
                            v.data_ptr<scalar_t>(), f.data(), static_cast<scalar_t>(scale),
                            out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), n_slots);
   });
+  if (is_16bit(p.q.scalar_type())) out = out.to(p.q.scalar_type());
   return {out, lse};
 }
 
-// Returns (dq, dk, dv, dtable): dtable (Hq, T) in q's dtype, or an empty tensor without a table.
-// dout, out (B, Hq, Nq, D) and lse (B, Hq, Nq) in q's dtype; max_slots bounds the per-thread
-// dk/dv/table-gradient buffers.
-std::vector<at::Tensor> backward(const Params& p, const at::Tensor& dout, const at::Tensor& out,
-                                 const at::Tensor& lse, int64_t max_slots) {
-  const at::Tensor &q = p.q, &k = p.k, &v = p.v, &table = p.table, &slopes = p.slopes;
+// Returns (dq, dk, dv, dtable): dq, dk, dv in q's dtype, dtable (Hq, T) in the compute dtype,
+// or an empty tensor without a table. dout, out (B, Hq, Nq, D) in q's dtype and lse (B, Hq, Nq)
+// in the compute dtype; max_slots bounds the per-thread dk/dv/table-gradient buffers. 16-bit
+// inputs are widened to float32 once; every gradient is summed in float32 and dq, dk, dv are
+// rounded once at the end.
+std::vector<at::Tensor> backward(const Params& p, const at::Tensor& dout_in,
+                                 const at::Tensor& out_in, const at::Tensor& lse,
+                                 int64_t max_slots) {
+  const at::Tensor &table = p.table, &slopes = p.slopes;
   const int64_t lo = p.lo;
   const double scale = p.scale;
   const Shape s = params_shape(p);
-  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous(),
+  const at::ScalarType st = p.q.scalar_type();
+  TORCH_CHECK(dout_in.scalar_type() == st && out_in.scalar_type() == st &&
+                  lse.scalar_type() == compute_type(st),
+              "relattn cpu kernel: dout and out must have q's dtype and lse the compute dtype; "
+              "got dout ", dout_in.scalar_type(), ", out ", out_in.scalar_type(), ", lse ",
+              lse.scalar_type());
+  TORCH_CHECK(dout_in.is_contiguous() && out_in.is_contiguous() && lse.is_contiguous(),
               "relattn cpu kernel: dout, out, lse must be contiguous");
-  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes() && lse.dim() == 3 &&
-                  lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
-                  lse.size(2) == q.size(2),
+  TORCH_CHECK(dout_in.sizes() == p.q.sizes() && out_in.sizes() == p.q.sizes() &&
+                  lse.dim() == 3 && lse.size(0) == p.q.size(0) && lse.size(1) == p.q.size(1) &&
+                  lse.size(2) == p.q.size(2),
               "relattn cpu kernel: dout and out must have q's shape and lse (B, Hq, Nq); got "
-              "dout ", dout.sizes(), ", out ", out.sizes(), ", lse ", lse.sizes());
-  TORCH_CHECK(lse.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type() &&
-                  out.scalar_type() == q.scalar_type(),
-              "dout, out, lse must have q's dtype");
+              "dout ", dout_in.sizes(), ", out ", out_in.sizes(), ", lse ", lse.sizes());
+  const at::Tensor q = widened(p.q), k = widened(p.k), v = widened(p.v);
+  const at::Tensor dout = widened(dout_in), out = widened(out_in);
   // One dk/dv/table-gradient buffer per slot; max_slots bounds their memory (fewer threads).
   const int64_t n_slots = std::max<int64_t>(
       1, std::min<int64_t>({at::get_num_threads(), s.B * s.Hq * s.n_blocks, max_slots}));
@@ -1237,6 +1266,11 @@ std::vector<at::Tensor> backward(const Params& p, const at::Tensor& dout, const 
         }
       }
     });
+  }
+  if (is_16bit(st)) {
+    dq = dq.to(st);
+    dk = dk.to(st);
+    dv = dv.to(st);
   }
   return {dq, dk, dv, dtable};
 }

@@ -7,10 +7,13 @@ backend's kernel (``_cpu_kernel.cpp``, shipped with the package) runs each pass 
 ``at::parallel_for`` whose threads take (batch, head, query block) tasks from a shared counter.
 The forward pass is an online softmax over key tiles; the backward pass recomputes the
 probabilities from lse, sums dk, dv and the table gradient into per-thread buffers and reduces
-them once. Float32 and float64; any causal / window / q_offset, GQA, a table, slopes or no
-position term, ``doc_ids`` and ``key_padding_mask`` (bf16 / fp16 are left to chunked).
-Float32 tiles are multiplied by the kernel's own register-tiled loops on CPUs with AVX2 + FMA
-or AVX-512 when the head dim is a multiple of 16, else by the BLAS that torch ships (MKL).
+them once. Float32, float64, bfloat16 and float16; any causal / window / q_offset, GQA, a
+table, slopes or no position term, ``doc_ids`` and ``key_padding_mask``. Float32 tiles are
+multiplied by the kernel's own register-tiled loops on CPUs with AVX2 + FMA or AVX-512 when the
+head dim is a multiple of 16, else by the BLAS that torch ships (MKL). 16-bit inputs are
+widened to float32 once per call and computed like float32 ones (the products, softmax
+statistics, position term and every gradient sum in float32; out, dq, dk, dv rounded once):
+:func:`compute_path` names what ran.
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and
 ``ninja``) at its first use, into ``~/.cache/relattn`` or ``RELATTN_CPU_KERNEL_DIR``,
@@ -247,19 +250,42 @@ def ready() -> Any:
 _looked = False
 
 
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def _dtype_ok(q: Tensor) -> bool:
-    return q.dtype in (torch.float32, torch.float64)
+    return q.dtype in DTYPES
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernel computes ``dtype`` inputs in: float64 for float64, else float32
+    (also the dtype of its lse and table gradient)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compute_path(dtype: torch.dtype, head_dim: int) -> str:
+    """What the kernel runs for ``dtype`` inputs of head dim ``head_dim`` on this CPU, e.g.
+    ``"tiles (AVX-512)"``, ``"blas"``, or ``"bfloat16 widened to float32, tiles (AVX2)"``:
+    the tile products' implementation (see :func:`load`'s ``products_for``), and for 16-bit
+    inputs the widening before it. Builds the kernel if it is not built."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}; got {dtype}")
+    # float64 never takes the own loops: its path is that of a head dim they decline (1).
+    products = load().products_for(1 if dtype == torch.float64 else head_dim)
+    if dtype in (torch.float32, torch.float64):
+        return products
+    return f"{str(dtype)[6:]} widened to float32, {products}"
 
 
 def _prepare(q, k, v, table, slopes):
-    """The kernel's dtypes; the layout (contiguous) is :class:`CpuKernelBackend`'s declared
-    one, which the caller's :func:`~relattn.backends.base.conform` gives (the kernel raises on
-    anything else)."""
-    dt = q.dtype
+    """The kernel's dtypes (q, k, v in q's; table and slopes in the compute dtype); the layout
+    (contiguous) is :class:`CpuKernelBackend`'s declared one, which the caller's
+    :func:`~relattn.backends.base.conform` gives (the kernel raises on anything else)."""
+    dt, ct = q.dtype, compute_dtype(q.dtype)
     q, k, v = (x.to(dt) for x in (q, k, v))
-    empty = q.new_empty(0)
-    table = table.to(dt).contiguous() if table is not None else empty
-    slopes = slopes.to(dt).contiguous() if slopes is not None else empty
+    empty = q.new_empty(0, dtype=ct)
+    table = table.to(ct).contiguous() if table is not None else empty
+    slopes = slopes.to(ct).contiguous() if slopes is not None else empty
     return q, k, v, table, slopes
 
 
@@ -320,11 +346,11 @@ def _physical_memory() -> int:
 
 def max_slots(q: Tensor, k: Tensor, has_table: bool) -> int:
     """How many per-thread dk/dv (and table-gradient) buffers the backward may keep: each is
-    ``2·size(k)`` plus ``Hq·(Nq + Nk)`` for the table's, and together they stay under
+    ``2·size(k)`` plus ``Hq·(Nq + Nk)`` for the table's (in the compute dtype), and together they stay under
     ``SLOT_MEMORY_SHARE`` of the machine's memory (at least 1 GiB). At N = 32768, 8 kv heads,
     D = 64 a buffer is 128 MiB, so a 16 GiB machine runs the backward on up to 12 threads."""
     table_part = q.shape[1] * (q.shape[2] + k.shape[2]) if has_table else 0
-    per_slot = (2 * k.numel() + table_part) * k.element_size()
+    per_slot = (2 * k.numel() + table_part) * compute_dtype(k.dtype).itemsize
     budget = max(_SLOTS_FLOOR, int(SLOT_MEMORY_SHARE * _physical_memory()))
     return max(1, budget // max(1, per_slot))
 
@@ -337,7 +363,8 @@ def backward(
     mod = load()
     dt = q.dtype
     q2, k2, v2, t, s = _prepare(q, k, v, table, slopes)
-    dout, out, lse = (x.to(dt).contiguous() for x in (grad_out, out, lse))
+    dout, out = (x.to(dt).contiguous() for x in (grad_out, out))
+    lse = lse.to(compute_dtype(dt)).contiguous()
     params = _params(mod, q2, k2, v2, t, s, problem)
     dq, dk, dv, dtable = mod.backward(params, dout, out, lse, max_slots(q2, k2, t.numel() > 0))
     if table is None:
@@ -346,21 +373,22 @@ def backward(
 
 
 class CpuKernelBackend(Backend):
-    """The fused C++ CPU kernel: float32/float64, every mask."""
+    """The fused C++ CPU kernel: float32/float64/bfloat16/float16 (16-bit computed in float32),
+    every mask."""
 
     name = "cpu_kernel"
     layout = Layout(q="contiguous", kv="contiguous")  # the C++ kernel indexes dense arrays
     row_term_from_out = True  # D_i = rowsum(grad_out ∘ out), P from the given lse
     context_parallel = True
     devices = ("cpu",)
-    dtypes = (torch.float32, torch.float64)
+    dtypes = DTYPES
     top_priority = 20.0
 
     def unsupported(self, q: Tensor, k: Tensor, problem: Problem) -> str | None:
         if q.device.type != "cpu":
             return f"CPU tensors only; got {q.device.type}"
         if not _dtype_ok(q):
-            return f"float32 or float64 only; got {q.dtype} (the chunked backend runs it)"
+            return f"float32, float64, bfloat16 or float16 only; got {q.dtype}"
         if problem.doc_ids is not None and not (
             0 <= problem.q_offset and problem.q_offset + q.shape[2] <= problem.doc_ids.shape[1]
         ):
@@ -368,7 +396,7 @@ class CpuKernelBackend(Backend):
         return build_error()
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
-        """20 (above chunked's 10, below decode's 40) on the CPU for float32/float64, where the
+        """20 (above chunked's 10, below decode's 40) on the CPU for its dtypes, where the
         kernel is built or can be built here (ninja and a compiler found, no failed try). So
         decode keeps up to its ``MAX_ROWS`` query rows, and this kernel takes the rest,
         including the few-row calls that decode declines (its live-score budget: 0.24 s against
