@@ -346,9 +346,10 @@ def _physical_memory() -> int:
 
 def max_slots(q: Tensor, k: Tensor, has_table: bool) -> int:
     """How many per-thread dk/dv (and table-gradient) buffers the backward may keep: each is
-    ``2·size(k)`` plus ``Hq·(Nq + Nk)`` for the table's (in the compute dtype), and together they stay under
-    ``SLOT_MEMORY_SHARE`` of the machine's memory (at least 1 GiB). At N = 32768, 8 kv heads,
-    D = 64 a buffer is 128 MiB, so a 16 GiB machine runs the backward on up to 12 threads."""
+    ``2·size(k)`` plus ``Hq·(Nq + Nk)`` for the table's, in the compute dtype (float32 for
+    16-bit k), and together they stay under ``SLOT_MEMORY_SHARE`` of the machine's memory (at
+    least 1 GiB). At N = 32768, 8 kv heads, D = 64 a float32 buffer is 128 MiB, so a 16 GiB
+    machine runs the backward on up to 12 threads."""
     table_part = q.shape[1] * (q.shape[2] + k.shape[2]) if has_table else 0
     per_slot = (2 * k.numel() + table_part) * compute_dtype(k.dtype).itemsize
     budget = max(_SLOTS_FLOOR, int(SLOT_MEMORY_SHARE * _physical_memory()))
