@@ -29,6 +29,25 @@ def test_quick_bench_prints_and_writes_the_table(tmp_path, capsys):
     assert "no spread" not in written
 
 
+def test_bfloat16_bench_names_the_dtype_and_the_kernel_path(tmp_path, capsys):
+    """--dtype bfloat16 times every contender in bf16 and says what auto ran (on the CPU
+    kernel: the widening and the tile products)."""
+    import json
+
+    from relattn.backends import cpu_kernel
+
+    raw = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--device", "cpu", "--dtype", "bfloat16", "--n", "320"]
+    assert main([*argv, "--repeats", "1", "--json", str(raw)]) == 0
+    printed = capsys.readouterr().out
+    assert "bfloat16, B=1" in printed and "fp32" not in printed
+    rows = json.loads(raw.read_text())["rows"]["cpu"]
+    auto = next(r for r in rows if r["key"] == "auto")
+    if cpu_kernel.available():
+        assert "cpu_kernel: bfloat16 widened to float32" in auto["contender"]
+    assert all(isinstance(r.get("fwd_s"), float) for r in rows if r["key"] != "flex"), rows
+
+
 def test_the_benchmark_script_is_the_same_front_end(tmp_path):
     """benchmarks/cpu_attention.py takes relattn bench's flags and writes the same files."""
     import json
@@ -78,6 +97,7 @@ def test_the_benchmark_script_is_the_same_front_end(tmp_path):
         (["--out", "/proc/bench.md"], "--out"),  # not writable: refused before measuring
         (["--json", "/no/such/dir/bench.json"], "--json"),
         (["--bogus"], "unrecognized"),
+        (["--dtype", "int8"], "--dtype"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(capsys, monkeypatch, extra, needle):

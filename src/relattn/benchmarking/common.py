@@ -19,19 +19,14 @@ def machine_info() -> dict[str, Any]:
     """The machine and library versions a result was measured with.
 
     Returns:
-        dict with ``cpu``, ``cores``, ``torch_threads``, ``gpu`` (or None), ``python``,
+        dict with ``cpu`` (model, cache sizes, AVX2 / AVX-512 / AVX-512-BF16 / AMX flags and
+        torch's kernel ISA), ``cores``, ``torch_threads``, ``gpu`` (or None), ``python``,
         ``torch``, ``triton`` (or None), ``relattn`` and ``loadavg`` (1-minute load at the call;
         other work on the machine distorts timings).
     """
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from .._machine import detect
+
+    cpu = detect().describe()  # model, caches, vector and matrix flags, torch's kernels
     try:
         import triton
 

@@ -1,6 +1,7 @@
 """The CPU comparison: relattn (``backend="auto"``, which names the backend it picked, and the
 chunked and reference backends) against torch's SDPA (with the bias materialized, and bias-free
-as the limit) and FlexAttention, fp32, B=1, H=8, D=64, a learnable T5 bias, causal. Every
+as the limit) and FlexAttention, B=1, H=8, D=64, a learnable T5 bias, causal, in float32
+(default), bfloat16 or float16 (inputs and the encoding's table alike: a model cast to it). Every
 contender is warmed up (WARMUP untimed calls) before it is timed: a first call builds caches,
 and auto's C++ kernel on its first use on a machine. Rounds are interleaved, and there are at
 least ``repeats`` of them and more until the timed calls at one N have taken ``min_time``
@@ -51,11 +52,18 @@ CONTENDERS = {
 }
 
 
-def _inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, T5Bias, torch.Tensor]:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _inputs(
+    n: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, T5Bias, torch.Tensor]:
     g = torch.Generator().manual_seed(n)
-    q, k, v = (torch.randn(B, H, n, D, generator=g).requires_grad_() for _ in range(3))
-    grad = torch.randn(B, H, n, D, generator=g)
-    return q, k, v, T5Bias(H), grad
+    q, k, v = (
+        torch.randn(B, H, n, D, generator=g).to(dtype).requires_grad_() for _ in range(3)
+    )
+    grad = torch.randn(B, H, n, D, generator=g).to(dtype)
+    return q, k, v, T5Bias(H).to(dtype), grad
 
 
 def _too_big(name: str, n: int) -> bool:
@@ -113,8 +121,8 @@ def _fresh_inductor_cache():
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
 
 
-def _contenders(n: int, names: list[str]):
-    q, k, v, pe, grad = _inputs(n)
+def _contenders(n: int, names: list[str], dtype: torch.dtype = torch.float32):
+    q, k, v, pe, grad = _inputs(n, dtype)
     causal_mask = None
 
     def relattn_fn(backend: str, backward: bool):
@@ -189,11 +197,17 @@ def _repeats_for(n: int, repeats: int) -> int:
 _PAIRED = ("auto", "chunked")
 
 
-def auto_choice(n: int) -> str:
-    """The backend ``backend="auto"`` runs for this benchmark's training call at length n."""
-    q = torch.empty(B, H, n, D, requires_grad=True)
+def auto_choice(n: int, dtype: torch.dtype = torch.float32) -> str:
+    """The backend ``backend="auto"`` runs for this benchmark's training call at length n, and
+    for the CPU kernel what it ran (:func:`relattn.backends.cpu_kernel.compute_path`)."""
+    q = torch.empty(B, H, n, D, dtype=dtype, requires_grad=True)
     with torch.enable_grad():
-        return relattn.backends.choose("auto", q, q, Problem(-(n - 1), D**-0.5)).name
+        name = relattn.backends.choose("auto", q, q, Problem(-(n - 1), D**-0.5)).name
+    if name == "cpu_kernel":
+        from relattn.backends import cpu_kernel
+
+        return f"{name}: {cpu_kernel.compute_path(dtype, D)}"
+    return name
 
 
 def run(
@@ -202,8 +216,9 @@ def run(
     quick: bool = False,
     progress: Callable[[str], None] | None = None,
     min_time: float = 0.0,
+    dtype: torch.dtype = torch.float32,
 ) -> list[dict[str, Any]]:
-    """Time every contender at every N.
+    """Time every contender at every N, in ``dtype``.
 
     Args:
         ns: sequence lengths.
@@ -213,6 +228,7 @@ def run(
         progress: called with a line of text as each measurement finishes.
         min_time: more rounds (beyond ``repeats``) until the timed calls of the forward, and
             then of the forward+backward, at one N have taken this many seconds.
+        dtype: of q, k, v, the gradient and the encoding (one of :data:`DTYPES`).
 
     Returns:
         One dict per (N, contender): ``n``, ``contender``, ``fwd_s``, ``fwdbwd_s``,
@@ -229,7 +245,7 @@ def run(
     rows = []
     for n in ns:
         names = _names_for(n, quick)
-        fwd, fb, notes, extra = _contenders(n, names)
+        fwd, fb, notes, extra = _contenders(n, names, dtype)
         reps = _repeats_for(n, repeats)
         # a cold first call is not what a user's loop sees
         r_fwd = time_rounds(fwd, reps, warmup=WARMUP, min_time=min_time)
@@ -251,7 +267,7 @@ def run(
         for name in names:
             row: dict[str, Any] = {"n": n, "contender": CONTENDERS[name], "key": name}
             if name == "auto":
-                row["contender"] = f"relattn auto (ran {auto_choice(n)})"
+                row["contender"] = f"relattn auto (ran {auto_choice(n, dtype)})"
             note = [notes[name]] if name in notes else []
             for key, times, base in (("fwd", t_fwd, base_f), ("fwdbwd", t_fb, base_fb)):
                 t = times.get(name)
@@ -331,11 +347,11 @@ def _rounds_text(row: dict[str, Any]) -> str | None:
     return str(fb) if fwd in (None, fb) else f"{fwd} fwd, {fb} fwd+bwd"
 
 
-def describe() -> str:
+def describe(dtype: torch.dtype = torch.float32) -> str:
     """A header line for the results: configuration and machine."""
     info = machine_info()
     return (
-        f"fp32, B={B}, H={H}, D={D}, causal, learnable T5Bias; CPU: {info['cpu']}, "
+        f"{str(dtype)[6:]}, B={B}, H={H}, D={D}, causal, learnable T5Bias; CPU: {info['cpu']}, "
         f"{info['cores']} cores ({info['torch_threads']} torch threads), torch {info['torch']}, "
         f"Python {info['python']}, load average {info['loadavg']}"
     )

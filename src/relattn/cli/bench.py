@@ -65,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="which benchmarks to run (default all: GPU only with CUDA)",
     )
     parser.add_argument("--no-gpu", action="store_true", help="same as --device cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the CPU benchmark's dtype: inputs and the encoding's table (default float32)",
+    )
     parser.add_argument("--out", metavar="FILE", help="also write the tables as Markdown")
     parser.add_argument("--json", metavar="FILE", help="also write the raw rows as JSON")
     threads_flag(parser, "all cores available")
@@ -96,9 +102,15 @@ def _bar(total: int, desc: str):
 
 
 def measure(
-    ns: list[int] | None, repeats: int | None, quick: bool, device: str, check: bool = False
+    ns: list[int] | None,
+    repeats: int | None,
+    quick: bool,
+    device: str,
+    check: bool = False,
+    dtype: str = "float32",
 ) -> dict:
-    """Run the CPU and/or GPU benchmarks (``check``: the GPU targets' settings and table).
+    """Run the CPU and/or GPU benchmarks (``check``: the GPU targets' settings and table;
+    ``dtype``: the CPU benchmark's, a key of :data:`relattn.benchmarking.cpu.DTYPES`).
 
     Returns:
         ``{"machine": {...}, "sections": [(key, title, description, markdown, rows), ...]}``.
@@ -109,15 +121,18 @@ def measure(
 
     sections = []
     if device in ("all", "cpu"):
+        cpu_dtype = cpu.DTYPES[dtype]
         ns = ns or (QUICK_NS if quick else DEFAULT_NS)
         reps = repeats or (QUICK_REPEATS if quick else DEFAULT_REPEATS)
         min_time = QUICK_MIN_TIME if quick else MIN_TIME
         bar, progress = _bar(len(ns) * (2 if quick else 3), "cpu")  # fwd, fwd+bwd (and memory)
         try:
-            rows = cpu.run(ns, reps, quick=quick, progress=progress, min_time=min_time)
+            rows = cpu.run(
+                ns, reps, quick=quick, progress=progress, min_time=min_time, dtype=cpu_dtype
+            )
         finally:
             bar.close()
-        about = cpu.describe() + (f"\n\n**{QUICK_CAVEAT}**" if quick else "")
+        about = cpu.describe(cpu_dtype) + (f"\n\n**{QUICK_CAVEAT}**" if quick else "")
         sections.append(("cpu", "CPU", about, cpu.to_markdown(rows), rows))
     if device == "gpu" and not torch.cuda.is_available():
         raise UserError("--device gpu needs CUDA; torch.cuda.is_available() is False here")
@@ -146,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_writable_file("--out", args.out) if args.out else None
     json_path = check_writable_file("--json", args.json) if args.json else None
     with torch_threads(args.threads or available_cores()):
-        result = measure(ns, args.repeats, args.quick, device, args.check)
+        result = measure(ns, args.repeats, args.quick, device, args.check, args.dtype)
     text = "# relattn bench\n\n" + common.format_machine(result["machine"]) + "\n"
     for _key, title, about, table, _rows in result["sections"]:
         text += f"\n## {title}\n\n{about}\n\n{table.rstrip()}\n"
