@@ -51,7 +51,8 @@ class CpuInfo:
 
     def describe(self) -> str:
         """One line for a benchmark report."""
-        vec = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16") if f in self.flags]
+        named = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
+        vec = [f for f in named if f in self.flags]
         return (
             f"{self.model}; L1d {_show(self.l1d)}, L2 {_show(self.l2)} per core, "
             f"L3 {_show(self.l3)} ({self.source}); flags: {' '.join(vec) or 'unknown'}; "

@@ -59,9 +59,7 @@ def _inputs(
     n: int, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, T5Bias, torch.Tensor]:
     g = torch.Generator().manual_seed(n)
-    q, k, v = (
-        torch.randn(B, H, n, D, generator=g).to(dtype).requires_grad_() for _ in range(3)
-    )
+    q, k, v = (torch.randn(B, H, n, D, generator=g).to(dtype).requires_grad_() for _ in range(3))
     grad = torch.randn(B, H, n, D, generator=g).to(dtype)
     return q, k, v, T5Bias(H).to(dtype), grad
 
