@@ -156,6 +156,8 @@ SHAPES = {
     "n1": (2, 2, 2, 1, 16),
     "mha_d32": (1, 2, 2, 50, 32),
     "long": (1, 2, 1, 150, 16),  # crosses several blocks of a tiled kernel
+    # D = 64 across query and key blocks: the CPU kernel's bf16 tiles (pairs of features) run
+    "d64_blocks": (1, 4, 2, 300, 64),
 }
 # The Triton backend runs through the interpreter on CPU: tiny shapes only (N <= 64, D = 16).
 TRITON_SHAPES = {

@@ -44,7 +44,7 @@ def test_bfloat16_bench_names_the_dtype_and_the_kernel_path(tmp_path, capsys):
     rows = json.loads(raw.read_text())["rows"]["cpu"]
     auto = next(r for r in rows if r["key"] == "auto")
     if cpu_kernel.available():
-        assert "cpu_kernel: bfloat16 widened to float32" in auto["contender"]
+        assert "cpu_kernel: bfloat16 " in auto["contender"]
     assert all(isinstance(r.get("fwd_s"), float) for r in rows if r["key"] != "flex"), rows
 
 

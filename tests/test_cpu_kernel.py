@@ -67,6 +67,52 @@ def test_small_tiles_against_float64(small_tiles, gemm, enc, mask):
     check_fp32("cpu_kernel", enc, mask, (2, 4, 2, 37, 16))
 
 
+@pytest.fixture(params=["bf16-tiles", "widened"])
+def bf16_path(request):
+    """bfloat16's two paths: bf16 tile products (AVX-512-BF16, where the CPU has it) and the
+    inputs widened to float32."""
+    mod = cpu_kernel.load()
+    tiles = request.param == "bf16-tiles"
+    if tiles and not mod.bf16_products_for(64):
+        pytest.skip("this CPU has no AVX-512-BF16 (or the build is AVX2-only): bf16 is widened")
+    mod.set_bf16_products(tiles)
+    yield request.param
+    mod.set_bf16_products(True)
+
+
+@pytest.mark.parametrize("enc", ["t5", "alibi", "none"])
+@pytest.mark.parametrize(
+    "mask",
+    ["causal", "bidirectional", "window_bidir", "neg_q_offset", "doc_ids", "key_padding"],
+)
+@pytest.mark.parametrize("tiles", ["small", "default"])
+def test_bfloat16_paths_against_float64(bf16_path, enc, mask, tiles, monkeypatch):
+    """Out and every gradient in bfloat16 by both paths, against float64 with the 16-bit
+    criterion: small tiles (7 rows, an odd count, and 16 keys: tiles that start and end on odd
+    keys, single keys at their ends) at D = 32, and the default tiles at D = 64."""
+    from cases import check_low_precision
+
+    shape = (2, 4, 2, 37, 32)
+    if tiles == "small":
+        monkeypatch.setattr(cpu_kernel, "BLOCK_M", 7)
+        monkeypatch.setattr(cpu_kernel, "BLOCK_N", 16)
+    else:
+        shape = (1, 4, 2, 300, 64)
+    check_low_precision("cpu_kernel", enc, mask, shape, torch.bfloat16)
+    want = "bfloat16 tiles" if bf16_path == "bf16-tiles" else "bfloat16 widened"
+    assert cpu_kernel.compute_path(torch.bfloat16, shape[-1]).startswith(want)
+
+
+def test_16bit_paths_are_named():
+    mod = cpu_kernel.load()
+    assert cpu_kernel.compute_path(torch.float16, 64).startswith("float16 widened to float32")
+    assert cpu_kernel.compute_path(torch.bfloat16, 48).startswith("bfloat16 widened")  # D % 32
+    bf16 = cpu_kernel.compute_path(torch.bfloat16, 64)
+    assert bf16.startswith("bfloat16 tiles (AVX-512-BF16)") == mod.bf16_products_for(64)
+    with pytest.raises(ValueError, match="dtype"):
+        cpu_kernel.compute_path(torch.int8, 64)
+
+
 @pytest.mark.parametrize("shape", [(1, 4, 1, 50, 16), (1, 2, 2, 5, 8), (2, 2, 1, 1, 16)])
 def test_shapes_against_float64(small_tiles, shape):
     """MQA, Nk smaller than a tile, N = 1."""

@@ -32,6 +32,10 @@
 
 #include <torch/extension.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -58,6 +62,10 @@ namespace {
 // head dim that is not a multiple of 16, float64).
 enum class Products { kTiles, kTilesAvx2, kBlas, kAten };
 Products g_products = Products::kTiles;
+
+// Whether bfloat16 forwards may multiply in bf16 where the CPU can (tests and benchmarks
+// compare them with the widened path).
+bool g_bf16_tiles = true;
 
 bool blas_available() { return sgemm_ != nullptr && dgemm_ != nullptr; }
 
@@ -245,8 +253,141 @@ void tiles_gemm(int64_t M, int64_t N, int64_t K, float alpha, const float* a, in
     tiles_v3(M, N, K, alpha, a, ars, aks, b, ldb, acc, c, ldc);
   }
 }
+
+// ---------------------------------------------------------------------------- bfloat16 tiles
+//
+// On CPUs with AVX-512-BF16 (AMD Zen 4, Intel Cooper Lake and Sapphire Rapids on) the forward
+// pass multiplies bfloat16 operands with vdpbf16ps: each float32 lane adds the two products of
+// a pair of bf16 values (exact products, float32 sums). Operands are laid out in pairs along
+// the summed index, as 32-bit words: C (M x N) += alpha · Σ_p A[i, p] ⊙ B[p, j], A's word
+// (i, p) at a[i·ars + p·aks], B's row p of words at b + p·ldb, N a multiple of 16. For q kᵀ, A is
+// q itself (pairs of features) and B is k transposed as words (kp: (D/2, keys) per kv head);
+// for P v, A is the probability tile rounded to bf16 (pairs of keys) and B is v with pairs of
+// keys interleaved (vp: (keys/2, D) words per kv head). Only P is rounded beyond the inputs,
+// as in every 16-bit flash attention.
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10)
+#define RELATTN_HAVE_BF16_TILES 1
+#define RELATTN_BF16_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma")))
+
+template <int MR, int NCV>
+RELATTN_BF16_TARGET __attribute__((always_inline)) inline void micro_bf16(
+    int64_t KP, const uint32_t* a, int64_t ars, int64_t aks, const uint32_t* b, int64_t ldb,
+    float* c, int64_t ldc, float alpha, bool acc) {
+  __m512 sum[MR][NCV];
+  for (int i = 0; i < MR; ++i) {
+    for (int v = 0; v < NCV; ++v) sum[i][v] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < KP; ++p) {
+    for (int v = 0; v < NCV; ++v) __builtin_prefetch(b + (p + kPrefetchRows) * ldb + v * 16);
+    __m512i bv[NCV];
+    for (int v = 0; v < NCV; ++v) bv[v] = _mm512_loadu_si512(b + p * ldb + v * 16);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i ai = _mm512_set1_epi32(static_cast<int>(a[i * ars + p * aks]));
+      for (int v = 0; v < NCV; ++v) {
+        sum[i][v] = _mm512_dpbf16_ps(sum[i][v], (__m512bh)ai, (__m512bh)bv[v]);
+      }
+    }
+  }
+  const __m512 al = _mm512_set1_ps(alpha);
+  for (int i = 0; i < MR; ++i) {
+    for (int v = 0; v < NCV; ++v) {
+      float* cp = c + i * ldc + v * 16;
+      const __m512 r = _mm512_mul_ps(al, sum[i][v]);
+      _mm512_storeu_ps(cp, acc ? _mm512_add_ps(_mm512_loadu_ps(cp), r) : r);
+    }
+  }
+}
+
+template <int MR, int NCV>
+RELATTN_BF16_TARGET __attribute__((always_inline)) inline void micro_bf16_rest(
+    int64_t rows, int64_t KP, const uint32_t* a, int64_t ars, int64_t aks, const uint32_t* b,
+    int64_t ldb, float* c, int64_t ldc, float alpha, bool acc) {
+  if constexpr (MR > 1) {
+    if (rows == MR - 1) {
+      return micro_bf16<MR - 1, NCV>(KP, a, ars, aks, b, ldb, c, ldc, alpha, acc);
+    }
+    micro_bf16_rest<MR - 1, NCV>(rows, KP, a, ars, aks, b, ldb, c, ldc, alpha, acc);
+  }
+}
+
+// C (M x N, N a multiple of 16) <- alpha·A B (+ C) over KP pairs: a 6 x 64 block of C in 24
+// of the 32 registers, the last columns a vector at a time.
+RELATTN_BF16_TARGET void tiles_bf16(int64_t M, int64_t N, int64_t KP, float alpha,
+                                    const uint32_t* a, int64_t ars, int64_t aks,
+                                    const uint32_t* b, int64_t ldb, bool acc, float* c,
+                                    int64_t ldc) {
+  constexpr int MR = 6, NCV = 4;
+  if (M <= 0 || N <= 0) return;
+  int64_t j = 0;
+  for (; j + NCV * 16 <= N; j += NCV * 16) {
+    int64_t i = 0;
+    for (; i + MR <= M; i += MR) {
+      micro_bf16<MR, NCV>(KP, a + i * ars, ars, aks, b + j, ldb, c + i * ldc + j, ldc, alpha,
+                          acc);
+    }
+    micro_bf16_rest<MR, NCV>(M - i, KP, a + i * ars, ars, aks, b + j, ldb, c + i * ldc + j,
+                             ldc, alpha, acc);
+  }
+  for (; j < N; j += 16) {
+    int64_t i = 0;
+    for (; i + MR <= M; i += MR) {
+      micro_bf16<MR, 1>(KP, a + i * ars, ars, aks, b + j, ldb, c + i * ldc + j, ldc, alpha,
+                        acc);
+    }
+    micro_bf16_rest<MR, 1>(M - i, KP, a + i * ars, ars, aks, b + j, ldb, c + i * ldc + j, ldc,
+                           alpha, acc);
+  }
+}
+
+// n floats -> n bfloat16 (round to nearest even, as vcvtneps2bf16 and c10::BFloat16 do).
+RELATTN_BF16_TARGET void round_bf16(const float* x, int64_t n, uint16_t* out) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + j));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), (__m256i)h);
+  }
+  for (; j < n; ++j) out[j] = c10::BFloat16(x[j]).x;
+}
+
+
+bool bf16_tiles_isa() {
+  static const bool ok = [] {
+#ifdef RELATTN_ISA_AVX2
+    return false;
+#else
+    __builtin_cpu_init();
+    return tiles_isa() == 4 && __builtin_cpu_supports("avx512bf16");
+#endif
+  }();
+  return ok;
+}
+#else
+bool bf16_tiles_isa() { return false; }
+void tiles_bf16(int64_t, int64_t, int64_t, float, const uint32_t*, int64_t, int64_t,
+                const uint32_t*, int64_t, bool, float*, int64_t) {
+  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need a compiler with AVX-512-BF16");
+}
+void round_bf16(const float*, int64_t, uint16_t*) {
+  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need a compiler with AVX-512-BF16");
+}
+#endif
+
+// Whether a bfloat16 forward of head dim d multiplies in bf16 (the one place that decides):
+// AVX-512-BF16 with the own AVX-512 products, pairs of features in 16-word blocks.
+bool bf16_products(int64_t d) {
+  return g_bf16_tiles && bf16_tiles_isa() && own_avx512() && d % 32 == 0;
+}
 #else
 int tiles_isa() { return 0; }
+bool bf16_products(int64_t) { return false; }
+void tiles_bf16(int64_t, int64_t, int64_t, float, const uint32_t*, int64_t, int64_t,
+                const uint32_t*, int64_t, bool, float*, int64_t) {
+  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need x86-64 with GCC or clang");
+}
+void round_bf16(const float*, int64_t, uint16_t*) {
+  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need x86-64 with GCC or clang");
+}
 bool own_products(int64_t) { return false; }  // Mul::tiles stays false
 bool own_avx512() { return false; }
 void tiles_gemm(int64_t, int64_t, int64_t, float, const float*, int64_t, int64_t, const float*,
@@ -649,6 +790,76 @@ struct Mul {
     gemm<T>(false, true, m, n, D, alpha, a, D, xh + k0 * D, D, acc ? T(1) : T(0), c, ldc);
   }
 
+  // The bf16 passes' operands (bf16_products; T float), bfloat16 bits: q, k, v, dO rows as
+  // given (pairs of features are words); kw, vw: k, v transposed as words (B·Hkv, D/2, ldt);
+  // kpr, vpr: k, v with pairs of keys interleaved (B·Hkv, pair_rows, D) words, a zero key after
+  // an odd Nk. The backward needs all; the forward q, kw, v, vpr.
+  bool bf16 = false;
+  const uint16_t *q16 = nullptr, *k16 = nullptr, *v16 = nullptr, *do16 = nullptr;
+  const uint16_t* out16 = nullptr;  // the backward's out (its row term)
+  const uint32_t *kw = nullptr, *vw = nullptr, *kpr = nullptr, *vpr = nullptr;
+  int64_t pair_rows = 0;  // (Nk + 1) / 2
+  int64_t nk = 0;
+
+  // C (m x ld(n)) <- alpha·a xᵀ (+ C): a (m x D) bf16 rows, x keys k0 .. k0 + n - 1 of kv head
+  // kvh through its transposed words xw (kw or vw; the extra columns read their zero padding,
+  // as abt's do).
+  void abt_bf16(int64_t m, int64_t n, float alpha, const uint16_t* a, const uint32_t* xw,
+                int64_t kvh, int64_t k0, bool acc, float* c, int64_t ldc) const {
+    tiles_bf16(m, round_up(n, kTileCols), D / 2, alpha, reinterpret_cast<const uint32_t*>(a),
+               D / 2, 1, xw + kvh * (D / 2) * ldt + k0, ldt, acc, c, ldc);
+  }
+
+  // o (m x D) += alpha·W x: W (m x L float, row stride ld) weights keys k0 .. k0 + L - 1 of kv
+  // head kvh, x given as rows x16 and as key pairs xp (vpr or kpr). Whole pairs (even, odd
+  // key) multiply in bf16 through scratch words pb (m x (L/2 + 1)); a single key at either
+  // end in float32, so no key outside the tile is read.
+  void ab_bf16(int64_t m, int64_t L, float alpha, const float* W, int64_t ld,
+               const uint16_t* x16, const uint32_t* xp, int64_t kvh, int64_t k0, float* o,
+               uint32_t* pb) const {
+    const int64_t end = k0 + L, e0 = k0 + (k0 & 1), e1 = end & ~int64_t(1);
+    const uint16_t* xh = x16 + kvh * nk * D;
+    auto single = [&](int64_t key) {
+      const uint16_t* xr = xh + key * D;
+      for (int64_t r = 0; r < m; ++r) {
+        const float w = alpha * W[r * ld + (key - k0)];
+        float* orow = o + r * D;
+        for (int64_t d = 0; d < D; ++d) {
+          orow[d] += w * static_cast<float>(c10::BFloat16(xr[d], c10::BFloat16::from_bits()));
+        }
+      }
+    };
+    if (k0 & 1) single(k0);
+    if (e1 > e0) {
+      const int64_t words = (e1 - e0) / 2;
+      for (int64_t r = 0; r < m; ++r) {
+        round_bf16(W + r * ld + (e0 - k0), e1 - e0, reinterpret_cast<uint16_t*>(pb + r * words));
+      }
+      tiles_bf16(m, D, words, alpha, pb, words, 1, xp + (kvh * pair_rows + e0 / 2) * D, D, true,
+                 o, D);
+    }
+    if ((end & 1) && end - 1 >= e0) single(end - 1);
+  }
+
+  // C (L x D) += alpha·Wᵀ y: W (m x L float, row stride ld), y (m x D) given as row pairs yp
+  // ((m + 1) / 2 x D words, a zero row after an odd m); Wᵀ's pairs of rows through scratch
+  // words pt ((m + 1) / 2 x L) and halves h (2 x L).
+  void atb_bf16(int64_t L, int64_t m, float alpha, const float* W, int64_t ld,
+                const uint32_t* yp, float* c, uint32_t* pt, uint16_t* h) const {
+    const int64_t mp = (m + 1) / 2;
+    for (int64_t i = 0; i < mp; ++i) {
+      round_bf16(W + 2 * i * ld, L, h);
+      uint32_t* row = pt + i * L;
+      if (2 * i + 1 < m) {
+        round_bf16(W + (2 * i + 1) * ld, L, h + L);
+        for (int64_t j = 0; j < L; ++j) row[j] = uint32_t(h[j]) | uint32_t(h[L + j]) << 16;
+      } else {
+        for (int64_t j = 0; j < L; ++j) row[j] = h[j];
+      }
+    }
+    tiles_bf16(L, D, mp, alpha, pt, 1, L, yp, D, true, c, D);
+  }
+
   // C (m x D) <- alpha·a b + C: a (m x kk, row stride lda), b (kk x D).
   void ab(int64_t m, int64_t kk, T alpha, const T* a, int64_t lda, const T* b, T* c) const {
     if constexpr (std::is_same_v<T, float>) {
@@ -665,6 +876,20 @@ struct Mul {
     gemm<T>(true, false, kk, D, m, alpha, a, lda, b, D, T(1), c, D);
   }
 };
+
+// n bf16 rows of D (x) -> (n + 1) / 2 rows of D words (out), word (r, d) holding rows 2r (low
+// half) and 2r + 1 (high; 0 after an odd n) of column d.
+void pair_rows(const uint16_t* x, int64_t n, int64_t D, uint32_t* out) {
+  for (int64_t r = 0; r < (n + 1) / 2; ++r) {
+    const uint16_t* even = x + 2 * r * D;
+    uint32_t* o = out + r * D;
+    if (2 * r + 1 < n) {
+      for (int64_t d = 0; d < D; ++d) o[d] = uint32_t(even[d]) | uint32_t(even[D + d]) << 16;
+    } else {
+      for (int64_t d = 0; d < D; ++d) o[d] = even[d];
+    }
+  }
+}
 
 // S (m x L, row stride ld) <- scale·q kᵀ + the additive term of load_tile, for rows
 // r0 .. r0 + m - 1 and keys [k0, k0 + L); rmax[r] <- row r's max (its NaN if it holds one).
@@ -737,14 +962,30 @@ void forward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, con
     T* sums = alpha + s.block_m;
     std::fill(mx, mx + m, -inf);
     std::fill(l, l + m, T(0));
-    const T* qb = q + (bh * s.Nq + r0) * D;
-    const T* kb = k + kvh * s.Nk * D;
-    const T* vb = v + kvh * s.Nk * D;
+    // (null in the bf16 forward, which reads mul's operands)
+    const T* qb = q ? q + (bh * s.Nq + r0) * D : nullptr;
+    const T* kb = k ? k + kvh * s.Nk * D : nullptr;
+    const T* vb = v ? v + kvh * s.Nk * D : nullptr;
     const T* ktb = mul.kt ? mul.kt + kvh * D * mul.ldt : nullptr;
     const T* fh = f + h * s.U;
+    uint32_t* pb = nullptr;
+    if constexpr (std::is_same_v<T, float>) {
+      if (mul.bf16) pb = scratch<uint32_t>(s.block_m * (s.block_n / 2 + 1));
+    }
     for (int64_t k0 = c0; k0 < c1; k0 += bn) {
       const int64_t L = std::min(bn, c1 - k0), ld = mul.ld(L);
-      score_tile(s, mul, qb, kb, ktb, scale, fh, b, r0, m, k0, L, ld, S, sums);  // sums: maxima
+      if constexpr (std::is_same_v<T, float>) {
+        if (mul.bf16) {
+          load_tile(s, fh, b, r0, m, k0, L, ld, S);
+          mul.abt_bf16(m, L, scale, mul.q16 + (bh * s.Nq + r0) * D, mul.kw, kvh, k0, true, S,
+                       ld);
+          for (int64_t r = 0; r < m; ++r) sums[r] = row_max(S + r * ld, L);  // maxima
+        } else {
+          score_tile(s, mul, qb, kb, ktb, scale, fh, b, r0, m, k0, L, ld, S, sums);
+        }
+      } else {
+        score_tile(s, mul, qb, kb, ktb, scale, fh, b, r0, m, k0, L, ld, S, sums);  // maxima
+      }
       for (int64_t r = 0; r < m; ++r) {
         const T rmax = sums[r];
         const T mnew = rmax != rmax ? rmax : std::max(mx[r], rmax);  // NaN stays NaN
@@ -761,6 +1002,12 @@ void forward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, con
         if (alpha[r] != T(1)) {
           T* orow = o + r * D;
           row_scale(orow, D, alpha[r]);
+        }
+      }
+      if constexpr (std::is_same_v<T, float>) {
+        if (mul.bf16) {
+          mul.ab_bf16(m, L, 1.0f, S, ld, mul.v16, mul.vpr, kvh, k0, o, pb);
+          continue;
         }
       }
       mul.ab(m, L, T(1), S, ld, vb + k0 * D, o);
@@ -801,22 +1048,67 @@ void backward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, co
     T* Di = dS + tile;
     T* mx = Di + s.block_m;  // P = exp((s - mx) - lg)
     T* lg = mx + s.block_m;
-    const T* qb = q + (bh * s.Nq + r0) * D;
-    const T* ob = out + (bh * s.Nq + r0) * D;
-    const T* dob = dout + (bh * s.Nq + r0) * D;
-    const T* lb = lse + bh * s.Nq + r0;
-    T* dqb = dq + (bh * s.Nq + r0) * D;
-    const T* kb = k + kvh * s.Nk * D;
-    const T* vb = v + kvh * s.Nk * D;
+    const int64_t row0 = bh * s.Nq + r0;
+    // (null in the bf16 backward, which reads mul's operands)
+    const T* qb = q ? q + row0 * D : nullptr;
+    const T* ob = out ? out + row0 * D : nullptr;
+    const T* dob = dout ? dout + row0 * D : nullptr;
+    const T* kb = k ? k + kvh * s.Nk * D : nullptr;
+    const T* vb = v ? v + kvh * s.Nk * D : nullptr;
+    const T* lb = lse + row0;
+    T* dqb = dq + row0 * D;
     const T* ktb = mul.kt ? mul.kt + kvh * D * mul.ldt : nullptr;
     const T* vtb = mul.vt ? mul.vt + kvh * D * mul.ldt : nullptr;
     T* dkb = dk_t + slot * kv_size + kvh * s.Nk * D;
     T* dvb = dv_t + slot * kv_size + kvh * s.Nk * D;
     const T* fh = f + h * s.U;
     T* gh = g_t ? g_t + (slot * s.Hq + h) * s.U : nullptr;
+    bool b16 = false;
+    if constexpr (std::is_same_v<T, float>) b16 = mul.bf16;
+    // The bf16 products' scratch words: the block's q and dO rows in pairs (mp x D each), a
+    // weight tile's pairs along keys (m x (bn/2 + 1)) or along rows (mp x bn), two rows' halves.
+    const int64_t mp = (m + 1) / 2;
+    uint32_t *qpair = nullptr, *dopair = nullptr, *pb = nullptr;
+    uint16_t* halves = nullptr;
+    if (b16) {
+      const int64_t tw = std::max(s.block_m * (s.block_n / 2 + 1), mp * s.block_n);
+      qpair = scratch<uint32_t>(2 * mp * D + tw);
+      dopair = qpair + mp * D;
+      pb = dopair + mp * D;
+      halves = scratch<uint16_t>(2 * s.block_n);
+      pair_rows(mul.q16 + row0 * D, m, D, qpair);
+      pair_rows(mul.do16 + row0 * D, m, D, dopair);
+    }
+    // P (m x ld) <- the scores of keys k0 .. k0 + L - 1 (rmax: their row maxima, or null)
+    auto scores = [&](T* S, int64_t k0, int64_t L, int64_t ld, T* rmax) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (b16) {
+          load_tile(s, fh, b, r0, m, k0, L, ld, S);
+          mul.abt_bf16(m, L, scale, mul.q16 + row0 * D, mul.kw, kvh, k0, true, S, ld);
+          if (rmax) {
+            for (int64_t r = 0; r < m; ++r) rmax[r] = row_max(S + r * ld, L);
+          }
+          return;
+        }
+      }
+      if (rmax) return score_tile(s, mul, qb, kb, ktb, scale, fh, b, r0, m, k0, L, ld, S, rmax);
+      load_tile(s, fh, b, r0, m, k0, L, ld, S);
+      mul.abt(m, L, scale, qb, kb, ktb, k0, true, S, ld);
+    };
     bool any = false;
     for (int64_t r = 0; r < m; ++r) {
-      Di[r] = dot(dob + r * D, ob + r * D, D);
+      if (b16) {
+        const uint16_t* dr = mul.do16 + (row0 + r) * D;
+        const uint16_t* orow = mul.out16 + (row0 + r) * D;
+        T sum = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          sum += static_cast<T>(c10::BFloat16(dr[d], c10::BFloat16::from_bits())) *
+                 static_cast<T>(c10::BFloat16(orow[d], c10::BFloat16::from_bits()));
+        }
+        Di[r] = sum;
+      } else {
+        Di[r] = dot(dob + r * D, ob + r * D, D);
+      }
       any = any || lb[r] != -inf;
     }
     if (!any) return;
@@ -839,7 +1131,7 @@ void backward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, co
       for (int64_t k0 = c0; k0 < c1; k0 += bn) {
         const int64_t L = std::min(bn, c1 - k0), ld = mul.ld(L);
         T* sums = l + s.block_m;
-        score_tile(s, mul, qb, kb, ktb, scale, fh, b, r0, m, k0, L, ld, P, sums);  // sums: maxima
+        scores(P, k0, L, ld, sums);  // sums: maxima
         for (int64_t r = 0; r < m; ++r) {
           const T rmax = sums[r];
           const T mnew = rmax != rmax ? rmax : std::max(mx[r], rmax);
@@ -861,16 +1153,30 @@ void backward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, co
     }
     for (int64_t k0 = c0; k0 < c1; k0 += bn) {
       const int64_t L = std::min(bn, c1 - k0), ld = mul.ld(L);
-      load_tile(s, fh, b, r0, m, k0, L, ld, P);
-      mul.abt(m, L, scale, qb, kb, ktb, k0, true, P, ld);
+      scores(P, k0, L, ld, nullptr);
       exp_rows(P, m, L, ld, mx, lg, nullptr);
-      mul.abt(m, L, T(1), dob, vb, vtb, k0, false, dS, ld);  // dP
-      mul.atb(L, m, T(1), P, ld, dob, dvb + k0 * D);          // dV += Pᵀ dO
+      if constexpr (std::is_same_v<T, float>) {
+        if (b16) {
+          mul.abt_bf16(m, L, 1.0f, mul.do16 + row0 * D, mul.vw, kvh, k0, false, dS, ld);  // dP
+          mul.atb_bf16(L, m, 1.0f, P, ld, dopair, dvb + k0 * D, pb, halves);  // dV += Pᵀ dO
+        }
+      }
+      if (!b16) {
+        mul.abt(m, L, T(1), dob, vb, vtb, k0, false, dS, ld);  // dP
+        mul.atb(L, m, T(1), P, ld, dob, dvb + k0 * D);          // dV += Pᵀ dO
+      }
       for (int64_t r = 0; r < m; ++r) {
         T* ds = dS + r * ld;
         const T* p = P + r * ld;
         const T di = Di[r];
         softmax_grad(ds, p, L, di, gh ? gh + (k0 - r0 - r + s.Nq - 1) : nullptr);
+      }
+      if constexpr (std::is_same_v<T, float>) {
+        if (b16) {
+          mul.atb_bf16(L, m, scale, dS, ld, qpair, dkb + k0 * D, pb, halves);  // dK += dSᵀ q
+          mul.ab_bf16(m, L, scale, dS, ld, mul.k16, mul.kpr, kvh, k0, dqb, pb);  // dQ += dS k
+          continue;
+        }
       }
       mul.atb(L, m, scale, dS, ld, qb, dkb + k0 * D);  // dK += dSᵀ q
       mul.ab(m, L, scale, dS, ld, kb + k0 * D, dqb);   // dQ += dS k
@@ -977,6 +1283,60 @@ Mul<T> products(const Shape& s, const at::Tensor& k, const at::Tensor* v, at::Te
     vt = at::empty({heads, s.D, mul.ldt}, k.options());
     transpose_heads(v->data_ptr<T>(), heads, s.Nk, s.D, mul.ldt, vt.data_ptr<T>());
     mul.vt = vt.data_ptr<T>();
+  }
+  return mul;
+}
+
+// x (heads, nk, D) bf16 rows -> (heads, (nk + 1) / 2, D) words: pairs of keys (pair_rows).
+at::Tensor pair_keys(const at::Tensor& x, int64_t heads, int64_t nk, int64_t D) {
+  const int64_t rows = (nk + 1) / 2;
+  at::Tensor out = at::empty({heads, rows, D}, x.options().dtype(at::kInt));
+  const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  uint32_t* ow = reinterpret_cast<uint32_t*>(out.data_ptr());
+  at::parallel_for(0, heads, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) pair_rows(x16 + h * nk * D, nk, D, ow + h * rows * D);
+  });
+  return out;
+}
+
+// x (heads, nk, D) bf16 rows -> (heads, D / 2, ldt) words: x transposed as pairs of features.
+at::Tensor words_transposed(const at::Tensor& x, int64_t heads, int64_t nk, int64_t D,
+                            int64_t ldt) {
+  at::Tensor out = at::empty({heads, D / 2, ldt}, x.options().dtype(at::kInt));
+  transpose_heads(reinterpret_cast<const uint32_t*>(x.data_ptr()), heads, nk, D / 2, ldt,
+                  reinterpret_cast<uint32_t*>(out.data_ptr()));
+  return out;
+}
+
+// The bf16 passes' operands (bf16_products(D)) from bfloat16 q, k, v (and dO, out for the
+// backward: dout defined), kept alive in keep.
+Mul<float> bf16_operands(const Shape& s, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor& dout, const at::Tensor& out,
+                         std::vector<at::Tensor>& keep) {
+  Mul<float> mul;
+  mul.D = s.D;
+  mul.tiles = true;  // scratch rows of whole vectors (Mul::ld)
+  mul.bf16 = true;
+  mul.ldt = round_up(s.Nk, kTileCols) + kTileCols;
+  mul.nk = s.Nk;
+  mul.pair_rows = (s.Nk + 1) / 2;
+  const int64_t heads = s.B * s.Hkv;
+  auto bits = [](const at::Tensor& x) { return reinterpret_cast<const uint16_t*>(x.data_ptr()); };
+  auto words = [&](at::Tensor x) {
+    keep.push_back(x);
+    return reinterpret_cast<const uint32_t*>(x.data_ptr());
+  };
+  mul.q16 = bits(q);
+  mul.k16 = bits(k);
+  mul.v16 = bits(v);
+  mul.kw = words(words_transposed(k, heads, s.Nk, s.D, mul.ldt));
+  if (dout.defined()) {
+    mul.do16 = bits(dout);
+    mul.out16 = bits(out);
+    mul.vw = words(words_transposed(v, heads, s.Nk, s.D, mul.ldt));
+    mul.kpr = words(pair_keys(k, heads, s.Nk, s.D));
+  } else {
+    mul.vpr = words(pair_keys(v, heads, s.Nk, s.D));
   }
   return mul;
 }
@@ -1187,10 +1547,20 @@ std::vector<at::Tensor> forward(const Params& p) {
   const int64_t lo = p.lo;
   const double scale = p.scale;
   const Shape s = params_shape(p);
+  const int64_t n_slots = std::max<int64_t>(1, at::get_num_threads());
+  if (p.q.scalar_type() == at::kBFloat16 && bf16_products(s.D)) {
+    std::vector<at::Tensor> keep;
+    const Mul<float> mul = bf16_operands(s, p.q, p.k, p.v, at::Tensor(), at::Tensor(), keep);
+    at::Tensor out = at::empty(p.q.sizes(), p.q.options().dtype(at::kFloat));
+    at::Tensor lse = at::empty({s.B, s.Hq, s.Nq}, out.options());
+    const auto f = extended<float>(s, table, slopes, lo);
+    forward_impl<float>(s, mul, nullptr, nullptr, nullptr, f.data(), static_cast<float>(scale),
+                        out.data_ptr<float>(), lse.data_ptr<float>(), n_slots);
+    return {out.to(at::kBFloat16), lse};
+  }
   const at::Tensor q = widened(p.q), k = widened(p.k), v = widened(p.v);
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({s.B, s.Hq, s.Nq}, q.options());
-  const int64_t n_slots = std::max<int64_t>(1, at::get_num_threads());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "relattn_cpu_forward", [&] {
     const auto f = extended<scalar_t>(s, table, slopes, lo);
     at::Tensor kt, vt;
@@ -1228,17 +1598,29 @@ std::vector<at::Tensor> backward(const Params& p, const at::Tensor& dout_in,
                   lse.size(2) == p.q.size(2),
               "relattn cpu kernel: dout and out must have q's shape and lse (B, Hq, Nq); got "
               "dout ", dout_in.sizes(), ", out ", out_in.sizes(), ", lse ", lse.sizes());
-  const at::Tensor q = widened(p.q), k = widened(p.k), v = widened(p.v);
-  const at::Tensor dout = widened(dout_in), out = widened(out_in);
+  // bf16 products (bf16_products) read the 16-bit tensors themselves; else widened copies.
+  const bool b16 = st == at::kBFloat16 && bf16_products(s.D);
+  const at::Tensor q = b16 ? p.q : widened(p.q), k = b16 ? p.k : widened(p.k);
+  const at::Tensor v = b16 ? p.v : widened(p.v);
+  const at::Tensor dout = b16 ? dout_in : widened(dout_in), out = b16 ? out_in : widened(out_in);
+  const auto opts = p.q.options().dtype(compute_type(st));
   // One dk/dv/table-gradient buffer per slot; max_slots bounds their memory (fewer threads).
   const int64_t n_slots = std::max<int64_t>(
       1, std::min<int64_t>({at::get_num_threads(), s.B * s.Hq * s.n_blocks, max_slots}));
   const bool has_table = table.numel() > 0;
-  at::Tensor dq = at::zeros(q.sizes(), q.options());
-  at::Tensor dk_t = at::zeros({n_slots, s.B, s.Hkv, s.Nk, s.D}, q.options());
-  at::Tensor dv_t = at::zeros({n_slots, s.B, s.Hkv, s.Nk, s.D}, q.options());
-  at::Tensor g_t = has_table ? at::zeros({n_slots, s.Hq, s.U}, q.options()) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "relattn_cpu_backward", [&] {
+  at::Tensor dq = at::zeros(q.sizes(), opts);
+  at::Tensor dk_t = at::zeros({n_slots, s.B, s.Hkv, s.Nk, s.D}, opts);
+  at::Tensor dv_t = at::zeros({n_slots, s.B, s.Hkv, s.Nk, s.D}, opts);
+  at::Tensor g_t = has_table ? at::zeros({n_slots, s.Hq, s.U}, opts) : at::Tensor();
+  if (b16) {
+    std::vector<at::Tensor> keep;
+    const Mul<float> mul = bf16_operands(s, q, k, v, dout, out, keep);
+    const auto f = extended<float>(s, table, slopes, lo);
+    backward_impl<float>(s, mul, nullptr, nullptr, nullptr, f.data(), static_cast<float>(scale),
+                         nullptr, lse.data_ptr<float>(), nullptr, dq.data_ptr<float>(),
+                         dk_t.data_ptr<float>(), dv_t.data_ptr<float>(),
+                         has_table ? g_t.data_ptr<float>() : nullptr, n_slots);
+  } else AT_DISPATCH_FLOATING_TYPES(dq.scalar_type(), "relattn_cpu_backward", [&] {
     const auto f = extended<scalar_t>(s, table, slopes, lo);
     at::Tensor kt, vt;
     const Mul<scalar_t> mul = products<scalar_t>(s, k, &v, kt, vt);
@@ -1251,12 +1633,12 @@ std::vector<at::Tensor> backward(const Params& p, const at::Tensor& dout_in,
   });
   at::Tensor dk = n_slots == 1 ? dk_t[0] : dk_t.sum(0);
   at::Tensor dv = n_slots == 1 ? dv_t[0] : dv_t.sum(0);
-  at::Tensor dtable = at::empty({0}, q.options());
+  at::Tensor dtable = at::empty({0}, opts);
   if (has_table) {
     const int64_t T_cols = table.size(1);
-    dtable = at::zeros({s.Hq, T_cols}, q.options());
+    dtable = at::zeros({s.Hq, T_cols}, opts);
     at::Tensor g = n_slots == 1 ? g_t[0] : g_t.sum(0);
-    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "relattn_cpu_dtable", [&] {
+    AT_DISPATCH_FLOATING_TYPES(dtable.scalar_type(), "relattn_cpu_dtable", [&] {
       const scalar_t* gp = g.data_ptr<scalar_t>();
       scalar_t* dp = dtable.data_ptr<scalar_t>();
       for (int64_t h = 0; h < s.Hq; ++h) {
@@ -1290,6 +1672,11 @@ void set_products(const std::string& name) {
                 "'");
   }
 }
+
+// Whether bfloat16 forwards of head dim d multiply in bf16 here (AVX-512-BF16), after
+// set_bf16_products(on) (default on).
+bool bf16_products_for(int64_t d) { return bf16_products(d); }
+void set_bf16_products(bool on) { g_bf16_tiles = on; }
 
 // What multiplies float32 tiles of head dim d: "tiles" (and its ISA), "blas" or "aten".
 std::string products_for(int64_t d) {
@@ -1327,4 +1714,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "how tiles are multiplied: 'tiles' (own, float32), 'tiles-avx2' (own, at most AVX2), "
         "'blas' (exported BLAS) or 'aten'");
   m.def("products_for", &products_for, "what multiplies float32 tiles of a head dim");
+  m.def("bf16_products_for", &bf16_products_for,
+        "whether bfloat16 forwards of a head dim multiply in bf16 (AVX-512-BF16) here");
+  m.def("set_bf16_products", &set_bf16_products,
+        "let bfloat16 forwards multiply in bf16 where the CPU can (default), or widen them");
 }

@@ -265,13 +265,21 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def compute_path(dtype: torch.dtype, head_dim: int) -> str:
     """What the kernel runs for ``dtype`` inputs of head dim ``head_dim`` on this CPU, e.g.
-    ``"tiles (AVX-512)"``, ``"blas"``, or ``"bfloat16 widened to float32, tiles (AVX2)"``:
-    the tile products' implementation (see :func:`load`'s ``products_for``), and for 16-bit
-    inputs the widening before it. Builds the kernel if it is not built."""
+    ``"tiles (AVX-512)"``, ``"blas"``, ``"bfloat16 tiles (AVX-512-BF16)"`` or
+    ``"float16 widened to float32, tiles (AVX2)"``: the tile products' implementation, for
+    16-bit inputs bf16 products (bfloat16 on a CPU with AVX-512-BF16, head dims that are a
+    multiple of 32) or the widening before float32 ones. Builds the kernel if it is not built.
+
+    Raises:
+        ValueError: ``dtype`` is not one of the kernel's.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}; got {dtype}")
+    mod = load()
+    if dtype == torch.bfloat16 and mod.bf16_products_for(head_dim):
+        return "bfloat16 tiles (AVX-512-BF16), float32 softmax and sums"
     # float64 never takes the own loops: its path is that of a head dim they decline (1).
-    products = load().products_for(1 if dtype == torch.float64 else head_dim)
+    products = mod.products_for(1 if dtype == torch.float64 else head_dim)
     if dtype in (torch.float32, torch.float64):
         return products
     return f"{str(dtype)[6:]} widened to float32, {products}"
