@@ -94,6 +94,11 @@ def test_train_generate_explain_end_to_end(tmp_path, text_file):
             ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     expected = bytes(ids[0].tolist()).decode("utf-8", errors="replace")
     assert proc.stdout.rstrip("\n") == expected
+    # in bfloat16: the same model, rounded, decodes 40 bytes (the C++ kernels' 16-bit paths)
+    argv = ["--checkpoint", str(ckpt), "--prompt", "the quick", "--max-new-tokens", "40"]
+    proc = _relattn("generate", *argv, "--temperature", "0", "--dtype", "bfloat16")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith("the quick") and len(proc.stdout.rstrip("\n")) >= 9 + 40 // 4
 
     png = tmp_path / "att.png"
     proc = _relattn("explain", "--checkpoint", str(ckpt), "the fox", "--json", "--png", str(png))
@@ -247,6 +252,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, text_file, capsys, case, nee
         (["--temperature", "-1"], "--temperature"),
         (["--top-k", "0"], "--top-k"),
         (["--seed", str(2**64)], "--seed"),
+        (["--dtype", "int8"], "--dtype"),
     ],
 )
 def test_generate_bad_input(tmp_path, capsys, extra, needle):

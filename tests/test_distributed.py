@@ -490,34 +490,26 @@ def _backend_worker(rank: int, world: int, backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["chunked", "cpu_kernel"])
-def test_ring_through_each_cpu_backend(pool2, backend):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ring_through_each_cpu_backend(pool2, backend, dtype):
     if backend == "cpu_kernel":
         from relattn.backends import cpu_kernel
 
         if not cpu_kernel.available():
             pytest.skip(f"the CPU kernel cannot be built here: {cpu_kernel.build_error()}")
-    pool2.run(_backend_worker, backend)
+    pool2.run(_backend_worker if dtype == "float32" else _bf16_worker, backend)
 
 
 def _bf16_worker(rank: int, world: int, backend: str) -> None:
-    # 16-bit blocks: the partial lse merge and the kernel's backward (bf16 out, float32 lse).
-    case = Case("t5", docs=True, padding=True, hkv=2, n=16, b=1, d=16)
+    # 16-bit blocks: the partial lse merge and the kernel's backward (bf16 out, float32 lse);
+    # D = 32, where the CPU kernel multiplies bf16 in pairs of features on AVX-512-BF16.
+    case = Case("t5", docs=True, padding=True, hkv=2, n=16, b=1, d=32)
     q, k, v, pe, grad_out, kw = make(case, (backend, "bf16"))
     q, k, v, grad_out = (t.to(torch.bfloat16) for t in (q, k, v, grad_out))
     got = run_cp(q, k, v, pe, grad_out, kw, None, "ring", "zigzag", backend=backend)
     truth = run_math(q, k, v, pe, grad_out, torch.float64, **kw)
     naive = run_math(q, k, v, pe, grad_out, torch.bfloat16, **kw)
     assert_flash_accuracy(got, naive, truth, torch.bfloat16, label=f"ring bf16/{backend}: ")
-
-
-@pytest.mark.parametrize("backend", ["chunked", "cpu_kernel"])
-def test_ring_bf16_through_each_cpu_backend(pool2, backend):
-    if backend == "cpu_kernel":
-        from relattn.backends import cpu_kernel
-
-        if not cpu_kernel.available():
-            pytest.skip(f"the CPU kernel cannot be built here: {cpu_kernel.build_error()}")
-    pool2.run(_bf16_worker, backend)
 
 
 def test_auto_ring_backend_on_cpu():

@@ -26,9 +26,11 @@
 // add per row), all reduced once after the region.
 //
 // Shapes: q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D) contiguous, float32, float64, bfloat16 or
-// float16 (16-bit inputs are widened to float32 once per call and computed in float32: the
-// products, statistics, position term and every gradient sum; out, dq, dk, dv are rounded back
-// once); table (Hq, T) or slopes (Hq,) in the compute dtype, or empty tensors.
+// float16; table (Hq, T) or slopes (Hq,) in the compute dtype (float32 for 16-bit inputs), or
+// empty tensors. bfloat16 with AVX-512-BF16 and D a multiple of 32 multiplies in bf16 ("bfloat16
+// tiles" below); other 16-bit inputs are widened to float32 once per call. Either way the
+// statistics, the position term and every sum are float32, and out, dq, dk, dv are rounded to
+// the input dtype once.
 
 #include <torch/extension.h>
 

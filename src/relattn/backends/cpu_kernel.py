@@ -10,10 +10,12 @@ probabilities from lse, sums dk, dv and the table gradient into per-thread buffe
 them once. Float32, float64, bfloat16 and float16; any causal / window / q_offset, GQA, a
 table, slopes or no position term, ``doc_ids`` and ``key_padding_mask``. Float32 tiles are
 multiplied by the kernel's own register-tiled loops on CPUs with AVX2 + FMA or AVX-512 when the
-head dim is a multiple of 16, else by the BLAS that torch ships (MKL). 16-bit inputs are
-widened to float32 once per call and computed like float32 ones (the products, softmax
-statistics, position term and every gradient sum in float32; out, dq, dk, dv rounded once):
-:func:`compute_path` names what ran.
+head dim is a multiple of 16, else by the BLAS that torch ships (MKL). bfloat16 on a CPU with
+AVX-512-BF16 (head dims that are a multiple of 32) multiplies in bf16 (``vdpbf16ps``: pairs of
+bf16 products summed in float32); other 16-bit inputs are widened to float32 once per call and
+computed like float32 ones. Either way the softmax statistics, the position term and every sum
+(out, dq, dk, dv, the table gradient) are float32, and out, dq, dk, dv are rounded to the input
+dtype once; :func:`compute_path` names the path that runs.
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and
 ``ninja``) at its first use, into ``~/.cache/relattn`` or ``RELATTN_CPU_KERNEL_DIR``,

@@ -1,7 +1,7 @@
 """``relattn generate``: continue a prompt with a trained checkpoint, streaming to the terminal.
 
     relattn generate --checkpoint DIR --prompt "def main(" [--max-new-tokens N]
-        [--temperature T] [--top-k K] [--seed S]
+        [--temperature T] [--top-k K] [--seed S] [--dtype bfloat16]
 
 DIR is a folder written by `relattn train`, `relattn demo` (report/checkpoints/NAME) or
 TinyLM.save. Decoding uses the KV cache: one pass over the prompt, then one token per step.
@@ -17,6 +17,7 @@ from .._errors import UserError
 from ._args import bounded_float, bounded_int, seed_flag
 
 MAX_NEW_TOKENS = 100_000
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sample among the K most likely bytes only (default: all)",
     )
     seed_flag(parser, "make the sample reproducible")
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="run the model in this dtype: bfloat16 halves the weights and the KV cache "
+        "(default float32, the checkpoint's)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise UserError("--prompt must not be empty (the model continues a text)")
     model = load_model(args.checkpoint, "--checkpoint")
+    if args.dtype != "float32":
+        import torch
+
+        model = model.to(getattr(torch, args.dtype))
     out = sys.stdout
     out.write(args.prompt)
     out.flush()
