@@ -29,19 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold", type=int, default=5, help="fresh processes for cold start")
     parser.add_argument("--out", help="write the Markdown here")
     parser.add_argument("--json", help="write the raw rows here")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+        help="q, k, v and the encoding (default float32)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     info = machine_info()
     parts, rows = [], []
     for threads in args.threads:
         torch.set_num_threads(threads)
         got = decode.decode_rows(
             args.nks, args.encodings, args.repeats, hkv=args.kv_heads,
-            progress=lambda s: print(s, file=sys.stderr),
+            progress=lambda s: print(s, file=sys.stderr), dtype=dtype,
         )  # fmt: skip
         for r in got:
             r["threads"] = threads
         rows += got
-        parts.append(f"### {threads} torch thread(s)\n\n{decode.describe()}\n\n")
+        parts.append(f"### {threads} torch thread(s)\n\n{decode.describe(dtype)}\n\n")
         parts.append(decode.to_markdown(got) + "\n\n")
     cold = decode.cold_start(args.cold) if args.cold else None
     if cold:

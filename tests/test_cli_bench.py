@@ -259,3 +259,8 @@ def test_decode_benchmark_rows_and_table():
             assert q1 <= q2 <= q3
     text = decode.to_markdown(rows)
     assert "the same, the two alone, µs" in text and text.count("\n") >= 3
+    import torch
+
+    (row,) = decode.decode_rows([16], ["t5"], 3, dtype=torch.bfloat16)
+    assert row["relattn_s"] > 0 and row["vs_sdpa"] is not None
+    assert decode.describe(torch.bfloat16).startswith("bfloat16, ")

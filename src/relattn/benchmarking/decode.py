@@ -45,11 +45,13 @@ def _encoding(name: str) -> T5Bias | ALiBi:
     raise ValueError(f"encoding must be 't5' or 'alibi'; got {name!r}")
 
 
-def _contenders(nk: int, encoding: str, hkv: int) -> dict[str, Callable[[], Any]]:
+def _contenders(
+    nk: int, encoding: str, hkv: int, dtype: torch.dtype = torch.float32
+) -> dict[str, Callable[[], Any]]:
     g = torch.Generator().manual_seed(nk)
-    q = torch.randn(B, H, 1, D, generator=g)
-    k, v = (torch.randn(B, hkv, nk, D, generator=g) for _ in range(2))
-    pe = _encoding(encoding)
+    q = torch.randn(B, H, 1, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, hkv, nk, D, generator=g).to(dtype) for _ in range(2))
+    pe = _encoding(encoding).to(dtype)
     gqa = hkv != H
 
     def ours():
@@ -74,8 +76,10 @@ def decode_rows(
     repeats: int,
     hkv: int = H,
     progress: Callable[[str], None] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> list[dict[str, Any]]:
-    """Time one decode step of each contender at each cache length, interleaved.
+    """Time one decode step of each contender at each cache length, interleaved, with q, k, v
+    and the encoding in ``dtype``.
 
     Returns:
         One dict per (encoding, Nk): ``encoding``, ``nk``, ``hkv``, the median seconds per
@@ -89,7 +93,7 @@ def decode_rows(
     rows = []
     for encoding in encodings:
         for nk in nks:
-            fns = _contenders(nk, encoding, hkv)
+            fns = _contenders(nk, encoding, hkv, dtype)
             rounds = time_rounds(fns, repeats, warmup=3)
             med = medians(rounds)
             row: dict[str, Any] = {"encoding": encoding, "nk": nk, "hkv": hkv, "rounds": repeats}
@@ -189,10 +193,10 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     return markdown_table(table, columns)
 
 
-def describe() -> str:
+def describe(dtype: torch.dtype = torch.float32) -> str:
     """The workload and machine, for the report's header."""
     return (
-        f"fp32, B={B}, H={H}, D={D}, one new token (Nq=1, q_offset=Nk-1), no autograd; "
+        f"{str(dtype)[6:]}, B={B}, H={H}, D={D}, one new token (Nq=1, q_offset=Nk-1), no autograd; "
         f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
         f"load average {os.getloadavg()[0]:.2f}; CPU: {CPU.describe()}"
     )
