@@ -272,25 +272,27 @@ def _score(qk, r, c, table_row, slope, q_offset, lo, T, qk_scale,
     tile adds one value, loaded once, instead of one load per score; 0: no such promise."""
     delta = q_offset + r - c
     s = qk * qk_scale
-    if HAS_TABLE:
-        if UNIFORM == 1:
-            s += tl.load(table_row + T - 1).to(tl.float32) * LOG2E
-        elif UNIFORM == 2:
-            s += tl.load(table_row).to(tl.float32) * LOG2E
-        else:
-            # The tile's BM + BN - 1 offsets from d0 on, read as one vector (one load per tile,
-            # not one per score), expanded to the tile by a 1-D gather on the flattened offset.
+    if HAS_TABLE and UNIFORM == 1:
+        s += tl.load(table_row + T - 1).to(tl.float32) * LOG2E
+    elif HAS_TABLE and UNIFORM == 2:
+        s += tl.load(table_row).to(tl.float32) * LOG2E
+    elif HAS_TABLE or HAS_SLOPES:
+        # The term at the tile's BM + BN - 1 offsets from d0 on as one vector (one table load,
+        # or BM + BN - 1 closed-form values, per tile, not per score), expanded to the tile by
+        # a 1-D gather on the flattened offset: the same value per score as computing it there.
+        BM: tl.constexpr = qk.shape[0]
+        BN: tl.constexpr = qk.shape[1]
+        VEC: tl.constexpr = 2 * BM if BM >= BN else 2 * BN  # a power of 2 >= BM + BN - 1
+        d0 = q_offset + tl.min(r) - tl.max(c)
+        d = d0 + tl.arange(0, VEC)
+        if HAS_TABLE:
             # Masked pairs may fall off the table: clamp, they are discarded by the mask.
-            BM: tl.constexpr = qk.shape[0]
-            BN: tl.constexpr = qk.shape[1]
-            VEC: tl.constexpr = 2 * BM if BM >= BN else 2 * BN  # a power of 2 >= BM + BN - 1
-            d0 = q_offset + tl.min(r) - tl.max(c)
-            col = tl.minimum(tl.maximum(d0 + tl.arange(0, VEC) - lo, 0), T - 1)
+            col = tl.minimum(tl.maximum(d - lo, 0), T - 1)
             vec = tl.load(table_row + col).to(tl.float32) * LOG2E
-            idx = tl.reshape(delta - d0, (BM * BN,))
-            s += tl.reshape(tl.gather(vec, idx, 0), (BM, BN))
-    if HAS_SLOPES:
-        s -= slope * tl.abs(delta).to(tl.float32)
+        else:
+            vec = -(slope * tl.abs(d).to(tl.float32))
+        idx = tl.reshape(delta - d0, (BM * BN,))
+        s += tl.reshape(tl.gather(vec, idx, 0), (BM, BN))
     return s, delta
 
 
