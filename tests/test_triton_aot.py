@@ -81,6 +81,72 @@ def test_problems_are_reported():
     assert problems([{**base, "spill_stores": 4, "gated": False}]) == []
 
 
+def test_sass_gate_on_the_key_loops(tmp_path):
+    """The offline gate (issue 21's M1-M4) on the sm_90a SASS of the forward, dq and dk/dv key
+    loops: no per-score table loads, no atomics, at most 15 % more instructions than the loop
+    without a position term, wgmma in the forward and dq; one SASS file per job, named."""
+    out, sass = tmp_path / "gate.json", tmp_path / "sass"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    cmd = [sys.executable, str(TOOL), "--gate", "-j", "2", "--json", str(out), "--sass", str(sass)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    failures = [line for line in res.stderr.splitlines() if line.startswith("FAIL")]
+    assert res.returncode == 0, "\n".join(failures) or res.stderr[-3000:]
+    assert "| attn_fwd | table | 2 | plain |" in res.stdout
+    results = json.loads(out.read_text())
+    assert {r["kernel"] for r in results} == set(_tool().GATE_KERNELS)
+    assert all(r["loops"] for r in results)
+    names = {p.name for p in sass.iterdir()}
+    assert "attn_fwd-sm_90a-table-bf16-d128-64x32-w4-s2.sass" in names
+    assert "attn_bwd_dkdv-sm_90a-table-det-bf16-d128-32x32-w4-s2.sass" in names
+    assert {n.split("-sm_90a-")[1].split("-")[0] for n in names} == {"table", "slopes", "none"}
+
+
+def test_gate_catches_each_rule():
+    """gate_problems fails each of M1-M4 (it can fail), from per-loop counts."""
+    tool = _tool()
+
+    def result(kernel, variant, loops, config=(64, 32, 4, 2)):
+        v = {"CAUSAL": True, **variant}
+        return {"label": f"{kernel} {v}", "kernel": kernel, "config": list(config),
+                "variant": sorted(v.items()), "loops": loops}  # fmt: skip
+
+    none = [{"total": 100, "wgmma": 10}, {"total": 80, "wgmma": 10}, {"total": 100, "wgmma": 10}]
+    # masked, constant run, plain, masked
+    table = [dict(none[0]), {"total": 80, "wgmma": 10}, dict(none[1]), dict(none[2])]
+    ok = [result("attn_fwd", {"HAS_TABLE": False}, none),
+          result("attn_fwd", {"HAS_TABLE": True}, table)]  # fmt: skip
+    assert tool.gate_problems(ok)[0] == []
+
+    def fails(change):
+        loops = [dict(x) for x in table]
+        loops[2].update(change)
+        bad, _ = tool.gate_problems([ok[0], result("attn_fwd", {"HAS_TABLE": True}, loops)])
+        return " ".join(bad)
+
+    assert fails({"cp_async_4": 16}).startswith("M1")  # a load per score (16 per thread)
+    assert fails({"atomic": 8}).startswith("M2")
+    assert fails({"total": 93}).startswith("M3")  # 1.16x the plain loop
+    assert fails({"wgmma": 0}).startswith("M4")
+    constant = [dict(x) for x in table]
+    constant[1]["total"] = 82  # the constant-run loop: 2.5 % more
+    assert (
+        "M3" in tool.gate_problems([ok[0], result("attn_fwd", {"HAS_TABLE": True}, constant)])[0][0]
+    )
+    assert "expected 4" in " ".join(
+        tool.gate_problems([ok[0], result("attn_fwd", {"HAS_TABLE": True}, none)])[0]
+    )
+    # the dk/dv path with atomics is reported, not gated (the open step)
+    plain = [{**x, "wgmma": 0} for x in none]
+    atomics = [{**x, "atomic": 8} for x in plain]
+    dkdv = [
+        result("attn_bwd_dkdv", {"HAS_TABLE": False, "ATOMIC_TABLE": False}, plain, (32, 32, 4, 2)),
+        result("attn_bwd_dkdv", {"HAS_TABLE": True, "ATOMIC_TABLE": True}, atomics, (32, 32, 4, 2)),
+    ]
+    bad, text = tool.gate_problems(dkdv)
+    assert bad == [] and "no (open)" in text
+
+
 def test_occupancy_estimate():
     tool = _tool()
     # 255 registers × 128 threads: 4 warps × 256 registers per lane group → 2 blocks of 4 warps

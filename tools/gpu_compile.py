@@ -15,6 +15,20 @@ It fails (exit 1) on a compile error, on shared memory above the architecture's 
 D = 128 without extra masks (every kernel and every config that autotuning may pick). Results are
 cached per job, keyed on the kernel source and the triton version, under ``$RELATTN_AOT_CACHE``
 (default ``~/.cache/relattn/triton-aot``).
+
+    python tools/gpu_compile.py --sass DIR ...  # also the SASS of every job, one file each
+    python tools/gpu_compile.py --gate          # the offline gate on the key loops' SASS
+
+``--sass DIR`` disassembles each compiled job with the triton wheel's ``nvdisasm`` into
+``DIR/<kernel>-sm_90a-<table|slopes|none>[-det]-<dtype>-d<D>-<config>[-masks][-bidir].sass``.
+``--gate`` compiles the forward, dq and dk/dv kernels for sm_90a (bf16, D = 128, causal, the
+default config) with a table, with closed-form slopes and with no position term, counts each key
+loop's instructions (``tools/sass_loops.py``) and fails when a loop with a position term
+issues global loads or 4-byte ``cp.async`` per score (M1: more than a quarter of the scores
+each thread holds beyond the no-term loop), issues an atomic (M2), exceeds its no-term loop's
+instructions by more than 15 % (2 % for the constant-run stage) (M3), or, for the forward and
+dq, has no wgmma (M4). The dk/dv variant that adds the table gradient by one atomic per score
+is compiled and reported but not gated: removing those atomics is the open step.
 """
 
 from __future__ import annotations
@@ -227,8 +241,41 @@ def occupancy(regs: int, smem: int, warps: int, arch: int) -> float:
     return blocks * warps / (THREADS_PER_SM // 32)
 
 
+def sass_name(job: Job) -> str:
+    """The file name of a job's SASS: kernel, architecture, position term, dtype, D, config and
+    masks / direction where they differ from the targets'."""
+    v = dict(job.variant)
+    arch = f"sm_{job.arch}{'a' if job.arch == 90 else ''}"
+    enc = "table" if v.get("HAS_TABLE", True) else ("slopes" if v.get("HAS_SLOPES") else "none")
+    if v.get("ATOMIC_TABLE") is False and v.get("HAS_TABLE"):
+        enc += "-det"
+    cfg = "default" if job.config is None else "{}x{}-w{}-s{}".format(*job.config)
+    extra = ("-masks" if v.get("WINDOW") else "") + ("-bidir" if v.get("CAUSAL") is False else "")
+    return f"{job.kernel}-{arch}-{enc}-{job.dtype}-d{job.head_dim}-{cfg}{extra}.sass"
+
+
+def _disassemble(cubin: bytes, path: Path) -> str:
+    """The SASS of a cubin (written next to ``path``), by the triton wheel's nvdisasm."""
+    import subprocess
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    binary = path.with_suffix(".cubin")
+    binary.write_bytes(cubin)
+    try:
+        res = subprocess.run(
+            [str(tool), "-c", "-g", str(binary)], capture_output=True, text=True, check=True
+        )
+    finally:
+        binary.unlink()
+    path.write_text(res.stdout)
+    return res.stdout
+
+
 def compile_job(job: Job) -> dict:
-    """Compile one job (in a worker process) and return its resources, or its error."""
+    """Compile one job (in a worker process) and return its resources, or its error; with
+    ``$RELATTN_AOT_SASS`` set to a folder, also its SASS there and its key loops' counts."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -256,6 +303,10 @@ def compile_job(job: Job) -> dict:
             compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=options)
         md = compiled.metadata
         result.update(_ptxas_numbers(log.getvalue()))
+        sass_dir = os.environ.get("RELATTN_AOT_SASS")
+        if sass_dir:
+            sass = _disassemble(compiled.asm["cubin"], Path(sass_dir) / sass_name(job))
+            result["loops"] = [dict(c) for c in _sass_loops().loops(sass)]
         result["shared"] = int(md.shared)
         result["warps"] = int(md.num_warps)
         if result["regs"] is not None:
@@ -285,15 +336,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RELATTN_AOT_CACHE", default)) / cache_key()
 
 
-def run(job_list: list[Job], workers: int, progress=None) -> list[dict]:
-    """Every job's result, from the cache or compiled in ``workers`` processes."""
+def _sass_loops() -> ModuleType:
+    """tools/sass_loops.py, the per-loop instruction counter."""
+    if "relattn_sass_loops" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "relattn_sass_loops", Path(__file__).resolve().parent / "sass_loops.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["relattn_sass_loops"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["relattn_sass_loops"]
+
+
+def run(job_list: list[Job], workers: int, progress=None, sass: Path | None = None) -> list[dict]:
+    """Every job's result, from the cache or compiled in ``workers`` processes; with ``sass``
+    (a folder) every job is compiled afresh and disassembled there (``loops`` in its result)."""
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
+    if sass is not None:
+        sass.mkdir(parents=True, exist_ok=True)
+        os.environ["RELATTN_AOT_SASS"] = str(sass.resolve())  # workers inherit it
+    else:
+        os.environ.pop("RELATTN_AOT_SASS", None)
     results: dict[str, dict] = {}
     todo = []
     for job in job_list:
         path = folder / (hashlib.sha256(job.key.encode()).hexdigest()[:24] + ".json")
-        if path.exists():
+        if path.exists() and sass is None:
             results[job.key] = json.loads(path.read_text())
         else:
             todo.append((job, path))
@@ -342,6 +411,106 @@ def problems(results: list[dict], estimate) -> list[str]:
     return out
 
 
+# ----------------------------------------------------------------------------- the SASS gate
+
+GATE_KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv")
+# What each key loop of a causal kernel is, in program order: masked blocks, the blocks in the
+# table's constant tail (one value per tile), the plain unmasked blocks.
+_STAGES = {("attn_fwd", "table"): ("masked", "constant", "plain", "masked")}
+_DEFAULT_STAGES = ("masked", "plain", "masked")
+M3_LIMIT = 1.15
+M3_CONSTANT_LIMIT = 1.02
+
+
+def _encoding(variant) -> str:
+    v = dict(variant)
+    enc = "table" if v.get("HAS_TABLE") else ("slopes" if v.get("HAS_SLOPES") else "none")
+    if v.get("HAS_TABLE") and v.get("ATOMIC_TABLE"):
+        enc += "+atomics"
+    return enc
+
+
+def gate_jobs() -> list[Job]:
+    """sm_90a, bf16, D = 128, causal, no extra mask, the default config: each gated kernel
+    with a table, with slopes, with no position term (dk/dv: the table's gradient by its
+    deterministic path, and by atomics, reported only)."""
+    K = load_kernels()
+    out = []
+    for kernel in GATE_KERNELS:
+        config = K.kept_configs(kernel, 128, 2, ARCHS[90]["smem_block"], True)[0]
+        for has_table, has_slopes, atomic in (
+            (True, False, False),
+            (True, False, True),
+            (False, True, False),
+            (False, False, False),
+        ):
+            if atomic and kernel != "attn_bwd_dkdv":
+                continue
+            v = {"CAUSAL": True, "WINDOW": False, "HAS_DOC": False, "HAS_KPM": False}
+            v.update(HAS_TABLE=has_table, HAS_SLOPES=has_slopes)
+            if kernel == "attn_bwd_dkdv":
+                v["ATOMIC_TABLE"] = atomic
+            out.append(Job(kernel, 90, "bf16", 128, config, tuple(sorted(v.items()))))
+    return out
+
+
+def gate_problems(results: list[dict]) -> tuple[list[str], str]:
+    """(what fails M1-M4, one line each; the per-loop table) for :func:`gate_jobs`' results."""
+    by = {(r["kernel"], _encoding(r["variant"])): r for r in results}
+    bad, rows = (
+        [],
+        [
+            "| kernel | term | loop | stage | instructions | ÷ no term | cp.async 4 B + "
+            "ldg beyond no term | atomics | wgmma | gated |",
+            "|" + "---|" * 10,
+        ],
+    )
+    for (kernel, enc), r in sorted(by.items()):
+        if "error" in r or "loops" not in r:
+            bad.append(f"{r['label']}: no SASS ({r.get('error', 'not disassembled')})")
+            continue
+        base = by.get((kernel, "none"))
+        stages = _STAGES.get((kernel, enc.split("+")[0]), _DEFAULT_STAGES)
+        loops = r["loops"]
+        if len(loops) != len(stages) or base is None or "loops" not in base:
+            bad.append(f"{r['label']}: {len(loops)} key loops, expected {len(stages)}")
+            continue
+        # each loop's counterpart in the no-term kernel: the k-th masked loop the k-th masked
+        # one, the constant-run and plain loops its plain loop
+        masked = iter(i for i, s in enumerate(_DEFAULT_STAGES) if s == "masked")
+        plain = _DEFAULT_STAGES.index("plain")
+        base_of = [next(masked) if s == "masked" else plain for s in stages]
+        m, n, warps, _ = r["config"]
+        per_thread = m * n // (32 * warps)  # scores each thread holds
+        gated = enc != "table+atomics"
+        for i, (loop, stage) in enumerate(zip(loops, stages, strict=True)):
+            ref = base["loops"][base_of[i]]
+            ratio = loop["total"] / ref["total"]
+            extra = sum(loop.get(k, 0) - ref.get(k, 0) for k in ("cp_async_4", "ldg"))
+            label = f"{kernel} {enc} loop {i} ({stage})"
+            if gated and enc != "none":
+                if extra > per_thread // 4:  # M1
+                    bad.append(
+                        f"M1 {label}: {extra} 4-byte cp.async / global loads beyond the "
+                        f"no-term loop, {per_thread} scores per thread"
+                    )
+                limit = M3_CONSTANT_LIMIT if stage == "constant" else M3_LIMIT
+                if ratio > limit:  # M3
+                    bad.append(
+                        f"M3 {label}: {ratio:.3f}× the no-term loop's instructions (limit {limit})"
+                    )
+            if gated and loop.get("atomic", 0):  # M2
+                bad.append(f"M2 {label}: {loop['atomic']} atomics")
+            if kernel != "attn_bwd_dkdv" and not loop.get("wgmma", 0):  # M4
+                bad.append(f"M4 {label}: no wgmma")
+            rows.append(
+                f"| {kernel} | {enc} | {i} | {stage} | {loop['total']} | {ratio:.2f} | "
+                f"{extra} | {loop.get('atomic', 0)} | {loop.get('wgmma', 0)} | "
+                f"{'yes' if gated else 'no (open)'} |"
+            )
+    return bad, "\n".join(rows)
+
+
 def variant_name(variant) -> str:
     """``table causal``, ``slopes+masks bidir``, ``table causal det`` (no atomics), ..."""
     v = dict(variant)
@@ -380,13 +549,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="regular expression on the job label")
     parser.add_argument("--table", help="write the Markdown resource table here")
     parser.add_argument("--json", help="write every job's result here")
+    parser.add_argument("--sass", type=Path, help="also write each job's SASS into this folder")
+    parser.add_argument("--gate", action="store_true", help="the offline gate on the key loops")
     args = parser.parse_args(argv)
+    say = lambda line: print(line, file=sys.stderr, flush=True)
+    if args.gate:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = run(gate_jobs(), args.jobs, progress=say, sass=args.sass or Path(tmp))
+        bad, text = gate_problems(results)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        for line in bad:
+            say("FAIL " + line)
+        return 1 if bad else 0
     job_list = jobs(full=not args.ci)
     if args.only:
         job_list = [j for j in job_list if re.search(args.only, j.label())]
     start = time.perf_counter()
-    say = lambda line: print(line, file=sys.stderr, flush=True)
-    results = run(job_list, args.jobs, progress=say)
+    results = run(job_list, args.jobs, progress=say, sass=args.sass)
     import triton
 
     say(f"{len(results)} jobs in {time.perf_counter() - start:.1f}s (triton {triton.__version__})")
