@@ -492,6 +492,39 @@ def test_generation_step_kernels_against_float64(
         assert max_err(got, want) <= 2 * max_err(naive, want) + 1e-6
 
 
+@pytest.mark.parametrize("tiles", [True, False], ids=["bf16-products", "widened"])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("layout", ["contiguous", "cache_view", "overlapping_rows"])
+@pytest.mark.parametrize("d, nk", [(32, 1), (64, 37), (96, 300), (256, 8)])
+def test_bfloat16_step_paths_against_float64(tiles, heads, layout, d, nk, monkeypatch):
+    """The one-row kernel's two bfloat16 paths (bf16 products on AVX-512-BF16, with pairs of
+    keys and an odd last key; or the cache widened to float32) for head dims of 1 to 8 blocks of
+    32 features: within twice the error of the formula computed in bfloat16."""
+    if os.environ.get("RELATTN_CPU_KERNEL", "1") == "0":
+        pytest.skip("RELATTN_CPU_KERNEL=0")
+    mod = cpu_kernel.load()
+    if tiles and not mod.bf16_products_for(d):
+        pytest.skip("this CPU has no AVX-512-BF16 (or the build is AVX2-only): bf16 is widened")
+    monkeypatch.setattr(decode, "_native", lambda: mod)
+    mod.set_bf16_products(tiles)
+    try:
+        hq, hkv = heads
+        g = torch.Generator().manual_seed(d * 100 + nk)
+        q = torch.randn(2, hq, 1, d, generator=g).bfloat16()
+        k, v = (_kv(layout, 2, hkv, nk, d, torch.bfloat16, g) for _ in range(2))
+        pe = T5Bias(hq).eval()
+        steps = _count_steps(monkeypatch)
+        with torch.no_grad():
+            pe.weight.add_(torch.randn(pe.weight.shape, generator=g))
+            got = relattn.attention(q, k, v, pe, q_offset=nk + 2)
+    finally:
+        mod.set_bf16_products(True)
+    assert steps and got.dtype == torch.bfloat16
+    want = attention_math(q, k, v, pe, q_offset=nk + 2)
+    naive = attention_math(q, k, v, pe, q_offset=nk + 2, dtype=torch.bfloat16)
+    assert max_err(got, want) <= 2 * max_err(naive, want) + 1e-6
+
+
 def test_native_step_with_an_empty_batch():
     """An empty batch reads nothing, so the decode layout lets any strides through (found by
     the property tests): the step returns empty outputs instead of refusing them."""

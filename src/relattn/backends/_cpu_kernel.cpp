@@ -353,6 +353,76 @@ RELATTN_BF16_TARGET void round_bf16(const float* x, int64_t n, uint16_t* out) {
 }
 
 
+// A generation step's two products in bf16 (D a multiple of 32, bf16 bits): out[c] = x·y_c for
+// rows y_c = y + c·ldy, four keys at a time, each a vdpbf16ps sum reduced at the end.
+RELATTN_BF16_TARGET void dot_rows_bf16(const uint16_t* x, const uint16_t* y, int64_t ldy,
+                                       int64_t rows, int64_t D, float* out) {
+  int64_t c = 0;
+  for (; c + 4 <= rows; c += 4) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    for (int64_t d = 0; d < D; d += 32) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + d);
+      for (int i = 0; i < 4; ++i) {
+        acc[i] = _mm512_dpbf16_ps(acc[i], xv, (__m512bh)_mm512_loadu_si512(y + (c + i) * ldy + d));
+      }
+    }
+    for (int i = 0; i < 4; ++i) out[c + i] = _mm512_reduce_add_ps(acc[i]);
+  }
+  for (; c < rows; ++c) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x + d),
+                             (__m512bh)_mm512_loadu_si512(y + c * ldy + d));
+    }
+    out[c] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+// o (D floats) += Σ_c w[c]·x_c for rows x_c = x + c·ldx: pairs of rows interleaved per 128-bit
+// lane (vpunpck{l,h}wd) against the pair of weights rounded to bf16, so an accumulator's lanes
+// hold features 8L + t (low words) and 8L + 4 + t (high) of its 32; a last odd row in float32.
+RELATTN_BF16_TARGET void axpy_rows_bf16(float* o, const uint16_t* x, int64_t ldx, const float* w,
+                                        int64_t rows, int64_t D) {
+  const int64_t pairs = rows / 2;
+  for (int64_t d0 = 0; d0 < D; d0 += 128) {  // up to four blocks of 32 features in registers
+    const int nb = static_cast<int>(std::min<int64_t>(4, (D - d0) / 32));
+    __m512 lo[4], hi[4];
+    for (int i = 0; i < 4; ++i) lo[i] = hi[i] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; ++p) {
+      const uint16_t* a = x + 2 * p * ldx + d0;
+      const uint16_t* b = a + ldx;
+      const uint32_t word = uint32_t(c10::BFloat16(w[2 * p]).x) |
+                            uint32_t(c10::BFloat16(w[2 * p + 1]).x) << 16;
+      const __m512bh wv = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
+      for (int i = 0; i < nb; ++i) {
+        const __m512i av = _mm512_loadu_si512(a + 32 * i), bv = _mm512_loadu_si512(b + 32 * i);
+        lo[i] = _mm512_dpbf16_ps(lo[i], (__m512bh)_mm512_unpacklo_epi16(av, bv), wv);
+        hi[i] = _mm512_dpbf16_ps(hi[i], (__m512bh)_mm512_unpackhi_epi16(av, bv), wv);
+      }
+    }
+    for (int i = 0; i < nb; ++i) {
+      alignas(64) float l[16], h[16];
+      _mm512_store_ps(l, lo[i]);
+      _mm512_store_ps(h, hi[i]);
+      float* oi = o + d0 + 32 * i;
+      for (int L = 0; L < 4; ++L) {
+        for (int t = 0; t < 4; ++t) {
+          oi[8 * L + t] += l[4 * L + t];
+          oi[8 * L + 4 + t] += h[4 * L + t];
+        }
+      }
+    }
+  }
+  if (rows % 2) {
+    const uint16_t* xr = x + (rows - 1) * ldx;
+    const float wl = w[rows - 1];
+    for (int64_t d = 0; d < D; ++d) {
+      o[d] += wl * static_cast<float>(c10::BFloat16(xr[d], c10::BFloat16::from_bits()));
+    }
+  }
+}
+
 bool bf16_tiles_isa() {
   static const bool ok = [] {
 #ifdef RELATTN_ISA_AVX2
@@ -373,6 +443,12 @@ void tiles_bf16(int64_t, int64_t, int64_t, float, const uint32_t*, int64_t, int6
 void round_bf16(const float*, int64_t, uint16_t*) {
   TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need a compiler with AVX-512-BF16");
 }
+void dot_rows_bf16(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float*) {
+  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need AVX-512-BF16");
+}
+void axpy_rows_bf16(float*, const uint16_t*, int64_t, const float*, int64_t, int64_t) {
+  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need AVX-512-BF16");
+}
 #endif
 
 // Whether a bfloat16 forward of head dim d multiplies in bf16 (the one place that decides):
@@ -389,6 +465,12 @@ void tiles_bf16(int64_t, int64_t, int64_t, float, const uint32_t*, int64_t, int6
 }
 void round_bf16(const float*, int64_t, uint16_t*) {
   TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need x86-64 with GCC or clang");
+}
+void dot_rows_bf16(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float*) {
+  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need AVX-512-BF16");
+}
+void axpy_rows_bf16(float*, const uint16_t*, int64_t, const float*, int64_t, int64_t) {
+  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need AVX-512-BF16");
 }
 bool own_products(int64_t) { return false; }  // Mul::tiles stays false
 bool own_avx512() { return false; }
@@ -1382,11 +1464,15 @@ void step_impl(const S* q, const S* k, const S* v, const T* bias, int64_t B, int
                int64_t sbias, T scale, S* out, T* lse) {
   constexpr bool kWiden = !std::is_same_v<S, T>;
   const int64_t G = Hq / Hkv;
+  // bfloat16 on AVX-512-BF16 (bf16_products): both products read q, k, v as they are, no
+  // widened copy of the cache (the weights rounded to bf16 for the product with v).
+  bool b16 = false;
+  if constexpr (std::is_same_v<S, c10::BFloat16>) b16 = bf16_products(D);
   const T inf = std::numeric_limits<T>::infinity();
   // Row strides the products read: the inputs', or D for the widened copies.
   const int64_t sk[3] = {sk_in[0], sk_in[1], kWiden ? D : sk_in[2]};
   const int64_t sv[3] = {sv_in[0], sv_in[1], kWiden ? D : sv_in[2]};
-  const bool products = G >= kStepBlasGroup && sk[2] >= D && sv[2] >= D &&
+  const bool products = !b16 && G >= kStepBlasGroup && sk[2] >= D && sv[2] >= D &&
                         Nk <= std::numeric_limits<int>::max() &&
                         sk[2] <= std::numeric_limits<int>::max() &&
                         sv[2] <= std::numeric_limits<int>::max();
@@ -1395,14 +1481,17 @@ void step_impl(const S* q, const S* k, const S* v, const T* bias, int64_t B, int
   at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> s(G * Nk), qk(products ? 0 : Nk);
     std::vector<T> wide_q(kWiden ? G * D : 0), wide_o(kWiden ? G * D : 0);
-    std::vector<T> wide_k(kWiden ? Nk * D : 0), wide_v(kWiden ? Nk * D : 0);
+    std::vector<T> wide_k(kWiden && !b16 ? Nk * D : 0), wide_v(kWiden && !b16 ? Nk * D : 0);
     for (int64_t bk = begin; bk < end; ++bk) {
       const int64_t b = bk / Hkv, hk = bk % Hkv, h0 = hk * G, row0 = b * Hq + h0;
       const T* qg;  // the group's G query rows, (G, D) dense
       const T* kb;
       const T* vb;
       T* o;
-      if constexpr (kWiden) {
+      if (b16) {
+        qg = kb = vb = nullptr;  // read as bf16 bits below
+        o = wide_o.data();
+      } else if constexpr (kWiden) {
         widen_rows(q + row0 * D, G, D, D, wide_q.data());
         widen_rows(k + b * sk_in[0] + hk * sk_in[1], Nk, D, sk_in[2], wide_k.data());
         widen_rows(v + b * sv_in[0] + hk * sv_in[1], Nk, D, sv_in[2], wide_v.data());
@@ -1424,7 +1513,17 @@ void step_impl(const S* q, const S* k, const S* v, const T* bias, int64_t B, int
           std::fill(sr, sr + Nk, T(0));
         }
       }
-      if (products) {
+      if (b16) {
+        if constexpr (std::is_same_v<T, float>) {
+          const auto* q16 = reinterpret_cast<const uint16_t*>(q + row0 * D);
+          const auto* k16 = reinterpret_cast<const uint16_t*>(k + b * sk_in[0] + hk * sk_in[1]);
+          for (int64_t j = 0; j < G; ++j) {
+            T* sr = s.data() + j * Nk;
+            dot_rows_bf16(q16 + j * D, k16, sk_in[2], Nk, D, qk.data());
+            for (int64_t c = 0; c < Nk; ++c) sr[c] += qk[c] * scale;
+          }
+        }
+      } else if (products) {
         gemm<T>(false, true, G, Nk, D, scale, qg, D, kb, sk[2], T(1), s.data(), Nk);
       } else {
         for (int64_t j = 0; j < G; ++j) {
@@ -1446,7 +1545,15 @@ void step_impl(const S* q, const S* k, const S* v, const T* bias, int64_t B, int
         sums[j] = exp_row_sum(sr, Nk, mx);
         lse[row0 + j] = mx + std::log(sums[j]);
       }
-      if (products) {
+      if (b16) {
+        if constexpr (std::is_same_v<T, float>) {
+          const auto* v16 = reinterpret_cast<const uint16_t*>(v + b * sv_in[0] + hk * sv_in[1]);
+          std::fill(o, o + G * D, T(0));
+          for (int64_t j = 0; j < G; ++j) {
+            axpy_rows_bf16(o + j * D, v16, sv_in[2], s.data() + j * Nk, Nk, D);
+          }
+        }
+      } else if (products) {
         gemm<T>(false, false, G, D, Nk, T(1), s.data(), Nk, vb, sv[2], T(0), o, D);
       } else {
         std::fill(o, o + G * D, T(0));
