@@ -353,30 +353,28 @@ RELATTN_BF16_TARGET void round_bf16(const float* x, int64_t n, uint16_t* out) {
 }
 
 
-// A generation step's two products in bf16 (D a multiple of 32, bf16 bits): out[c] = x·y_c for
-// rows y_c = y + c·ldy, four keys at a time, each a vdpbf16ps sum reduced at the end.
+// A generation step's two products in bf16 (D a multiple of 32, bf16 bits): out[i] = x·y_i for
+// N rows y_i = y + i·ldy, each a vdpbf16ps sum reduced at the end.
+template <int N>
+RELATTN_BF16_TARGET __attribute__((always_inline)) inline void dot_keys_bf16(
+    const uint16_t* x, const uint16_t* y, int64_t ldy, int64_t D, float* out) {
+  __m512 acc[N];
+  for (int i = 0; i < N; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + d);
+    for (int i = 0; i < N; ++i) {
+      acc[i] = _mm512_dpbf16_ps(acc[i], xv, (__m512bh)_mm512_loadu_si512(y + i * ldy + d));
+    }
+  }
+  for (int i = 0; i < N; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+// out[c] = x·y_c for rows y_c = y + c·ldy, c < rows: four keys at a time.
 RELATTN_BF16_TARGET void dot_rows_bf16(const uint16_t* x, const uint16_t* y, int64_t ldy,
                                        int64_t rows, int64_t D, float* out) {
   int64_t c = 0;
-  for (; c + 4 <= rows; c += 4) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                     _mm512_setzero_ps()};
-    for (int64_t d = 0; d < D; d += 32) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + d);
-      for (int i = 0; i < 4; ++i) {
-        acc[i] = _mm512_dpbf16_ps(acc[i], xv, (__m512bh)_mm512_loadu_si512(y + (c + i) * ldy + d));
-      }
-    }
-    for (int i = 0; i < 4; ++i) out[c + i] = _mm512_reduce_add_ps(acc[i]);
-  }
-  for (; c < rows; ++c) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 32) {
-      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(x + d),
-                             (__m512bh)_mm512_loadu_si512(y + c * ldy + d));
-    }
-    out[c] = _mm512_reduce_add_ps(acc);
-  }
+  for (; c + 4 <= rows; c += 4) dot_keys_bf16<4>(x, y + c * ldy, ldy, D, out + c);
+  for (; c < rows; ++c) dot_keys_bf16<1>(x, y + c * ldy, ldy, D, out + c);
 }
 
 // o (D floats) += Σ_c w[c]·x_c for rows x_c = x + c·ldx: pairs of rows interleaved per 128-bit
@@ -436,19 +434,6 @@ bool bf16_tiles_isa() {
 }
 #else
 bool bf16_tiles_isa() { return false; }
-void tiles_bf16(int64_t, int64_t, int64_t, float, const uint32_t*, int64_t, int64_t,
-                const uint32_t*, int64_t, bool, float*, int64_t) {
-  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need a compiler with AVX-512-BF16");
-}
-void round_bf16(const float*, int64_t, uint16_t*) {
-  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need a compiler with AVX-512-BF16");
-}
-void dot_rows_bf16(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float*) {
-  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need AVX-512-BF16");
-}
-void axpy_rows_bf16(float*, const uint16_t*, int64_t, const float*, int64_t, int64_t) {
-  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need AVX-512-BF16");
-}
 #endif
 
 // Whether a bfloat16 forward of head dim d multiplies in bf16 (the one place that decides):
@@ -459,24 +444,28 @@ bool bf16_products(int64_t d) {
 #else
 int tiles_isa() { return 0; }
 bool bf16_products(int64_t) { return false; }
-void tiles_bf16(int64_t, int64_t, int64_t, float, const uint32_t*, int64_t, int64_t,
-                const uint32_t*, int64_t, bool, float*, int64_t) {
-  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need x86-64 with GCC or clang");
-}
-void round_bf16(const float*, int64_t, uint16_t*) {
-  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need x86-64 with GCC or clang");
-}
-void dot_rows_bf16(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float*) {
-  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need AVX-512-BF16");
-}
-void axpy_rows_bf16(float*, const uint16_t*, int64_t, const float*, int64_t, int64_t) {
-  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need AVX-512-BF16");
-}
 bool own_products(int64_t) { return false; }  // Mul::tiles stays false
 bool own_avx512() { return false; }
 void tiles_gemm(int64_t, int64_t, int64_t, float, const float*, int64_t, int64_t, const float*,
                 int64_t, bool, float*, int64_t) {
   TORCH_CHECK(false, "relattn cpu kernel: own tile products need x86-64 with GCC or clang");
+}
+#endif
+
+#ifndef RELATTN_HAVE_BF16_TILES
+// Never called: bf16_products() is false without them (x86-64, GCC >= 10 or clang >= 9).
+[[noreturn]] void no_bf16_tiles() {
+  TORCH_CHECK(false, "relattn cpu kernel: bf16 tiles need AVX-512-BF16 on x86-64 (GCC >= 10 or "
+              "clang >= 9)");
+}
+void tiles_bf16(int64_t, int64_t, int64_t, float, const uint32_t*, int64_t, int64_t,
+                const uint32_t*, int64_t, bool, float*, int64_t) { no_bf16_tiles(); }
+void round_bf16(const float*, int64_t, uint16_t*) { no_bf16_tiles(); }
+void dot_rows_bf16(const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float*) {
+  no_bf16_tiles();
+}
+void axpy_rows_bf16(float*, const uint16_t*, int64_t, const float*, int64_t, int64_t) {
+  no_bf16_tiles();
 }
 #endif
 
