@@ -965,14 +965,25 @@ void pair_rows(const uint16_t* x, int64_t n, int64_t D, uint32_t* out) {
 }
 
 // S (m x L, row stride ld) <- scale·q kᵀ + the additive term of load_tile, for rows
-// r0 .. r0 + m - 1 and keys [k0, k0 + L); rmax[r] <- row r's max (its NaN if it holds one).
+// r0 .. r0 + m - 1 (row0 .. in q's rows of all heads) and keys [k0, k0 + L) of kv head kvh:
+// from q16 and kw in bf16 (mul.bf16; qb, kh null), else from qb, kh (kth). rmax[r] <- row r's
+// max (its NaN if it holds one), unless rmax is null.
 template <typename T>
 void score_tile(const Shape& s, const Mul<T>& mul, const T* qb, const T* kh, const T* kth,
-                T scale, const T* fh, int64_t b, int64_t r0, int64_t m, int64_t k0, int64_t L,
-                int64_t ld, T* S, T* rmax) {
+                T scale, const T* fh, int64_t b, int64_t r0, int64_t row0, int64_t kvh,
+                int64_t m, int64_t k0, int64_t L, int64_t ld, T* S, T* rmax) {
   load_tile(s, fh, b, r0, m, k0, L, ld, S);
-  mul.abt(m, L, scale, qb, kh, kth, k0, true, S, ld);
-  for (int64_t r = 0; r < m; ++r) rmax[r] = row_max(S + r * ld, L);
+  bool done = false;
+  if constexpr (std::is_same_v<T, float>) {
+    if (mul.bf16) {
+      mul.abt_bf16(m, L, scale, mul.q16 + row0 * s.D, mul.kw, kvh, k0, true, S, ld);
+      done = true;
+    }
+  }
+  if (!done) mul.abt(m, L, scale, qb, kh, kth, k0, true, S, ld);
+  if (rmax) {
+    for (int64_t r = 0; r < m; ++r) rmax[r] = row_max(S + r * ld, L);
+  }
 }
 
 // Runs task(slot, t) for t in [0, n_tasks) on the pool's threads, in ONE parallel region;
@@ -1047,18 +1058,8 @@ void forward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, con
     }
     for (int64_t k0 = c0; k0 < c1; k0 += bn) {
       const int64_t L = std::min(bn, c1 - k0), ld = mul.ld(L);
-      if constexpr (std::is_same_v<T, float>) {
-        if (mul.bf16) {
-          load_tile(s, fh, b, r0, m, k0, L, ld, S);
-          mul.abt_bf16(m, L, scale, mul.q16 + (bh * s.Nq + r0) * D, mul.kw, kvh, k0, true, S,
-                       ld);
-          for (int64_t r = 0; r < m; ++r) sums[r] = row_max(S + r * ld, L);  // maxima
-        } else {
-          score_tile(s, mul, qb, kb, ktb, scale, fh, b, r0, m, k0, L, ld, S, sums);
-        }
-      } else {
-        score_tile(s, mul, qb, kb, ktb, scale, fh, b, r0, m, k0, L, ld, S, sums);  // maxima
-      }
+      score_tile(s, mul, qb, kb, ktb, scale, fh, b, r0, bh * s.Nq + r0, kvh, m, k0, L, ld, S,
+                 sums);  // sums: maxima
       for (int64_t r = 0; r < m; ++r) {
         const T rmax = sums[r];
         const T mnew = rmax != rmax ? rmax : std::max(mx[r], rmax);  // NaN stays NaN
@@ -1154,19 +1155,7 @@ void backward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, co
     }
     // P (m x ld) <- the scores of keys k0 .. k0 + L - 1 (rmax: their row maxima, or null)
     auto scores = [&](T* S, int64_t k0, int64_t L, int64_t ld, T* rmax) {
-      if constexpr (std::is_same_v<T, float>) {
-        if (b16) {
-          load_tile(s, fh, b, r0, m, k0, L, ld, S);
-          mul.abt_bf16(m, L, scale, mul.q16 + row0 * D, mul.kw, kvh, k0, true, S, ld);
-          if (rmax) {
-            for (int64_t r = 0; r < m; ++r) rmax[r] = row_max(S + r * ld, L);
-          }
-          return;
-        }
-      }
-      if (rmax) return score_tile(s, mul, qb, kb, ktb, scale, fh, b, r0, m, k0, L, ld, S, rmax);
-      load_tile(s, fh, b, r0, m, k0, L, ld, S);
-      mul.abt(m, L, scale, qb, kb, ktb, k0, true, S, ld);
+      score_tile(s, mul, qb, kb, ktb, scale, fh, b, r0, row0, kvh, m, k0, L, ld, S, rmax);
     };
     bool any = false;
     for (int64_t r = 0; r < m; ++r) {

@@ -384,8 +384,8 @@ def backward(
 
 
 class CpuKernelBackend(Backend):
-    """The fused C++ CPU kernel: float32/float64/bfloat16/float16 (16-bit computed in float32),
-    every mask."""
+    """The fused C++ CPU kernel: float32/float64/bfloat16/float16 (bf16 products on AVX-512-BF16,
+    else 16-bit widened to float32; statistics and sums in float32), every mask."""
 
     name = "cpu_kernel"
     layout = Layout(q="contiguous", kv="contiguous")  # the C++ kernel indexes dense arrays
