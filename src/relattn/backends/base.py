@@ -12,6 +12,18 @@ the table's gradient ``g[h, Δ] = Σ_{b, i - j = Δ} ∂L/∂score[b, h, i, j]``
 
 ``table`` and ``slopes`` are never both given.
 
+Terms that depend on the tokens arrive in ``call.token`` (a :class:`TokenTerms`, or None), in
+the compute dtype (float32; float64 for float64 inputs), contiguous, beside the table:
+
+    r (B, Hq, Nq, R)  weight (Hw, R, W), Hw = 1 or Hq    the query-conditioned banded bias
+        band(b, h, i, j) = Σ_c r[b, h, i, c] · weight[h or 0, c, Δ]  for 0 <= Δ < W, else 0
+    fq (B, Hq, Nq)  fk (B, Hq, Nk)                      the forget gate's cumulative log F
+        gate(b, h, i, j) = fq[b, h, i] - fk[b, h, j] for Δ >= 0, fk - fq for Δ < 0
+
+with ``Δ = q_offset + i - j``; the score adds both to ``scale·q·k + table``. A backend with
+``token_terms`` computes them inside its tiles and its ``backward`` returns their gradients
+after the table's: ``(dq, dk, dv, dtable, dr, dweight, dfq, dfk)`` (None for absent ones).
+
 Layouts: each backend declares in :attr:`Backend.layout` the memory layout its kernel reads
 q, k and v in, and :func:`conform` -- the one step every call takes before a backend's
 ``forward`` or ``backward`` runs -- hands it only tensors that fit: a tensor that fits passes
@@ -97,6 +109,28 @@ def unreversed(reversed_table: tuple[Tensor, int, int]) -> Tensor:
     return rows[:, at_lo - width + 1 : at_lo + 1].flip(-1)
 
 
+class TokenTerms(NamedTuple):
+    """The position terms of one call that depend on the tokens (see the module docstring):
+    the query-conditioned banded bias ``(r, weight)`` and the forget gate ``(fq, fk)``; each
+    pair is both tensors or both None, and at least one pair is given.
+
+    Attributes:
+        r: ``(B, Hq, Nq, R)`` each query row's latent, or None.
+        weight: ``(Hw, R, W)`` the band's matrix P (``Hw = 1``: shared by the heads), or None.
+        fq: ``(B, Hq, Nq)`` F at the query rows' positions ``q_offset + i``, or None.
+        fk: ``(B, Hq, Nk)`` F at the key positions, or None.
+    """
+
+    r: Tensor | None
+    weight: Tensor | None
+    fq: Tensor | None
+    fk: Tensor | None
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The tensors given (for conforming and requires_grad checks)."""
+        return tuple(t for t in self if t is not None)
+
+
 class Call(NamedTuple):
     """One attention call, prepared once: validated, rotated, conformed, dispatched.
 
@@ -120,6 +154,7 @@ class Call(NamedTuple):
             :meth:`relattn.pe.PositionEncoding.cached_reversed`), given *instead of* ``table``
             (which is then None), so a decoding step neither narrows nor flips the table per
             token. None otherwise.
+        token: the terms that depend on the tokens (:class:`TokenTerms`), or None.
     """
 
     q: Tensor
@@ -131,6 +166,7 @@ class Call(NamedTuple):
     backend: Backend
     lse: bool = True
     reversed: tuple[Tensor, int, int] | None = None
+    token: TokenTerms | None = None
 
     def with_table(self) -> Call:
         """This call with ``table`` given (derived from ``reversed`` when that stands in for
@@ -141,26 +177,36 @@ class Call(NamedTuple):
 
     def as_args(self) -> tuple:
         """The call as the custom op's flat arguments (tensors, ints, floats, bools), in the one
-        order :meth:`from_args` reads: ``q, k, v, table, slopes, doc_ids, key_padding_mask, lo,
-        scale, causal, q_offset, window``; the backend travels by name beside them (a
-        ``reversed`` table travels as ``table``, see :meth:`with_table`)."""
+        order :meth:`from_args` reads: ``q, k, v, table, slopes, r, weight, fq, fk, doc_ids,
+        key_padding_mask, lo, scale, causal, q_offset, window``; the backend travels by name
+        beside them (a ``reversed`` table travels as ``table``, see :meth:`with_table`)."""
         c = self.with_table()
         p = c.problem
+        t = c.token or _NO_TOKEN
         return (
-            c.q, c.k, c.v, c.table, c.slopes, p.doc_ids, p.key_padding_mask,
+            c.q, c.k, c.v, c.table, c.slopes, *t, p.doc_ids, p.key_padding_mask,
             p.lo, p.scale, p.causal, p.q_offset, p.window,
         )  # fmt: skip
 
     @staticmethod
     def from_args(args: tuple | list, backend: Backend) -> Call:
         """The call :meth:`as_args` flattened (``args``), run by ``backend``."""
-        q, k, v, table, slopes, doc_ids, kpm, lo, scale, causal, q_offset, window = args
+        q, k, v, table, slopes, r, weight, fq, fk = args[:9]
+        doc_ids, kpm, lo, scale, causal, q_offset, window = args[9:]
         problem = Problem(lo, scale, causal, q_offset, window, doc_ids, kpm)
-        return Call(q, k, v, table, slopes, problem, backend)
+        token = None
+        if r is not None or fq is not None:
+            token = TokenTerms(r, weight, fq, fk)
+        return Call(q, k, v, table, slopes, problem, backend, True, None, token)
 
     def conformed(self) -> Call:
-        """This call with q, k, v, table and slopes in ``backend.layout`` (see :func:`conform`);
-        itself when they already fit."""
+        """This call with q, k, v, table and slopes in ``backend.layout`` (see :func:`conform`)
+        and its token terms contiguous; itself when they already fit."""
+        if self.token is not None:
+            return self.token_conformed()._conformed()
+        return self._conformed()
+
+    def _conformed(self) -> Call:
         layout = self.backend.layout
         q, k, v, table, slopes = self.q, self.k, self.v, self.table, self.slopes
         # The common case, nothing to copy, with fits() written out (a decoding step counts
@@ -186,9 +232,21 @@ class Call(NamedTuple):
         q, k, v, table, slopes = conform(layout, q, k, v, table, slopes)
         return self._replace(q=q, k=k, v=v, table=table, slopes=slopes)
 
+    def token_conformed(self) -> Call:
+        """This call with its token terms' tensors contiguous (every backend reads them so);
+        itself when they are or there are none."""
+        t = self.token
+        if t is None or all(x.is_contiguous() for x in t.tensors()):
+            return self
+        fixed = TokenTerms(*(x.contiguous() if x is not None else None for x in t))
+        return self._replace(token=fixed)
+
     def stat_dtype(self) -> torch.dtype:
         """The log-sum-exp's dtype: float64 for float64 inputs, else float32."""
         return torch.float64 if self.q.dtype == torch.float64 else torch.float32
+
+
+_NO_TOKEN = TokenTerms(None, None, None, None)
 
 
 class Backend:
@@ -221,6 +279,9 @@ class Backend:
         reads_reversed: True if :meth:`forward` reads ``call.reversed`` (the table's columns
             in reverse) when a one-row call without gradients comes with it instead of
             ``call.table`` (the decode backend: a generation loop's step).
+        token_terms: True if it computes the terms that depend on the tokens
+            (``call.token``: the query-conditioned banded bias and the forget gate) and
+            returns their gradients; dispatch gives calls with them to no other backend.
     """
 
     name: str = ""
@@ -233,6 +294,7 @@ class Backend:
     dtypes: ClassVar[tuple[torch.dtype, ...] | None] = None
     top_priority: ClassVar[float] = float("inf")
     reads_reversed: ClassVar[bool] = False
+    token_terms: ClassVar[bool] = False
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         """How much ``backend="auto"`` prefers this backend here (higher wins), from static
@@ -252,7 +314,8 @@ class Backend:
     def backward(
         self, call: Call, grad_out: Tensor, out: Tensor, lse: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``(dq, dk, dv, dtable)`` shaped like q, k, v and table (None without a table)."""
+        """``(dq, dk, dv, dtable)`` shaped like q, k, v and table (None without a table);
+        with ``call.token``, followed by ``(dr, dweight, dfq, dfk)`` (None for absent ones)."""
         raise NotImplementedError
 
     def attention(self, call: Call) -> tuple[Tensor, Tensor]:
