@@ -10,10 +10,10 @@ from .kerple import Kerple
 from .offset import OffsetBias
 from .registry import EncodingSpec, Param, create, names, register, spec, specs
 from .rope import RoPE
-from .token import BandTerm, ForgetGate, GateTerm, QueryConditionedBias, TokenTerm
 
 # Importing the modules registers the built-in encodings, in this order.
 from .t5 import T5Bias  # noqa: I001
+from .token import BandTerm, ForgetGate, GateTerm, QueryConditionedBias, TokenTerm
 
 __all__ = [
     "ALiBi",
