@@ -1,6 +1,7 @@
 """Tests specific to the chunked backend: the custom op's registration, float64 gradients,
-torch.compile, block boundaries, large offsets and memory. Accuracy over backends × encodings ×
-masks × dtypes lives in the conformance suite."""
+torch.compile, block boundaries, large offsets, memory, and the token terms over many blocks,
+16-bit inputs and decoding shapes. Accuracy over backends × encodings × masks × dtypes lives in
+the conformance suite (tests/test_token_terms.py for the token terms)."""
 
 import math
 
@@ -8,11 +9,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracle import assert_close_f64, assert_flash_accuracy, seed_of
+from token_oracle import run_token_math, run_token_relattn
 from torch.profiler import ProfilerActivity, profile
 
 import relattn
 import relattn._custom_op  # noqa: F401  (registers torch.ops.relattn.attention)
-from relattn.pe import ALiBi, Kerple, T5Bias
+from relattn.pe import ALiBi, ForgetGate, Kerple, QueryConditionedBias, T5Bias
 
 
 def _rand(*shape, dtype=torch.float32, seed=0, grad=False):
@@ -311,3 +314,169 @@ def test_cuda_matches_reference():
     pe = T5Bias(4).cuda()
     ref, got = _both(q, k, v, pe, q_offset=0, window=100)
     _assert_close(ref, got, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- token terms
+
+
+def _token_inputs(b, hq, hkv, nq, nk, d, *, rank=3, width=11, shared=True, dtype=torch.float32,
+                  seed=0):  # fmt: skip
+    """q, k, v, r, weight (``(rank, width)`` or ``(Hq, rank, width)``), log_f and grad_out."""
+    g = torch.Generator().manual_seed(seed_of("chunked-token", b, hq, nq, nk, rank, width, seed))
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    q, k, v = rand(b, hq, nq, d), rand(b, hkv, nk, d), rand(b, hkv, nk, d)
+    r = rand(b, hq, nq, rank)
+    weight = rand(rank, width) if shared else rand(hq, rank, width)
+    log_f = -torch.rand(b, hq, nk, generator=g, dtype=torch.float64) * 0.5
+    grad_out = rand(b, hq, nq, d)
+    return tuple(x.to(dtype) for x in (q, k, v, r, weight, log_f, grad_out))
+
+
+def _small_block_masks(b, nk):
+    doc = torch.zeros(b, nk, dtype=torch.long)
+    doc[0, 11:] = 1
+    doc[0, 30:] = 2
+    doc[-1, 20:] = 1
+    kpm = torch.ones(b, nk, dtype=torch.bool)
+    kpm[0, [0, 9, 15, 16]] = False
+    kpm[-1, 8:16] = False  # rows of the last batch row at positions 8..15 see only padding
+    return doc, kpm
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_head"])
+@pytest.mark.parametrize("width", [3, 20], ids=lambda w: f"W{w}")
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"q_offset": 8, "docs": True, "padding": True},
+        {"q_offset": 8, "window": 5, "padding": True},
+        {"q_offset": 0},
+        {"q_offset": 8, "causal": False},
+        {"q_offset": 0, "causal": False, "window": 9, "docs": True},
+        {"q_offset": -10, "causal": False, "window": 12},  # no gate: rows before the keys
+    ],
+    ids=["docs_padding", "window_padding", "causal", "bidirectional", "bidi_window_docs",
+         "negative_offset"],
+)  # fmt: skip
+@pytest.mark.parametrize("batch", [1, 2])
+def test_token_terms_many_blocks(monkeypatch, shared, width, kw, batch):
+    """Both token terms over many blocks (BLOCK_M = 8): documents and padding straddling block
+    edges, bands narrower and wider than a block, blocks the band misses, the gate's sign
+    changing inside a block, GQA, a batch folded into the heads; against float64 math."""
+    from relattn.backends import chunked
+
+    monkeypatch.setattr(chunked, "BLOCK_M", 8)
+    nq, nk = 37, 45
+    q, k, v, r, weight, log_f, grad_out = _token_inputs(batch, 4, 2, nq, nk, 8, width=width,
+                                                        shared=shared)  # fmt: skip
+    kw = dict(kw)
+    doc, kpm = _small_block_masks(batch, nk)
+    if kw.pop("docs", False):
+        kw["doc_ids"] = doc
+    if kw.pop("padding", False):
+        kw["key_padding_mask"] = kpm
+    use = {"r": r, "weight": weight}
+    if 0 <= kw["q_offset"] and kw["q_offset"] + nq <= nk:
+        use["log_f"] = log_f
+    truth = run_token_math(q, k, v, grad_out, **use, **kw)
+    got = run_token_relattn(q, k, v, grad_out, "chunked", **use, **kw)
+    assert_close_f64(got, truth, rtol=1e-5, label=f"chunked {kw}: ")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_token_terms_16bit(monkeypatch, dtype, causal):
+    """16-bit inputs (terms computed in float32): within FlashAttention's criterion of the
+    reference in the same dtype, against float64 math, and within a loose absolute bound."""
+    from relattn.backends import chunked
+
+    monkeypatch.setattr(chunked, "BLOCK_M", 16)
+    inputs = _token_inputs(2, 4, 2, 70, 70, 16, rank=4, width=24, shared=False, dtype=dtype)
+    q, k, v, r, weight, log_f, grad_out = inputs
+    use = {"r": r, "weight": weight, "log_f": log_f}
+    truth = run_token_math(q, k, v, grad_out, **use, causal=causal)
+    got = run_token_relattn(q, k, v, grad_out, "chunked", **use, causal=causal)
+    naive = run_token_relattn(q, k, v, grad_out, "reference", **use, causal=causal)
+    assert all(got[n].dtype == dtype for n in ("q", "k", "v", "r", "weight", "log_f"))
+    assert_flash_accuracy(got, naive, truth, dtype, label=f"chunked {dtype}: ")
+    assert_close_f64(got, truth, rtol=3e-2, label=f"chunked {dtype}: ")
+
+
+@pytest.mark.parametrize("nq", [1, 4, 130])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_head"])
+def test_token_terms_decoding_rows(nq, shared):
+    """A few query rows at the end of a long key sequence (q_offset = Nk - Nq), the band
+    reaching only the last W keys; and a chunk of 130 rows (two blocks) after a prefix."""
+    nk = 600
+    q, k, v, r, weight, log_f, grad_out = _token_inputs(1, 4, 1, nq, nk, 16, rank=4, width=64,
+                                                        shared=shared)  # fmt: skip
+    kw = {"q_offset": nk - nq}
+    use = {"r": r, "weight": weight, "log_f": log_f}
+    truth = run_token_math(q, k, v, grad_out, **use, **kw)
+    got = run_token_relattn(q, k, v, grad_out, "chunked", **use, **kw)
+    assert_close_f64(got, truth, rtol=1e-5, label=f"chunked Nq={nq}: ")
+    window = {"q_offset": nk - nq, "window": 100}
+    truth = run_token_math(q, k, v, grad_out, **use, **window)
+    got = run_token_relattn(q, k, v, grad_out, "chunked", **use, **window)
+    assert_close_f64(got, truth, rtol=1e-5, label=f"chunked Nq={nq} window: ")
+
+
+def test_token_terms_no_quadratic_allocation():
+    """fwd+bwd with both terms at N = 2048, H = 2: no single allocation comes near the
+    (B, H, N, N) float32 scores (32 MiB); the band's P is extended once (O(H·R·W))."""
+    n, h = 2048, 2
+    q, k, v = _qkv(1, h, h, n, n, 16, grad=True)
+    r = _rand(1, h, n, 8, seed=4, grad=True)
+    log_f = (-torch.rand(1, h, n)).requires_grad_()
+    qcb = QueryConditionedBias(h, rank=8, extent=1024, shared_heads=False)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        pe = [qcb(r), ForgetGate()(log_f)]
+        relattn.attention(q, k, v, pe, backend="chunked").sum().backward()
+    largest = max(e.self_cpu_memory_usage for e in prof.events())
+    assert largest > 0  # the profiler did see allocations
+    assert largest < h * n * n * 4 / 8, f"an op allocated {largest / 2**20:.1f} MiB"
+    assert r.grad is not None and qcb.weight.grad is not None and log_f.grad is not None
+
+
+def test_token_terms_forward_lse_matches_reference():
+    """``forward`` (the no-grad path) over several blocks, bidirectional with a window: out and
+    lse, the log-sum-exp of the full scores with both terms, equal the reference's."""
+    from relattn.call import prepare
+
+    q, k, v, r, weight, log_f, _ = _token_inputs(2, 4, 2, 300, 300, 8, width=40, shared=False,
+                                                 dtype=torch.float64)  # fmt: skip
+    qcb = QueryConditionedBias(4, 3, 40, shared_heads=False).double()
+    with torch.no_grad():
+        qcb.weight.copy_(weight)
+    terms = [qcb(r), ForgetGate()(log_f)]
+    kw = {"causal": False, "window": 200}
+    got = prepare(q, k, v, terms, **kw, backend="chunked")
+    want = prepare(q, k, v, terms, **kw, backend="reference")
+    with torch.no_grad():  # the backends' forward runs below autograd
+        pairs = zip(got.backend.forward(got), want.backend.forward(want), strict=True)
+        for a, b in pairs:
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("causal", [True, False])
+def test_token_terms_cuda(causal):
+    """The same PyTorch code on CUDA: out and every gradient against float64 math on the CPU."""
+    q, k, v, r, weight, log_f, grad_out = _token_inputs(2, 4, 2, 300, 300, 32, rank=8, width=100,
+                                                        shared=False)  # fmt: skip
+    kw = {"causal": causal, "window": 150}
+    truth = run_token_math(q, k, v, grad_out, r=r, weight=weight, log_f=log_f, **kw)
+    leaves = {n: t.cuda().requires_grad_() for n, t in (("q", q), ("k", k), ("v", v), ("r", r),
+                                                        ("log_f", log_f))}  # fmt: skip
+    qcb = QueryConditionedBias(4, 8, 100, shared_heads=False).cuda()
+    with torch.no_grad():
+        qcb.weight.copy_(weight)
+    pe = [qcb(leaves["r"]), ForgetGate()(leaves["log_f"])]
+    out = relattn.attention(leaves["q"], leaves["k"], leaves["v"], pe, backend="chunked", **kw)
+    named = {**leaves, "weight": qcb.weight}
+    grads = torch.autograd.grad(out, list(named.values()), grad_out.cuda())
+    got = {"out": out.detach().cpu(), **{n: g.cpu() for n, g in zip(named, grads, strict=True)}}
+    assert_close_f64(got, truth, rtol=1e-4, label=f"chunked cuda causal={causal}: ")
