@@ -168,12 +168,13 @@ def visible_mask(b, nq, nk, causal, q_offset, window, doc_ids, key_padding_mask)
 
 def attention_math(
     q, k, v, pe=None, *, leaves=None, dtype=torch.float64, causal=True, scale=None,
-    q_offset=0, window=None, doc_ids=None, key_padding_mask=None,
+    q_offset=0, window=None, doc_ids=None, key_padding_mask=None, bias=None,
 ):  # fmt: skip
     """The formula, computed entirely in ``dtype`` (float64: the truth; the input dtype: the
     naive implementation a user would write, softmax in that dtype too).
 
     ``leaves``: one dict per additive encoding (as :func:`pe_leaves`), the parameters to use.
+    ``bias``: an extra term ``(B, Hq, Nq, Nk)`` added to the scores (the token terms').
     """
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -195,6 +196,8 @@ def attention_math(
         leaves = [pe_leaves(e, dtype) for e in additive]
     for enc, lv in zip(additive, leaves, strict=True):
         s = s + pe_bias(enc, lv, delta, dtype).unsqueeze(0)
+    if bias is not None:
+        s = s + bias.to(dtype)
     vis = visible_mask(b, nq, nk, causal, q_offset, window, doc_ids, key_padding_mask)
     s = s.masked_fill(~vis, float("-inf"))
     any_vis = vis.any(-1, keepdim=True)

@@ -55,8 +55,8 @@ def _assert_close(a, b, atol, rtol=0.0):
 
 def _op_args(table=None, slopes=None, doc_ids=None, kpm=None, causal=True, q_offset=0, window=0):
     q, k, v = _qkv(2, 4, 2, 9, 11, 8, dtype=torch.float64, grad=True)
-    return (q, k, v, table, slopes, doc_ids, kpm, 0 if causal else -10, 0.3, causal, q_offset,
-            window, "chunked")  # fmt: skip
+    return (q, k, v, table, slopes, None, None, None, None, doc_ids, kpm, 0 if causal else -10,
+            0.3, causal, q_offset, window, "chunked")  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -105,7 +105,7 @@ def test_gradcheck_bidirectional_gqa_docs():
 
     def f(q, k, v, table):
         out, _ = torch.ops.relattn.attention(
-            q, k, v, table, None, doc, None, -6, 0.5, False, 0, 0, "chunked"
+            q, k, v, table, None, None, None, None, None, doc, None, -6, 0.5, False, 0, 0, "chunked"
         )
         return out
 
@@ -138,7 +138,7 @@ def test_compile_fullgraph_op():
 
     def f(q, k, v):
         out, _ = torch.ops.relattn.attention(
-            q, k, v, pe.table(0, 15), None, None, None, 0, 0.25, True, 0, 0, "chunked"
+            q, k, v, pe.table(0, 15), None, *[None] * 4, None, None, 0, 0.25, True, 0, 0, "chunked"
         )
         return out
 
@@ -228,8 +228,9 @@ def test_float64_huge_negative_table_entries_match_reference():
 def test_lse_of_empty_rows_is_neg_inf():
     q, k, v = _qkv(1, 2, 2, 4, 4, 4)
     kpm = torch.tensor([[False, False, True, True]])
-    out, lse = torch.ops.relattn.attention(q, k, v, None, None, None, kpm, 0, 0.5, True, 0, 0,
-                                           "chunked")  # fmt: skip
+    none4 = [None] * 4
+    out, lse = torch.ops.relattn.attention(q, k, v, None, None, *none4, None, kpm, 0, 0.5, True,
+                                           0, 0, "chunked")  # fmt: skip
     assert torch.all(lse[:, :, :2] == -math.inf) and torch.isfinite(lse[:, :, 2:]).all()
     assert torch.all(out[:, :, :2] == 0)
 
@@ -252,8 +253,8 @@ def test_alibi_large_offsets_steep_slopes():
 def test_bad_table_shape_names_the_argument():
     q, k, v = _qkv(1, 2, 2, 4, 4, 4)
     with pytest.raises(ValueError, match="table"):
-        torch.ops.relattn.attention(q, k, v, torch.zeros(3, 4), None, None, None, 0, 0.5, True,
-                                    0, 0, "chunked")  # fmt: skip
+        torch.ops.relattn.attention(q, k, v, torch.zeros(3, 4), None, *[None] * 4, None, None, 0,
+                                    0.5, True, 0, 0, "chunked")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- building blocks

@@ -106,7 +106,7 @@ def test_opcheck_noncontiguous(layout):
     if layout == "sliced_d":
         q, k, v = (t[..., ::2] for t in (q, k, v))
     table = torch.randn(H, N, dtype=torch.float64, requires_grad=True)
-    args = (q, k, v, table, None, None, None, 0, 0.3, True, 0, 0, "chunked")
+    args = (q, k, v, table, None, None, None, None, None, None, None, 0, 0.3, True, 0, 0, "chunked")
     torch.library.opcheck(torch.ops.relattn.attention.default, args)
 
 

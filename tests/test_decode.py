@@ -95,7 +95,8 @@ def test_lse_and_rows_without_keys():
     ):
         want = relattn.backends.chunked.forward(q, k, v, table, None, problem)
         got = decode.forward(q, k, v, table, None, problem)
-        op = torch.ops.relattn.attention(q, k, v, table, None, None, problem.key_padding_mask,
+        op = torch.ops.relattn.attention(q, k, v, table, None, None, None, None, None, None,
+                                         problem.key_padding_mask,
                                          problem.lo, 0.3, problem.causal, -2, problem.window,
                                          "decode")  # fmt: skip
         for out, lse in (got, op):

@@ -158,7 +158,7 @@ def test_op_backward_by_gradcheck(backend):
 
     def f(q, k, v, table):
         out, lse = torch.ops.relattn.attention(
-            q, k, v, table, None, doc, kpm, -5, 0.7, False, 1, 0, backend
+            q, k, v, table, None, None, None, None, None, doc, kpm, -5, 0.7, False, 1, 0, backend
         )
         return out
 

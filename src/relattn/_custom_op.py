@@ -59,6 +59,10 @@ def _attention(
     v: Tensor,
     table: Tensor | None,
     slopes: Tensor | None,
+    r: Tensor | None,
+    weight: Tensor | None,
+    fq: Tensor | None,
+    fk: Tensor | None,
     doc_ids: Tensor | None,
     key_padding_mask: Tensor | None,
     lo: int,
@@ -101,6 +105,10 @@ def _attention_backward(
     v: Tensor,
     table: Tensor | None,
     slopes: Tensor | None,
+    r: Tensor | None,
+    weight: Tensor | None,
+    fq: Tensor | None,
+    fk: Tensor | None,
     doc_ids: Tensor | None,
     key_padding_mask: Tensor | None,
     lo: int,
@@ -109,32 +117,49 @@ def _attention_backward(
     q_offset: int,
     window: int,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``grad_out, out, lse``, then the forward's arguments: ``(dq, dk, dv, dtable)``;
-    dtable is an empty tensor when table is None."""
+) -> list[Tensor]:
+    """``grad_out, out, lse``, then the forward's arguments: ``[dq, dk, dv, dtable, dr,
+    dweight, dfq, dfk]``; each gradient of an absent tensor is an empty tensor."""
     call = _call(list(locals().values())[3:])
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
-    dq, dk, dv, dtable = call.backend.backward(call, grad_out, out, lse)
-    if dtable is None:
-        dtable = call.q.new_empty((0,), dtype=torch.float32)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dtable.contiguous()
+    grads = list(call.backend.backward(call, grad_out, out, lse))
+    grads += [None] * (8 - len(grads))
+    empty = call.q.new_empty((0,), dtype=torch.float32)
+    return [empty if g is None else g.contiguous() for g in grads]
 
 
 @torch.library.register_fake("relattn::attention_backward", lib=_LIB)
-def _(grad_out, out, lse, q, k, v, table, *args):
-    dtable = table.new_empty(table.shape) if table is not None else q.new_empty((0,))
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dtable
+def _(grad_out, out, lse, q, k, v, table, slopes, r, weight, fq, fk, *args):
+    def like(t):
+        return t.new_empty(t.shape) if t is not None else q.new_empty((0,), dtype=torch.float32)
+
+    return [like(t) for t in (q, k, v, table, r, weight, fq, fk)]
+
+
+# q, k, v, table, slopes, r, weight, fq, fk, doc_ids, key_padding_mask: saved; then
+# lo, scale, causal, q_offset, window, backend.
+_TENSORS = 11
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:7], *output)  # q, k, v, table, slopes, doc_ids, kpm
-    ctx.args = inputs[7:]  # lo, scale, causal, q_offset, window, backend
+    ctx.save_for_backward(*inputs[:_TENSORS], *output)
+    ctx.args = inputs[_TENSORS:]
 
 
 def _backward(ctx, grad_out, grad_lse):
     *tensors, out, lse = ctx.saved_tensors
-    dq, dk, dv, dtable = _attention_backward(grad_out.contiguous(), out, lse, *tensors, *ctx.args)
-    return dq, dk, dv, dtable if tensors[3] is not None else None, *[None] * 9
+    grads = _attention_backward(grad_out.contiguous(), out, lse, *tensors, *ctx.args)
+    dq, dk, dv, dtable, dr, dweight, dfq, dfk = grads
+    q, k, v, table, slopes, r, weight, fq, fk = tensors[:9]
+
+    def given(g, t):
+        return g if t is not None else None
+
+    return (
+        dq, dk, dv, given(dtable, table), None,
+        given(dr, r), given(dweight, weight), given(dfq, fq), given(dfk, fk),
+        *[None] * 8,
+    )  # fmt: skip
 
 
 torch.library.register_autograd(
@@ -163,5 +188,5 @@ torch.library.register_autograd(
 
 def fused_attention(call: Call) -> tuple[Tensor, Tensor]:
     """``(out (B, Hq, Nq, D), lse (B, Hq, Nq))`` of ``call`` through the custom op,
-    differentiable in q, k, v and table."""
+    differentiable in q, k, v, table and the token terms."""
     return _attention(*call.as_args(), call.backend.name)

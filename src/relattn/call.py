@@ -32,14 +32,15 @@ from ._validate import (
     shape_str,
     show,
 )
-from .backends.base import Call
+from .backends.base import Call, TokenTerms
 from .masks import contiguous_documents, offset_range
 from .pe import PositionEncoding, RoPE
+from .pe.token import BandTerm, ForgetGate, GateTerm, QueryConditionedBias, TokenTerm
 from .problem import Problem
 
 __all__ = ["PE", "Call", "check_tensors", "prepare", "run"]
 
-PE = PositionEncoding | RoPE | Sequence[PositionEncoding | RoPE] | None
+PE = PositionEncoding | RoPE | TokenTerm | Sequence[PositionEncoding | RoPE | TokenTerm] | None
 
 
 def prepare(
@@ -110,12 +111,13 @@ def prepare(
     if key_padding_mask is not None:
         check_per_key("key_padding_mask", key_padding_mask, b, nk, q, "(B, Nk)")
     additive: Sequence[PositionEncoding]
+    terms: Sequence[TokenTerm] = ()
     if pe is None:
         rope, additive = None, ()
     elif isinstance(pe, PositionEncoding) and getattr(pe, "num_heads", None) == hq:
         rope, additive = None, (pe,)  # split_pe()'s fast path, written out
     else:
-        rope, additive = split_pe(pe, hq, d)
+        rope, additive, terms = split_pe(pe, hq, d)
     if rope is not None:
         q, k = rope.rotate(q, q_offset), rope.rotate(k, 0)
     if backend != "auto" and not backends.known(backend):
@@ -126,6 +128,11 @@ def prepare(
         lo, hi = offset_range(nq, nk, causal, q_offset, w)
     problem = Problem(lo, scale, causal, q_offset, w, doc_ids, key_padding_mask)
     compiling = _compiling()
+    if terms:
+        token = token_terms(terms, q, nk, q_offset)
+        impl = backends.choose(backend, q, k, problem, compiling=compiling, token=True)
+        table, slopes = encoding_terms(additive, lo, hi, q, impl.closed_form)
+        return Call(q, k, v, table, slopes, problem, impl, lse, None, token).conformed()
     impl = backends.choose(backend, q, k, problem, compiling=compiling)
     if (
         impl.reads_reversed
@@ -183,6 +190,7 @@ def _requires_grad(call: Call) -> bool:
         or call.k.requires_grad
         or call.v.requires_grad
         or (t is not None and t.requires_grad)
+        or (call.token is not None and any(x.requires_grad for x in call.token.tensors()))
     )
 
 
@@ -284,20 +292,30 @@ def _check_doc_ids(doc_ids: Tensor, nq: int, nk: int, q_offset: int) -> None:
         torch._assert_async(ok, message)  # no host sync on accelerators
 
 
-def split_pe(pe: PE, hq: int, d: int) -> tuple[RoPE | None, list[PositionEncoding]]:
-    """``(the RoPE or None, the additive encodings)`` of ``pe``, each checked against q's
-    ``Hq`` heads and head dim ``D``."""
+def split_pe(
+    pe: PE, hq: int, d: int
+) -> tuple[RoPE | None, list[PositionEncoding], list[TokenTerm]]:
+    """``(the RoPE or None, the additive encodings, the token terms)`` of ``pe``, each checked
+    against q's ``Hq`` heads and head dim ``D`` (at most one term of each kind)."""
     if pe is None:
-        return None, []
+        return None, [], []
     if isinstance(pe, PositionEncoding) and getattr(pe, "num_heads", None) == hq:
-        return None, [pe]
+        return None, [pe], []
     items = list(pe) if isinstance(pe, (list, tuple)) else [pe]
-    rope, additive = None, []
+    rope, additive, terms = None, [], []
     for item in items:
         if isinstance(item, RoPE):
             if rope is not None:
                 raise ValueError("pe may contain at most one RoPE")
             rope = item
+        elif isinstance(item, TokenTerm):
+            if item.num_heads != hq:
+                raise ValueError(
+                    f"pe {type(item).__name__} has {item.num_heads} heads; q has Hq={hq} heads"
+                )
+            if any(type(t) is type(item) for t in terms):
+                raise ValueError(f"pe may contain at most one {type(item).__name__}")
+            terms.append(item)
         elif isinstance(item, PositionEncoding):
             heads = getattr(item, "num_heads", None)
             if heads != hq:
@@ -306,13 +324,61 @@ def split_pe(pe: PE, hq: int, d: int) -> tuple[RoPE | None, list[PositionEncodin
                 )
             additive.append(item)
         else:
+            if isinstance(item, QueryConditionedBias):
+                hint = " (call the QueryConditionedBias with r: pe=qcb(r))"
+            elif isinstance(item, ForgetGate):
+                hint = " (call the ForgetGate with log_f: pe=ForgetGate()(log_f))"
+            else:
+                hint = ""
             raise TypeError(
-                "pe must be None, a relattn.pe encoding, a RoPE, or a list of them; "
-                f"got {type(item).__name__}"
+                "pe must be None, a relattn.pe encoding, a RoPE, a term such as "
+                f"QueryConditionedBias(...)(r), or a list of them; got {type(item).__name__}" + hint
             )
     if rope is not None and rope.head_dim != d:
         raise ValueError(f"pe RoPE has head_dim={rope.head_dim}; q has D={d}")
-    return rope, additive
+    return rope, additive, terms
+
+
+def token_terms(terms: Sequence[TokenTerm], q: Tensor, nk: int, q_offset: int) -> TokenTerms:
+    """The call's :class:`~relattn.backends.base.TokenTerms` from the terms in ``pe``, checked
+    against q ``(B, Hq, Nq, D)``, the ``nk`` keys and ``q_offset``, in the compute dtype
+    (float32; float64 for float64 q)."""
+    b, hq, nq = q.shape[0], q.shape[1], q.shape[2]
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    r = weight = fq = fk = None
+    for term in terms:
+        if isinstance(term, BandTerm):
+            r, weight = term.r, term.weight
+            if r.shape[0] != b or r.shape[2] != nq:
+                raise ValueError(
+                    f"r must have shape (B, Hq, Nq, rank) = ({b}, {hq}, {nq}, {term.rank}) "
+                    f"like q's rows; got {shape_str(r)}"
+                )
+            if r.device != q.device:
+                raise ValueError(f"r must be on q's device {q.device}; got {r.device}")
+            r, weight = r.to(dt), weight.to(dt)
+            if weight.dim() == 2:
+                weight = weight.unsqueeze(0)
+        elif isinstance(term, GateTerm):
+            f = term.cumulative
+            if f.shape[0] != b or f.shape[2] != nk:
+                raise ValueError(
+                    f"log_f must have shape (B, Hq, Nk) = ({b}, {hq}, {nk}), one value per key "
+                    f"position; got {shape_str(f)}"
+                )
+            if q_offset < 0 or q_offset + nq > nk:
+                raise ValueError(
+                    "the forget gate takes each query's F at key position q_offset + r, so it "
+                    f"needs 0 <= q_offset and q_offset + Nq <= Nk; got q_offset={q_offset}, "
+                    f"Nq={nq}, Nk={nk}"
+                )
+            if f.device != q.device:
+                raise ValueError(f"log_f must be on q's device {q.device}; got {f.device}")
+            fk = f.to(dt)
+            fq = fk[:, :, q_offset : q_offset + nq]
+        else:
+            raise TypeError(f"pe {type(term).__name__} is a token term no backend knows")
+    return TokenTerms(r, weight, fq, fk)
 
 
 def encoding_terms(

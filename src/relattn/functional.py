@@ -42,8 +42,10 @@ def attention(
     Args:
         q: ``(B, Hq, Nq, D)``.
         k, v: ``(B, Hkv, Nk, D)``; ``Hq`` a multiple of ``Hkv`` (GQA / MQA).
-        pe: None, an additive encoding from :mod:`relattn.pe`, a :class:`~relattn.pe.RoPE`, or a
-            sequence of them (RoPE rotates q and k; additive tables are summed).
+        pe: None, an additive encoding from :mod:`relattn.pe`, a :class:`~relattn.pe.RoPE`, a
+            term that depends on the tokens (``QueryConditionedBias(...)(r)``,
+            ``ForgetGate()(log_f)``), or a sequence of them (RoPE rotates q and k; additive
+            terms are summed; at most one of each token term).
         causal: mask keys after the query (``Δ < 0``).
         scale: multiplies ``q·k`` only; default ``1/√D``.
         q_offset: position of query row 0 minus that of key 0 (``Nk - Nq`` when decoding
@@ -89,4 +91,5 @@ def attention_weights(
         q, k, k, pe, causal=causal, scale=scale, q_offset=q_offset, window=window,
         doc_ids=doc_ids, key_padding_mask=key_padding_mask, backend="reference",
     )  # fmt: skip
-    return reference.scores_and_weights(call.q, call.k, call.table, None, call.problem)[2]
+    scores = reference.scores_and_weights
+    return scores(call.q, call.k, call.table, None, call.problem, call.token)[2]

@@ -109,6 +109,7 @@ def choose(
     problem: Problem,
     context_parallel: bool = False,
     compiling: bool | None = None,
+    token: bool = False,
 ) -> Backend:
     """Resolve ``backend=name`` for these inputs: the one dispatcher.
 
@@ -118,7 +119,8 @@ def choose(
     one can outrank the best found. Under ``torch.compile`` only priorities are weighed (they
     read static facts), and the custom op reports a backend that cannot run when it does. An
     explicit name is checked with :meth:`~Backend.unsupported` (in eager mode). ``compiling``:
-    ``torch.compiler.is_compiling()``, if the caller has asked already.
+    ``torch.compiler.is_compiling()``, if the caller has asked already. ``token``: the call has
+    terms that depend on the tokens (only backends with ``token_terms`` can run it).
     """
     if compiling is None:
         compiling = torch.compiler.is_compiling()
@@ -133,6 +135,8 @@ def choose(
                 if compiling or found.unsupported(q, k, problem) is None:
                     return found
             if context_parallel and not backend.context_parallel:
+                continue
+            if token and not backend.token_terms:
                 continue
             if backend.dtypes is not None and q.dtype not in backend.dtypes:
                 continue
@@ -151,6 +155,12 @@ def choose(
                 return backend
         return get("chunked" if context_parallel else "reference")
     backend = get(name)
+    if token and not backend.token_terms:
+        able = [n for n in names()[1:] if n in _REGISTRY and _REGISTRY[n].token_terms]
+        raise RuntimeError(
+            f"backend={name!r} cannot run this call: it does not compute the terms that depend "
+            f"on the tokens (QueryConditionedBias, ForgetGate); backends that do: {able}"
+        )
     if not compiling:
         reason = backend.unsupported(q, k, problem)
         if reason:

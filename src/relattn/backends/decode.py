@@ -509,7 +509,7 @@ class DecodeBackend(Backend):
     def forward(self, call: Call) -> tuple[Tensor, Tensor]:
         if not call.lse:  # a no-grad attention() call: a generation loop's step
             if call.reversed is not None:
-                out = _step(*call)
+                out = _step(*call[:9])
                 if out is not None:
                     return out, None  # type: ignore[return-value]  # lse None: call.lse is False
             fast = _one_token(*call[:6], False, call.reversed)

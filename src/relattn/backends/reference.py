@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..masks import visible
 from ..problem import Problem
-from .base import Backend, Call, Layout
+from .base import Backend, Call, Layout, TokenTerms
 
 # Below this many scores per head the materializing reference beats the chunked backend on the
 # CPU. With few query rows (Nq <= 128) the decode backend outranks both: it took 0.3-0.5x the
@@ -20,8 +20,59 @@ from .base import Backend, Call, Layout
 TINY = 64 * 64
 
 
+def token_scores(token: TokenTerms, delta: Tensor, dtype: torch.dtype) -> Tensor:
+    """The terms that depend on the tokens, ``(B, Hq, Nq, Nk)`` in ``dtype``, at the offsets
+    ``delta`` ``(Nq, Nk)``: the banded bias ``Σ_c r[b, h, i, c]·P[c, Δ]`` for ``0 <= Δ < W``
+    plus the forget gate ``fq_i - fk_j`` (``fk_j - fq_i`` for ``Δ < 0``)."""
+    out = torch.zeros((), dtype=dtype, device=delta.device)
+    r, weight, fq, fk = token
+    if r is not None and weight is not None:
+        width = weight.shape[-1]
+        column = delta.clamp(0, width - 1)
+        profiles = weight.to(dtype)[:, :, column]  # (Hw, R, Nq, Nk): P[c, Δ]
+        band = torch.einsum("bhic,hcij->bhij", r.to(dtype), profiles.expand(r.shape[1], -1, -1, -1))
+        out = out + torch.where((delta >= 0) & (delta < width), band, 0.0)
+    if fq is not None and fk is not None:
+        gap = fq.to(dtype)[..., :, None] - fk.to(dtype)[..., None, :]  # F_i - F_j
+        out = out + torch.where(delta >= 0, gap, -gap)
+    return out
+
+
+def token_gradients(
+    token: TokenTerms, delta: Tensor, ds: Tensor
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(dr, dweight, dfq, dfk)`` of :func:`token_scores` from ``ds`` ``(B, Hq, Nq, Nk)``,
+    the gradient of the scores (None for absent terms), each in its tensor's dtype."""
+    r, weight, fq, fk = token
+    dr = dweight = dfq = dfk = None
+    if r is not None and weight is not None:
+        width = weight.shape[-1]
+        inside = (delta >= 0) & (delta < width)
+        g = torch.where(inside, ds, 0.0)
+        column = delta.clamp(0, width - 1)
+        profiles = weight.to(ds.dtype)[:, :, column].expand(r.shape[1], -1, -1, -1)
+        dr = torch.einsum("bhij,hcij->bhic", g, profiles).to(r.dtype)
+        per_pair = torch.einsum("bhic,bhij->hcij", r.to(ds.dtype), g)  # (Hq, R, Nq, Nk)
+        if weight.shape[0] == 1:
+            per_pair = per_pair.sum(0, keepdim=True)
+        flat = per_pair.flatten(2)
+        dweight = torch.zeros(weight.shape, dtype=ds.dtype, device=ds.device)
+        dweight.index_add_(2, column.flatten(), flat)
+        dweight = dweight.to(weight.dtype)
+    if fq is not None and fk is not None:
+        signed = torch.where(delta >= 0, ds, -ds)
+        dfq = signed.sum(-1).to(fq.dtype)
+        dfk = (-signed.sum(-2)).to(fk.dtype)
+    return dr, dweight, dfq, dfk
+
+
 def scores_and_weights(
-    q: Tensor, k: Tensor, table: Tensor | None, slopes: Tensor | None, problem: Problem
+    q: Tensor,
+    k: Tensor,
+    table: Tensor | None,
+    slopes: Tensor | None,
+    problem: Problem,
+    token: TokenTerms | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Scores ``scale·q·k + PE`` (B, Hq, Nq, Nk), the visibility mask and the weights α.
 
@@ -41,6 +92,8 @@ def scores_and_weights(
         scores = scores + t[:, column]  # PE(i, j) = T[h, i - j]
     elif slopes is not None:
         scores = scores - slopes.to(compute)[:, None, None] * delta.abs().to(compute)
+    if token is not None:
+        scores = scores + token_scores(token, delta, compute)
     mask = visible(delta, problem)  # (B|1, 1, Nq, Nk)
     mask = mask.expand(scores.shape)
     scores = scores.masked_fill(~mask, float("-inf"))  # Mask(i, j) = -inf
@@ -52,11 +105,17 @@ def scores_and_weights(
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, slopes: Tensor | None, problem: Problem
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor | None,
+    slopes: Tensor | None,
+    problem: Problem,
+    token: TokenTerms | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``out = α · v`` of shape (B, Hq, Nq, D) in q's dtype and the rows' log-sum-exp
     (B, Hq, Nq); autograd does the backward."""
-    scores, _, weights = scores_and_weights(q, k, table, slopes, problem)
+    scores, _, weights = scores_and_weights(q, k, table, slopes, problem, token)
     group = q.shape[1] // k.shape[1]
     v = v.to(weights.dtype).repeat_interleave(group, dim=1)
     lse = torch.logsumexp(scores, dim=-1)  # -inf for rows that see no key
@@ -71,24 +130,25 @@ class ReferenceBackend(Backend):
     autograd = True
     closed_form = False  # it reads the table (attention_weights' numbers stay the table's)
     top_priority = 30.0
+    token_terms = True
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         tiny = q.device.type == "cpu" and q.shape[2] * k.shape[2] <= TINY
         return 30.0 if tiny else 0.0
 
     def attention(self, call: Call) -> tuple[Tensor, Tensor]:
-        return attention(*call[:6])
+        return attention(*call[:6], call.token)
 
     def forward(self, call: Call) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            out, lse = attention(*call[:6])
+            out, lse = attention(*call[:6], call.token)
         return out.contiguous(), lse
 
     def backward(self, call: Call, grad_out: Tensor, out: Tensor, lse: Tensor) -> tuple:
         """The softmax backward written out on the materialized weights (a custom op's kernel
         runs below autograd, so it cannot differentiate its own forward)."""
         q, k, v, table, slopes, problem = call[:6]
-        scores, _, p = scores_and_weights(q, k, table, slopes, problem)
+        scores, _, p = scores_and_weights(q, k, table, slopes, problem, call.token)
         compute, group = p.dtype, q.shape[1] // k.shape[1]
         kk = k.to(compute).repeat_interleave(group, dim=1)
         vv = v.to(compute).repeat_interleave(group, dim=1)
@@ -109,7 +169,13 @@ class ReferenceBackend(Backend):
             dtable.index_add_(1, column, per_head)
             dtable = dtable.to(table.dtype)
         dt = q.dtype
-        return dq.to(dt), dk.sum(2).to(dt), dv.sum(2).to(dt), dtable
+        grads = dq.to(dt), dk.sum(2).to(dt), dv.sum(2).to(dt), dtable
+        if call.token is None:
+            return grads
+        nq, nk = q.shape[2], k.shape[2]
+        rows = torch.arange(nq, device=q.device)[:, None]
+        delta = problem.q_offset + rows - torch.arange(nk, device=q.device)
+        return (*grads, *token_gradients(call.token, delta, ds))
 
 
 BACKEND = ReferenceBackend()

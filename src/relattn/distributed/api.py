@@ -247,7 +247,12 @@ def _parse(q, k, v, pe, size, strategy, layout, causal, scale, window, doc_ids,
     for name, t in (("doc_ids", doc_ids), ("key_padding_mask", key_padding_mask)):
         if t is not None:
             check_per_key(name, t, b, n, q, "(B, N/W)")
-    rope, additive = split_pe(pe, hq, d)
+    rope, additive, terms = split_pe(pe, hq, d)
+    if terms:
+        raise NotImplementedError(
+            "context_parallel_attention does not take terms that depend on the tokens "
+            f"({type(terms[0]).__name__}) yet; run relattn.attention on one process"
+        )
     problem = Problem(0, scale, causal, 0, window, doc_ids, key_padding_mask)
     impl = backends.choose(backend, q, k, problem, context_parallel=True)
     return rope, additive, scale, window, impl

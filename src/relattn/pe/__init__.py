@@ -13,16 +13,22 @@ from .rope import RoPE
 
 # Importing the modules registers the built-in encodings, in this order.
 from .t5 import T5Bias  # noqa: I001
+from .token import BandTerm, ForgetGate, GateTerm, QueryConditionedBias, TokenTerm
 
 __all__ = [
     "ALiBi",
+    "BandTerm",
     "EncodingSpec",
+    "ForgetGate",
+    "GateTerm",
     "Kerple",
     "OffsetBias",
     "Param",
     "PositionEncoding",
+    "QueryConditionedBias",
     "RoPE",
     "T5Bias",
+    "TokenTerm",
     "alibi_slopes",
     "create",
     "names",
