@@ -201,15 +201,11 @@ _FAMILIES: dict[str, _Family] = {
 }  # fmt: skip
 
 
-def _attach_inkling(bias: str, distance: bool) -> Callable:
-    """Each Inkling layer reads its own band's ``proj`` (``bias`` names the module that owns
-    it) through a relattn term; Inkling2's model stops building its dense relative distances."""
+def _attach_inkling(distance: bool) -> Callable:
+    """Inkling layers read their band's ``proj`` themselves (``_inkling``); Inkling2's model
+    stops building its dense relative distances."""
 
     def attach(model, modeling, layers) -> None:
-        for layer in layers:
-            layer.__dict__["_relattn_band"] = _inkling.band_module(
-                layer.num_heads, getattr(layer, bias)
-            )
         if distance:
             _inkling.install_distance_switch(modeling)
 
@@ -253,7 +249,7 @@ _FAMILIES["inkling_text"] = _Family(
         "layer_idx",
         "config",
     ),
-    _attach_inkling("rel_logits_proj", distance=False),
+    _attach_inkling(distance=False),
     check=_inkling.check_inkling_config,
     sliding=True,
 )
@@ -262,7 +258,7 @@ _FAMILIES["inkling2_text"] = _Family(
     ("Inkling2SlidingAttention", "Inkling2FullAttention"),
     _inkling.inkling2_forward,
     _INKLING2_ATTRS,
-    _attach_inkling("relative_position_bias", distance=True),
+    _attach_inkling(distance=True),
     models={
         "Inkling2BlockAttentionResidual": {"config": _inkling.EAGER_CONFIG},
         "Inkling2TextModel": {"forward": _inkling.without_distance},
@@ -273,7 +269,7 @@ _FAMILIES["inkling2_text"] = _Family(
 _FAMILIES["inkling2_loop_text"] = _Family(
     "transformers.models.inkling2_loop.modeling_inkling2_loop",
     ("Inkling2LoopSlidingAttention", "Inkling2LoopFullAttention"), _inkling.inkling2_forward,
-    _INKLING2_ATTRS, _attach_inkling("relative_position_bias", distance=True),
+    _INKLING2_ATTRS, _attach_inkling(distance=True),
     models={
         "Inkling2LoopBlockAttentionResidual": {"config": _inkling.EAGER_CONFIG},
         "Inkling2LoopMessageAttentionResidual": {"config": _inkling.EAGER_CONFIG},

@@ -40,9 +40,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ... import attention
+from ...pe.token import BandTerm
 from ._forwards import check_call, key_padding
 
 __all__ = [
@@ -55,36 +56,12 @@ __all__ = [
 # ----------------------------------------------------------------------------- the band term
 
 
-def band_module(num_heads: int, owner: nn.Module) -> nn.Module:
-    """relattn's query-conditioned banded bias whose matrix *is* ``owner.proj``, the model's
-    ``(rank, extent)`` parameter (read in place on every call, never copied), for a layer of
-    ``num_heads`` query heads. ``owner`` is held without being registered, so the model's
-    parameters and ``state_dict`` do not change."""
-    from ...pe import QueryConditionedBias
-
-    rank, extent = owner.proj.shape
-    band = QueryConditionedBias(num_heads, rank, extent, shared_heads=True)
-    band.__dict__["_relattn_owner"] = owner
-    _bind(band)
-    return band
-
-
-def _bind(band: nn.Module) -> nn.Module:
-    """``band`` with its ``weight`` the owner's current ``proj`` Parameter (the same object:
-    no copy; rebound if the model's parameter was replaced, e.g. by ``load_state_dict(...,
-    assign=True)``)."""
-    proj = band.__dict__["_relattn_owner"].proj
-    if band._parameters.get("weight") is not proj:
-        band._parameters["weight"] = proj
-    return band
-
-
 def band_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
     r: Tensor,
-    band: nn.Module,
+    weight: Tensor,
     *,
     scale: float,
     q_offset: int,
@@ -95,16 +72,17 @@ def band_attention(
     """Causal attention with the banded bias ``Σ_c r[b,h,i,c]·weight[c, Δ]`` (0 ≤ Δ < extent)
     and, when ``sinks`` ``(B, Hq, Nq)`` is given, one extra logit per row with a zero value.
 
-    Shapes: q ``(B, Hq, Nq, D)``, k and v ``(B, Hkv, Nk, D)``, r ``(B, Hq, Nq, rank)``;
-    ``band`` from :func:`band_module`. Returns ``(B, Hq, Nq, D)`` in q's dtype."""
-    term = _bind(band)(r)
+    Shapes: q ``(B, Hq, Nq, D)``, k and v ``(B, Hkv, Nk, D)``, r ``(B, Hq, Nq, rank)``,
+    ``weight`` ``(rank, extent)``: the model's parameter itself, read in place (the term holds
+    it; gradients land on it). Returns ``(B, Hq, Nq, D)`` in q's dtype."""
+    term = BandTerm(r, weight)
     if sinks is None:
         return attention(
             q, k, v, term,
             causal=True, scale=scale, q_offset=q_offset, window=window,
             key_padding_mask=key_padding_mask,
         )  # fmt: skip
-    return _sink_attention(q, k, v, term, r, band.weight, sinks, scale, q_offset, window,
+    return _sink_attention(q, k, v, term, r, weight, sinks, scale, q_offset, window,
                            key_padding_mask)  # fmt: skip
 
 
@@ -147,6 +125,7 @@ class _SinkAttention(torch.autograd.Function):
         out = (out * torch.exp(lse - full)[..., None]).to(out.dtype).contiguous()
         ctx.call = call
         ctx.shapes = (weight.shape,)
+        ctx.dtypes = (r.dtype, weight.dtype, sinks.dtype)
         ctx.save_for_backward(out, lse, full)
         return out
 
@@ -159,9 +138,9 @@ class _SinkAttention(torch.autograd.Function):
         dq, dk, dv, _dtable, dr, dweight = grads[:6]
         row = (grad_out.to(full.dtype) * out.to(full.dtype)).sum(-1)
         dsinks = -(1.0 - torch.exp(lse - full)) * row
-        if dweight is not None:
-            dweight = dweight.reshape(ctx.shapes[0])
-        return None, dq, dk, dv, dr, dweight, dsinks
+        r_dtype, weight_dtype, sinks_dtype = ctx.dtypes
+        dweight = dweight.reshape(ctx.shapes[0]).to(weight_dtype)
+        return None, dq, dk, dv, dr.to(r_dtype), dweight, dsinks.to(sinks_dtype)
 
 
 # ----------------------------------------------------------------------------- caches
@@ -226,7 +205,7 @@ def inkling_forward(self, hidden_states, attention_mask, conv_mask=None, cache=N
         r = (r.float() * tau).to(r.dtype)
     kpm = key_padding(attention_mask, b, k.shape[2], type(self).__name__)
     out = band_attention(
-        q, k, v, r, self._relattn_band,
+        q, k, v, r, self.rel_logits_proj.proj,
         scale=self.scaling, q_offset=k.shape[2] - nq, window=self.sliding_window,
         key_padding_mask=kpm,
     )  # fmt: skip
@@ -277,7 +256,7 @@ def inkling2_forward(
     sinks = self.sink_proj(hidden_states).transpose(1, 2)
     kpm = key_padding(attention_mask, b, k.shape[2], type(self).__name__)
     out = band_attention(
-        q, k, v, r, self._relattn_band,
+        q, k, v, r, bias.proj,
         scale=self.scaling, q_offset=k.shape[2] - nq, window=self.sliding_window,
         key_padding_mask=kpm, sinks=sinks,
     )  # fmt: skip
