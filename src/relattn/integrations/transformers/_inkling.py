@@ -55,6 +55,9 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- the band term
 
+#: The relattn backend the Inkling layers ask for (``"auto"``; tests name others).
+BACKEND = "auto"
+
 
 def band_attention(
     q: Tensor,
@@ -80,7 +83,7 @@ def band_attention(
         return attention(
             q, k, v, term,
             causal=True, scale=scale, q_offset=q_offset, window=window,
-            key_padding_mask=key_padding_mask,
+            key_padding_mask=key_padding_mask, backend=BACKEND,
         )  # fmt: skip
     return _sink_attention(q, k, v, term, r, weight, sinks, scale, q_offset, window,
                            key_padding_mask)  # fmt: skip
@@ -96,7 +99,7 @@ def _sink_attention(q, k, v, term, r, weight, sinks, scale, q_offset, window, kp
     the sink softmax's), and ``∂L/∂s = −(1 − w)·rowsum(dO∘out)``."""
     from ...call import prepare, run
 
-    call = prepare(q, k, v, term, True, scale, q_offset, window, None, kpm, "auto", True)
+    call = prepare(q, k, v, term, True, scale, q_offset, window, None, kpm, BACKEND, True)
     tensors = (q, k, v, r, weight, sinks)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if not grad or call.backend.autograd:
@@ -320,7 +323,7 @@ def install_distance_switch(modeling) -> None:
     def get_relative_distance(*args, **kwargs):
         if _SKIP_DISTANCE.get():
             return None
-        return original(*args, **kwargs)
+        return get_relative_distance.__wrapped__(*args, **kwargs)  # type: ignore[attr-defined]
 
     get_relative_distance._relattn_switch = True  # type: ignore[attr-defined]
     get_relative_distance.__wrapped__ = original  # type: ignore[attr-defined]
