@@ -7,6 +7,7 @@ How it hooks in (transformers 5.24 and 5.25):
   (see :func:`_fit_forward`); parameters, buffers and ``state_dict`` are untouched;
 - the model-level method that builds the ALiBi tensor (BLOOM, MPT) is replaced by one that
   builds nothing, and Falcon's model is told not to build one (its layers bring their own);
+  Inkling2's text models run with their dense relative-distance grid switched off (``_inkling``);
 - every config of the model gets ``_attn_implementation = "relattn"``, a name registered with
   transformers' ``AttentionMaskInterface`` only, whose mask function hands the layers the
   ``(B, Nk)`` key padding mask instead of an N×N mask.
@@ -297,7 +298,8 @@ def apply(model: nn.Module, *, ignore_attention_dropout: bool = False) -> nn.Mod
     Args:
         model: a transformers ``PreTrainedModel`` whose ``config.model_type`` is one of
             :data:`SUPPORTED_MODEL_TYPES` (T5, mT5, Flan-T5, UMT5, BLOOM, MPT, Falcon with
-            ``alibi=True``).
+            ``alibi=True``; the text models of Inkling, Inkling2 and Inkling2-Loop, whose
+            query-conditioned band reads each layer's own ``proj``).
         ignore_attention_dropout: relattn has no dropout on the attention weights; by default a
             layer in training mode with such dropout > 0 raises. True trains without it.
 
@@ -325,7 +327,13 @@ def apply(model: nn.Module, *, ignore_attention_dropout: bool = False) -> nn.Mod
             f"relattn's transformers integration supports model_type in {SUPPORTED_MODEL_TYPES}; "
             f"got {model_type!r} ({type(model).__name__})"
         )
-    modeling = importlib.import_module(family.module)
+    try:
+        modeling = importlib.import_module(family.module)
+    except ImportError as e:  # a family newer than the installed release (Inkling: 5.25)
+        raise NotImplementedError(
+            f"transformers {tf.__version__} has no {family.module}, which relattn's integration "
+            f"({_range_text()}) hooks for model_type={model_type!r}. {_advice()}"
+        ) from e
     classes = [_lookup(modeling, name, tf.__version__) for name in family.attention_names]
     forwards = {cls: _fit_forward(cls, family, tf.__version__) for cls in classes}
     if family.check is not None:
