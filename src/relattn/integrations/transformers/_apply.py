@@ -7,6 +7,7 @@ How it hooks in (transformers 5.24 and 5.25):
   (see :func:`_fit_forward`); parameters, buffers and ``state_dict`` are untouched;
 - the model-level method that builds the ALiBi tensor (BLOOM, MPT) is replaced by one that
   builds nothing, and Falcon's model is told not to build one (its layers bring their own);
+  Inkling2's text models run with their dense relative-distance grid switched off (``_inkling``);
 - every config of the model gets ``_attn_implementation = "relattn"``, a name registered with
   transformers' ``AttentionMaskInterface`` only, whose mask function hands the layers the
   ``(B, Nk)`` key padding mask instead of an N×N mask.
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _forwards
+from . import _forwards, _inkling
 from ._encodings import (
     SharedT5Bias,
     SlopesALiBi,
@@ -54,7 +55,7 @@ _FITTED: dict[tuple[type, Callable], Callable] = {}
 @dataclass(frozen=True)
 class _Family:
     module: str  # the transformers modeling module
-    attention: str  # the attention class there
+    attention: str | tuple[str, ...]  # the attention class(es) there
     forward: Callable
     attributes: tuple[str, ...]  # what the forward reads from the layer
     attach: Callable  # (model, modeling module, layers) -> sets each layer's _relattn_pe
@@ -65,6 +66,11 @@ class _Family:
     # the model, as apply() leaves it, always passes None there (a value is refused).
     unused: tuple[str, ...] = ()
     needs_mask_tensor: bool = False  # the model calls .to() on the mask
+    sliding: bool = False  # some layers slide: the mask hook also gets the sliding mask
+
+    @property
+    def attention_names(self) -> tuple[str, ...]:
+        return (self.attention,) if isinstance(self.attention, str) else self.attention
 
 
 # ----------------------------------------------------------------------------- families
@@ -195,6 +201,85 @@ _FAMILIES: dict[str, _Family] = {
     ),
 }  # fmt: skip
 
+
+def _attach_inkling(distance: bool) -> Callable:
+    """Inkling layers read their band's ``proj`` themselves (``_inkling``); Inkling2's model
+    stops building its dense relative distances."""
+
+    def attach(model, modeling, layers) -> None:
+        if distance:
+            _inkling.install_distance_switch(modeling)
+
+    return attach
+
+
+_INKLING2_ATTRS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "sink_proj",
+    "relative_position_bias",
+    "num_heads",
+    "sliding_window",
+    "scaling",
+    "attention_dropout",
+    "layer_idx",
+)
+_FAMILIES["inkling_text"] = _Family(
+    "transformers.models.inkling.modeling_inkling",
+    "InklingAttention",
+    _inkling.inkling_forward,
+    (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "r_proj",
+        "o_proj",
+        "k_sconv",
+        "v_sconv",
+        "q_norm",
+        "k_norm",
+        "rel_logits_proj",
+        "head_dim",
+        "num_heads",
+        "is_sliding",
+        "sliding_window",
+        "scaling",
+        "attention_dropout",
+        "layer_idx",
+        "config",
+    ),
+    _attach_inkling(distance=False),
+    check=_inkling.check_inkling_config,
+    sliding=True,
+)
+_FAMILIES["inkling2_text"] = _Family(
+    "transformers.models.inkling2.modeling_inkling2",
+    ("Inkling2SlidingAttention", "Inkling2FullAttention"),
+    _inkling.inkling2_forward,
+    _INKLING2_ATTRS,
+    _attach_inkling(distance=True),
+    models={
+        "Inkling2BlockAttentionResidual": {"config": _inkling.EAGER_CONFIG},
+        "Inkling2TextModel": {"forward": _inkling.without_distance},
+    },
+    check=_inkling.check_inkling_config,
+    sliding=True,
+)
+_FAMILIES["inkling2_loop_text"] = _Family(
+    "transformers.models.inkling2_loop.modeling_inkling2_loop",
+    ("Inkling2LoopSlidingAttention", "Inkling2LoopFullAttention"), _inkling.inkling2_forward,
+    _INKLING2_ATTRS, _attach_inkling(distance=True),
+    models={
+        "Inkling2LoopBlockAttentionResidual": {"config": _inkling.EAGER_CONFIG},
+        "Inkling2LoopMessageAttentionResidual": {"config": _inkling.EAGER_CONFIG},
+        "Inkling2LoopTextModel": {"forward": _inkling.without_distance},
+    },
+    check=_inkling.check_inkling_config,
+    sliding=True,
+)  # fmt: skip
+
 #: The ``config.model_type`` values :func:`apply` accepts (Flan-T5 is ``"t5"``).
 SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
@@ -213,7 +298,8 @@ def apply(model: nn.Module, *, ignore_attention_dropout: bool = False) -> nn.Mod
     Args:
         model: a transformers ``PreTrainedModel`` whose ``config.model_type`` is one of
             :data:`SUPPORTED_MODEL_TYPES` (T5, mT5, Flan-T5, UMT5, BLOOM, MPT, Falcon with
-            ``alibi=True``).
+            ``alibi=True``; the text models of Inkling, Inkling2 and Inkling2-Loop, whose
+            query-conditioned band reads each layer's own ``proj``).
         ignore_attention_dropout: relattn has no dropout on the attention weights; by default a
             layer in training mode with such dropout > 0 raises. True trains without it.
 
@@ -241,9 +327,15 @@ def apply(model: nn.Module, *, ignore_attention_dropout: bool = False) -> nn.Mod
             f"relattn's transformers integration supports model_type in {SUPPORTED_MODEL_TYPES}; "
             f"got {model_type!r} ({type(model).__name__})"
         )
-    modeling = importlib.import_module(family.module)
-    attention_cls = _lookup(modeling, family.attention, tf.__version__)
-    forward = _fit_forward(attention_cls, family, tf.__version__)
+    try:
+        modeling = importlib.import_module(family.module)
+    except ImportError as e:  # a family newer than the installed release (Inkling: 5.25)
+        raise NotImplementedError(
+            f"transformers {tf.__version__} has no {family.module}, which relattn's integration "
+            f"({_range_text()}) hooks for model_type={model_type!r}. {_advice()}"
+        ) from e
+    classes = [_lookup(modeling, name, tf.__version__) for name in family.attention_names]
+    forwards = {cls: _fit_forward(cls, family, tf.__version__) for cls in classes}
     if family.check is not None:
         family.check(model.config)
     if getattr(model.config, "output_attentions", False):
@@ -251,20 +343,21 @@ def apply(model: nn.Module, *, ignore_attention_dropout: bool = False) -> nn.Mod
             "model.config.output_attentions=True needs the attention weights, which relattn "
             "never materializes; set it to False before apply()"
         )
-    layers = [m for m in model.modules() if isinstance(m, attention_cls)]
+    layers = [m for m in model.modules() if isinstance(m, tuple(classes))]
     if not layers:
-        raise ValueError(f"model has no {family.attention} layer to run through relattn")
+        names = " or ".join(family.attention_names)
+        raise ValueError(f"model has no {names} layer to run through relattn")
     for layer in layers:
         missing = [a for a in family.attributes if not hasattr(layer, a)]
         if missing:
             raise NotImplementedError(
-                f"{family.attention} in transformers {tf.__version__} lacks {missing}, which "
-                f"relattn's integration ({_range_text()}) reads. {_advice()}"
+                f"{type(layer).__name__} in transformers {tf.__version__} lacks {missing}, "
+                f"which relattn's integration ({_range_text()}) reads. {_advice()}"
             )
     family.attach(model, modeling, layers)
     for layer in layers:
         layer.__dict__["_relattn_ignore_dropout"] = ignore_attention_dropout
-        _swap(layer, {"forward": forward})
+        _swap(layer, {"forward": forwards[_original_class(layer)]})
     for cls_name, overrides in family.models.items():
         cls = _lookup(modeling, cls_name, tf.__version__)
         for m in model.modules():
@@ -389,6 +482,11 @@ def _fit(cls: type[nn.Module], family: _Family, version: str) -> Callable:
     return forward
 
 
+def _original_class(module: nn.Module) -> type:
+    cls = type(module)
+    return cls.__dict__.get("_relattn_original", cls)
+
+
 def _has_var_keyword(signature: inspect.Signature) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
 
@@ -451,7 +549,8 @@ def _relattn_mask(
             f"attn_implementation={NAME!r} is set by relattn.integrations.transformers.apply() "
             f"for model_type in {SUPPORTED_MODEL_TYPES}; got {model_type!r}"
         )
-    if mask_function not in (mu.causal_mask_function, mu.bidirectional_mask_function):
+    plain = mask_function in (mu.causal_mask_function, mu.bidirectional_mask_function)
+    if not plain and not (family.sliding and _inkling.sliding_mask_ok(mask_function, config)):
         raise NotImplementedError(
             "relattn's transformers integration supports plain causal or bidirectional masks "
             "with padding; this call combines another mask function (packed sequences given "
