@@ -931,14 +931,16 @@ T* scratch(int64_t n) {
 }
 
 // The terms that depend on the tokens, for one call (null pointers: absent): r (B, Hq, Nq, R)
-// and P with its columns reversed, pr (Hw, R, W) (column x holds Δ = W - 1 - x); fq (B, Hq,
+// and P with its columns reversed, pr (Hw, R, ldp) (column x < W holds Δ = W - 1 - x; ldp is
+// W rounded up to 32 columns, plus 16: P's rows are an odd number of cache lines apart, so
+// the R rows a tile reads do not share the L1's sets as rows 4 KiB apart would); fq (B, Hq,
 // Nq), fk (B, Hq, Nk). The backward's gradients: dr like r, dfq like fq (rows owned by a task),
 // and per slot dpr like pr and dfk like fk (reduced once after the pass).
 template <typename T>
 struct Token {
   const T* r = nullptr;
   const T* pr = nullptr;
-  int64_t R = 0, W = 0, Hw = 0;
+  int64_t R = 0, W = 0, Hw = 0, ldp = 0;
   const T* fq = nullptr;
   const T* fk = nullptr;
   T* dr = nullptr;
@@ -953,8 +955,8 @@ template <typename T>
 struct TokenRows {
   bool any = false;
   const T* r = nullptr;  // (m, R): the block's rows of r
-  const T* pr = nullptr;  // (R, W)
-  int64_t R = 0, W = 0;
+  const T* pr = nullptr;  // (R, ldp)
+  int64_t R = 0, W = 0, ldp = 0;
   const T* fq = nullptr;  // (m,)
   const T* fk = nullptr;  // (Nk,)
   T* dr = nullptr;
@@ -971,11 +973,12 @@ TokenRows<T> token_rows(const Shape& s, const Token<T>& t, int64_t bh, int64_t r
     const int64_t hw = t.Hw == 1 ? 0 : h;
     v.R = t.R;
     v.W = t.W;
+    v.ldp = t.ldp;
     v.r = t.r + (bh * s.Nq + r0) * t.R;
-    v.pr = t.pr + hw * t.R * t.W;
+    v.pr = t.pr + hw * t.R * t.ldp;
     if (t.dr) {
       v.dr = t.dr + (bh * s.Nq + r0) * t.R;
-      v.dpr = t.dpr + (slot * t.Hw + hw) * t.R * t.W;
+      v.dpr = t.dpr + (slot * t.Hw + hw) * t.R * t.ldp;
     }
   }
   if (t.fq) {
@@ -1014,7 +1017,7 @@ inline void add_token_row(const Shape& s, const TokenRows<T>& t, int64_t r0, int
                           int64_t k0, int64_t L, T* row) {
   const BandSpan sp = band_span(s, t.W, r0, r, k0, L);
   if (t.r && sp.ja < sp.jb) {
-    band_add(row + sp.ja, t.r + r * t.R, t.pr + sp.x0, t.W, t.R, sp.jb - sp.ja);
+    band_add(row + sp.ja, t.r + r * t.R, t.pr + sp.x0, t.ldp, t.R, sp.jb - sp.ja);
   }
   if (t.fq) gate_add(row, t.fq[r], t.fk + k0, sp.jd, L);
 }
@@ -1027,7 +1030,7 @@ void token_grad(const Shape& s, const TokenRows<T>& t, int64_t r0, int64_t m, in
     const T* ds = dS + r * ld;
     const BandSpan sp = band_span(s, t.W, r0, r, k0, L);
     if (t.r && sp.ja < sp.jb) {
-      band_grad(ds + sp.ja, t.r + r * t.R, t.pr + sp.x0, t.dpr + sp.x0, t.W, t.R,
+      band_grad(ds + sp.ja, t.r + r * t.R, t.pr + sp.x0, t.dpr + sp.x0, t.ldp, t.R,
                 sp.jb - sp.ja, t.dr + r * t.R);
     }
     if (t.fq) t.dfq[r] += gate_grad(ds, t.dfk + k0, sp.jd, L);
@@ -1883,17 +1886,22 @@ void check_token(const Params& p) {
   }
 }
 
+// The row stride of the reversed P (Token::ldp) for W columns.
+int64_t band_ld(int64_t W) { return round_up(W, 32) + 16; }
+
 // The kernel's Token of p (T: the compute type); pr keeps the reversed band_w alive.
 template <typename T>
 Token<T> make_token(const Params& p, at::Tensor& pr) {
   Token<T> t;
   if (present(p.band_r)) {
-    pr = p.band_w.flip({2}).contiguous();
-    t.r = p.band_r.data_ptr<T>();
-    t.pr = pr.data_ptr<T>();
     t.Hw = p.band_w.size(0);
     t.R = p.band_w.size(1);
     t.W = p.band_w.size(2);
+    t.ldp = band_ld(t.W);
+    pr = at::zeros({t.Hw, t.R, t.ldp}, p.band_w.options());
+    pr.narrow(2, 0, t.W).copy_(p.band_w.flip({2}));
+    t.r = p.band_r.data_ptr<T>();
+    t.pr = pr.data_ptr<T>();
   }
   if (present(p.gate_q)) {
     t.fq = p.gate_q.data_ptr<T>();
@@ -2000,7 +2008,8 @@ std::vector<at::Tensor> backward(const Params& p, const at::Tensor& dout_in,
   at::Tensor dr, dpr_t, dgq, dgk_t;
   if (has_band) {
     dr = at::zeros(p.band_r.sizes(), opts);
-    dpr_t = at::zeros({n_slots, p.band_w.size(0), p.band_w.size(1), p.band_w.size(2)}, opts);
+    dpr_t = at::zeros({n_slots, p.band_w.size(0), p.band_w.size(1), band_ld(p.band_w.size(2))},
+                      opts);
   }
   if (has_gate) {
     dgq = at::zeros(p.gate_q.sizes(), opts);
@@ -2066,7 +2075,9 @@ std::vector<at::Tensor> backward(const Params& p, const at::Tensor& dout_in,
   }
   const at::Tensor none = at::empty({0}, opts);
   at::Tensor dw = none, dgk = none;
-  if (has_band) dw = (n_slots == 1 ? dpr_t[0] : dpr_t.sum(0)).flip({2});
+  if (has_band) {
+    dw = (n_slots == 1 ? dpr_t[0] : dpr_t.sum(0)).narrow(2, 0, p.band_w.size(2)).flip({2});
+  }
   if (has_gate) dgk = n_slots == 1 ? dgk_t[0] : dgk_t.sum(0);
   return {dq, dk, dv, dtable, has_band ? dr : none, dw, has_gate ? dgq : none, dgk};
 }
