@@ -31,6 +31,10 @@
 // tiles" below); other 16-bit inputs are widened to float32 once per call. Either way the
 // statistics, the position term and every sum are float32, and out, dq, dk, dv are rounded to
 // the input dtype once.
+//
+// Terms that depend on the tokens (Params' band_r, band_w, gate_q, gate_k; see "terms that
+// depend on tokens" below) are added row by row to the scores of every tile, in the compute
+// dtype, and their gradients taken from each tile's dS: dr, dgq per task, dw, dgk per thread.
 
 #include <torch/extension.h>
 

@@ -17,6 +17,13 @@ computed like float32 ones. Either way the softmax statistics, the position term
 (out, dq, dk, dv, the table gradient) are float32, and out, dq, dk, dv are rounded to the input
 dtype once; :func:`compute_path` names the path that runs.
 
+The terms that depend on the tokens (``call.token``, see :mod:`relattn.backends.base`) are
+computed inside the tiles too: the query-conditioned banded bias ``Σ_c r_i[c]·P[c, Δ]``
+(each row's band keys read one contiguous run of P's columns stored reversed: R multiply-adds
+into the row, none for key tiles outside the band) and the forget gate ``±(fq_i - fk_j)``.
+The backward returns their gradients after the table's: dr and dfq per query block, dP and
+dfk in per-thread buffers reduced once. Memory O(N·(R + 1) + threads·(size(P) + Hq·N)).
+
 The extension is compiled with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and
 ``ninja``) at its first use, into ``~/.cache/relattn`` or ``RELATTN_CPU_KERNEL_DIR``,
 and reused from there by later processes. That first call blocks while it compiles, about
