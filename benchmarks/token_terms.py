@@ -8,8 +8,9 @@ extent 1024, every gradient (q, k, v and r, P or F). Contenders:
 * ``sdpa_band``: SDPA with the banded bias materialized as a (B, H, N, N) float mask (r·P
   gathered by offset, zero outside the band, -inf above the diagonal; gradients to r and P by
   autograd), what a user writes today;
-* ``kernel``: ``cpu_kernel`` without a term; ``kernel_band``, ``kernel_gate``: with the band,
-  with the forget gate (the backend driven through a ``Call``, its forward and backward).
+* ``kernel``: ``relattn.attention(..., backend="cpu_kernel")`` without a term;
+  ``kernel_band``, ``kernel_gate``: with ``QueryConditionedBias(8, 16, 1024)(r)`` and with
+  ``ForgetGate()(log_f)`` (gradients to r, P and log f through autograd).
 
 Medians over interleaved rounds, the per-round ratio's quartiles, and the peak extra resident
 memory of one step (``relattn.benchmarking.common.peak_memory``, RSS sampled every 0.5 ms).
@@ -33,26 +34,28 @@ NAMES = ("sdpa", "sdpa_band", "kernel", "kernel_band", "kernel_gate")
 def contenders(
     n: int, heads: int = 8, d: int = 64, rank: int = 16, extent: int = 1024
 ) -> dict[str, Callable[[], object]]:
-    """One training step (forward + backward, every gradient) of each contender at length n."""
-    from relattn.backends import get
-    from relattn.backends.base import Call, TokenTerms
-    from relattn.problem import Problem
+    """One training step (forward + backward through autograd, every gradient) of each
+    contender at length n; the kernel's through ``relattn.attention(..., backend="cpu_kernel")``
+    with a :class:`~relattn.pe.QueryConditionedBias` or :class:`~relattn.pe.ForgetGate`."""
+    import relattn
+    from relattn.pe import ForgetGate, QueryConditionedBias
 
     g = torch.Generator().manual_seed(0)
     q, k, v, grad_out = (torch.randn(1, heads, n, d, generator=g) for _ in range(4))
     r = torch.randn(1, heads, n, rank, generator=g)
-    w = 0.1 * torch.randn(1, rank, extent, generator=g)
-    f = F.logsigmoid(3 + torch.randn(1, heads, n, generator=g)).cumsum(-1)
-    backend = get("cpu_kernel")
-    problem = Problem(0, d**-0.5)
-    plain = Call(q, k, v, None, None, problem, backend)
-    band = plain._replace(token=TokenTerms(r, w, None, None))
-    gate = plain._replace(token=TokenTerms(None, None, f, f))
+    log_f = F.logsigmoid(3 + torch.randn(1, heads, n, generator=g))
+    qcb = QueryConditionedBias(heads, rank=rank, extent=extent)
+    w = qcb.weight.detach()
+    gate = ForgetGate()
 
-    def kernel(call: Call) -> Callable[[], object]:
+    def kernel(term: str | None) -> Callable[[], object]:
         def step() -> object:
-            out, lse = backend.forward(call)
-            return backend.backward(call, grad_out, out, lse)
+            qq, kk, vv, rr, lf = (x.detach().requires_grad_() for x in (q, k, v, r, log_f))
+            qcb.weight.grad = None
+            pe = qcb(rr) if term == "band" else gate(lf) if term == "gate" else None
+            out = relattn.attention(qq, kk, vv, pe, backend="cpu_kernel")
+            out.backward(grad_out)
+            return qq.grad
 
         return step
 
@@ -77,9 +80,9 @@ def contenders(
     return {
         "sdpa": sdpa,
         "sdpa_band": sdpa_band,
-        "kernel": kernel(plain),
-        "kernel_band": kernel(band),
-        "kernel_gate": kernel(gate),
+        "kernel": kernel(None),
+        "kernel_band": kernel("band"),
+        "kernel_gate": kernel("gate"),
     }
 
 
