@@ -221,3 +221,42 @@ def _no_token_backend_call(q, k, v, qcb):
     finally:
         backends._REGISTRY.pop("plain_no_token", None)
         backends._CANDIDATES.clear()
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+# One fused backend is enough (the op's fake and autograd are the same for all): the first.
+FUSED = next((b for b in BACKENDS if b not in ("reference", "decode")), "reference")
+
+
+@pytest.mark.parametrize("backend", [FUSED])
+def test_compile_fullgraph_with_token_terms(backend):
+    """The terms under torch.compile(fullgraph=True): no graph break, the custom op traced as
+    one node (its fake gives the token gradients' shapes), the same values and gradients."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(8)
+    b, hq, hkv, n, d, rank, width = 1, 4, 2, 40, 16, 3, 9
+    x = torch.randn(b, n, 8, generator=g)
+    proj_r = torch.nn.Linear(8, hq * rank)
+    proj_f = torch.nn.Linear(8, hq)
+    qcb = QueryConditionedBias(hq, rank, width)
+    q = torch.randn(b, hq, n, d, generator=g, requires_grad=True)
+    k, v = (torch.randn(b, hkv, n, d, generator=g, requires_grad=True) for _ in range(2))
+
+    def loss(q, k, v, x):
+        r = proj_r(x).view(b, n, hq, rank).transpose(1, 2)
+        log_f = torch.nn.functional.logsigmoid(proj_f(x) + 3.0).transpose(1, 2)
+        terms = [qcb(r), ForgetGate()(log_f)]
+        out = relattn.attention(q, k, v, terms, backend=backend)
+        return out.square().sum()
+
+    params = [q, k, v, proj_r.weight, proj_f.weight, qcb.weight]
+    eager = loss(q, k, v, x)
+    g_eager = torch.autograd.grad(eager, params)
+    compiled = torch.compile(loss, fullgraph=True)
+    got = compiled(q, k, v, x)
+    g_got = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    for a, e in zip(g_got, g_eager, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)

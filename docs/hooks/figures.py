@@ -235,7 +235,81 @@ def fig_curves() -> bytes:
     return _png(fig)
 
 
+def _term_image(ax, values: torch.Tensor, title: str) -> None:
+    """A causal (n, n) term with the hidden cells blank."""
+    import matplotlib as mpl
+
+    n = values.shape[0]
+    shown = values.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("nan"))
+    colormap = mpl.colormaps["viridis"].with_extremes(bad="#d9d9d9")
+    image = ax.imshow(shown.numpy(), cmap=colormap)
+    ax.set_xlabel("key j", fontsize=8)
+    ax.set_ylabel("query i", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.figure.colorbar(image, ax=ax, shrink=0.75)
+
+
+def fig_token_band() -> bytes:
+    """The banded bias: P's two profiles, two queries' mixtures, the term per query."""
+    from relattn.pe import QueryConditionedBias
+
+    n, width = 24, 12
+    offsets = torch.arange(width)
+    qcb = QueryConditionedBias(1, rank=2, extent=width)
+    with torch.no_grad():
+        qcb.weight.copy_(torch.stack([-0.4 * offsets.float(), -2.0 * (offsets - 8).abs() / 8]))
+        mix = torch.sigmoid(torch.linspace(-3, 3, n))  # later queries lean on the far profile
+        r = torch.stack([1 - mix, 2 * mix], dim=-1).view(1, 1, n, 2)
+        term = qcb(r).bias(n, n)[0, 0]
+        p = qcb.weight.detach()
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    a, b, c = fig.subplots(1, 3)
+    a.plot(offsets, p[0], label="profile 0: near")
+    a.plot(offsets, p[1], label="profile 1: about 8 back")
+    a.set_title(f"P: rank 2 profiles over offsets 0 … {width - 1}", fontsize=9)
+    for i in (3, n - 3):
+        b.plot(
+            offsets,
+            r[0, 0, i] @ p,
+            label=f"query {i}: r = ({r[0, 0, i, 0]:.2f}, {r[0, 0, i, 1]:.2f})",
+        )
+    b.set_title("PE(i, i − Δ) = r_i · P[:, Δ], two queries", fontsize=9)
+    for ax in (a, b):
+        ax.set_xlabel("offset Δ = i − j", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _term_image(c, term, f"the term, 0 beyond the band (Δ ≥ {width})")
+    return _png(fig)
+
+
+def fig_token_gate() -> bytes:
+    """The forget gate: per-token gates, F, and the term F_i - F_j."""
+    from relattn.pe import ForgetGate
+
+    n = 24
+    gates = torch.full((n,), 0.9)
+    gates[9] = 0.05  # a token that forgets what came before it
+    gates[17] = 0.3
+    with torch.no_grad():
+        term = ForgetGate()(gates.log().view(1, 1, n))
+        f = term.cumulative[0, 0]
+        values = term.bias(n, n)[0, 0]
+    fig = Figure(figsize=(12, 3.6), layout="constrained")
+    a, b, c = fig.subplots(1, 3)
+    a.bar(range(n), gates)
+    a.set_title("gate f_t per token (9 and 17 forget)", fontsize=9)
+    b.plot(range(n), f, marker=".")
+    b.set_title("F_t = Σ log f (non-increasing)", fontsize=9)
+    for ax in (a, b):
+        ax.set_xlabel("token t", fontsize=8)
+        ax.grid(alpha=0.3)
+    _term_image(c, values, "the term F_i − F_j")
+    return _png(fig)
+
+
 FIGURES = {
+    "token-band": fig_token_band,
+    "token-gate": fig_token_gate,
     "mask": fig_mask,
     "scores": fig_scores,
     "t5-buckets": fig_t5_buckets,

@@ -622,6 +622,123 @@ T nan_or(const T* x, int64_t n, T out) {
 RELATTN_ROW_KERNELS(float)
 RELATTN_ROW_KERNELS(double)
 
+// ------------------------------------------------------------------ terms that depend on tokens
+//
+// The query-conditioned banded bias and the forget gate (Params' band_r, band_w, gate_q,
+// gate_k), added to the scores row by row inside the tiles. Row p (position q_offset + r) of a
+// tile of keys k0 .. k0 + L - 1 sees Δ = p - k0 - j at key j: the band's keys 0 <= Δ < W are
+// one contiguous run of j, and with P's columns reversed (x = W - 1 - Δ) they read one
+// contiguous run of each of P's R rows, so the band is R multiply-adds of that run into the
+// row (no N x N tensor, no gather; key blocks outside the band cost one comparison a row).
+// The gate is fq - fk[j] up to the row's Δ = 0 and fk[j] - fq after it.
+
+// row[j] += Σ_c rv[c]·p[c·ldp + j] for j < n: four vectors of the row stay in registers over
+// the R rows of P (four independent chains of multiply-adds).
+template <typename T>
+__attribute__((always_inline)) inline void band_add_body(T* __restrict row,
+                                                         const T* __restrict rv,
+                                                         const T* __restrict p, int64_t ldp,
+                                                         int64_t R, int64_t n) {
+  typedef T vt __attribute__((vector_size(64), aligned(sizeof(T))));
+  constexpr int64_t kV = 64 / sizeof(T);
+  int64_t j = 0;
+  for (; j + 4 * kV <= n; j += 4 * kV) {
+    vt* o = reinterpret_cast<vt*>(row + j);
+    vt a0 = o[0], a1 = o[1], a2 = o[2], a3 = o[3];
+    for (int64_t c = 0; c < R; ++c) {
+      const T rc = rv[c];
+      const vt* pc = reinterpret_cast<const vt*>(p + c * ldp + j);
+      a0 += rc * pc[0];
+      a1 += rc * pc[1];
+      a2 += rc * pc[2];
+      a3 += rc * pc[3];
+    }
+    o[0] = a0;
+    o[1] = a1;
+    o[2] = a2;
+    o[3] = a3;
+  }
+  for (; j + kV <= n; j += kV) {
+    vt* o = reinterpret_cast<vt*>(row + j);
+    vt a0 = o[0];
+    for (int64_t c = 0; c < R; ++c) a0 += rv[c] * *reinterpret_cast<const vt*>(p + c * ldp + j);
+    o[0] = a0;
+  }
+  for (; j < n; ++j) {
+    T a = row[j];
+    for (int64_t c = 0; c < R; ++c) a += rv[c] * p[c * ldp + j];
+    row[j] = a;
+  }
+}
+
+// The band's gradients from one row's dS (ds, n keys): dr[c] += Σ_j ds[j]·p[c·ldp + j] and
+// g[c·ldp + j] += rv[c]·ds[j] (g: the thread's gradient of the reversed P, same layout as p).
+template <typename T>
+__attribute__((always_inline)) inline void band_grad_body(const T* __restrict ds,
+                                                          const T* __restrict rv,
+                                                          const T* __restrict p,
+                                                          T* __restrict g, int64_t ldp,
+                                                          int64_t R, int64_t n,
+                                                          T* __restrict dr) {
+  typedef T vt __attribute__((vector_size(64), aligned(sizeof(T))));
+  constexpr int64_t kV = 64 / sizeof(T);
+  for (int64_t c = 0; c < R; ++c) {
+    const T rc = rv[c];
+    const T* pc = p + c * ldp;
+    T* gc = g + c * ldp;
+    vt a0 = {}, a1 = {};
+    int64_t j = 0;
+    for (; j + 2 * kV <= n; j += 2 * kV) {
+      const vt d0 = *reinterpret_cast<const vt*>(ds + j);
+      const vt d1 = *reinterpret_cast<const vt*>(ds + j + kV);
+      a0 += d0 * *reinterpret_cast<const vt*>(pc + j);
+      a1 += d1 * *reinterpret_cast<const vt*>(pc + j + kV);
+      vt* gv = reinterpret_cast<vt*>(gc + j);
+      gv[0] += rc * d0;
+      gv[1] += rc * d1;
+    }
+    for (; j + kV <= n; j += kV) {
+      const vt d0 = *reinterpret_cast<const vt*>(ds + j);
+      a0 += d0 * *reinterpret_cast<const vt*>(pc + j);
+      *reinterpret_cast<vt*>(gc + j) += rc * d0;
+    }
+    a0 += a1;
+    T sum = 0;
+    for (int64_t l = 0; l < kV; ++l) sum += a0[l];
+    for (; j < n; ++j) {
+      sum += ds[j] * pc[j];
+      gc[j] += rc * ds[j];
+    }
+    dr[c] += sum;
+  }
+}
+
+#define RELATTN_TOKEN_KERNELS(T)                                                          \
+  RELATTN_CLONES void band_add(T* row, const T* rv, const T* p, int64_t ldp, int64_t R,   \
+                               int64_t n) {                                               \
+    band_add_body<T>(row, rv, p, ldp, R, n);                                              \
+  }                                                                                       \
+  RELATTN_CLONES void band_grad(const T* ds, const T* rv, const T* p, T* g, int64_t ldp,  \
+                                int64_t R, int64_t n, T* dr) {                            \
+    band_grad_body<T>(ds, rv, p, g, ldp, R, n, dr);                                       \
+  }                                                                                       \
+  /* row[j] += fq - fk[j] for j < jd (Δ >= 0), fk[j] - fq for jd <= j < n */              \
+  RELATTN_CLONES void gate_add(T* __restrict row, T fq, const T* __restrict fk,           \
+                               int64_t jd, int64_t n) {                                   \
+    for (int64_t j = 0; j < jd; ++j) row[j] += fq - fk[j];                                \
+    for (int64_t j = jd; j < n; ++j) row[j] += fk[j] - fq;                                \
+  }                                                                                       \
+  /* g[j] -= ds[j] for j < jd, += ds[j] for jd <= j < n; returns the row's signed sum */  \
+  RELATTN_CLONES T gate_grad(const T* __restrict ds, T* __restrict g, int64_t jd,         \
+                             int64_t n) {                                                 \
+    for (int64_t j = 0; j < jd; ++j) g[j] -= ds[j];                                       \
+    for (int64_t j = jd; j < n; ++j) g[j] += ds[j];                                       \
+    return row_sum(ds, jd) - row_sum(ds + jd, n - jd);                                    \
+  }
+
+RELATTN_TOKEN_KERNELS(float)
+RELATTN_TOKEN_KERNELS(double)
+
 // exp for float32 in a form the compiler vectorizes (Cephes' expf: 2^n times a degree-6
 // polynomial on [-ln2/2, ln2/2], about 1 ulp). t is clamped to [-88, 88]: at -88, n = -127
 // makes the factor 2^n's bits 0, so exp(t) is exactly 0 from there down (-inf included);
@@ -813,12 +930,119 @@ T* scratch(int64_t n) {
   return buf.data();
 }
 
+// The terms that depend on the tokens, for one call (null pointers: absent): r (B, Hq, Nq, R)
+// and P with its columns reversed, pr (Hw, R, ldp) (column x < W holds Δ = W - 1 - x; ldp is
+// W rounded up to 32 columns, plus 16: P's rows are an odd number of cache lines apart, so
+// the R rows a tile reads do not share the L1's sets as rows 4 KiB apart would); fq (B, Hq,
+// Nq), fk (B, Hq, Nk). The backward's gradients: dr like r, dfq like fq (rows owned by a task),
+// and per slot dpr like pr and dfk like fk (reduced once after the pass).
+template <typename T>
+struct Token {
+  const T* r = nullptr;
+  const T* pr = nullptr;
+  int64_t R = 0, W = 0, Hw = 0, ldp = 0;
+  const T* fq = nullptr;
+  const T* fk = nullptr;
+  T* dr = nullptr;
+  T* dpr = nullptr;  // (n_slots, Hw, R, W)
+  T* dfq = nullptr;
+  T* dfk = nullptr;  // (n_slots, B, Hq, Nk)
+};
+
+// One task's view of Token: query head bh = b·Hq + h's rows from row r0 on, its head's P, and
+// (backward) the slot's gradient buffers. any: some term is present.
+template <typename T>
+struct TokenRows {
+  bool any = false;
+  const T* r = nullptr;  // (m, R): the block's rows of r
+  const T* pr = nullptr;  // (R, ldp)
+  int64_t R = 0, W = 0, ldp = 0;
+  const T* fq = nullptr;  // (m,)
+  const T* fk = nullptr;  // (Nk,)
+  T* dr = nullptr;
+  T* dpr = nullptr;
+  T* dfq = nullptr;
+  T* dfk = nullptr;
+};
+
+template <typename T>
+TokenRows<T> token_rows(const Shape& s, const Token<T>& t, int64_t bh, int64_t r0, int64_t slot) {
+  TokenRows<T> v;
+  const int64_t h = bh % s.Hq;
+  if (t.r) {
+    const int64_t hw = t.Hw == 1 ? 0 : h;
+    v.R = t.R;
+    v.W = t.W;
+    v.ldp = t.ldp;
+    v.r = t.r + (bh * s.Nq + r0) * t.R;
+    v.pr = t.pr + hw * t.R * t.ldp;
+    if (t.dr) {
+      v.dr = t.dr + (bh * s.Nq + r0) * t.R;
+      v.dpr = t.dpr + (slot * t.Hw + hw) * t.R * t.ldp;
+    }
+  }
+  if (t.fq) {
+    v.fq = t.fq + bh * s.Nq + r0;
+    v.fk = t.fk + bh * s.Nk;
+    if (t.dfq) {
+      v.dfq = t.dfq + bh * s.Nq + r0;
+      v.dfk = t.dfk + (slot * s.B * s.Hq + bh) * s.Nk;
+    }
+  }
+  v.any = t.r || t.fq;
+  return v;
+}
+
+// Row r (of the block at r0) of a tile at k0: the keys j < jd have Δ >= 0 (jd in [0, L]), and
+// the band's keys are [ja, jb) (empty where the tile lies outside 0 <= Δ < W), reading P's
+// reversed columns from x0 on.
+struct BandSpan {
+  int64_t jd, ja, jb, x0;
+};
+
+inline BandSpan band_span(const Shape& s, int64_t W, int64_t r0, int64_t r, int64_t k0,
+                          int64_t L) {
+  const int64_t last = s.q_offset + r0 + r - k0;  // the key with Δ = 0
+  BandSpan b;
+  b.jd = std::clamp<int64_t>(last + 1, 0, L);
+  b.ja = std::max<int64_t>(0, last - W + 1);
+  b.jb = std::min<int64_t>(L, last + 1);
+  b.x0 = W - 1 - last + b.ja;
+  return b;
+}
+
+// row (row r of the block at r0; keys [k0, k0 + L)) += its token terms.
+template <typename T>
+inline void add_token_row(const Shape& s, const TokenRows<T>& t, int64_t r0, int64_t r,
+                          int64_t k0, int64_t L, T* row) {
+  const BandSpan sp = band_span(s, t.W, r0, r, k0, L);
+  if (t.r && sp.ja < sp.jb) {
+    band_add(row + sp.ja, t.r + r * t.R, t.pr + sp.x0, t.ldp, t.R, sp.jb - sp.ja);
+  }
+  if (t.fq) gate_add(row, t.fq[r], t.fk + k0, sp.jd, L);
+}
+
+// The token terms' gradients from dS (m x L, row stride ld) of the same tile.
+template <typename T>
+void token_grad(const Shape& s, const TokenRows<T>& t, int64_t r0, int64_t m, int64_t k0,
+                int64_t L, int64_t ld, const T* dS) {
+  for (int64_t r = 0; r < m; ++r) {
+    const T* ds = dS + r * ld;
+    const BandSpan sp = band_span(s, t.W, r0, r, k0, L);
+    if (t.r && sp.ja < sp.jb) {
+      band_grad(ds + sp.ja, t.r + r * t.R, t.pr + sp.x0, t.dpr + sp.x0, t.ldp, t.R,
+                sp.jb - sp.ja, t.dr + r * t.R);
+    }
+    if (t.fq) t.dfq[r] += gate_grad(ds, t.dfk + k0, sp.jd, L);
+  }
+}
+
 // The scores' additive term of keys [k0, k0 + L) for rows r0 .. r0 + m - 1 into S (m x L, row
 // stride ld): the position term (a slice of F_h per row), -inf for keys in other documents or
-// padding.
+// padding, and the token terms (tk) where present.
 template <typename T>
-void load_tile(const Shape& s, const T* fh, int64_t b, int64_t r0, int64_t m, int64_t k0,
-               int64_t L, int64_t ld, T* S) {
+void load_tile(const Shape& s, const T* fh, const TokenRows<T>& tk, int64_t b, int64_t r0,
+               int64_t m, int64_t k0, int64_t L, int64_t ld, T* S) {
   const T inf = std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < m; ++r) {
     T* row = S + r * ld;
@@ -833,6 +1057,7 @@ void load_tile(const Shape& s, const T* fh, int64_t b, int64_t r0, int64_t m, in
       const bool* kp = s.kpm + b * s.Nk + k0;
       for (int64_t j = 0; j < L; ++j) row[j] = kp[j] ? row[j] : -inf;
     }
+    if (tk.any) add_token_row(s, tk, r0, r, k0, L, row);
   }
 }
 
@@ -970,9 +1195,9 @@ void pair_rows(const uint16_t* x, int64_t n, int64_t D, uint32_t* out) {
 // max (its NaN if it holds one), unless rmax is null.
 template <typename T>
 void score_tile(const Shape& s, const Mul<T>& mul, const T* qb, const T* kh, const T* kth,
-                T scale, const T* fh, int64_t b, int64_t r0, int64_t row0, int64_t kvh,
+                T scale, const T* fh, const TokenRows<T>& tk, int64_t b, int64_t r0, int64_t row0, int64_t kvh,
                 int64_t m, int64_t k0, int64_t L, int64_t ld, T* S, T* rmax) {
-  load_tile(s, fh, b, r0, m, k0, L, ld, S);
+  load_tile(s, fh, tk, b, r0, m, k0, L, ld, S);
   bool done = false;
   if constexpr (std::is_same_v<T, float>) {
     if (mul.bf16) {
@@ -1022,7 +1247,7 @@ inline void task_of(const Shape& s, int64_t t, int64_t& bh, int64_t& blk) {
 
 template <typename T>
 void forward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, const T* v,
-                  const T* f, T scale, T* out, T* lse, int64_t n_slots) {
+                  const T* f, const Token<T>& tok, T scale, T* out, T* lse, int64_t n_slots) {
   const T inf = std::numeric_limits<T>::infinity();
   const int64_t D = s.D;
   run_tasks(n_slots, s.B * s.Hq * s.n_blocks, [&](int64_t slot, int64_t t) {
@@ -1052,13 +1277,14 @@ void forward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, con
     const T* vb = v ? v + kvh * s.Nk * D : nullptr;
     const T* ktb = mul.kt ? mul.kt + kvh * D * mul.ldt : nullptr;
     const T* fh = f + h * s.U;
+    const TokenRows<T> tk = token_rows(s, tok, bh, r0, slot);
     uint32_t* pb = nullptr;
     if constexpr (std::is_same_v<T, float>) {
       if (mul.bf16) pb = scratch<uint32_t>(s.block_m * (s.block_n / 2 + 1));
     }
     for (int64_t k0 = c0; k0 < c1; k0 += bn) {
       const int64_t L = std::min(bn, c1 - k0), ld = mul.ld(L);
-      score_tile(s, mul, qb, kb, ktb, scale, fh, b, r0, bh * s.Nq + r0, kvh, m, k0, L, ld, S,
+      score_tile(s, mul, qb, kb, ktb, scale, fh, tk, b, r0, bh * s.Nq + r0, kvh, m, k0, L, ld, S,
                  sums);  // sums: maxima
       for (int64_t r = 0; r < m; ++r) {
         const T rmax = sums[r];
@@ -1102,8 +1328,8 @@ void forward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, con
 
 template <typename T>
 void backward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, const T* v,
-                   const T* f, T scale, const T* out, const T* lse, const T* dout, T* dq,
-                   T* dk_t, T* dv_t, T* g_t, int64_t n_slots) {
+                   const T* f, const Token<T>& tok, T scale, const T* out, const T* lse,
+                   const T* dout, T* dq, T* dk_t, T* dv_t, T* g_t, int64_t n_slots) {
   const T inf = std::numeric_limits<T>::infinity();
   const int64_t D = s.D;
   const int64_t kv_size = s.B * s.Hkv * s.Nk * D;
@@ -1137,6 +1363,7 @@ void backward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, co
     T* dvb = dv_t + slot * kv_size + kvh * s.Nk * D;
     const T* fh = f + h * s.U;
     T* gh = g_t ? g_t + (slot * s.Hq + h) * s.U : nullptr;
+    const TokenRows<T> tk = token_rows(s, tok, bh, r0, slot);
     bool b16 = false;
     if constexpr (std::is_same_v<T, float>) b16 = mul.bf16;
     // The bf16 products' scratch words: the block's q and dO rows in pairs (mp x D each), a
@@ -1155,7 +1382,7 @@ void backward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, co
     }
     // P (m x ld) <- the scores of keys k0 .. k0 + L - 1 (rmax: their row maxima, or null)
     auto scores = [&](T* S, int64_t k0, int64_t L, int64_t ld, T* rmax) {
-      score_tile(s, mul, qb, kb, ktb, scale, fh, b, r0, row0, kvh, m, k0, L, ld, S, rmax);
+      score_tile(s, mul, qb, kb, ktb, scale, fh, tk, b, r0, row0, kvh, m, k0, L, ld, S, rmax);
     };
     bool any = false;
     for (int64_t r = 0; r < m; ++r) {
@@ -1233,6 +1460,7 @@ void backward_impl(const Shape& s, const Mul<T>& mul, const T* q, const T* k, co
         const T di = Di[r];
         softmax_grad(ds, p, L, di, gh ? gh + (k0 - r0 - r + s.Nq - 1) : nullptr);
       }
+      if (tk.any) token_grad(s, tk, r0, m, k0, L, ld, dS);
       if constexpr (std::is_same_v<T, float>) {
         if (b16) {
           mul.atb_bf16(L, m, scale, dS, ld, qpair, dkb + k0 * D, pb, halves);  // dK += dSᵀ q
@@ -1603,9 +1831,14 @@ std::vector<at::Tensor> step(const at::Tensor& q, const at::Tensor& k, const at:
 // One call, as Python's cpu_kernel.py fills it (by name: the one flattening of a call into
 // the kernel's arguments). Tensors: q (B, Hq, Nq, D), k, v (B, Hkv, Nk, D), table (Hq, T) or
 // empty, slopes (Hq,) or empty, doc_lo / doc_hi int64 (B, Nq) or empty, kpm bool (B, Nk) or
-// empty; all contiguous (checked). Table column t is offset lo + t.
+// empty; all contiguous (checked). Table column t is offset lo + t. The terms that depend on
+// the tokens, in the compute dtype, contiguous, or empty (0,) tensors: band_r (B, Hq, Nq, R)
+// with band_w (Hw, R, W), Hw 1 or Hq (the banded bias Σ_c r[c]·w[c, Δ] for 0 <= Δ < W), and
+// gate_q (B, Hq, Nq) with gate_k (B, Hq, Nk) (the forget gate fq - fk for Δ >= 0, fk - fq
+// below).
 struct Params {
   at::Tensor q, k, v, table, slopes, doc_lo, doc_hi, kpm;
+  at::Tensor band_r, band_w, gate_q, gate_k;
   int64_t lo = 0;
   double scale = 1.0;
   bool causal = true;
@@ -1615,13 +1848,77 @@ struct Params {
   int64_t block_n = 256;
 };
 
+// Whether a token term's tensor is given (an empty 1-d tensor stands for none).
+bool present(const at::Tensor& t) { return !(t.dim() == 1 && t.numel() == 0); }
+
+// t must be contiguous, in dtype ct, of the sizes want (-1: any); else a clear error naming it.
+void check_term(const at::Tensor& t, const char* name, const char* dims,
+                const std::vector<int64_t>& want, at::ScalarType ct) {
+  bool ok = t.dim() == static_cast<int64_t>(want.size()) && t.is_contiguous() &&
+            t.scalar_type() == ct;
+  for (size_t i = 0; ok && i < want.size(); ++i) ok = want[i] < 0 || t.size(i) == want[i];
+  TORCH_CHECK(ok, "relattn cpu kernel: ", name, " must be a contiguous ", dims, " = ", c10::IntArrayRef(want),
+              " (-1: any) tensor in the compute dtype ", ct, "; got ", t.scalar_type(), " sizes ",
+              t.sizes(), ", strides ", t.strides());
+}
+
+// The token terms' tensors (Params): each pair both given or both empty, shapes that fit q, k.
+void check_token(const Params& p) {
+  const at::ScalarType ct = compute_type(p.q.scalar_type());
+  const int64_t B = p.q.size(0), Hq = p.q.size(1), Nq = p.q.size(2), Nk = p.k.size(2);
+  TORCH_CHECK(present(p.band_r) == present(p.band_w),
+              "relattn cpu kernel: band_r and band_w are given together (empty tensors for "
+              "neither); got band_r ", p.band_r.sizes(), ", band_w ", p.band_w.sizes());
+  if (present(p.band_r)) {
+    check_term(p.band_r, "band_r", "(B, Hq, Nq, R)", {B, Hq, Nq, -1}, ct);
+    const int64_t R = p.band_r.size(3);
+    check_term(p.band_w, "band_w", "(Hw, R, W)", {-1, R, -1}, ct);
+    TORCH_CHECK((p.band_w.size(0) == 1 || p.band_w.size(0) == Hq) && p.band_w.size(2) >= 1,
+                "relattn cpu kernel: band_w must be (Hw, R, W) with Hw 1 or Hq = ", Hq,
+                " and W >= 1; got ", p.band_w.sizes());
+  }
+  TORCH_CHECK(present(p.gate_q) == present(p.gate_k),
+              "relattn cpu kernel: gate_q and gate_k are given together (empty tensors for "
+              "neither); got gate_q ", p.gate_q.sizes(), ", gate_k ", p.gate_k.sizes());
+  if (present(p.gate_q)) {
+    check_term(p.gate_q, "gate_q", "(B, Hq, Nq)", {B, Hq, Nq}, ct);
+    check_term(p.gate_k, "gate_k", "(B, Hq, Nk)", {B, Hq, Nk}, ct);
+  }
+}
+
+// The row stride of the reversed P (Token::ldp) for W columns.
+int64_t band_ld(int64_t W) { return round_up(W, 32) + 16; }
+
+// The kernel's Token of p (T: the compute type); pr keeps the reversed band_w alive.
+template <typename T>
+Token<T> make_token(const Params& p, at::Tensor& pr) {
+  Token<T> t;
+  if (present(p.band_r)) {
+    t.Hw = p.band_w.size(0);
+    t.R = p.band_w.size(1);
+    t.W = p.band_w.size(2);
+    t.ldp = band_ld(t.W);
+    pr = at::zeros({t.Hw, t.R, t.ldp}, p.band_w.options());
+    pr.narrow(2, 0, t.W).copy_(p.band_w.flip({2}));
+    t.r = p.band_r.data_ptr<T>();
+    t.pr = pr.data_ptr<T>();
+  }
+  if (present(p.gate_q)) {
+    t.fq = p.gate_q.data_ptr<T>();
+    t.fk = p.gate_k.data_ptr<T>();
+  }
+  return t;
+}
+
 Shape params_shape(const Params& p) {
   TORCH_CHECK(p.q.defined() && p.k.defined() && p.v.defined() && p.table.defined() &&
                   p.slopes.defined() && p.doc_lo.defined() && p.doc_hi.defined() &&
-                  p.kpm.defined(),
+                  p.kpm.defined() && p.band_r.defined() && p.band_w.defined() &&
+                  p.gate_q.defined() && p.gate_k.defined(),
               "relattn cpu kernel: every tensor of Params must be set (an empty one for none)");
   check_inputs(p.q, p.k, p.v);
   check_encoding(p.q, p.table, p.slopes);
+  check_token(p);
   return make_shape(p.q, p.k, p.block_m, p.block_n, p.causal, p.q_offset, p.window, p.doc_lo,
                     p.doc_hi, p.kpm);
 }
@@ -1641,8 +1938,11 @@ std::vector<at::Tensor> forward(const Params& p) {
     at::Tensor out = at::empty(p.q.sizes(), p.q.options().dtype(at::kFloat));
     at::Tensor lse = at::empty({s.B, s.Hq, s.Nq}, out.options());
     const auto f = extended<float>(s, table, slopes, lo);
-    forward_impl<float>(s, mul, nullptr, nullptr, nullptr, f.data(), static_cast<float>(scale),
-                        out.data_ptr<float>(), lse.data_ptr<float>(), n_slots);
+    at::Tensor pr;
+    const Token<float> tok = make_token<float>(p, pr);
+    forward_impl<float>(s, mul, nullptr, nullptr, nullptr, f.data(), tok,
+                        static_cast<float>(scale), out.data_ptr<float>(), lse.data_ptr<float>(),
+                        n_slots);
     return {out.to(at::kBFloat16), lse};
   }
   const at::Tensor q = widened(p.q), k = widened(p.k), v = widened(p.v);
@@ -1652,19 +1952,22 @@ std::vector<at::Tensor> forward(const Params& p) {
     const auto f = extended<scalar_t>(s, table, slopes, lo);
     at::Tensor kt, vt;
     const Mul<scalar_t> mul = products<scalar_t>(s, k, nullptr, kt, vt);
+    at::Tensor pr;
+    const Token<scalar_t> tok = make_token<scalar_t>(p, pr);
     forward_impl<scalar_t>(s, mul, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                           v.data_ptr<scalar_t>(), f.data(), static_cast<scalar_t>(scale),
+                           v.data_ptr<scalar_t>(), f.data(), tok, static_cast<scalar_t>(scale),
                            out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), n_slots);
   });
   if (is_16bit(p.q.scalar_type())) out = out.to(p.q.scalar_type());
   return {out, lse};
 }
 
-// Returns (dq, dk, dv, dtable): dq, dk, dv in q's dtype, dtable (Hq, T) in the compute dtype,
-// or an empty tensor without a table. dout, out (B, Hq, Nq, D) in q's dtype and lse (B, Hq, Nq)
-// in the compute dtype; max_slots bounds the per-thread dk/dv/table-gradient buffers. 16-bit
-// inputs are widened to float32 once; every gradient is summed in float32 and dq, dk, dv are
-// rounded once at the end.
+// Returns (dq, dk, dv, dtable, dr, dw, dgq, dgk): dq, dk, dv in q's dtype, dtable (Hq, T) in
+// the compute dtype, or an empty tensor without a table; the token terms' gradients shaped like
+// band_r, band_w, gate_q, gate_k in the compute dtype (empty tensors for absent ones). dout, out (B, Hq, Nq, D) in q's dtype and lse (B, Hq, Nq)
+// in the compute dtype; max_slots bounds the per-thread dk/dv/table-gradient buffers (and
+// those of band_w's and gate_k's gradients). 16-bit inputs are widened to float32 once; every
+// gradient is summed in float32 and dq, dk, dv are rounded once at the end.
 std::vector<at::Tensor> backward(const Params& p, const at::Tensor& dout_in,
                                  const at::Tensor& out_in, const at::Tensor& lse,
                                  int64_t max_slots) {
@@ -1699,22 +2002,51 @@ std::vector<at::Tensor> backward(const Params& p, const at::Tensor& dout_in,
   at::Tensor dk_t = at::zeros({n_slots, s.B, s.Hkv, s.Nk, s.D}, opts);
   at::Tensor dv_t = at::zeros({n_slots, s.B, s.Hkv, s.Nk, s.D}, opts);
   at::Tensor g_t = has_table ? at::zeros({n_slots, s.Hq, s.U}, opts) : at::Tensor();
+  // The token terms' gradients: dr and dgq rows owned by a task; band_w's (reversed) and
+  // gate_k's per slot.
+  const bool has_band = present(p.band_r), has_gate = present(p.gate_q);
+  at::Tensor dr, dpr_t, dgq, dgk_t;
+  if (has_band) {
+    dr = at::zeros(p.band_r.sizes(), opts);
+    dpr_t = at::zeros({n_slots, p.band_w.size(0), p.band_w.size(1), band_ld(p.band_w.size(2))},
+                      opts);
+  }
+  if (has_gate) {
+    dgq = at::zeros(p.gate_q.sizes(), opts);
+    dgk_t = at::zeros({n_slots, s.B, s.Hq, s.Nk}, opts);
+  }
+  // Token<T> with the gradient buffers; pr keeps the reversed band_w alive.
+  at::Tensor pr;
+  auto token_of = [&](auto zero) {
+    using T = decltype(zero);
+    Token<T> t = make_token<T>(p, pr);
+    if (has_band) {
+      t.dr = dr.data_ptr<T>();
+      t.dpr = dpr_t.data_ptr<T>();
+    }
+    if (has_gate) {
+      t.dfq = dgq.data_ptr<T>();
+      t.dfk = dgk_t.data_ptr<T>();
+    }
+    return t;
+  };
   if (b16) {
     std::vector<at::Tensor> keep;
     const Mul<float> mul = bf16_operands(s, q, k, v, dout, out, keep);
     const auto f = extended<float>(s, table, slopes, lo);
-    backward_impl<float>(s, mul, nullptr, nullptr, nullptr, f.data(), static_cast<float>(scale),
-                         nullptr, lse.data_ptr<float>(), nullptr, dq.data_ptr<float>(),
-                         dk_t.data_ptr<float>(), dv_t.data_ptr<float>(),
+    backward_impl<float>(s, mul, nullptr, nullptr, nullptr, f.data(), token_of(0.0f),
+                         static_cast<float>(scale), nullptr, lse.data_ptr<float>(), nullptr,
+                         dq.data_ptr<float>(), dk_t.data_ptr<float>(), dv_t.data_ptr<float>(),
                          has_table ? g_t.data_ptr<float>() : nullptr, n_slots);
   } else AT_DISPATCH_FLOATING_TYPES(dq.scalar_type(), "relattn_cpu_backward", [&] {
     const auto f = extended<scalar_t>(s, table, slopes, lo);
     at::Tensor kt, vt;
     const Mul<scalar_t> mul = products<scalar_t>(s, k, &v, kt, vt);
     backward_impl<scalar_t>(s, mul, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                            v.data_ptr<scalar_t>(), f.data(), static_cast<scalar_t>(scale),
-                            out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                            dout.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+                            v.data_ptr<scalar_t>(), f.data(), token_of(scalar_t(0)),
+                            static_cast<scalar_t>(scale), out.data_ptr<scalar_t>(),
+                            lse.data_ptr<scalar_t>(), dout.data_ptr<scalar_t>(),
+                            dq.data_ptr<scalar_t>(),
                             dk_t.data_ptr<scalar_t>(), dv_t.data_ptr<scalar_t>(),
                             has_table ? g_t.data_ptr<scalar_t>() : nullptr, n_slots);
   });
@@ -1741,7 +2073,13 @@ std::vector<at::Tensor> backward(const Params& p, const at::Tensor& dout_in,
     dk = dk.to(st);
     dv = dv.to(st);
   }
-  return {dq, dk, dv, dtable};
+  const at::Tensor none = at::empty({0}, opts);
+  at::Tensor dw = none, dgk = none;
+  if (has_band) {
+    dw = (n_slots == 1 ? dpr_t[0] : dpr_t.sum(0)).narrow(2, 0, p.band_w.size(2)).flip({2});
+  }
+  if (has_gate) dgk = n_slots == 1 ? dgk_t[0] : dgk_t.sum(0);
+  return {dq, dk, dv, dtable, has_band ? dr : none, dw, has_gate ? dgq : none, dgk};
 }
 
 // "tiles" (the default), "tiles-avx2", "blas" or "aten".
@@ -1784,6 +2122,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readwrite("doc_lo", &Params::doc_lo)
       .def_readwrite("doc_hi", &Params::doc_hi)
       .def_readwrite("kpm", &Params::kpm)
+      .def_readwrite("band_r", &Params::band_r)
+      .def_readwrite("band_w", &Params::band_w)
+      .def_readwrite("gate_q", &Params::gate_q)
+      .def_readwrite("gate_k", &Params::gate_k)
       .def_readwrite("lo", &Params::lo)
       .def_readwrite("scale", &Params::scale)
       .def_readwrite("causal", &Params::causal)
@@ -1794,7 +2136,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python object: other Python threads run meanwhile.
   m.def("forward", &forward, "(out, lse) of exact attention with a relative position term",
         py::call_guard<py::gil_scoped_release>());
-  m.def("backward", &backward, "(dq, dk, dv, dtable)", py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &backward, "(dq, dk, dv, dtable, dr, dw, dgq, dgk)", py::call_guard<py::gil_scoped_release>());
   m.def("step", &step, "(out, lse) of one generated token (decode backend)",
         py::call_guard<py::gil_scoped_release>());
   m.def("set_products", &set_products,

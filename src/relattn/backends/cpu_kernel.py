@@ -45,7 +45,7 @@ from torch import Tensor
 
 from ..masks import doc_bounds
 from ..problem import Problem
-from .base import Backend, Call, Layout
+from .base import Backend, Call, Layout, TokenTerms
 
 __all__ = ["CpuKernelBackend", "available", "backward", "build_error", "forward", "load"]
 
@@ -299,12 +299,34 @@ def _prepare(q, k, v, table, slopes):
     return q, k, v, table, slopes
 
 
-def _params(mod, q: Tensor, k: Tensor, v: Tensor, t: Tensor, s: Tensor, p: Problem):
+def _token(q: Tensor, token: TokenTerms | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(band_r, band_w, gate_q, gate_k)`` for the kernel: ``token``'s ``r (B, Hq, Nq, R)``,
+    ``weight (Hw, R, W)``, ``fq (B, Hq, Nq)``, ``fk (B, Hq, Nk)`` in the compute dtype,
+    contiguous; an empty tensor for each absent one."""
+    ct = compute_dtype(q.dtype)
+    empty = q.new_empty(0, dtype=ct)
+    if token is None:
+        return empty, empty, empty, empty
+    r, w, fq, fk = (x.to(ct).contiguous() if x is not None else empty for x in token)
+    return r, w, fq, fk
+
+
+def _params(
+    mod,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    t: Tensor,
+    s: Tensor,
+    p: Problem,
+    token: TokenTerms | None = None,
+):
     """The kernel's ``Params`` (one C++ struct, filled by name: the one place a call is
     flattened for it) from the conformed tensors, the table ``t`` and slopes ``s`` (empty
-    tensors for none) and the problem."""
+    tensors for none), the problem and the token terms (None for none)."""
     params = mod.Params()
     params.q, params.k, params.v, params.table, params.slopes = q, k, v, t, s
+    params.band_r, params.band_w, params.gate_q, params.gate_k = _token(q, token)
     params.doc_lo, params.doc_hi, params.kpm = _masks(q, p)
     params.lo, params.scale, params.causal = p.lo, p.scale, p.causal
     params.q_offset, params.window = p.q_offset, p.window
@@ -328,16 +350,24 @@ def _masks(q: Tensor, problem: Problem) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, slopes: Tensor | None, problem: Problem
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor | None,
+    slopes: Tensor | None,
+    problem: Problem,
+    token: TokenTerms | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq))``; lse is float32 (float64 for
     float64 inputs), ``-inf`` for rows that see no key (their out is 0).
 
-    q ``(B, Hq, Nq, D)``; k, v ``(B, Hkv, Nk, D)``; table ``(Hq, T)`` or slopes ``(Hq,)``.
+    q ``(B, Hq, Nq, D)``; k, v ``(B, Hkv, Nk, D)``; table ``(Hq, T)`` or slopes ``(Hq,)``;
+    token: the banded bias and forget gate (:class:`~relattn.backends.base.TokenTerms`), or
+    None.
     """
     mod = load()
     q, k, v, t, s = _prepare(q, k, v, table, slopes)
-    out, lse = mod.forward(_params(mod, q, k, v, t, s, problem))
+    out, lse = mod.forward(_params(mod, q, k, v, t, s, problem, token))
     return out, lse
 
 
@@ -354,33 +384,49 @@ def _physical_memory() -> int:
         return 0
 
 
-def max_slots(q: Tensor, k: Tensor, has_table: bool) -> int:
+def max_slots(q: Tensor, k: Tensor, has_table: bool, token: TokenTerms | None = None) -> int:
     """How many per-thread dk/dv (and table-gradient) buffers the backward may keep: each is
-    ``2·size(k)`` plus ``Hq·(Nq + Nk)`` for the table's, in the compute dtype (float32 for
-    16-bit k), and together they stay under ``SLOT_MEMORY_SHARE`` of the machine's memory (at
-    least 1 GiB). At N = 32768, 8 kv heads, D = 64 a float32 buffer is 128 MiB, so a 16 GiB
-    machine runs the backward on up to 12 threads."""
+    ``2·size(k)`` plus ``Hq·(Nq + Nk)`` for the table's, ``size(weight)`` for the banded bias's
+    and ``B·Hq·Nk`` for the forget gate's key side, in the compute dtype (float32 for 16-bit
+    k), and together they stay under ``SLOT_MEMORY_SHARE`` of the machine's memory (at least
+    1 GiB). At N = 32768, 8 kv heads, D = 64 a float32 buffer is 128 MiB, so a 16 GiB machine
+    runs the backward on up to 12 threads."""
     table_part = q.shape[1] * (q.shape[2] + k.shape[2]) if has_table else 0
+    if token is not None:
+        if token.weight is not None:
+            table_part += token.weight.numel()
+        if token.fk is not None:
+            table_part += token.fk.numel()
     per_slot = (2 * k.numel() + table_part) * compute_dtype(k.dtype).itemsize
     budget = max(_SLOTS_FLOOR, int(SLOT_MEMORY_SHARE * _physical_memory()))
     return max(1, budget // max(1, per_slot))
 
 
-def backward(
-    call: Call, grad_out: Tensor, out: Tensor, lse: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """``(dq, dk, dv, dtable)`` shaped like q, k, v and table (None without a table)."""
+def backward(call: Call, grad_out: Tensor, out: Tensor, lse: Tensor) -> tuple:
+    """``(dq, dk, dv, dtable)`` shaped like q, k, v and table (None without a table); with
+    ``call.token``, followed by ``(dr, dweight, dfq, dfk)`` shaped like its tensors, each in
+    the dtype of the tensor it belongs to (None for absent ones)."""
     q, k, v, table, slopes, problem = call[:6]
+    token = call.token
     mod = load()
     dt = q.dtype
     q2, k2, v2, t, s = _prepare(q, k, v, table, slopes)
     dout, out = (x.to(dt).contiguous() for x in (grad_out, out))
     lse = lse.to(compute_dtype(dt)).contiguous()
-    params = _params(mod, q2, k2, v2, t, s, problem)
-    dq, dk, dv, dtable = mod.backward(params, dout, out, lse, max_slots(q2, k2, t.numel() > 0))
-    if table is None:
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None
-    return dq, dk.to(k.dtype), dv.to(v.dtype), dtable.to(table.dtype)
+    params = _params(mod, q2, k2, v2, t, s, problem, token)
+    slots = max_slots(q2, k2, t.numel() > 0, token)
+    dq, dk, dv, dtable, *dtoken = mod.backward(params, dout, out, lse, slots)
+    grads = (
+        dq,
+        dk.to(k.dtype),
+        dv.to(v.dtype),
+        dtable.to(table.dtype) if table is not None else None,
+    )
+    if token is None:
+        return grads
+    return grads + tuple(
+        g.to(x.dtype) if x is not None else None for g, x in zip(dtoken, token, strict=True)
+    )
 
 
 class CpuKernelBackend(Backend):
@@ -394,6 +440,7 @@ class CpuKernelBackend(Backend):
     devices = ("cpu",)
     dtypes = DTYPES
     top_priority = 20.0
+    token_terms = True  # the banded bias and the forget gate inside the tiles
 
     def unsupported(self, q: Tensor, k: Tensor, problem: Problem) -> str | None:
         if q.device.type != "cpu":
@@ -429,7 +476,7 @@ class CpuKernelBackend(Backend):
         return 20.0
 
     def forward(self, call: Call) -> tuple[Tensor, Tensor]:
-        return forward(*call[:6])
+        return forward(*call[:6], call.token)
 
     def backward(self, call: Call, grad_out: Tensor, out: Tensor, lse: Tensor) -> tuple:
         return backward(call, grad_out, out, lse)
