@@ -734,7 +734,7 @@ def test_token_terms_world_2(pool2):
 
 def test_token_terms_world_4(pool4):
     """W = 4: F's offsets come from three earlier ranks' totals; a band wider than a chunk."""
-    pool4.run(_token_worker, TOKEN_CASES_4, STRATEGY_LAYOUTS)
+    pool4.run(_token_worker, TOKEN_CASES_4, STRATEGY_LAYOUTS[:3])
 
 
 def _token_group_of_one_worker(rank: int, world: int) -> None:
@@ -767,9 +767,31 @@ def test_token_terms_through_each_cpu_backend(pool2, backend):
 
 
 def _token_backend_worker(rank: int, world: int, backend: str) -> None:
-    case = TokenCase(extent=9, gate=True, shared=False, docs=True, padding=True, d=16, n=16)
-    for strategy, layout in (("ring", "zigzag"), ("all_to_all", "contiguous")):
-        check_token_case(case, strategy, layout, backend=backend)
+    # A backend with token_terms runs the blocks' forward itself (and, if it takes the row term
+    # from out, the ring's backward too); the others run the blockwise stand-ins.
+    from relattn.distributed import _block
+
+    impl = relattn.backends.get(backend)
+    used = {"forward": 0, "backward": 0}
+    forward, backward = _block._forward_stand_in, _block._backward_from_out
+
+    def counted(name, fn):
+        def wrapper(*args):
+            used[name] += 1
+            return fn(*args)
+
+        return wrapper
+
+    _block._forward_stand_in = counted("forward", forward)
+    _block._backward_from_out = counted("backward", backward)
+    try:
+        case = TokenCase(extent=9, gate=True, shared=False, docs=True, padding=True, d=16, n=16)
+        for strategy, layout in (("ring", "zigzag"), ("all_to_all", "contiguous")):
+            check_token_case(case, strategy, layout, backend=backend)
+    finally:
+        _block._forward_stand_in, _block._backward_from_out = forward, backward
+    assert (used["forward"] > 0) == (not impl.token_terms), used
+    assert (used["backward"] > 0) == (not (impl.token_terms and impl.row_term_from_out)), used
 
 
 def _token_errors_worker(rank: int, world: int) -> None:
