@@ -602,3 +602,278 @@ def test_example_cp_train_with_torchrun():
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=WORKERS_TIMEOUT)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "cp loss" in res.stdout and "agree" in res.stdout, res.stdout
+
+
+# ----------------------------------------------------------------------------- token terms
+
+
+@dataclass(frozen=True)
+class TokenCase:
+    """A call with the query-conditioned band (``extent`` > 0) and/or the forget gate."""
+
+    extent: int = 0  # the band's W; 0: no band
+    gate: bool = False
+    shared: bool = True  # one P for all heads, or one per head
+    causal: bool = True
+    window: int | None = None
+    docs: bool = False
+    padding: bool = False
+    pe: str = "none"  # an additive encoding / RoPE beside the terms (cases.ENCODINGS)
+    hq: int = 4
+    hkv: int = 2
+    n: int = 32
+    b: int = 2
+    d: int = 8
+    rank: int = 3
+
+
+TOKEN_CASES = [
+    TokenCase(extent=5),  # a band narrower than a chunk
+    TokenCase(extent=20, shared=False, causal=False, padding=True),  # wider: reaches 2+ chunks
+    TokenCase(gate=True, docs=True),
+    TokenCase(gate=True, causal=False, window=9, hkv=4),
+    TokenCase(extent=11, gate=True, pe="rope+t5", docs=True, window=13),
+    TokenCase(extent=40, gate=True, shared=False, hkv=1, padding=True, pe="alibi"),
+]
+TOKEN_CASES_4 = [
+    TokenCase(extent=11, gate=True, hq=8, hkv=4, docs=True),
+    TokenCase(extent=6, gate=True, shared=False, causal=False, hq=4, hkv=4, pe="t5_bidir"),
+]
+
+
+def make_token(case: TokenCase, seed_parts) -> tuple:
+    """Whole-sequence inputs: q, k, v, grad_out, r, weight, log_f (None when absent), pe, kw."""
+    g = torch.Generator().manual_seed(seed_of(case, *seed_parts))
+    torch.manual_seed(seed_of(case, *seed_parts))
+    b, hq, n = case.b, case.hq, case.n
+    q = torch.randn(b, hq, n, case.d, generator=g)
+    k = torch.randn(b, case.hkv, n, case.d, generator=g)
+    v = torch.randn(b, case.hkv, n, case.d, generator=g)
+    grad_out = torch.randn(b, hq, n, case.d, generator=g)
+    r = weight = log_f = None
+    if case.extent:
+        r = torch.randn(b, hq, n, case.rank, generator=g)
+        shape = (case.rank, case.extent) if case.shared else (hq, case.rank, case.extent)
+        weight = torch.randn(shape, generator=g)
+    if case.gate:
+        log_f = -0.3 * torch.rand(b, hq, n, generator=g)
+    pe = ENCODINGS[case.pe](hq, case.d, g)
+    kw = {"causal": case.causal, "window": case.window}
+    if case.docs:
+        kw["doc_ids"] = _doc_ids(b, n, g)
+    if case.padding:
+        kw["key_padding_mask"] = _padding(b, n, g)
+    return q, k, v, grad_out, r, weight, log_f, pe, kw
+
+
+def run_token_cp(inputs, group, strategy, layout, backend="auto") -> dict:
+    """Out and the gradients of q, k, v, r, weight, log_f (those given), whole-sequence shaped:
+    each rank passes its shards (r and log_f too) and the weight's gradient is summed over the
+    group (the recipe for parameters)."""
+    from relattn.pe import ForgetGate, QueryConditionedBias
+
+    q, k, v, grad_out, r, weight, log_f, pe, kw = inputs
+    leaves = {name: shard(t, group, layout, dim=2).requires_grad_(True)
+              for name, t in (("q", q), ("k", k), ("v", v), ("r", r), ("log_f", log_f))
+              if t is not None}  # fmt: skip
+    skw = dict(kw)
+    for name in ("doc_ids", "key_padding_mask"):
+        if name in kw:
+            skw[name] = shard(kw[name], group, layout, dim=1)
+    terms = [] if pe is None else list(pe) if isinstance(pe, list) else [pe]
+    qcb = None
+    if r is not None:
+        qcb = QueryConditionedBias(q.shape[1], weight.shape[-2], weight.shape[-1],
+                                   shared_heads=weight.dim() == 2)  # fmt: skip
+        with torch.no_grad():
+            qcb.weight.copy_(weight)
+        terms.append(qcb(leaves["r"]))
+    if log_f is not None:
+        terms.append(ForgetGate()(leaves["log_f"]))
+    out = context_parallel_attention(leaves["q"], leaves["k"], leaves["v"], terms, group=group,
+                                     strategy=strategy, layout=layout, backend=backend,
+                                     **skw)  # fmt: skip
+    assert out.shape == leaves["q"].shape and out.dtype == q.dtype
+    out.backward(shard(grad_out, group, layout, dim=2))
+    res = {"out": unshard(out.detach(), group, layout, dim=2)}
+    for name, t in leaves.items():
+        grad = t.grad if t.grad is not None else torch.zeros_like(t)
+        res[name] = unshard(grad, group, layout, dim=2)
+    if qcb is not None:
+        grad = qcb.weight.grad.clone()
+        dist.all_reduce(grad, group=group)
+        res["weight"] = grad
+    return {n: res[n] for n in ("out", "q", "k", "v", "r", "weight", "log_f") if n in res}
+
+
+def check_token_case(case: TokenCase, strategy: str, layout: str, backend="auto",
+                     group=None) -> None:  # fmt: skip
+    from token_oracle import run_token_math
+
+    inputs = make_token(case, (strategy, layout))
+    q, k, v, grad_out, r, weight, log_f, pe, kw = inputs
+    got = run_token_cp(inputs, group, strategy, layout, backend)
+    truth = run_token_math(q, k, v, grad_out, r=r, weight=weight, log_f=log_f, pe=pe, **kw)
+    assert_close_f64(got, truth, label=f"{strategy}/{layout}/{backend}/{case}: ")
+
+
+def _token_worker(rank: int, world: int, cases: list[TokenCase], strategies) -> None:
+    for strategy, layout in strategies:
+        for case in cases:
+            if strategy == "all_to_all" and case.hkv % world:
+                continue  # MQA: no heads to split
+            check_token_case(case, strategy, layout)
+
+
+def test_token_terms_world_2(pool2):
+    """W = 2: the band (narrower and wider than a chunk, shared and per-head P), the forget
+    gate, both, beside RoPE and tables, GQA and MQA, windows, documents, padding: out and every
+    gradient (q, k, v, r, P, log f) against float64 math over the whole sequence."""
+    pool2.run(_token_worker, TOKEN_CASES, STRATEGY_LAYOUTS)
+
+
+def test_token_terms_world_4(pool4):
+    """W = 4: F's offsets come from three earlier ranks' totals; a band wider than a chunk."""
+    pool4.run(_token_worker, TOKEN_CASES_4, STRATEGY_LAYOUTS[:3])
+
+
+def _token_group_of_one_worker(rank: int, world: int) -> None:
+    # W = 1: the plain op on the whole sequence, bit for bit.
+    singles = [dist.new_group([r]) for r in range(world)]
+    case = TokenCase(extent=7, gate=True, docs=True)
+    inputs = make_token(case, ("one", rank))
+    got = run_token_cp(inputs, singles[rank], "ring", "zigzag")
+    from token_oracle import run_token_relattn
+
+    q, k, v, grad_out, r, weight, log_f, pe, kw = inputs
+    want = run_token_relattn(q, k, v, grad_out, "auto", r=r, weight=weight, log_f=log_f, **kw)
+    assert got.keys() == want.keys()
+    for name, w in want.items():
+        assert torch.equal(got[name], w), name
+
+
+def test_token_terms_world_1(pool2):
+    pool2.run(_token_group_of_one_worker)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "cpu_kernel"])
+def test_token_terms_through_each_cpu_backend(pool2, backend):
+    if backend == "cpu_kernel":
+        from relattn.backends import cpu_kernel
+
+        if not cpu_kernel.available():
+            pytest.skip(f"the CPU kernel cannot be built here: {cpu_kernel.build_error()}")
+    pool2.run(_token_backend_worker, backend)
+
+
+def _token_backend_worker(rank: int, world: int, backend: str) -> None:
+    # A backend with token_terms runs the blocks' forward itself (and, if it takes the row term
+    # from out, the ring's backward too); the others run the blockwise stand-ins.
+    from relattn.distributed import _block
+
+    impl = relattn.backends.get(backend)
+    used = {"forward": 0, "backward": 0}
+    forward, backward = _block._forward_stand_in, _block._backward_from_out
+
+    def counted(name, fn):
+        def wrapper(*args):
+            used[name] += 1
+            return fn(*args)
+
+        return wrapper
+
+    _block._forward_stand_in = counted("forward", forward)
+    _block._backward_from_out = counted("backward", backward)
+    try:
+        case = TokenCase(extent=9, gate=True, shared=False, docs=True, padding=True, d=16, n=16)
+        for strategy, layout in (("ring", "zigzag"), ("all_to_all", "contiguous")):
+            check_token_case(case, strategy, layout, backend=backend)
+    finally:
+        _block._forward_stand_in, _block._backward_from_out = forward, backward
+    assert (used["forward"] > 0) == (not impl.token_terms), used
+    assert (used["backward"] > 0) == (not (impl.token_terms and impl.row_term_from_out)), used
+
+
+def _token_errors_worker(rank: int, world: int) -> None:
+    from relattn.pe import ForgetGate, QueryConditionedBias
+
+    case = TokenCase(extent=5, gate=True)
+    q, k, v, _, r, weight, log_f, _, _ = make_token(case, ("errors",))
+    sq, sk, sv, sr, sf = (shard(t, None, "zigzag", dim=2) for t in (q, k, v, r, log_f))
+    cpa = context_parallel_attention
+    qcb = QueryConditionedBias(4, 3, 5)
+    with torch.no_grad():
+        qcb.weight.copy_(weight)
+    # The whole sequence's r (or log f) instead of this rank's shard, on every rank or one.
+    _expect_error(ValueError, r"r must be this rank's shard.*\(2, 4, 16, 3\)", lambda: cpa(
+        sq, sk, sv, qcb(r)))  # fmt: skip
+    bad = sf if rank == 0 else log_f
+    _expect_error(ValueError, "log_f must be this rank's shard|rank 1", lambda: cpa(
+        sq, sk, sv, ForgetGate()(bad)))  # fmt: skip
+    # Ranks whose band weights differ.
+    other = QueryConditionedBias(4, 3, 5)
+    with torch.no_grad():
+        other.weight.fill_(float(rank))
+    _expect_error(ValueError, "same pe", lambda: cpa(sq, sk, sv, other(sr)))
+    # One rank needs gradients, the other not (its backward would wait forever).
+    qcb.requires_grad_(False)
+    leaf = sq.clone().requires_grad_(rank == 0)
+    _expect_error(ValueError, "same need for gradients", lambda: cpa(leaf, sk, sv, qcb(sr)))
+    # Still in step afterwards.
+    check_token_case(case, "ring", "zigzag")
+
+
+def test_token_terms_bad_input(pool2):
+    pool2.run(_token_errors_worker)
+
+
+@pytest.mark.parametrize(
+    "causal, window, q_offset, nq, nk, band, gate, per_head, docs",
+    [
+        (True, 0, 0, 45, 45, True, True, False, False),
+        (False, 0, 0, 40, 40, True, True, True, True),
+        (True, 6, 0, 33, 33, False, True, False, True),
+        (False, 7, -13, 20, 29, True, False, True, False),
+        (True, 0, 31, 20, 51, True, True, False, False),
+        (False, 0, 3, 24, 30, True, True, True, False),
+    ],
+)
+def test_token_stand_in_equals_the_reference(monkeypatch, causal, window, q_offset, nq, nk, band,
+                                             gate, per_head, docs):  # fmt: skip
+    """The blockwise stand-in (forward and backward, row blocks of 16) with the band and the
+    gate equals the reference backend's on one whole call, float64."""
+    from relattn.backends.base import TokenTerms
+    from relattn.distributed import _block
+
+    monkeypatch.setattr(_block, "_SCORES_PER_BLOCK", 1)
+    g = torch.Generator().manual_seed(seed_of(causal, window, q_offset, nq, "token"))
+    b, hq, hkv, d, rank, extent, dt = 2, 4, 2, 8, 3, 7, torch.float64
+    q = torch.randn(b, hq, nq, d, generator=g, dtype=dt)
+    k = torch.randn(b, hkv, nk, d, generator=g, dtype=dt)
+    v = torch.randn(b, hkv, nk, d, generator=g, dtype=dt)
+    lo, hi = relattn.masks.offset_range(nq, nk, causal, q_offset, window)
+    tab = torch.randn(hq, hi - lo + 1, generator=g, dtype=dt)
+    r = torch.randn(b, hq, nq, rank, generator=g, dtype=dt) if band else None
+    w = torch.randn(hq if per_head else 1, rank, extent, generator=g, dtype=dt) if band else None
+    f = torch.cumsum(-torch.rand(b, hq, max(nk, q_offset + nq) + 20, generator=g, dtype=dt), -1)
+    fk = f[..., 20 : 20 + nk].contiguous() if gate else None
+    fq = f[..., 20 + q_offset : 20 + q_offset + nq].contiguous() if gate else None
+    doc_ids = _doc_ids(b, nk, g) if docs else None
+    ref = relattn.backends.get("reference")
+    call = _block.block_call(ref, q, k, v, tab, None, lo, 0.3, causal, q_offset, window, doc_ids,
+                             None, TokenTerms(r, w, fq, fk))  # fmt: skip
+    out, lse = ref.forward(call)
+    got_out, got_lse = _block._forward_stand_in(call)
+    assert torch.equal(lse == float("-inf"), got_lse == float("-inf"))
+    seen = lse > float("-inf")
+    assert (out - got_out).abs().max().item() < 1e-12
+    assert (lse[seen] - got_lse[seen]).abs().max().item() < 1e-12
+    grad_out = torch.randn(out.shape, generator=g, dtype=dt)
+    want = ref.backward(call, grad_out, out, lse)
+    got = _block._backward_from_out(call, grad_out, out, lse)
+    names = ("dq", "dk", "dv", "dtable", "dr", "dweight", "dfq", "dfk")
+    for name, x, y in zip(names, want, got, strict=True):
+        if x is None:
+            assert y is None, name
+            continue
+        assert (x - y).abs().max().item() < 1e-12, name

@@ -11,12 +11,22 @@ from torch import Tensor
 from .. import backends
 from .._validate import check_bool, check_choice, check_optional_int
 from ..cache import within_doc_positions
-from ..call import PE, check_per_key, check_scale, check_tensors, encoding_terms, split_pe
+from ..call import (
+    PE,
+    check_per_key,
+    check_scale,
+    check_tensors,
+    encoding_terms,
+    split_pe,
+    token_terms,
+)
 from ..functional import attention
 from ..masks import contiguous_documents, offset_range
+from ..pe.token import BandTerm, GateTerm
 from ..problem import Problem
 from . import all_to_all, ring
 from ._agree import agree, comm_device, float_fact, text_fact
+from ._token import global_cumulative
 from .layout import check_layout, gather, shard, shard_positions, unshard, world
 
 __all__ = ["STRATEGIES", "ContextParallel", "context_parallel_attention"]
@@ -50,7 +60,12 @@ def context_parallel_attention(
     Args:
         q: ``(B, Hq, N/W, D)``, this rank's queries.
         k, v: ``(B, Hkv, N/W, D)``; ``Hq`` a multiple of ``Hkv`` (GQA).
-        pe: as :func:`relattn.attention`: None, an additive encoding, a RoPE, or a list.
+        pe: as :func:`relattn.attention`: None, an additive encoding, a RoPE, a term that
+            depends on the tokens, or a list. Terms take this rank's shard:
+            ``QueryConditionedBias(...)(r)`` with ``r (B, Hq, N/W, rank)``, the latents of
+            this rank's queries, and ``ForgetGate()(log_f)`` with ``log_f (B, Hq, N/W)`` of
+            this rank's tokens (its cumulative sum over the shard; the previous positions'
+            totals, from the other ranks, are added here, so ``F`` is global).
         group: the context-parallel process group (None: the default group; one process
             without torch.distributed initialized). A group of one is the plain op.
         strategy: ``"ring"`` (keys and values travel around the group) or ``"all_to_all"``
@@ -67,10 +82,12 @@ def context_parallel_attention(
     Returns:
         ``(B, Hq, N/W, D)`` in q's dtype: this rank's shard of the output.
 
-    Gradients: dq, dk, dv are this rank's shard of the whole-sequence gradients. The table's
-    gradient (hence the encoding's parameters') holds this rank's share: summed over the group
-    it is the whole-sequence gradient, the same rule as every other parameter of a model whose
-    loss is split over the group's tokens (see docs/context-parallel.md).
+    Gradients: dq, dk, dv, and r's and log f's, are this rank's shard of the whole-sequence
+    gradients (log f's includes what the later ranks' positions give it). The table's
+    gradient (hence the encoding's parameters') and the band's weight's hold this rank's share:
+    summed over the group they are the whole-sequence gradient, the same rule as every other
+    parameter of a model whose loss is split over the group's tokens (see
+    docs/context-parallel.md).
 
     Raises:
         ValueError, TypeError: on every rank of the group, whichever rank's input is wrong
@@ -90,7 +107,7 @@ def context_parallel_attention(
     )  # fmt: skip
     hint = q.device if isinstance(q, Tensor) else None
     agree(group, comm_device(group, hint), facts, error, "context_parallel_attention")
-    rope, additive, scale, window, impl = parsed
+    rope, additive, terms, scale, window, impl = parsed
     n = q.shape[2]
     docs = gather(doc_ids.to(torch.int64), group, layout, dim=1) if doc_ids is not None else None
     kpm = gather(key_padding_mask, group, layout, dim=1) if key_padding_mask is not None else None
@@ -101,15 +118,20 @@ def context_parallel_attention(
         q, k = rope.rotate(q, pos), rope.rotate(k, pos)
     lo, hi = offset_range(n * size, n * size, causal, 0, window)
     table, slopes = encoding_terms(additive, lo, hi, q, impl.closed_form)
+    r = weight = f = None
+    if terms:
+        r, weight, f, _ = token_terms(terms, q, n, 0)  # checked in _parse; compute dtype
+        if f is not None:
+            f = global_cumulative(f, group, layout)  # a collective (and in the backward)
     rank = dist.get_rank(group)
     if strategy == "ring":
         chunk = n if layout == "contiguous" else n // 2
         steps = ring.ring_steps(size, n, layout, causal, window)
         ring_plan = ring.Plan(group, rank, size, n, chunk, steps, lo, scale, causal, window, impl)
         ring.plan_calls(ring_plan, layout, docs, kpm)
-        return ring.RingAttention.apply(q, k, v, table, slopes, ring_plan)
+        return ring.RingAttention.apply(q, k, v, table, slopes, r, weight, f, ring_plan)
     plan = all_to_all.Plan(group, rank, size, layout, n, lo, scale, causal, window, impl, docs, kpm)
-    return all_to_all.AllToAllAttention.apply(q, k, v, table, slopes, plan)
+    return all_to_all.AllToAllAttention.apply(q, k, v, table, slopes, r, weight, f, plan)
 
 
 @dataclass(frozen=True)
@@ -164,8 +186,14 @@ def _shape(t) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")" if isinstance(t, Tensor) else "-"
 
 
+def _fingerprint(name: str, t: Tensor) -> str:
+    x = t.detach().double()
+    return f"|{name}{tuple(x.shape)}:{x.sum().item()!r}:{(x * x).sum().item()!r}"
+
+
 def _pe_fact(pe) -> tuple[int, str]:
-    """A fingerprint of the encodings: types, settings, and their parameters' values."""
+    """A fingerprint of the encodings: types, settings, and their parameters' values (a token
+    term: the band's weight; r and F are each rank's own, their shapes are checked)."""
     items = [] if pe is None else list(pe) if isinstance(pe, (list, tuple)) else [pe]
     parts, names = [], []
     for e in items:
@@ -173,8 +201,9 @@ def _pe_fact(pe) -> tuple[int, str]:
         desc = f"{type(e).__name__}({e.extra_repr() if hasattr(e, 'extra_repr') else ''})"
         if isinstance(e, torch.nn.Module):
             for pname, p in [*e.named_parameters(), *e.named_buffers()]:
-                x = p.detach().double()
-                desc += f"|{pname}{tuple(x.shape)}:{x.sum().item()!r}:{(x * x).sum().item()!r}"
+                desc += _fingerprint(pname, p)
+        elif isinstance(e, BandTerm) and isinstance(e.weight, Tensor):
+            desc += _fingerprint("weight", e.weight)
         parts.append(desc)
     code = text_fact(";".join(parts))
     return code, f"{'+'.join(names) or 'None'} (fingerprint {code:08x})"
@@ -197,6 +226,7 @@ def _check_local(q, k, v, pe, size, strategy, layout, causal, scale, window, doc
         "backend": repr(backend),
         "doc_ids (given or None)": "given" if doc_ids is not None else "None",
         "key_padding_mask (given or None)": "given" if key_padding_mask is not None else "None",
+        "need for gradients": _needs_grad(q, k, v, pe),
     }
     record = {name: (text_fact(val), val) for name, val in facts.items()}
     record["pe"] = _pe_fact(pe)
@@ -206,14 +236,33 @@ def _check_local(q, k, v, pe, size, strategy, layout, causal, scale, window, doc
                         key_padding_mask, backend)  # fmt: skip
     except (TypeError, ValueError, RuntimeError) as e:
         return record, e, None
-    record["scale"] = (float_fact(parsed[2]), repr(parsed[2]))
+    record["scale"] = (float_fact(parsed[3]), repr(parsed[3]))
     return record, None, parsed
+
+
+def _needs_grad(q, k, v, pe) -> str:
+    """Whether this call records a backward (every rank must: the backward is collective)."""
+    if not torch.is_grad_enabled():
+        return "no (grad mode off)"
+    items = [] if pe is None else list(pe) if isinstance(pe, (list, tuple)) else [pe]
+    tensors = [q, k, v]
+    for e in items:
+        if isinstance(e, torch.nn.Module):
+            tensors += list(e.parameters())
+        elif isinstance(e, BandTerm):
+            tensors += [e.r, e.weight]
+        elif isinstance(e, GateTerm):
+            tensors.append(e.cumulative)
+    return "yes" if any(isinstance(t, Tensor) and t.requires_grad for t in tensors) else "no"
 
 
 def _parse(q, k, v, pe, size, strategy, layout, causal, scale, window, doc_ids,
            key_padding_mask, backend):  # fmt: skip
     """relattn.call's checks (the one validator), the shard's own rules, and the backend
-    (``backends.choose`` among backends with ``context_parallel`` set)."""
+    (``backends.choose`` among backends with ``context_parallel`` set; for ``"auto"`` with
+    token terms, among those that also compute them, else chunked: a block whose backend does
+    not compute them runs the blockwise stand-in). Returns ``(rope, additive encodings, token
+    terms, scale, window, backend)``."""
     _choice("strategy", strategy, STRATEGIES)
     check_layout(layout)
     names = backends.names()
@@ -248,14 +297,35 @@ def _parse(q, k, v, pe, size, strategy, layout, causal, scale, window, doc_ids,
         if t is not None:
             check_per_key(name, t, b, n, q, "(B, N/W)")
     rope, additive, terms = split_pe(pe, hq, d)
-    if terms:
-        raise NotImplementedError(
-            "context_parallel_attention does not take terms that depend on the tokens "
-            f"({type(terms[0]).__name__}) yet; run relattn.attention on one process"
-        )
+    for term in terms:
+        _check_shard_term(term, b, hq, n, q)
     problem = Problem(0, scale, causal, 0, window, doc_ids, key_padding_mask)
-    impl = backends.choose(backend, q, k, problem, context_parallel=True)
-    return rope, additive, scale, window, impl
+    token = bool(terms) and backend == "auto"
+    impl = backends.choose(backend, q, k, problem, context_parallel=True, token=token)
+    return rope, additive, terms, scale, window, impl
+
+
+def _check_shard_term(term, b: int, hq: int, n: int, q: Tensor) -> None:
+    """A token term of this rank's shard: r ``(B, Hq, N/W, rank)`` or F ``(B, Hq, N/W)``."""
+    if isinstance(term, BandTerm):
+        r = term.r
+        want = (b, hq, n, term.rank)
+        if tuple(r.shape) != want:
+            raise ValueError(
+                f"r must be this rank's shard, the latents of its queries: shape (B, Hq, N/W, "
+                f"rank) = {want}; got {_shape(r)}"
+            )
+        if r.device != q.device:
+            raise ValueError(f"r must be on q's device {q.device}; got {r.device}")
+    elif isinstance(term, GateTerm):
+        f = term.cumulative
+        if tuple(f.shape) != (b, hq, n):
+            raise ValueError(
+                f"log_f must be this rank's shard, one value per token of the shard: shape "
+                f"(B, Hq, N/W) = ({b}, {hq}, {n}); got {_shape(f)}"
+            )
+        if f.device != q.device:
+            raise ValueError(f"log_f must be on q's device {q.device}; got {f.device}")
 
 
 def _context_parallel(name: str) -> bool:

@@ -17,6 +17,11 @@ Documents (``doc_ids``) are contiguous runs of positions, so between two disjoin
 one document can connect them: the first query's when the keys come earlier, the last query's
 when they come later. Such a pair is computed as the rows of that document against its keys,
 one batch row at a time, with no per-key document test at all.
+
+Terms that depend on the tokens: a block's band takes the rows' ``r`` (this rank's) and reads
+the band's weight at the block's global offsets; the forget gate's global ``F`` (see
+``_token``) of the key shard travels with its keys and values, dF of those keys travels back
+with dK/dV, and dr, dF of the queries and the weight's share stay on the rank.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..backends.base import Backend
+from ..backends.base import Backend, TokenTerms
 from ..backends.base import Call as Prepared
 from ..masks import doc_bounds, offset_bounds
 from ._block import _block_backward, _block_forward, block_call
@@ -72,11 +77,14 @@ class Plan:
     backend: Backend
     calls: list[list[Call]] = field(default_factory=list)  # per step
 
-    def block(self, call: Call, q: Tensor, k: Tensor, v: Tensor, table, slopes) -> Prepared:
+    def block(
+        self, call: Call, q: Tensor, k: Tensor, v: Tensor, table, slopes,
+        token: TokenTerms | None = None,
+    ) -> Prepared:  # fmt: skip
         """The prepared call of one block (see :func:`relattn.distributed._block.block_call`)."""
         return block_call(
             self.backend, q, k, v, table, slopes, self.lo, self.scale, self.causal,
-            call.q_offset, self.window, call.doc_ids, call.key_padding_mask,
+            call.q_offset, self.window, call.doc_ids, call.key_padding_mask, token,
         )  # fmt: skip
 
 
@@ -175,8 +183,8 @@ def _exchange(plan: Plan, send, recv, to: int, frm: int, tag: int) -> list:
     ops = []
     for i, (x, y) in enumerate(zip(send, recv, strict=True)):
         STATS["bytes_sent"] += x.numel() * x.element_size()
-        ops.append(dist.P2POp(dist.isend, x, to_g, group=g, tag=2 * tag + i))
-        ops.append(dist.P2POp(dist.irecv, y, frm_g, group=g, tag=2 * tag + i))
+        ops.append(dist.P2POp(dist.isend, x, to_g, group=g, tag=4 * tag + i))
+        ops.append(dist.P2POp(dist.irecv, y, frm_g, group=g, tag=4 * tag + i))
     return dist.batch_isend_irecv(ops)
 
 
@@ -186,22 +194,22 @@ def _wait(works: list) -> None:
 
 
 class _Visiting:
-    """The keys and values a rank attends to at each ring step: its own at step 0 (sent on
-    as they are, copied only if not contiguous), then blocks received into at most two
-    rotating buffers."""
+    """The keys and values a rank attends to at each ring step (and the forget gate's F at
+    those keys, ``(B, Hq, n)``, when the call has one): its own at step 0 (sent on as they
+    are, copied only if not contiguous), then blocks received into at most two rotating
+    buffers. ``kv`` is ``(k, v)`` or ``(k, v, F)``."""
 
-    def __init__(self, plan: Plan, k: Tensor, v: Tensor) -> None:
-        self.plan, self.own = plan, (k.contiguous(), v.contiguous())
-        self.kv: tuple[Tensor, Tensor] = self.own
-        self.spare: list[tuple[Tensor, Tensor]] = []
-        self.incoming: tuple[Tensor, Tensor] | None = None
+    def __init__(self, plan: Plan, *tensors: Tensor) -> None:
+        self.plan, self.own = plan, tuple(x.contiguous() for x in tensors)
+        self.kv: tuple[Tensor, ...] = self.own
+        self.spare: list[tuple[Tensor, ...]] = []
+        self.incoming: tuple[Tensor, ...] | None = None
         self.works: list = []
 
     def send_on(self) -> None:
         """Start passing the current block to the next rank and receiving the next one."""
-        k, v = self.kv
         self.incoming = (
-            self.spare.pop() if self.spare else (torch.empty_like(k), torch.empty_like(v))
+            self.spare.pop() if self.spare else tuple(torch.empty_like(x) for x in self.kv)
         )
         nxt, prv = (self.plan.rank + 1) % self.plan.world, (self.plan.rank - 1) % self.plan.world
         self.works = _exchange(self.plan, self.kv, self.incoming, nxt, prv, 0)
@@ -233,26 +241,46 @@ def _chunk(x: Tensor, j: int, c: int) -> Tensor:
     return x[..., j * c : (j + 1) * c, :]
 
 
+def _rows(x: Tensor, j: int, c: int, call: Call, cols: bool = False) -> Tensor:
+    """The block's rows (``cols``: its keys) of chunk j of a per-position ``(B, H, n)``."""
+    return x[..., j * c : (j + 1) * c][call.batch, :, call.cols if cols else call.rows]
+
+
+def _token(call: Call, c: int, r, weight, f, f_keys) -> TokenTerms | None:
+    """The block's :class:`TokenTerms`: its rows' r ``(B, Hq, rows, R)``, the weight, F at its
+    rows (``f``, this rank's) and at its keys (``f_keys``, the visiting shard's); or None."""
+    if r is None and f is None:
+        return None
+    rows = _chunk(r, call.qi, c)[call.batch, :, call.rows] if r is not None else None
+    fq = _rows(f, call.qi, c, call) if f is not None else None
+    fk = _rows(f_keys, call.kj, c, call, cols=True) if f_keys is not None else None
+    return TokenTerms(rows, weight, fq, fk)
+
+
 class RingAttention(torch.autograd.Function):
     """``out (B, Hq, n, D)`` of this rank's queries over the whole sequence; see the module."""
 
     @staticmethod
-    def forward(ctx, q, k, v, table, slopes, plan: Plan):
+    def forward(ctx, q, k, v, table, slopes, r, weight, f, plan: Plan):
+        """``r (B, Hq, n, R)``, ``weight (Hw, R, W)``: the band (or None); ``f (B, Hq, n)``:
+        the forget gate's global F at this rank's positions (or None)."""
         bsz, hq, n, d = q.shape
         c = plan.chunk
         compute = torch.promote_types(q.dtype, torch.float32)
         out = torch.zeros(bsz, hq, n, d, dtype=compute, device=q.device)
         lse = torch.full((bsz, hq, n), _NEG_INF, dtype=torch.float32, device=q.device)
-        visiting = _Visiting(plan, k, v)
+        visiting = _Visiting(plan, k, v, *((f,) if f is not None else ()))
         block_lse = []
         for s in range(plan.steps):
             if s + 1 < plan.steps:
                 visiting.send_on()
             t0 = time.perf_counter()
             for call in plan.calls[s]:
-                kc, vc = (_chunk(x, call.kj, c)[call.batch, :, call.cols] for x in visiting.kv)
+                kc, vc = (_chunk(x, call.kj, c)[call.batch, :, call.cols] for x in visiting.kv[:2])
                 qc = _chunk(q, call.qi, c)[call.batch, :, call.rows]
-                o, lse_o = _block_forward(plan.block(call, qc, kc, vc, table, slopes))
+                f_keys = visiting.kv[2] if f is not None else None
+                token = _token(call, c, r, weight, f, f_keys)
+                o, lse_o = _block_forward(plan.block(call, qc, kc, vc, table, slopes, token))
                 rows_out = _chunk(out, call.qi, c)[call.batch, :, call.rows]
                 rows_lse = lse[..., call.qi * c : (call.qi + 1) * c][call.batch, :, call.rows]
                 _merge(rows_out, rows_lse, o, lse_o)
@@ -262,37 +290,45 @@ class RingAttention(torch.autograd.Function):
         del visiting
         ctx.plan = plan
         ctx.block_lse = block_lse
-        ctx.save_for_backward(q, k, v, out, lse, table, slopes)
+        ctx.save_for_backward(q, k, v, out, lse, table, slopes, r, weight, f)
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, out, lse, table, slopes = ctx.saved_tensors
+        q, k, v, out, lse, table, slopes, r, weight, f = ctx.saved_tensors
         plan: Plan = ctx.plan
         c = plan.chunk
         compute = out.dtype
-        r, w = plan.rank, plan.world
-        nxt, prv = (r + 1) % w, (r - 1) % w
+        rank, w = plan.rank, plan.world
+        nxt, prv = (rank + 1) % w, (rank - 1) % w
         want_table = table is not None and ctx.needs_input_grad[3]
         do = grad_out.to(compute)
         dq = torch.zeros_like(out)
         dtable = None
         if want_table:
             dtable = torch.zeros(table.shape, dtype=torch.float32, device=q.device)
-        visiting = _Visiting(plan, k, v)
-        # dK/dV of the visiting block accumulate in the buffer that brought them from the
-        # previous rank: two buffers in all (the one filling, the one in flight), at the price
-        # of waiting for it at the start of the step instead of overlapping that hop.
-        acc: Tensor | None = None
-        spare: Tensor | None = None
-        incoming: Tensor | None = None
+        dr = torch.zeros(r.shape, dtype=compute, device=q.device) if r is not None else None
+        dweight = None
+        if weight is not None:
+            dweight = torch.zeros(weight.shape, dtype=compute, device=q.device)
+        dfq = torch.zeros(f.shape, dtype=compute, device=q.device) if f is not None else None
+        visiting = _Visiting(plan, k, v, *((f,) if f is not None else ()))
+        # dK/dV of the visiting block (and dF of its keys) accumulate in the buffers that
+        # brought them from the previous rank: two sets in all (the one filling, the one in
+        # flight), at the price of waiting for it at the start of the step instead of
+        # overlapping that hop.
+        acc: tuple[Tensor, ...] | None = None
+        spare: tuple[Tensor, ...] | None = None
+        incoming: tuple[Tensor, ...] | None = None
         works: list = []
         block_lse = iter(ctx.block_lse)
         for s in range(plan.steps):
             if s + 1 < plan.steps:
                 visiting.send_on()
             if s == 0:
-                acc = torch.zeros((2, *k.shape), dtype=compute, device=k.device)
+                acc = (torch.zeros((2, *k.shape), dtype=compute, device=k.device),)
+                if f is not None:
+                    acc += (torch.zeros(f.shape, dtype=compute, device=f.device),)
             else:
                 _wait(works)
                 acc, spare = incoming, acc
@@ -304,28 +340,41 @@ class RingAttention(torch.autograd.Function):
                 alpha = torch.exp(lse_o - torch.where(lse_rows == _NEG_INF, 0.0, lse_rows))
                 alpha = torch.where(lse_rows == _NEG_INF, 0.0, alpha)
                 g = _chunk(do, call.qi, c)[call.batch, :, call.rows] * alpha[..., None]
-                kc, vc = (_chunk(x, call.kj, c)[call.batch, :, call.cols] for x in visiting.kv)
+                kc, vc = (_chunk(x, call.kj, c)[call.batch, :, call.cols] for x in visiting.kv[:2])
                 qc = _chunk(q, call.qi, c)[call.batch, :, call.rows]
                 oc = _chunk(out, call.qi, c)[call.batch, :, call.rows]
-                block = plan.block(call, qc, kc, vc, table, slopes)
-                dq_, dk_, dv_, dt_ = _block_backward(
+                f_keys = visiting.kv[2] if f is not None else None
+                token = _token(call, c, r, weight, f, f_keys)
+                block = plan.block(call, qc, kc, vc, table, slopes, token)
+                dq_, dk_, dv_, dt_, *dtoken = _block_backward(
                     block, g.to(q.dtype), oc.to(q.dtype), lse_o, partial=True
                 )
                 del g
                 _chunk(dq, call.qi, c)[call.batch, :, call.rows] += dq_
-                _chunk(acc[0], call.kj, c)[call.batch, :, call.cols] += dk_
-                _chunk(acc[1], call.kj, c)[call.batch, :, call.cols] += dv_
+                _chunk(acc[0][0], call.kj, c)[call.batch, :, call.cols] += dk_
+                _chunk(acc[0][1], call.kj, c)[call.batch, :, call.cols] += dv_
                 if want_table:
                     assert dtable is not None and dt_ is not None  # both exist for a table
                     dtable += dt_
-                del dq_, dk_, dv_, dt_
+                if dtoken:
+                    dr_, dw_, dfq_, dfk_ = dtoken
+                    if dr is not None:
+                        _chunk(dr, call.qi, c)[call.batch, :, call.rows] += dr_
+                        dweight += dw_
+                    if dfq is not None:
+                        _rows(dfq, call.qi, c, call).add_(dfq_)
+                        _rows(acc[1], call.kj, c, call, cols=True).add_(dfk_)
+                del dq_, dk_, dv_, dt_, dtoken
             STATS["compute_s"] += time.perf_counter() - t0
             last = s + 1 == plan.steps
             # Along the ring to the next rank; after the last step, straight to the block's owner.
-            to, frm = (nxt, prv) if not last else ((r - s) % w, (r + s) % w)
-            if to != r:
-                incoming = spare if spare is not None else torch.empty_like(acc)
-                works = _exchange(plan, [acc], [incoming], to, frm, 1)
+            to, frm = (nxt, prv) if not last else ((rank - s) % w, (rank + s) % w)
+            if to != rank:
+                if spare is None:
+                    incoming = tuple(torch.empty_like(x) for x in acc)
+                else:
+                    incoming = spare
+                works = _exchange(plan, list(acc), list(incoming), to, frm, 1)
             else:
                 incoming, works = acc, []
             visiting.advance()
@@ -333,7 +382,12 @@ class RingAttention(torch.autograd.Function):
         del visiting, acc, spare
         acc_in = incoming
         assert acc_in is not None  # plan.steps >= 1
-        dk, dv = acc_in[0].to(k.dtype), acc_in[1].to(v.dtype)
+        dk, dv = acc_in[0][0].to(k.dtype), acc_in[0][1].to(v.dtype)
         if dtable is not None:
             dtable = dtable.to(table.dtype)
-        return dq.to(q.dtype), dk, dv, dtable, None, None
+        df = None
+        if dfq is not None:
+            df = (dfq + acc_in[1]).to(f.dtype)  # its rows' share and its keys', from every rank
+        if dr is not None:
+            dr, dweight = dr.to(r.dtype), dweight.to(weight.dtype)
+        return dq.to(q.dtype), dk, dv, dtable, None, dr, dweight, df, None
