@@ -302,7 +302,9 @@ def split_pe(
     if isinstance(pe, PositionEncoding) and getattr(pe, "num_heads", None) == hq:
         return None, [pe], []
     items = list(pe) if isinstance(pe, (list, tuple)) else [pe]
-    rope, additive, terms = None, [], []
+    rope: RoPE | None = None
+    additive: list[PositionEncoding] = []
+    terms: list[TokenTerm] = []
     for item in items:
         if isinstance(item, RoPE):
             if rope is not None:

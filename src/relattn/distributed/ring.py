@@ -388,6 +388,6 @@ class RingAttention(torch.autograd.Function):
         df = None
         if dfq is not None:
             df = (dfq + acc_in[1]).to(f.dtype)  # its rows' share and its keys', from every rank
-        if dr is not None:
+        if dr is not None and dweight is not None and r is not None and weight is not None:
             dr, dweight = dr.to(r.dtype), dweight.to(weight.dtype)
         return dq.to(q.dtype), dk, dv, dtable, None, dr, dweight, df, None

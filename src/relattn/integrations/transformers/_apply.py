@@ -343,7 +343,8 @@ def apply(model: nn.Module, *, ignore_attention_dropout: bool = False) -> nn.Mod
             "model.config.output_attentions=True needs the attention weights, which relattn "
             "never materializes; set it to False before apply()"
         )
-    layers = [m for m in model.modules() if isinstance(m, tuple(classes))]
+    wanted = tuple(c for c in classes if isinstance(c, type))
+    layers: list[nn.Module] = [m for m in model.modules() if isinstance(m, wanted)]
     if not layers:
         names = " or ".join(family.attention_names)
         raise ValueError(f"model has no {names} layer to run through relattn")
@@ -550,7 +551,12 @@ def _relattn_mask(
             f"for model_type in {SUPPORTED_MODEL_TYPES}; got {model_type!r}"
         )
     plain = mask_function in (mu.causal_mask_function, mu.bidirectional_mask_function)
-    if not plain and not (family.sliding and _inkling.sliding_mask_ok(mask_function, config)):
+    sliding_ok = (
+        family.sliding
+        and mask_function is not None
+        and _inkling.sliding_mask_ok(mask_function, config)
+    )
+    if not plain and not sliding_ok:
         raise NotImplementedError(
             "relattn's transformers integration supports plain causal or bidirectional masks "
             "with padding; this call combines another mask function (packed sequences given "

@@ -104,6 +104,7 @@ def _sink_attention(q, k, v, term, r, weight, sinks, scale, q_offset, window, kp
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if not grad or call.backend.autograd:
         out, lse = run(call)
+        assert lse is not None  # prepare(..., lse=True)
         return _with_sink(out, lse, sinks)
     return _SinkAttention.apply(call, *tensors)
 
@@ -120,7 +121,7 @@ class _SinkAttention(torch.autograd.Function):
     ``dweight``."""
 
     @staticmethod
-    def forward(ctx, call, q, k, v, r, weight, sinks):  # type: ignore[override]
+    def forward(ctx, call, q, k, v, r, weight, sinks):
         impl = call.backend
         out, lse = impl.forward(call)
         stat = lse.dtype
@@ -133,7 +134,7 @@ class _SinkAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         out, lse, full = ctx.saved_tensors
         call = ctx.call
         grad_out = grad_out.contiguous()
@@ -323,7 +324,7 @@ def install_distance_switch(modeling) -> None:
     def get_relative_distance(*args, **kwargs):
         if _SKIP_DISTANCE.get():
             return None
-        return get_relative_distance.__wrapped__(*args, **kwargs)  # type: ignore[attr-defined]
+        return original(*args, **kwargs)
 
     get_relative_distance._relattn_switch = True  # type: ignore[attr-defined]
     get_relative_distance.__wrapped__ = original  # type: ignore[attr-defined]
