@@ -1,7 +1,8 @@
 """The inputs every suite draws from: backends, devices, encodings, masks and shapes.
 
 Encodings come from the registry (:func:`relattn.pe.names`): a newly registered encoding joins
-:data:`LAYER_ENCODINGS` and, through :func:`registry_variants`, the conformance grid. A
+:data:`LAYER_ENCODINGS` and, through :func:`registry_variants`, the conformance grid (a term
+the tokens set joins the layer's and the model's suites, on the backends that compute it). A
 backend joins :data:`BACKENDS` by registering itself before collection.
 """
 
@@ -45,6 +46,27 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LAYER_ENCODINGS = ["none", *relattn.pe.names()]
 
 
+def skip_unless_token_backend(pe: str, backend: str) -> None:
+    """Skip a pe the tokens set (inkling, fox: ``spec.token``) on a backend that cannot
+    compute it (``token_terms`` False): dispatch refuses such calls with a clear error."""
+    name = pe.split("+")[-1]
+    if name in relattn.pe.names() and relattn.pe.spec(name).token:
+        if not relattn.backends.get(backend).token_terms:
+            pytest.skip(f"backend {backend!r} does not compute the terms that depend on the tokens")
+
+
+def strengthen(layer):
+    """A layer's position terms made large enough to matter: its encoding's parameters moved
+    by N(0, 0.5²), a forget gate's bias lowered by 3 (gates about 0.5 .. 0.95)."""
+    with torch.no_grad():
+        if layer.pe is not None:
+            for p in layer.pe.parameters():
+                p.add_(torch.randn_like(p) * 0.5)
+        if getattr(layer, "gate_proj", None) is not None:
+            layer.gate_proj.bias.sub_(3.0)
+    return layer
+
+
 def randomize(enc, g: torch.Generator, std: float = 1.0):
     """Learnable parameters drawn large enough that the position term matters."""
     with torch.no_grad():
@@ -85,11 +107,13 @@ ENCODINGS: dict[str, object] = {
 
 def registry_variants() -> dict[str, object]:
     """:data:`ENCODINGS` plus every registered encoding not covered there, built with its
-    registry defaults (randomized), so a new encoding joins the grid by registering."""
+    registry defaults (randomized), so a new encoding joins the grid by registering. Terms the
+    tokens set (``spec.token``: inkling, fox) are no module ``pe`` takes as it is; their grid
+    is tests/test_token_terms.py."""
     covered = {"t5", "alibi", "kerple", "offset", "rope"}
     out = dict(ENCODINGS)
     for spec in relattn.pe.specs():
-        if spec.name not in covered:
+        if spec.name not in covered and not spec.token:
             out[spec.name] = lambda h, d, g, s=spec: randomize(s.create(h, d), g, std=0.5)
     return out
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import BACKENDS, LAYER_ENCODINGS
+from cases import BACKENDS, LAYER_ENCODINGS, skip_unless_token_backend, strengthen
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracle import max_err, seed_of
@@ -17,13 +17,10 @@ D_MODEL, HEADS, KV_HEADS = 32, 2, 1  # tiny: the triton backend runs in its inte
 
 
 def make_layer(pe: str, rope: bool, backend: str, seed: int, **kw) -> RelativeSelfAttention:
+    skip_unless_token_backend(pe, backend)
     torch.manual_seed(seed)
     layer = RelativeSelfAttention(D_MODEL, HEADS, KV_HEADS, pe=pe, rope=rope, backend=backend, **kw)
-    with torch.no_grad():  # position terms large enough to matter
-        if layer.pe is not None:
-            for p in layer.pe.parameters():
-                p.add_(torch.randn_like(p) * 0.5)
-    return layer.eval()
+    return strengthen(layer).eval()
 
 
 def decode(layer, x, chunks, window=None, cache_window=None, capacity=None, **masks):

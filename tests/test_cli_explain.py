@@ -17,9 +17,13 @@ from relattn.cli.explain.compute import embed
 from relattn.pe import T5Bias, alibi_slopes
 
 FOX = "The quick brown fox"
-# Every registered encoding, and none: a newly registered one joins with no edit here.
-ENCODINGS = ["none", *relattn.pe.names()]
-LEARNABLE = [n for n in relattn.pe.names() if relattn.pe.spec(n).learnable]
+# Every registered table encoding, and none: a newly registered one joins with no edit here.
+# Terms the tokens set (spec.token: inkling, fox) have no table to show: explain refuses them
+# with a clear error (test_token_terms_are_refused_clearly).
+TABLES = [n for n in relattn.pe.names() if not relattn.pe.spec(n).token]
+TOKEN_TERMS = [n for n in relattn.pe.names() if relattn.pe.spec(n).token]
+ENCODINGS = ["none", *TABLES]
+LEARNABLE = [n for n in TABLES if relattn.pe.spec(n).learnable]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -183,7 +187,7 @@ def test_table_prints_t5_buckets_from_the_flags(capsys):
 
 # Additive encodings without buckets: every registered one but T5 (its buckets are tested
 # above) and RoPE (a rotation, no table).
-@pytest.mark.parametrize("pe", [n for n in relattn.pe.names() if n not in ("t5", "rope")])
+@pytest.mark.parametrize("pe", [n for n in TABLES if n not in ("t5", "rope")])
 def test_table_other_encodings(capsys, pe):
     obj = explain_json(capsys, FOX, "--pe", pe, "--heads", "2", "--table", "5")
     assert obj["table"]["buckets"] is None
@@ -191,6 +195,15 @@ def test_table_other_encodings(capsys, pe):
     assert values.shape == (2, 6)
     pe_q3 = torch.tensor(obj["pe"][3])  # offsets 3, 2, 1, 0
     torch.testing.assert_close(pe_q3, values[:, [3, 2, 1, 0]])
+
+
+@pytest.mark.parametrize("pe", [*TOKEN_TERMS, *(f"rope+{n}" for n in TOKEN_TERMS)])
+def test_token_terms_are_refused_clearly(capsys, pe):
+    rc, out, err = explain(capsys, FOX, "--pe", pe)
+    name = pe.split("+")[-1]
+    assert rc == 2 and out == ""
+    assert f"--pe: {name!r} is a position term the tokens set" in err
+    assert "explain does not show such terms yet" in err and len(err.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- --png

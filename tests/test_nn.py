@@ -7,28 +7,43 @@ import copy
 
 import pytest
 import torch
-from cases import BACKENDS, LAYER_ENCODINGS
+from cases import BACKENDS, LAYER_ENCODINGS, skip_unless_token_backend, strengthen
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracle import attention_math, max_err, seed_of
+from token_oracle import band_math, gate_math
 
 import relattn
 from relattn.nn import RelativeSelfAttention
-from relattn.pe import ALiBi, RoPE, T5Bias
+from relattn.pe import ALiBi, ForgetGate, QueryConditionedBias, RoPE, T5Bias
 
 D_MODEL, HEADS, KV_HEADS = 32, 2, 1  # tiny: the triton backend runs in its interpreter on CPU
 
 
+def token_bias_math(layer: RelativeSelfAttention, x: torch.Tensor) -> torch.Tensor | None:
+    """The layer's token term ``(B, H, N, N)`` in float64 from its own projection (None for a
+    table encoding): ``r = x·W_rᵀ`` through the band, or ``log f = logsigmoid(x·w + b)``."""
+    b, n, _ = x.shape
+    x = x.double()
+    if isinstance(layer.pe, QueryConditionedBias):
+        proj = layer.r_proj
+        r = x @ proj.weight.double().T + (0 if proj.bias is None else proj.bias.double())
+        r = r.view(b, n, layer.num_heads, layer.pe.rank).transpose(1, 2)
+        return band_math(r, layer.pe.weight.detach().double(), n, 0)
+    if isinstance(layer.pe, ForgetGate):
+        proj = layer.gate_proj
+        log_f = torch.nn.functional.logsigmoid(x @ proj.weight.double().T + proj.bias.double())
+        return gate_math(log_f.transpose(1, 2), n, 0)
+    return None
+
+
 def make_layer(pe: str, rope: bool, backend: str, seed: int, **kw) -> RelativeSelfAttention:
+    skip_unless_token_backend(pe, backend)
     torch.manual_seed(seed)
     layer = RelativeSelfAttention(
         D_MODEL, HEADS, kw.pop("num_kv_heads", KV_HEADS), pe=pe, rope=rope, backend=backend, **kw
     )
-    with torch.no_grad():  # position terms large enough to matter
-        if layer.pe is not None:
-            for p in layer.pe.parameters():
-                p.add_(torch.randn_like(p) * 0.5)
-    return layer
+    return strengthen(layer)
 
 
 def out_and_grads(layer, x, g, **kw) -> dict[str, torch.Tensor]:
@@ -67,8 +82,10 @@ def test_layer_matches_float64_math(pe, rope, num_kv_heads):
     q = q.view(b, n, h, d).transpose(1, 2)
     k = k.view(b, n, num_kv_heads, d).transpose(1, 2)
     v = v.view(b, n, num_kv_heads, d).transpose(1, 2)
-    pe_list = [e for e in (layer.pe, layer.rope) if e is not None]
-    y = attention_math(q, k, v, pe_list or None, window=4)
+    bias = token_bias_math(layer, x)
+    tables = [layer.pe] if bias is None and layer.pe is not None else []
+    pe_list = tables + ([layer.rope] if layer.rope is not None else [])
+    y = attention_math(q, k, v, pe_list or None, window=4, bias=bias)
     want = y.transpose(1, 2).reshape(b, n, D_MODEL) @ layer.out_proj.weight.T
     with torch.no_grad():
         got = layer(x, window=4)

@@ -8,6 +8,11 @@ With a sliding window W, a query at position p sees keys ``p - W + 1 .. p``, so 
 ``W - 1`` keys can ever be read again; the cache keeps exactly those (shifted to the front of the
 buffer, so column order stays position order, which the offset tables rely on). The sequence may
 then grow past the stored size; ``capacity`` still bounds the total length unless it is None.
+
+A forget gate (``pe="fox"``) needs its cumulative log gate ``F`` at every key: the cache keeps
+it beside the keys, per query head, ``(B, Hq, slots)`` in float32 (float64 for a float64
+model), appended as ``F_last + cumsum(log f)`` of the new tokens (see :meth:`LayerCache.update`).
+The banded bias (``pe="inkling"``) needs only the new queries' latents, nothing cached.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ class CacheView(NamedTuple):
     q_offset: number of keys kept before the append (position of the first new query minus that
         of key column 0).
     doc_ids: ``(B, Nk)`` or None. key_padding_mask: ``(B, Nk)`` bool or None.
+    gate: ``(B, Hq, Nk)`` the forget gate's cumulative log F at the kept keys and the new ones
+        (float32, float64 for float64 ``log_f``), when :meth:`LayerCache.update` was given
+        ``log_f``; else None.
     """
 
     k: Tensor
@@ -37,13 +45,15 @@ class CacheView(NamedTuple):
     q_offset: int
     doc_ids: Tensor | None
     key_padding_mask: Tensor | None
+    gate: Tensor | None = None
 
 
 class LayerCache:
     """One layer's keys and values. Obtain it from :meth:`KVCache.layer`; don't build it directly.
 
     Storage: ``k``, ``v`` of shape ``(B, Hkv, S, D)`` with ``S = capacity`` (no window) or
-    ``min(W - 1, capacity)`` (window W); the first ``kept`` columns are valid.
+    ``min(W - 1, capacity)`` (window W); the first ``kept`` columns are valid. A forget gate's
+    ``F`` ``(B, Hq, S)`` is allocated at the first update that gives ``log_f``.
     """
 
     def __init__(
@@ -76,6 +86,8 @@ class LayerCache:
         self.device = self.k.device  # "cuda" -> "cuda:0", to compare with inputs' devices
         self._doc_ids = torch.zeros((batch_size, slots), dtype=torch.long, device=device)
         self._padding = torch.ones((batch_size, slots), dtype=torch.bool, device=device)
+        self._gate: Tensor | None = None  # (B, Hq, S) F at the kept keys, from the first log_f
+        self._gate_last: Tensor | None = None  # (B, Hq) F at the last position seen
         self.reset()
 
     def reset(self) -> None:
@@ -84,6 +96,7 @@ class LayerCache:
         self.kept = 0  # positions still stored
         self.has_doc_ids: bool | None = None
         self.has_padding = False
+        self.has_gate: bool | None = None
         self.last_doc: Tensor | None = None
         self.doc_start: Tensor | None = None
 
@@ -110,6 +123,7 @@ class LayerCache:
         v: Tensor,
         doc_ids: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
+        log_f: Tensor | None = None,
     ) -> CacheView:
         """Append new keys and values and return everything the new queries attend over.
 
@@ -118,6 +132,9 @@ class LayerCache:
             doc_ids: ``(B, n)`` integer document ids of the new tokens, or None. Give it in every
                 call on a cache or in none.
             key_padding_mask: ``(B, n)`` bool, True for real tokens, or None (all real).
+            log_f: ``(B, Hq, n)`` the new tokens' log forget gates (``pe="fox"``), or None.
+                Give it in every call on a cache or in none; the view's ``gate`` is then F at
+                every key it holds (``F_last + cumsum(log_f)`` for the new ones).
 
         Returns:
             A :class:`CacheView`. Stored keys are detached; the new keys in the view keep their
@@ -128,8 +145,10 @@ class LayerCache:
         the new positions appended: call :meth:`reset` and start over.
         """
         self._check(k, v, doc_ids, key_padding_mask)
+        self._check_gate(log_f, k.shape[0], k.shape[2])
         n = k.shape[2]
         m = self.kept
+        gate_new = None if log_f is None else self._gate_from(log_f)
         self.has_doc_ids = doc_ids is not None
         if doc_ids is None:
             doc_ids_new = torch.zeros((self.batch_size, n), dtype=torch.long, device=self.device)
@@ -159,6 +178,14 @@ class LayerCache:
             else:
                 k_all, v_all = self.k[:, :, : m + n], self.v[:, :, : m + n]
             doc_all, pad_all = self._doc_ids[:, : m + n], self._padding[:, : m + n]
+            gate_all = None
+            if gate_new is not None:
+                assert self._gate is not None  # allocated by _gate_from
+                self._gate[:, :, m : m + n] = gate_new.detach()
+                if gate_new.requires_grad:
+                    gate_all = torch.cat([self._gate[:, :, :m], gate_new], dim=2)
+                else:
+                    gate_all = self._gate[:, :, : m + n]
             self.kept = m + n
         else:
             # Attend over kept + new, then keep the last W - 1 (shifted to the front).
@@ -171,6 +198,11 @@ class LayerCache:
             self.v[:, :, :keep] = v_all[:, :, m + n - keep :].detach()
             self._doc_ids[:, :keep] = doc_all[:, m + n - keep :]
             self._padding[:, :keep] = pad_all[:, m + n - keep :]
+            gate_all = None
+            if gate_new is not None:
+                assert self._gate is not None  # allocated by _gate_from
+                gate_all = torch.cat([self._gate[:, :, :m], gate_new], dim=2)
+                self._gate[:, :, :keep] = gate_all[:, :, m + n - keep :].detach()
             self.kept = keep
         self.length += n
         return CacheView(
@@ -179,7 +211,54 @@ class LayerCache:
             m,
             doc_all if self.has_doc_ids else None,
             pad_all if self.has_padding else None,
+            gate_all,
         )
+
+    def _gate_from(self, log_f: Tensor) -> Tensor:
+        """F at the new positions, ``(B, Hq, n)``: the last position's F plus the cumulative sum
+        of ``log_f`` (in float32, float64 for float64), keeping ``log_f``'s graph; the storage
+        is allocated at the first call."""
+        dtype = torch.promote_types(log_f.dtype, torch.float32)
+        b, hq = log_f.shape[0], log_f.shape[1]
+        if self._gate is None or self._gate.shape[1] != hq or self._gate.dtype != dtype:
+            self._gate = torch.zeros((b, hq, self.slots), dtype=dtype, device=self.device)
+            self._gate_last = torch.zeros((b, hq), dtype=dtype, device=self.device)
+        assert self._gate_last is not None
+        gate = torch.cumsum(log_f.to(dtype), dim=-1)
+        if self.length > 0:
+            gate = gate + self._gate_last[:, :, None]
+        self._gate_last = gate[:, :, -1].detach().clone()
+        self.has_gate = True
+        return gate
+
+    def _check_gate(self, log_f: Tensor | None, b: int, n: int) -> None:
+        if log_f is not None:
+            if not isinstance(log_f, Tensor):
+                raise TypeError(
+                    f"log_f must be a torch.Tensor (B, Hq, n) or None; got {show(log_f)}"
+                )
+            if log_f.dim() != 3 or log_f.shape[0] != b or log_f.shape[2] != n:
+                raise ValueError(
+                    f"log_f must cover the new tokens: shape (B, Hq, n) with (B, n) = ({b}, {n}); "
+                    f"got {shape_str(log_f)}"
+                )
+            if not log_f.is_floating_point():
+                raise TypeError(f"log_f must be a floating-point tensor; got dtype {log_f.dtype}")
+            if log_f.device != self.device:
+                raise ValueError(
+                    f"log_f must be on the cache's device {self.device}; got {log_f.device}"
+                )
+            if self.length > 0 and self._gate is not None and self._gate.shape[1] != log_f.shape[1]:
+                raise ValueError(
+                    f"log_f must have the {self._gate.shape[1]} heads of the earlier calls on this "
+                    f"cache; got {shape_str(log_f)} (call reset() to start over)"
+                )
+        if self.length > 0 and bool(self.has_gate) != (log_f is not None):
+            raise ValueError(
+                "log_f (a forget gate) must be given in every call on a cache or in none; this "
+                "cache was filled " + ("with" if self.has_gate else "without") + " it (call "
+                "reset() to start over)"
+            )
 
     def _check(self, k, v, doc_ids, key_padding_mask) -> None:
         expected = (self.batch_size, self.num_kv_heads, self.head_dim)

@@ -16,6 +16,12 @@ pass, it computes the scores of all rows as one block with batched matmuls.
 
 All rows form one block, so the backward's live scores are ``O(Hq·Nq·Nk)``: the backend is
 exact for any shape, but ``backend="auto"`` picks it only for few rows (:data:`MAX_ROWS`).
+
+The terms that depend on the tokens (``call.token``: the banded bias and the forget gate) are
+computed for the call's rows over the key span, ``(B, Hq, Nq, L)`` (``O(Nq·Nk)``, few rows),
+and added to the mask the fused kernel reads; a generation step lays them, per (batch, head),
+under the C++ step's scores. Their gradients come from the backward's dS (:func:`token_bias`,
+:func:`token_grads`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from torch.nn.functional import scaled_dot_product_attention as _sdpa
 from ..masks import key_span
 from ..problem import Problem
 from . import cpu_kernel
-from .base import Backend, Call, Layout, fits, unreversed
+from .base import Backend, Call, Layout, TokenTerms, fits, unreversed
 from .chunked import _antidiagonal_sums, _check, _softmax_backward, _stat_dtype
 
 __all__ = ["MAX_ROWS", "DecodeBackend", "LayoutError", "backward", "forward"]
@@ -166,8 +172,9 @@ class _Setup:
     reversed ``(B, Hkv, G·Nq, D)``, the keys and values of the span ``(B, Hkv, L, D)`` (views),
     the positional row F and the extra doc/padding mask."""
 
-    def __init__(self, q, k, v, table, slopes, problem: Problem) -> None:
+    def __init__(self, q, k, v, table, slopes, problem: Problem, token=None) -> None:
         _check(q, k, table, slopes)
+        self.token: TokenTerms | None = token
         b, hq, nq, d = q.shape
         hkv, nk = k.shape[1], k.shape[2]
         self.b, self.hq, self.nq, self.d, self.hkv, self.nk = b, hq, nq, d, hkv, nk
@@ -188,6 +195,11 @@ class _Setup:
             table, slopes, problem, self.e_min, self.e_max, hq, self.compute, q.device
         )
         self.hidden = _hidden(problem, nq, c0, c1)
+        # The token terms over the span, folded like the rows: (B, Hkv, G·Nq, L).
+        self.tok = None
+        if token is not None:
+            tok = token_bias(token, problem, nq, c0, c1, self.compute)
+            self.tok = (tok.flip(2) if nq > 1 else tok).reshape(b, hkv, self.group * nq, -1)
         # A row can see nothing only at the ends of the span or under doc/padding masks.
         self.maybe_empty = self.hidden is not None or (
             nq > 1 and (_no_key(qo, nk, causal, window) or _no_key(qo + nq - 1, nk, causal, window))
@@ -203,6 +215,8 @@ class _Setup:
         """
         hkv, g, nq, keys, f = self.hkv, self.group, self.nq, self.keys, self.f
         rows = g * nq if member is None else nq
+        if self.tok is not None:
+            assert member is None  # token terms differ per head: one call for all rows
         bias = None
         if f is not None:
             f0 = f.stride(0)
@@ -214,6 +228,8 @@ class _Setup:
             else:
                 bias = f.as_strided((hkv, g, nq, keys), (g * f0, f0, 1, 1))
                 bias = bias.reshape(1, hkv, rows, keys)
+        if self.tok is not None:
+            bias = self.tok if bias is None else self.tok + bias
         if self.hidden is None:
             return bias
         if bias is None:
@@ -254,6 +270,133 @@ class _Setup:
         ``(B, Hq, Nq, *tail)``."""
         x = x.reshape(self.b, self.hq, self.nq, *tail)
         return x.flip(2) if self.nq > 1 else x
+
+
+def _token_delta(problem: Problem, nq: int, c0: int, c1: int, device: torch.device) -> Tensor:
+    """``(Nq, L)`` int64: ``Δ = q_offset + i - j`` for the keys ``j`` of the span ``[c0, c1)``."""
+    rows = torch.arange(problem.q_offset, problem.q_offset + nq, device=device)
+    return rows[:, None] - torch.arange(c0, c1, device=device)
+
+
+def token_bias(
+    token: TokenTerms, problem: Problem, nq: int, c0: int, c1: int, dtype: torch.dtype
+) -> Tensor:
+    """The terms that depend on the tokens for the call's rows against keys ``c0 .. c1 - 1``,
+    ``(B, Hq, Nq, L)`` in ``dtype``, rows in their own order: the banded bias as ``r·P`` over
+    every offset of the band (``(B, Hq, Nq, W)``), each key reading its offset's column, plus
+    the forget gate ``fq - fk`` (``fk - fq`` after the query). Masked pairs hold finite values
+    (the mask hides them)."""
+    r, weight, fq, fk = token
+    device = (r if r is not None else fq).device  # type: ignore[union-attr]
+    delta = _token_delta(problem, nq, c0, c1, device)
+    out: Tensor | None = None
+    if r is not None and weight is not None:
+        width = weight.shape[-1]
+        rp = torch.matmul(_as(r, dtype), _as(weight, dtype).unsqueeze(0))  # (B, Hq, Nq, W)
+        column = delta.clamp(0, width - 1).expand(*rp.shape[:2], nq, c1 - c0)
+        band = rp.gather(-1, column)
+        out = band.masked_fill_(~((delta >= 0) & (delta < width)), 0.0)
+    if fq is not None and fk is not None:
+        gap = _as(fq, dtype)[..., :, None] - _as(fk, dtype)[..., None, c0:c1]  # F_i - F_j
+        gate = torch.where(delta >= 0, gap, -gap)
+        out = gate if out is None else out.add_(gate)
+    assert out is not None  # TokenTerms holds at least one pair
+    return out
+
+
+def token_grads(
+    token: TokenTerms, problem: Problem, ds: Tensor, c0: int, c1: int, nk: int
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``(dr, dweight, dfq, dfk)`` of :func:`token_bias` from ``ds`` ``(B, Hq, Nq, L)``, the
+    scores' gradient over the span in the rows' own order (None for absent terms), each in its
+    tensor's dtype: ``dRP[.., i, Δ] = Σ_j dS[.., i, j]`` at ``Δ(i, j)`` in the band (a scatter,
+    one key per offset and row), ``dr = dRP·Pᵀ``, ``dP = Σ_{b, h} rᵀ·dRP``; the gate's row and
+    column sums of the signed dS."""
+    r, weight, fq, fk = token
+    b, hq, nq, _ = ds.shape
+    delta = _token_delta(problem, nq, c0, c1, ds.device)
+    dr = dweight = dfq = dfk = None
+    if r is not None and weight is not None:
+        width = weight.shape[-1]
+        inside = (delta >= 0) & (delta < width)
+        g = torch.where(inside, ds, 0.0)
+        column = delta.clamp(0, width - 1).expand(b, hq, nq, c1 - c0)
+        drp = torch.zeros(b, hq, nq, width, dtype=ds.dtype, device=ds.device)
+        drp.scatter_add_(-1, column, g)
+        w = _as(weight, ds.dtype)
+        dr = _as(torch.matmul(drp, w.transpose(-1, -2).unsqueeze(0)), r.dtype)
+        per_head = torch.einsum("bhic,bhiw->hcw", _as(r, ds.dtype), drp)  # (Hq, R, W)
+        if weight.shape[0] == 1:
+            per_head = per_head.sum(0, keepdim=True)
+        dweight = _as(per_head, weight.dtype)
+    if fq is not None and fk is not None:
+        signed = torch.where(delta >= 0, ds, -ds)
+        dfq = _as(signed.sum(-1), fq.dtype)
+        dfk = torch.zeros(b, hq, nk, dtype=fk.dtype, device=ds.device)
+        dfk[..., c0:c1] = signed.sum(-2).neg_()
+    return dr, dweight, dfq, dfk
+
+
+def _token_step(call: Call) -> tuple[Tensor, Tensor | None] | None:
+    """A generation step with token terms (one query row on the CPU at position Nk - 1 or
+    later, causal, no window, doc_ids or padding) on the C++ extension's ``step``: each (batch,
+    head)'s position term over the keys built with a few ops -- the table reversed, the band
+    ``r·P`` (``O(Hq·R·W)``) reversed onto its keys, the gate ``fq - fk`` -- and laid under the
+    scores, batch and heads folded into one ``(B·Hq, Nk)`` bias. None: not this case (or no
+    extension built, or k, v whose batch does not fold into their heads)."""
+    q, k, v, table, _, problem = call[:6]
+    token = call.token
+    assert token is not None
+    b, hq, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    qo = problem.q_offset
+    if (
+        nq != 1
+        or not problem.causal
+        or problem.window
+        or qo < nk - 1
+        or problem.doc_ids is not None
+        or problem.key_padding_mask is not None
+        or not q.is_cpu
+        or q.dtype not in _NATIVE_DTYPES
+        or not q.is_contiguous()
+        or d > 1
+        and (k.stride(3) != 1 or v.stride(3) != 1)
+    ):
+        return None
+    if b > 1 and (k.stride(0) != hkv * k.stride(1) or v.stride(0) != hkv * v.stride(1)):
+        return None  # (a KV cache's view folds: its batch stride is Hkv head strides)
+    mod = _native()
+    if mod is None:
+        return None
+    compute = torch.float64 if q.dtype is torch.float64 else torch.float32
+    r, weight, fq, fk = token
+    if fq is not None and fk is not None:
+        bias = _as(fq, compute) - _as(fk, compute)  # (B, Hq, Nk): key c's F_q - F_c
+    else:
+        bias = torch.zeros(b, hq, nk, dtype=compute)
+    if table is not None:  # column t is offset lo + t = q_offset - (Nk - 1 - t): key Nk - 1 - t
+        bias += _as(table, compute).flip(-1)
+    if r is not None and weight is not None:
+        width = weight.shape[-1]
+        c_lo, c_hi = max(0, qo - width + 1), min(nk - 1, qo)  # keys in the band
+        if c_lo <= c_hi:
+            w = _as(weight, compute)
+            rq = _as(r, compute).view(b, hq, r.shape[-1])
+            lo_d, hi_d = qo - c_hi, qo - c_lo + 1  # their offsets
+            cols = w[:, :, lo_d:hi_d]  # (Hw, R, n)
+            rp = torch.matmul(rq.transpose(0, 1), cols).transpose(0, 1)  # (B, Hq, n)
+            bias[:, :, c_lo : c_hi + 1] += rp.flip(-1)
+    fold = (1, b * hq, 1, d)
+    out, lse = mod.step(
+        q.view(fold),
+        k.view(1, b * hkv, nk, d) if b > 1 else k,
+        v.view(1, b * hkv, nk, d) if b > 1 else v,
+        bias.view(b * hq, nk),
+        0,
+        problem.scale,
+    )
+    return out.view(b, hq, 1, d), (lse.view(b, hq, 1) if call.lse else None)
 
 
 def _one_token(
@@ -399,15 +542,18 @@ def forward(
     slopes: Tensor | None,
     problem: Problem,
     reversed_table: tuple[Tensor, int, int] | None = None,
+    token: TokenTerms | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(out (B, Hq, Nq, D) in q's dtype, lse (B, Hq, Nq))``; see :mod:`relattn.backends.base`
-    (``reversed_table``: a call's ``reversed``, given instead of ``table``)."""
-    fast = _one_token(q, k, v, table, slopes, problem, True, reversed_table)
-    if fast is not None:
-        return fast  # type: ignore[return-value]  # lse is given when asked for
+    (``reversed_table``: a call's ``reversed``, given instead of ``table``; ``token``: a
+    call's terms that depend on the tokens)."""
+    if token is None:
+        fast = _one_token(q, k, v, table, slopes, problem, True, reversed_table)
+        if fast is not None:
+            return fast  # type: ignore[return-value]  # lse is given when asked for
     if reversed_table is not None:  # the general path reads the table in its own order
         table = unreversed(reversed_table)
-    st = _Setup(q, k, v, table, slopes, problem)
+    st = _Setup(q, k, v, table, slopes, problem, token)
     b, hq, nq = st.b, st.hq, st.nq
     stat = _stat_dtype(q)
     if st.empty:
@@ -415,7 +561,7 @@ def forward(
         return out, torch.full((b, hq, nq), _NEG_INF, dtype=stat, device=q.device)
     g, d = st.group, st.d
     fused = q.device.type in _FUSED_DEVICES
-    if fused and (nq == 1 or g == 1):
+    if fused and (nq == 1 or g == 1 or st.tok is not None):
         out, lse = st.fused(st.q, st.mask())
     elif fused:
         # One kernel call per member of the GQA groups, so the position term stays a view.
@@ -437,18 +583,22 @@ def forward(
     return out, _as(st.rows(lse), stat).contiguous()
 
 
-def backward(
-    call: Call, grad_out: Tensor, out: Tensor, lse: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """``(dq, dk, dv, dtable)`` from probabilities recomputed in one block; ``out`` is unread
-    (the softmax backward's row term comes from the probabilities, as in the chunked backend)."""
+def backward(call: Call, grad_out: Tensor, out: Tensor, lse: Tensor) -> tuple:
+    """``(dq, dk, dv, dtable)`` from probabilities recomputed in one block, followed by
+    ``(dr, dweight, dfq, dfk)`` when the call has token terms; ``out`` is unread (the softmax
+    backward's row term comes from the probabilities, as in the chunked backend)."""
     q, k, v, table, slopes, problem = call[:6]
-    st = _Setup(q, k, v, table, slopes, problem)
+    token = call.token
+    st = _Setup(q, k, v, table, slopes, problem, token)
     dk = torch.zeros(k.shape, dtype=st.compute, device=q.device)
     dv = torch.zeros(v.shape, dtype=st.compute, device=q.device)
     dtable = None if table is None else torch.zeros(table.shape, dtype=table.dtype, device=q.device)
     if st.empty:
-        return torch.zeros_like(q), dk.to(k.dtype), dv.to(v.dtype), dtable
+        grads = torch.zeros_like(q), dk.to(k.dtype), dv.to(v.dtype), dtable
+        if token is None:
+            return grads
+        no_keys = torch.zeros(q.shape[0], q.shape[1], q.shape[2], 0, dtype=st.compute)
+        return (*grads, *token_grads(token, problem, no_keys.to(q.device), 0, 0, k.shape[2]))
     b, hkv, g, nq, d, keys = st.b, st.hkv, st.group, st.nq, st.d, st.keys
     p = torch.softmax(st.scores(), dim=-1)
     if st.maybe_empty:  # softmax gave NaN on rows that see no key
@@ -476,7 +626,11 @@ def backward(
         if a <= z:
             assert dtable is not None  # made above for a table
             dtable[:, a - lo : z - lo + 1] = sums[:, a - st.e_min : z - st.e_min + 1]
-    return _as(dq, q.dtype).contiguous(), _as(dk, k.dtype), _as(dv, v.dtype), dtable
+    grads = _as(dq, q.dtype).contiguous(), _as(dk, k.dtype), _as(dv, v.dtype), dtable
+    if token is None:
+        return grads
+    ds_rows = st.rows(ds, keys)  # (B, Hq, Nq, L), rows in their own order
+    return (*grads, *token_grads(token, problem, ds_rows, st.c0, st.c1, st.nk))
 
 
 class DecodeBackend(Backend):
@@ -491,6 +645,7 @@ class DecodeBackend(Backend):
     # expand at every token.
     closed_form = False
     reads_reversed = True  # a generation step's table, kept reversed by the encoding's cache
+    token_terms = True  # computed for its few rows over the span (token_bias, token_grads)
     devices = ("cpu",)  # where auto picks it (backend="decode" runs anywhere)
     top_priority = 40.0
 
@@ -507,6 +662,11 @@ class DecodeBackend(Backend):
         return 40.0
 
     def forward(self, call: Call) -> tuple[Tensor, Tensor]:
+        if call.token is not None:
+            step = _token_step(call)
+            if step is not None:
+                return step  # type: ignore[return-value]  # lse None only if call.lse is False
+            return forward(*call[:6], None, call.token)
         if not call.lse:  # a no-grad attention() call: a generation loop's step
             if call.reversed is not None:
                 out = _step(*call[:9])

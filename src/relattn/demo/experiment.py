@@ -310,7 +310,7 @@ def _comparisons(models, results, settings, out: Path, names: list[str]) -> dict
         n: probe.learned_tables(m, longest - 1)
         for n, m in models.items()
         if any(
-            pe.spec(part).learnable and pe.spec(part).additive
+            pe.spec(part).learnable and pe.spec(part).additive and not pe.spec(part).token
             for part in n.split("+")
             if part != "none"
         )

@@ -22,6 +22,7 @@ __all__ = [
     "blocks",
     "byte_label",
     "encoding_names",
+    "layer_input",
     "layer_qkv",
     "learned_tables",
 ]
@@ -61,13 +62,14 @@ def learned_tables(model: TinyLM, max_offset: int) -> list[np.ndarray]:
     """Each layer's additive position table over offsets ``0 .. max_offset``.
 
     Returns:
-        One ``(H, max_offset + 1)`` array per layer; empty if the model has no additive encoding.
+        One ``(H, max_offset + 1)`` array per layer; empty if the model has no table encoding
+        (none, or a term the tokens set: inkling, fox).
     """
     tables = []
     for layer in blocks(model):
         pe = layer.attn.pe
-        if pe is None:
-            return []
+        if not isinstance(pe, relattn.pe.PositionEncoding):
+            return []  # none, or a term the tokens set (no table over offsets)
         tables.append(pe.table(0, max_offset).float().cpu().numpy())
     return tables
 
@@ -86,6 +88,13 @@ def layer_qkv(model: TinyLM, idx: Tensor, layer: int) -> tuple[Tensor, Tensor, T
         ``q: (B, H, N, D)``, ``k, v: (B, Hkv, N, D)``, before RoPE (which
         :func:`relattn.attention_weights` applies through ``pe``).
     """
+    return block(model, layer).attn.project(layer_input(model, idx, layer))
+
+
+@torch.no_grad()
+def layer_input(model: TinyLM, idx: Tensor, layer: int) -> Tensor:
+    """The input ``(B, N, d_model)`` of layer ``layer``'s attention for the token ids ``idx``
+    ``(B, N)``, captured with a forward pre-hook while the model runs (in eval mode)."""
     attn = block(model, layer).attn
     captured: list[Tensor] = []
     handle = attn.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
@@ -96,7 +105,7 @@ def layer_qkv(model: TinyLM, idx: Tensor, layer: int) -> tuple[Tensor, Tensor, T
     finally:
         model.train(was_training)
         handle.remove()
-    return attn.project(captured[0])
+    return captured[0]
 
 
 @torch.no_grad()
@@ -110,8 +119,9 @@ def attention_maps(model: TinyLM, idx: Tensor) -> np.ndarray:
     maps = []
     for layer, each in enumerate(blocks(model)):
         attn = each.attn
-        q, k, _ = layer_qkv(model, idx, layer)
-        pe = [m for m in (attn.rope, attn.pe) if m is not None] or None
+        x = layer_input(model, idx, layer)
+        q, k, _ = attn.project(x)
+        pe = attn.position_terms(x) or None  # RoPE, the table or the term the tokens set
         weights = relattn.attention_weights(q, k, pe, causal=True, scale=attn.scale)
         maps.append(weights[0].float().cpu().numpy())
     return np.stack(maps)

@@ -23,7 +23,8 @@ class TinyLMConfig:
         num_layers: transformer blocks.
         num_heads: query heads H; head dim ``D = d_model / H``.
         num_kv_heads: key/value heads (GQA), dividing H; None means H.
-        pe: ``"none"`` or a name from :func:`relattn.pe.names` (``"rope"``: RoPE only).
+        pe: ``"none"`` or a name from :func:`relattn.pe.names` (``"rope"``: RoPE only;
+            ``"inkling"``, ``"fox"``: the terms the tokens set, each layer projecting its own).
         rope: also rotate q and k by RoPE (needs an even head dim).
         mlp_ratio: MLP hidden width / d_model.
         dropout: in ``[0, 1)``, on the embedding and each residual branch.

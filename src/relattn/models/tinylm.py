@@ -83,8 +83,18 @@ class TinyLM(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # GPT-2's scheme; residual projections scaled by 1/√(2L). Encodings keep their own init.
+        # GPT-2's scheme; residual projections scaled by 1/√(2L). Encodings keep their own init,
+        # and so do the projections of the terms the tokens set (r_proj, gate_proj: the gate's
+        # bias starts gates near 1).
+        own = {
+            id(p)
+            for block in cast("Iterable[Block]", self.blocks)
+            for p in (block.attn.r_proj, block.attn.gate_proj)
+            if p is not None
+        }
         for module in self.modules():
+            if id(module) in own:
+                continue
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:

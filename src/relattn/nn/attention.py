@@ -2,6 +2,8 @@
 
 q, k, v = x·W_qkv           (one fused projection; GQA: Hkv key/value heads)
 q, k    = RoPE(q), RoPE(k)   (optional)
+PE      = a table encoding, or a term the tokens set (pe="inkling": r = x·W_r, the banded
+          bias's latents; pe="fox": log f = log σ(x·w_f + b), the forget gate)
 y       = attention(q, k, v, PE)  — see relattn.attention
 out     = Dropout(y·W_out)
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import backends
@@ -20,6 +23,7 @@ from ..cache import KVCache, LayerCache
 from ..functional import attention
 from ..masks import within_doc_positions
 from ..pe import PositionEncoding, RoPE
+from ..pe.token import ForgetGate, GateTerm, QueryConditionedBias, TokenTerm
 
 if TYPE_CHECKING:
     from ..distributed import ContextParallel
@@ -36,7 +40,12 @@ class RelativeSelfAttention(nn.Module):
         num_kv_heads: key/value heads Hkv (GQA); must divide H. Default H.
         pe: ``"none"``, a name from :func:`relattn.pe.names` (built with its defaults; the
             name ``"rope"`` means ``pe="none", rope=True``), or a
-            :class:`relattn.pe.PositionEncoding` instance with ``num_heads == H``.
+            :class:`relattn.pe.PositionEncoding` instance with ``num_heads == H``. A term
+            the tokens set -- ``"inkling"`` or a :class:`relattn.pe.QueryConditionedBias`
+            (``num_heads == H``), ``"fox"`` or a :class:`relattn.pe.ForgetGate` -- gets its
+            projection from the layer's input: ``r_proj`` (``d_model -> H·rank``, the banded
+            bias's latents r) or ``gate_proj`` (``d_model -> H`` with a bias, ``log f =
+            logsigmoid(gate_proj(x))``; the bias starts at 3 .. 6 across heads, gates near 1).
         rope: also rotate q and k by RoPE (True, or a :class:`relattn.pe.RoPE` of head dim D).
         scale: multiplies ``q·k``; default ``1/√D`` (T5 uses 1.0).
         causal: mask keys after the query; False for an encoder layer.
@@ -46,7 +55,10 @@ class RelativeSelfAttention(nn.Module):
         backend: passed to :func:`relattn.attention`.
 
     Attributes:
-        pe: the additive encoding module, or None. rope: the RoPE module, or None.
+        pe: the additive encoding module (a table encoding, a QueryConditionedBias or a
+            ForgetGate), or None. rope: the RoPE module, or None.
+        r_proj: ``nn.Linear(d_model, H·rank)`` for a QueryConditionedBias, else None.
+        gate_proj: ``nn.Linear(d_model, H)`` for a ForgetGate, else None.
     """
 
     def __init__(
@@ -89,23 +101,28 @@ class RelativeSelfAttention(nn.Module):
         self.scale = None if scale is None else check_float("scale", scale)
         self.causal = check_bool("causal", causal)
 
-        self.pe: PositionEncoding | None
+        self.pe: PositionEncoding | QueryConditionedBias | ForgetGate | None
         self.rope: RoPE | None
         if pe is None or isinstance(pe, str):
             built = encodings.create(pe or "none", num_heads, self.head_dim)
             if isinstance(built, RoPE):
                 built, rope = None, rope if isinstance(rope, RoPE) else True
-            if built is not None and not isinstance(built, PositionEncoding):
+            if built is not None and not isinstance(built, _LAYER_PE):
                 raise TypeError(
-                    f"pe={pe!r} built a {type(built).__name__}, not a PositionEncoding or RoPE"
+                    f"pe={pe!r} built a {type(built).__name__}, not a PositionEncoding, RoPE, "
+                    "QueryConditionedBias or ForgetGate"
                 )
-            self.pe = built
-        elif isinstance(pe, PositionEncoding):
+            pe = built
+        if pe is None:
+            self.pe = None
+        elif isinstance(pe, (PositionEncoding, QueryConditionedBias)):
             if pe.num_heads != num_heads:
                 raise ValueError(
                     f"pe {type(pe).__name__} has num_heads={pe.num_heads}; the layer has "
                     f"num_heads={num_heads}"
                 )
+            self.pe = pe
+        elif isinstance(pe, ForgetGate):
             self.pe = pe
         elif isinstance(pe, RoPE):
             raise TypeError(
@@ -113,9 +130,18 @@ class RelativeSelfAttention(nn.Module):
             )
         else:
             raise TypeError(
-                f"pe must be 'none', one of {encodings.names()} or a relattn.pe encoding; "
-                f"got {type(pe).__name__}"
+                f"pe must be 'none', one of {encodings.names()}, a relattn.pe encoding, a "
+                f"QueryConditionedBias or a ForgetGate; got {type(pe).__name__}"
             )
+        # The projections of the terms the tokens set (their encodings own what is learned
+        # per offset; the layer computes the per-token inputs from x).
+        self.r_proj: nn.Linear | None = None
+        self.gate_proj: nn.Linear | None = None
+        if isinstance(self.pe, QueryConditionedBias):
+            self.r_proj = nn.Linear(d_model, num_heads * self.pe.rank, bias=bias)
+        elif isinstance(self.pe, ForgetGate):
+            self.gate_proj = nn.Linear(d_model, num_heads, bias=True)
+            self.reset_gate_bias()
         if isinstance(rope, RoPE):
             if rope.head_dim != self.head_dim:
                 raise ValueError(
@@ -130,6 +156,62 @@ class RelativeSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
+
+    def reset_gate_bias(self) -> None:
+        """The forget gate projection's bias set to 3 .. 6 across the heads (FoX's choice:
+        gates ``σ(b) ≈ 0.95 .. 0.998`` at the start, so attention starts long-range, each head
+        with its own decay); a no-op without a forget gate."""
+        if self.gate_proj is not None and self.gate_proj.bias is not None:
+            with torch.no_grad():
+                self.gate_proj.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads))
+
+    def log_forget(self, x: Tensor) -> Tensor:
+        """The forget gate's ``log f = logsigmoid(gate_proj(x))`` per head.
+
+        Args:
+            x: ``(B, N, d_model)``.
+
+        Returns:
+            ``(B, H, N)`` in float32 (float64 for a float64 layer), ``<= 0``.
+        """
+        if self.gate_proj is None:
+            raise ValueError("log_forget needs a layer with pe='fox' (a ForgetGate)")
+        logits = self.gate_proj(x)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.logsigmoid(logits).transpose(1, 2)
+
+    def latents(self, x: Tensor) -> Tensor:
+        """The banded bias's latents ``r = r_proj(x)`` per head.
+
+        Args:
+            x: ``(B, N, d_model)``.
+
+        Returns:
+            ``(B, H, N, rank)``.
+        """
+        if self.r_proj is None or not isinstance(self.pe, QueryConditionedBias):
+            raise ValueError("latents needs a layer with pe='inkling' (a QueryConditionedBias)")
+        b, n, _ = x.shape
+        return self.r_proj(x).view(b, n, self.num_heads, self.pe.rank).transpose(1, 2)
+
+    def position_terms(self, x: Tensor) -> list[PositionEncoding | RoPE | TokenTerm]:
+        """What the layer passes as ``pe`` to :func:`relattn.attention` for ``x`` attended
+        alone (no cache): RoPE, then the table encoding or the term the tokens set (for tools
+        that recompute the attention weights, e.g. :func:`relattn.attention_weights`).
+
+        Args:
+            x: ``(B, N, d_model)``, the layer's input.
+        """
+        terms: list[PositionEncoding | RoPE | TokenTerm] = []
+        if self.rope is not None:
+            terms.append(self.rope)
+        if isinstance(self.pe, QueryConditionedBias):
+            terms.append(self.pe(self.latents(x)))
+        elif isinstance(self.pe, ForgetGate):
+            terms.append(self.pe(self.log_forget(x)))
+        elif self.pe is not None:
+            terms.append(self.pe)
+        return terms
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The fused projection split into heads, before RoPE.
@@ -191,6 +273,11 @@ class RelativeSelfAttention(nn.Module):
             raise ValueError(f"doc_ids must have shape (B, N) = ({b}, {n}); got {got}")
         if context_parallel is not None and layer_cache is not None:
             raise ValueError("cache and context_parallel cannot be combined (a cache decodes)")
+        if context_parallel is not None and isinstance(self.pe, _TOKEN_PE):
+            raise NotImplementedError(
+                f"context_parallel does not take pe={type(self.pe).__name__} (a term the "
+                "tokens set) yet; run the layer on one process"
+            )
         if self.rope is not None:
             pos: Tensor | int
             if context_parallel is not None:
@@ -203,6 +290,17 @@ class RelativeSelfAttention(nn.Module):
                 pos = 0
             q, k = self.rope.rotate(q, pos), self.rope.rotate(k, pos)
 
+        pe: PositionEncoding | TokenTerm | None = None
+        log_f = None
+        if isinstance(self.pe, QueryConditionedBias):
+            pe = self.pe(self.latents(x))  # the new queries' latents: nothing to cache
+        elif isinstance(self.pe, ForgetGate):
+            log_f = self.log_forget(x)
+            if layer_cache is None:
+                pe = self.pe(log_f)
+        else:
+            pe = self.pe
+
         q_offset = 0
         if layer_cache is not None:
             if layer_cache.window is not None:
@@ -213,13 +311,15 @@ class RelativeSelfAttention(nn.Module):
                         f"window={window} is wider than the cache's window={layer_cache.window}, "
                         "which has dropped the older keys"
                     )
-            view = layer_cache.update(k, v, doc_ids, key_padding_mask)
+            view = layer_cache.update(k, v, doc_ids, key_padding_mask, log_f)
             k, v, q_offset = view.k, view.v, view.q_offset
             doc_ids, key_padding_mask = view.doc_ids, view.key_padding_mask
+            if view.gate is not None:
+                pe = GateTerm.from_cumulative(view.gate)  # F at every kept and new key
 
         if context_parallel is not None:
             y = context_parallel.attention(
-                q, k, v, self.pe, causal=self.causal, scale=self.scale, window=window,
+                q, k, v, pe, causal=self.causal, scale=self.scale, window=window,
                 doc_ids=doc_ids, key_padding_mask=key_padding_mask, backend=self.backend,
             )  # fmt: skip
         else:
@@ -227,7 +327,7 @@ class RelativeSelfAttention(nn.Module):
                 q,
                 k,
                 v,
-                self.pe,
+                pe,
                 causal=self.causal,
                 scale=self.scale,
                 q_offset=q_offset,
@@ -245,6 +345,10 @@ class RelativeSelfAttention(nn.Module):
             f"num_kv_heads={self.num_kv_heads}, backend={self.backend!r}, causal={self.causal}"
             + ("" if self.scale is None else f", scale={self.scale}")
         )
+
+
+_TOKEN_PE = (QueryConditionedBias, ForgetGate)
+_LAYER_PE = (PositionEncoding, *_TOKEN_PE)
 
 
 def _layer_cache(cache) -> LayerCache | None:

@@ -40,10 +40,16 @@ class EncodingSpec:
         name: the registry key (``pe="t5"``).
         cls: the encoding's class.
         description: one line, shown by ``relattn explain --help`` and reports.
-        learnable: whether its default construction has trainable parameters.
+        learnable: whether its default construction has trainable parameters (a token term:
+            whether a model learns it, the layer's projection included: FoX's gate).
         additive: False for a rotation of q and k (RoPE), True for a table of PE values.
         params: constructor parameters offered on the command line.
         build: ``build(num_heads, head_dim, **kwargs)`` returning a new module.
+        token: True for a term that depends on the tokens (:class:`QueryConditionedBias`,
+            :class:`ForgetGate`): the module is not a table over offsets but is called per call
+            with tensors a model computes from its input (the layer builds that projection;
+            ``relattn.attention`` takes the term the call returns). Tools that show tables
+            skip it.
     """
 
     name: str
@@ -53,6 +59,7 @@ class EncodingSpec:
     additive: bool
     params: tuple[Param, ...]
     build: Callable[..., nn.Module] = field(repr=False)
+    token: bool = False
 
     def create(self, num_heads: int, head_dim: int | None = None, **kwargs: Any) -> nn.Module:
         """A fresh module; ``kwargs`` override the constructor's defaults."""
@@ -70,12 +77,14 @@ def register(
     additive: bool = True,
     params: tuple[Param, ...] = (),
     build: Callable[..., nn.Module] | None = None,
+    token: bool = False,
 ) -> Callable[[type], type]:
     """Class decorator adding an encoding to the registry under ``name``.
 
     By default the module is built as ``cls(num_heads, **kwargs)``; give ``build(num_heads,
-    head_dim, **kwargs)`` for a class with another constructor. Registering a name again
-    replaces the earlier entry (so a test or notebook can re-run its definition).
+    head_dim, **kwargs)`` for a class with another constructor. ``token=True`` marks a term
+    that depends on the tokens (see :class:`EncodingSpec`). Registering a name again replaces
+    the earlier entry (so a test or notebook can re-run its definition).
     """
     if not isinstance(name, str) or not name.isidentifier() or name == "none":
         raise ValueError(f"name must be an identifier other than 'none'; got {name!r}")
@@ -92,6 +101,7 @@ def register(
             additive=additive,
             params=tuple(params),
             build=build or default_build,
+            token=bool(token),
         )
         return cls
 

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import check_bool, check_int, shape_str
+from .registry import Param, register
 
 __all__ = ["BandTerm", "ForgetGate", "GateTerm", "QueryConditionedBias", "TokenTerm"]
 
@@ -158,6 +159,19 @@ class GateTerm(TokenTerm):
         return f"GateTerm(F={shape_str(self.cumulative)})"
 
 
+@register(
+    "inkling",
+    description=(
+        "Query-conditioned banded bias (Inkling): PE(i, j) = r_i·P[:, i - j] for "
+        "0 <= i - j < extent, r_i projected from query i's input, P learned"
+    ),
+    learnable=True,
+    params=(
+        Param("rank", int, 16, "latent size per head (r's width)"),
+        Param("extent", int, 1024, "band width W: offsets 0 .. W - 1 get a term"),
+    ),
+    token=True,
+)
 class QueryConditionedBias(nn.Module):
     """A learned banded relative bias conditioned on each query (as in Inkling).
 
@@ -215,6 +229,20 @@ class QueryConditionedBias(nn.Module):
         )
 
 
+def _build_forget_gate(num_heads: int, head_dim: int | None = None) -> ForgetGate:
+    return ForgetGate()
+
+
+@register(
+    "fox",
+    description=(
+        "Forget gate (FoX): PE(i, j) = Σ_{j < t <= i} log σ(w·x_t + b), a decay the tokens "
+        "set, learned through the layer's gate projection"
+    ),
+    learnable=True,
+    build=_build_forget_gate,
+    token=True,
+)
 class ForgetGate(nn.Module):
     """A forget gate's decay (FoX, the Forgetting Transformer): ``PE(i, j) = Σ_{j < t <= i}
     log f_t``, the log of the product of the gates between key and query.
