@@ -197,13 +197,42 @@ def test_table_other_encodings(capsys, pe):
     torch.testing.assert_close(pe_q3, values[:, [3, 2, 1, 0]])
 
 
-@pytest.mark.parametrize("pe", [*TOKEN_TERMS, *(f"rope+{n}" for n in TOKEN_TERMS)])
-def test_token_terms_are_refused_clearly(capsys, pe):
-    rc, out, err = explain(capsys, FOX, "--pe", pe)
-    name = pe.split("+")[-1]
-    assert rc == 2 and out == ""
-    assert f"--pe: {name!r} is a position term the tokens set" in err
-    assert "explain does not show such terms yet" in err and len(err.strip().splitlines()) == 1
+def _softmax_of_scores(obj) -> None:
+    """Each query's weights are the softmax of its scores, and scores = scale·dot + PE."""
+    for row in range(len(obj["tokens"])):
+        dots, pe = torch.tensor(obj["dot_products"][row]), torch.tensor(obj["pe"][row])
+        scores = torch.tensor(obj["scores"][row])
+        torch.testing.assert_close(scores, obj["scale"] * dots + pe)
+        torch.testing.assert_close(torch.tensor(obj["weights"][row]), scores.softmax(-1))
+
+
+@pytest.mark.parametrize("pe", ["fox", "rope+fox"])
+def test_forget_gate_shows_each_querys_decay(capsys, pe):
+    """FoX: PE(i, j) = F_i - F_j is 0 at Δ = 0 and falls with distance (a product of gates
+    below 1), and it is each query's own: the gates between key and query set it."""
+    obj = explain_json(capsys, FOX, "--pe", pe, "--heads", "2")
+    _softmax_of_scores(obj)
+    for row in range(len(obj["tokens"])):
+        values = torch.tensor(obj["pe"][row])  # (H, keys 0..row), offsets row .. 0
+        assert torch.all(values[:, -1] == 0)
+        assert torch.all(values <= 0) and torch.all(values[:, 1:] >= values[:, :-1])
+    # the decay from key 0 to query 2 is the decay to query 1 plus gate 2's log
+    q1, q2 = torch.tensor(obj["pe"][1]), torch.tensor(obj["pe"][2])
+    gate2 = q2[:, 1]  # F_2 - F_1 = log f_2
+    torch.testing.assert_close(q2[:, 0], q1[:, 0] + gate2)
+
+
+def test_banded_bias_shows_each_querys_profile(capsys):
+    """Inkling: PE(i, j) = r_i·P[:, Δ], 0 from the band's end on, and two queries at the same
+    offset get different values (their own r)."""
+    obj = explain_json(capsys, FOX, "--pe", "inkling", "--inkling-extent", "2", "--heads", "2")
+    _softmax_of_scores(obj)
+    n = len(obj["tokens"])
+    for row in range(n):
+        values = torch.tensor(obj["pe"][row])  # offsets row .. 0
+        assert torch.all(values[:, : max(0, row - 1)] == 0)  # Δ >= 2: beyond the band
+    at_one = [torch.tensor(obj["pe"][row])[:, -2] for row in range(1, n)]  # Δ = 1
+    assert any(not torch.equal(at_one[0], x) for x in at_one[1:])
 
 
 # ----------------------------------------------------------------------------- --png

@@ -132,6 +132,33 @@ def test_explain_checkpoint_shows_the_models_real_weights(tmp_path, text_file, c
         torch.testing.assert_close(torch.tensor(obj["weights"][i][0]), expected[i, : i + 1])
 
 
+@pytest.mark.parametrize("pe", ["fox", "inkling"])
+def test_explain_checkpoint_shows_token_terms(tmp_path, text_file, capsys, pe):
+    """A model whose term the tokens set: explain shows the layer's own r or gates, computed
+    from the text by the trained projection (the weights equal the model's own)."""
+    import relattn
+    from relattn.demo.probe import layer_input
+
+    ckpt = tmp_path / "m"
+    args = ["train", str(text_file), *TINY, "--steps", "2", "--pe", pe, "--out", str(ckpt)]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["explain", "--checkpoint", str(ckpt), "ab cd", "--json", "--head", "0"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["encoding"]["pe"] == pe
+    model = TinyLM.load(ckpt)
+    attn = model.blocks[0].attn
+    x = layer_input(model, torch.tensor([list(b"ab cd")]), 0)
+    with torch.no_grad():
+        q, k, _ = attn.project(x)
+        terms = attn.position_terms(x)
+        expected = relattn.attention_weights(q, k, terms)[0, 0]
+        pe_dense = terms[-1].bias(5, 5)[0, 0]
+    for i in range(5):
+        torch.testing.assert_close(torch.tensor(obj["weights"][i][0]), expected[i, : i + 1])
+        torch.testing.assert_close(torch.tensor(obj["pe"][i][0]), pe_dense[i, : i + 1])
+
+
 def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(
     tmp_path, text_file, monkeypatch, capsys
 ):

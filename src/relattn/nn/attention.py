@@ -66,7 +66,7 @@ class RelativeSelfAttention(nn.Module):
         d_model: int,
         num_heads: int,
         num_kv_heads: int | None = None,
-        pe: str | PositionEncoding | None = "t5",
+        pe: str | PositionEncoding | QueryConditionedBias | ForgetGate | None = "t5",
         rope: bool | RoPE = False,
         dropout: float = 0.0,
         bias: bool = False,

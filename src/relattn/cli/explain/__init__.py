@@ -130,13 +130,12 @@ def _from_seeded_vectors(args: argparse.Namespace, tokens: list[str]):
     dim = args.dim or DEFAULT_DIM
     seed = DEFAULT_SEED if args.seed is None else args.seed
     kwargs = encoding_kwargs(args, names)
-    _refuse_token_terms(names, "--pe")
     try:
         modules = encodings.build(names, heads, dim, seed, kwargs)
     except (ValueError, TypeError) as e:
         raise UserError(f"--pe {'+'.join(names) or 'none'}: {e}") from None
     q, k, v = compute.embed(tokens, heads, dim, seed)
-    ex = compute.explain(tokens, q, k, v, modules)
+    ex = compute.explain(tokens, q, k, v, encodings.call_terms(modules, tokens, heads, seed))
     used = describe_params(names, kwargs)
     encoding: dict[str, Any] = {
         "pe": "+".join(names) or "none",
@@ -192,7 +191,6 @@ def _from_checkpoint(args: argparse.Namespace, tokens: list[str]):
         )
     attn = block(model, layer).attn
     names = encoding_names(attn)
-    _refuse_token_terms(names, "--checkpoint")
     ex = compute.from_model(model, ids, tokens, layer)
     encoding: dict[str, Any] = {
         "pe": "+".join(names) or "none",
@@ -220,25 +218,6 @@ def _from_checkpoint(args: argparse.Namespace, tokens: list[str]):
     ]
     title = f"relattn explain — {args.checkpoint}, layer {layer} ({encoding['pe']})"
     return ex, modules, encoding, meta, intro, about, title
-
-
-def _refuse_token_terms(names: list[str], flag: str) -> None:
-    """A clear error for encodings whose term the tokens set (inkling, fox): explain shows a
-    table over offsets, which they do not have (not shown yet)."""
-    from relattn import pe
-
-    token = [n for n in names if n in pe.names() and pe.spec(n).token]
-    if token:
-        raise UserError(
-            f"{flag}: {token[0]!r} is a position term the tokens set (its value depends on each "
-            "query's input, not on the offset alone); explain does not show such terms yet"
-            + (
-                " (the checkpoint's model uses it)"
-                if flag == "--checkpoint"
-                else " -- choose a table encoding: "
-                + ", ".join(n for n in pe.names() if not pe.spec(n).token)
-            )
-        )
 
 
 def table(modules: list, n: int) -> dict:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 import relattn
 from relattn.models import TinyLM
-from relattn.pe import PositionEncoding, RoPE
+from relattn.pe import PositionEncoding, RoPE, TokenTerm
 
 __all__ = ["Explanation", "embed", "explain", "from_model", "seeded"]
 
@@ -54,7 +54,7 @@ def explain(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    encodings: Sequence[PositionEncoding | RoPE],
+    encodings: Sequence[PositionEncoding | RoPE | TokenTerm],
     scale: float | None = None,
 ) -> Explanation:
     """Scores, PE and weights of causal attention over ``tokens``.
@@ -62,7 +62,8 @@ def explain(
     Args:
         tokens: the N token labels.
         q: ``(1, H, N, D)``; k, v: ``(1, Hkv, N, D)`` with ``Hkv`` dividing H.
-        encodings: what ``relattn.attention`` takes as ``pe`` (rotations and additive tables).
+        encodings: what ``relattn.attention`` takes as ``pe`` (rotations, additive tables and
+            the terms the tokens set, e.g. ``QueryConditionedBias(...)(r)``).
         scale: multiplies ``q·k``; default ``1/√D``.
 
     The weights and outputs are :func:`relattn.attention_weights`'s and
@@ -74,8 +75,9 @@ def explain(
     if k.shape[1] != num_heads:  # grouped-query attention: each kv head serves a group
         k = k.repeat_interleave(num_heads // k.shape[1], dim=1)
         v = v.repeat_interleave(num_heads // v.shape[1], dim=1)
-    rotations = [m for m in encodings if not isinstance(m, relattn.pe.PositionEncoding)]
-    additive = [m for m in encodings if isinstance(m, relattn.pe.PositionEncoding)]
+    rotations = [m for m in encodings if isinstance(m, RoPE)]
+    additive = [m for m in encodings if isinstance(m, PositionEncoding)]
+    terms = [m for m in encodings if isinstance(m, TokenTerm)]
     qr, kr = q, k
     for rot in rotations:
         qr, kr = rot(qr, kr)
@@ -84,6 +86,8 @@ def explain(
         pe = torch.zeros(num_heads, n, n)
         for enc in additive:
             pe = pe + enc.bias(n, n).float()
+        for term in terms:  # each query's own term (its r, or the gates up to it)
+            pe = pe + term.bias(n, n)[0].float()
         scores = scale * dot + pe
         weights = relattn.attention_weights(q, k, encodings or None, scale=scale)[0]
         output = relattn.attention(q, k, v, encodings or None, scale=scale)[0]
@@ -105,9 +109,11 @@ def from_model(model: TinyLM, ids: Tensor, tokens: list[str], layer: int) -> Exp
         tokens: the N labels shown for them.
         layer: which block's attention.
     """
-    from relattn.demo.probe import block, layer_qkv
+    from relattn.demo.probe import block, layer_input
 
     attn = block(model, layer).attn
-    q, k, v = layer_qkv(model, ids, layer)
-    encodings = [m for m in (attn.rope, attn.pe) if m is not None]
+    x = layer_input(model, ids, layer)
+    with torch.no_grad():
+        q, k, v = attn.project(x)
+        encodings = attn.position_terms(x)  # RoPE, the table, or the term the tokens set
     return explain(tokens, q.float(), k.float(), v.float(), encodings, attn.scale)

@@ -126,8 +126,8 @@ def render(
     )
     out += [""] + ["  " + line for line in intro] + [""]
     out += [
-        "Position encoding. PE(i, j) depends only on the offset Δ = i − j and the head;",
-        "it is added to the score before the softmax.",
+        "Position encoding. PE(i, j) is added to the score before the softmax; a table",
+        "encoding's depends only on the offset Δ = i − j and the head.",
     ]
     out += ["  " + line for line in about]
     out += [
