@@ -99,16 +99,21 @@ def _key_bounds(key_padding_mask: Tensor) -> Tensor:
     return torch.stack([first, last], 1).to(torch.int32).contiguous()
 
 
-def _band_weight(K: ModuleType, weight: Tensor, r_pad: int) -> Tensor:
+def _band_col0(K: ModuleType, q_offset: int) -> int:
+    """The padded weight's column of offset 0: BAND_PAD zero columns or up to 3 more, so that
+    each tile's smallest offset ``q_offset + 16·x - (BLOCK_N - 1)`` lands on a multiple of 4."""
+    return int(K.BAND_PAD) + (3 - q_offset) % 4
+
+
+def _band_weight(K: ModuleType, weight: Tensor, r_pad: int, col0: int) -> Tensor:
     """The band's weight ``(Hw, R, W)`` as the kernels read it: float32 ``(Hw, r_pad, WP)``,
-    rows past R zero, ``BAND_PAD`` zero columns before offset 0 and at least as many after
-    offset W - 1, WP a multiple of 16 (each tile reads its offsets as aligned vectors,
-    unmasked: see ``triton_kernels._band_slice``)."""
+    rows past R zero, offset 0 at column ``col0`` (zeros before it), at least BAND_PAD zero
+    columns after offset W - 1, WP a multiple of 16 (each tile reads its offsets as aligned
+    vectors, unmasked: see ``triton_kernels._band_slice``)."""
     hw, rank, extent = weight.shape
-    pad = int(K.BAND_PAD)
-    width = _cdiv(extent + 2 * pad, 16) * 16
+    width = _cdiv(col0 + extent + int(K.BAND_PAD), 16) * 16
     out = weight.new_zeros((hw, r_pad, width), dtype=torch.float32)
-    out[:, :rank, pad : pad + extent] = weight
+    out[:, :rank, col0 : col0 + extent] = weight
     return out
 
 
@@ -167,7 +172,11 @@ class _Launch:
         self.extent = token.weight.shape[-1] if self.has_band else 1
         self.hw = token.weight.shape[0] if self.has_band else 1
         f32 = lambda t: t.to(torch.float32).contiguous() if t is not None else dummy_f
-        self.pw = _band_weight(K, token.weight, self.r_pad) if self.has_band else dummy_f
+        self.band_col0 = _band_col0(K, self.q_offset)
+        if self.has_band:
+            self.pw = _band_weight(K, token.weight, self.r_pad, self.band_col0)
+        else:
+            self.pw = dummy_f
         # Heads sharing one weight read it at stride 0.
         stride_ph = self.pw.stride(0) if self.has_band and self.hw > 1 else 0
         stride_pr = self.pw.stride(1) if self.has_band else 0
@@ -183,7 +192,8 @@ class _Launch:
             qk_scale=self.scale * _LOG2E, scale=self.scale, seq_bucket=self.seq_bucket,
             **self.encoding, **self.flags,
             Rq=f32(token.r), Pw=self.pw, Fq=f32(token.fq), Fk=f32(token.fk),
-            stride_ph=stride_ph, stride_pr=stride_pr, rank=self.rank, extent=self.extent,
+            stride_ph=stride_ph, stride_pr=stride_pr, band_col0=self.band_col0, rank=self.rank,
+            extent=self.extent,
             HAS_BAND=self.has_band, HAS_GATE=self.has_gate, R_PAD=self.r_pad,
         )  # fmt: skip
 
@@ -402,12 +412,12 @@ def _forward_splitkv(K: ModuleType, a: _Launch, splits: int) -> tuple[Tensor, Te
 
 def _band_weight_grad(K: ModuleType, a: _Launch, grads: dict) -> Tensor:
     """dP ``(Hw, R, W)`` float32 without atomics: per (block diagonal that meets 0 <= Δ < W,
-    head, batch) the kernel's ``rᵀ·G`` over the diagonal's tiles (R_PAD × 4·BLOCK, from the
+    head, batch) the kernel's ``rᵀ·X`` over the diagonal's tiles (R_PAD × 2·BLOCK, from the
     padded column ``base_0 + i·BLOCK`` for the i-th diagonal), then, in a fixed order, the sum
     over batches, the diagonals' overlapping columns and the heads that share a weight."""
     config = K.band_config(a.d, a.q.element_size())
     block = config["BLOCK"]
-    pad, extent, r_pad = int(K.BAND_PAD), a.extent, a.r_pad
+    col0, extent, r_pad = a.band_col0, a.extent, a.r_pad
     # Diagonal d holds Δ in [q_offset + d·block - (block - 1), q_offset + d·block + block - 1].
     n_q, n_k = _cdiv(a.nq, block), _cdiv(a.nk, block)
     d_lo = max(-(n_k - 1), -((a.q_offset + block - 1) // block))  # ceil((-q_offset-block+1)/b)
@@ -415,18 +425,18 @@ def _band_weight_grad(K: ModuleType, a: _Launch, grads: dict) -> Tensor:
     if d_hi < d_lo:
         return torch.zeros((a.hw, a.rank, extent), dtype=torch.float32, device=a.q.device)
     num = d_hi - d_lo + 1
-    vec = 4 * block
+    vec = 2 * block
     shape = (a.b, a.hq, num, r_pad, vec)
     partial = torch.empty(shape, dtype=torch.float32, device=a.q.device)
     args = {"PartialP": partial, "num_bands": num, "band_min": d_lo, **config}
     _run(K.attn_bwd_band_dp, (num, a.hq, a.b), {**a.args, **grads, **args})
-    part = partial.sum(0).view(a.hq, num, r_pad, 4, block)
-    cols = part.new_zeros((a.hq, r_pad, num + 3, block))
-    for j in range(4):  # diagonal i's j-th quarter covers chunk i + j
+    part = partial.sum(0).view(a.hq, num, r_pad, 2, block)
+    cols = part.new_zeros((a.hq, r_pad, num + 1, block))
+    for j in range(2):  # diagonal i's j-th half covers chunk i + j
         cols[:, :, j : j + num] += part[:, :, :, j].transpose(1, 2)
     cols = cols.flatten(2)  # column x: padded column base_0 + x
-    base0 = (a.q_offset + d_lo * block - (block - 1) + pad) // 4 * 4
-    start = pad - base0  # offset 0's column in cols
+    base0 = a.q_offset + d_lo * block - (block - 1) + col0
+    start = col0 - base0  # offset 0's column in cols
     grad = cols.new_zeros((a.hq, a.rank, extent))
     x0, x1 = max(start, 0), min(start + extent, cols.shape[-1])
     if x1 > x0:

@@ -91,6 +91,7 @@ AOT_KERNELS = {
     "attn_bwd_dq": {},
     "attn_bwd_dkdv": {},
     "attn_bwd_table_bands": {"options": band_config},
+    "attn_bwd_band_dp": {"options": band_config},
     "table_ends": {"options": lambda d, e: {"BLOCK": TABLE_ENDS_BLOCK}},
 }
 
@@ -480,12 +481,13 @@ def table_ends(Table, TableEnds, T, stride_t, BLOCK: tl.constexpr):
 #
 # The query-conditioned band ``Σ_c r[i, c]·P[c, Δ]`` (0 <= Δ < W) and the forget gate
 # ``±(fq_i - fk_j)`` (sign of Δ), both in base-2 units: r, fq and fk are scaled by log2 e where
-# they are loaded. The band of a tile is one dot, RP = r_tile (BM × R_PAD) @ P[:, span]
-# (R_PAD × BAND_VEC, the tile's BM + BN - 1 offsets and up to 3 more for alignment), and a shear,
-# a gather along RP's rows: term[m, n] = RP[m, m + BN - 1 - n + sh]. P arrives padded
-# (launcher: ``_band_weight``): rows to R_PAD, BAND_PAD zero columns on each side, row length
-# a multiple of 16, so a tile reads its span as aligned vectors with no mask; columns outside
-# 0 <= Δ < W are zeros. Key blocks whose offsets all miss [0, W) skip the band (a uniform branch).
+# they are loaded. The band of a tile, per group of BG = min(BM, BN) rows: one dot,
+# RP = r_g (BG × R_PAD) @ P[:, span_g] (R_PAD × 2·BN, the group's BG + BN - 1 offsets), and a
+# shear, a gather along RP's rows: term[m, n] = RP[m, m + BN - 1 - n]. P arrives padded
+# (launcher: ``_band_weight``): rows to R_PAD, at least BAND_PAD zero columns on each side,
+# offset 0 at ``band_col0`` (so every span starts at a multiple of 4), row length a multiple of
+# 16: a tile reads its spans as aligned vectors with no mask, and columns outside 0 <= Δ < W
+# are zeros. Key blocks whose offsets all miss [0, W) skip the band (a uniform branch).
 
 
 @triton.jit
@@ -515,43 +517,62 @@ def _band_active(row_first, col_first, q_offset, extent, BM: tl.constexpr, BN: t
 
 
 @triton.jit
-def _band_slice(Pw_row, stride_pr, row_first, col_first, q_offset, R_PAD: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr):
-    """P's columns for the tile (R_PAD × BAND_VEC) from the 4-aligned padded column at or
-    below its smallest offset's, and ``sh``, that offset's place in the slice (0..3)."""
-    # a power of 2 >= BM + BN + 2: the tile's offsets from a 4-aligned start
-    VEC: tl.constexpr = 4 * BM if BM == BN else (2 * BM if BM > BN else 2 * BN)
-    col = q_offset + row_first - (col_first + BN - 1) + BAND_PAD  # > 0 for an active tile
-    base = (col // 4) * 4
+def _band_slice(Pw_row, stride_pr, band_col0, row_first, col_first, q_offset,
+                R_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """P's columns for a (BM × BN) tile by groups of BG = min(BM, BN) rows: (G, R_PAD, 2·BN),
+    group g's from the padded column of its smallest offset ``dmin + g·BG``. The launcher puts
+    offset 0 at ``band_col0`` so that this column is a multiple of 4 (blocks start at multiples
+    of 16): aligned vectors."""
+    BG: tl.constexpr = BM if BM < BN else BN
+    G: tl.constexpr = BM // BG
+    VG: tl.constexpr = 2 * BN  # >= BG + BN - 1
+    col = q_offset + row_first - (col_first + BN - 1) + band_col0  # > 0 for an active tile
+    base = (col // 4) * 4  # == col; says so to the compiler
+    g = tl.arange(0, G)
     c = tl.arange(0, R_PAD)
-    t = tl.arange(0, VEC)
-    pslice = tl.load(Pw_row + c[:, None] * stride_pr + base + t[None, :])
-    return pslice, col - base
+    t = tl.arange(0, VG)
+    return tl.load(Pw_row + base + g[:, None, None] * BG + c[None, :, None] * stride_pr
+                   + t[None, None, :])
 
 
 @triton.jit
-def _band_term(r_tile, pslice, sh, BN: tl.constexpr, PRECISION: tl.constexpr):
-    """The band of a (BM × BN) tile from its rows' r and its P slice: RP, then the shear."""
-    rp = tl.dot(r_tile, pslice, input_precision=PRECISION)
-    BM: tl.constexpr = rp.shape[0]
-    m = tl.arange(0, BM)
+def _band_term(r_tile, pslice, BN: tl.constexpr, PRECISION: tl.constexpr):
+    """The band of a (BM × BN) tile from its rows' r (BM × R_PAD) and its P slice: per row
+    group, RP = r_g @ P_g (BG × 2·BN), then the shear term[m, n] = RP[m, m + BN - 1 - n]."""
+    G: tl.constexpr = pslice.shape[0]
+    R_PAD: tl.constexpr = pslice.shape[1]
+    BM: tl.constexpr = r_tile.shape[0]
+    BG: tl.constexpr = BM // G
+    rp = tl.dot(tl.reshape(r_tile, (G, BG, R_PAD)), pslice, input_precision=PRECISION)
+    m = tl.arange(0, BG)
     n = tl.arange(0, BN)
-    idx = m[:, None] - n[None, :] + (BN - 1) + sh
-    return tl.gather(rp, idx, 1)
+    idx = tl.broadcast_to((m[:, None] - n[None, :] + (BN - 1))[None, :, :], (G, BG, BN))
+    return tl.reshape(tl.gather(rp, idx, 2), (BM, BN))
 
 
 @triton.jit
-def _band_unshear(ds, sh, VEC: tl.constexpr):
-    """dS (BM × BN) laid out by offset: G[m, t] = dS[m, n] for the n with m + BN - 1 - n + sh
-    = t, 0 where there is none (BM × VEC)."""
+def _band_unshear(ds, G: tl.constexpr):
+    """dS (BM × BN) laid out by offset per row group: X[g, m, t] = dS[g·BG + m, n] for the n
+    with m + BN - 1 - n = t, 0 where there is none (G × BG × 2·BN)."""
     BM: tl.constexpr = ds.shape[0]
     BN: tl.constexpr = ds.shape[1]
-    m = tl.arange(0, BM)
-    t = tl.arange(0, VEC)
-    n = m[:, None] - t[None, :] + (BN - 1) + sh
+    BG: tl.constexpr = BM // G
+    m = tl.arange(0, BG)
+    t = tl.arange(0, 2 * BN)
+    n = tl.broadcast_to((m[:, None] - t[None, :] + (BN - 1))[None, :, :], (G, BG, 2 * BN))
     inside = (n >= 0) & (n < BN)
-    g = tl.gather(ds, tl.minimum(tl.maximum(n, 0), BN - 1), 1)
-    return tl.where(inside, g, 0.0)
+    x = tl.gather(tl.reshape(ds, (G, BG, BN)), tl.minimum(tl.maximum(n, 0), BN - 1), 2)
+    return tl.where(inside, x, 0.0)
+
+
+@triton.jit
+def _band_grad_rows(x, pslice, PRECISION: tl.constexpr):
+    """Σ_t X[g, m, t]·P_g[c, t] as (BM × R_PAD): the rows' share of dr."""
+    G: tl.constexpr = pslice.shape[0]
+    R_PAD: tl.constexpr = pslice.shape[1]
+    BG: tl.constexpr = x.shape[1]
+    y = tl.dot(x, tl.permute(pslice, (0, 2, 1)), input_precision=PRECISION)
+    return tl.reshape(y, (G * BG, R_PAD))
 
 
 @triton.jit
@@ -568,8 +589,9 @@ def _row_token_terms(Rq, Fq, bh, offs_m, Nq, rank, HAS_BAND: tl.constexpr,
 
 
 @triton.jit
-def _token_score(s, delta, row_first, col_first, r_tile, Pw_row, stride_pr, fq, fk, q_offset,
-                 extent, CAUSAL: tl.constexpr, HAS_BAND: tl.constexpr, HAS_GATE: tl.constexpr,
+def _token_score(s, delta, row_first, col_first, r_tile, Pw_row, stride_pr, band_col0, fq, fk,
+                 q_offset, extent, CAUSAL: tl.constexpr, HAS_BAND: tl.constexpr,
+                 HAS_GATE: tl.constexpr,
                  R_PAD: tl.constexpr, PRECISION: tl.constexpr):
     """Scores (base 2) plus the gate (rows' fq, keys' fk, both base 2) and, on tiles that
     touch 0 <= Δ < W, the band."""
@@ -582,9 +604,9 @@ def _token_score(s, delta, row_first, col_first, r_tile, Pw_row, stride_pr, fq, 
         BM: tl.constexpr = s.shape[0]
         BN: tl.constexpr = s.shape[1]
         if _band_active(row_first, col_first, q_offset, extent, BM, BN):
-            pslice, sh = _band_slice(Pw_row, stride_pr, row_first, col_first, q_offset, R_PAD,
-                                     BM, BN)
-            s += _band_term(r_tile, pslice, sh, BN, PRECISION)
+            pslice = _band_slice(Pw_row, stride_pr, band_col0, row_first, col_first, q_offset,
+                                 R_PAD, BM, BN)
+            s += _band_term(r_tile, pslice, BN, PRECISION)
     return s
 
 
@@ -594,7 +616,7 @@ def _token_score(s, delta, row_first, col_first, r_tile, Pw_row, stride_pr, fq, 
 @triton.jit
 def _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm_row,
                      Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, start_n, r_tile,
-                     Pw_row, stride_pr, fq, Fk_row, extent,
+                     Pw_row, stride_pr, band_col0, fq, Fk_row, extent,
                      MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                      HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr, HAS_DOC: tl.constexpr,
                      HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -610,7 +632,7 @@ def _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm
         fk = 0.0
         if HAS_GATE:
             fk = _load_gate(Fk_row, offs_n, Nk, MASKED)
-        s = _token_score(s, delta, row_first, start_n, r_tile, Pw_row, stride_pr, fq, fk,
+        s = _token_score(s, delta, row_first, start_n, r_tile, Pw_row, stride_pr, band_col0, fq, fk,
                          q_offset, extent, CAUSAL, HAS_BAND, HAS_GATE, R_PAD, PRECISION)
     if MASKED or HAS_DOC or HAS_KPM:
         kp = _key_padding(Kpm_row, offs_n, Nk, HAS_KPM)
@@ -623,6 +645,7 @@ def _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm
 def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_begin, block_end,
                 offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
                 Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, r_tile, Pw_row, stride_pr,
+                band_col0,
                 fq, Fk_row, extent,
                 HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
@@ -634,7 +657,8 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_be
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
         s = _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm_row,
                              Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, start_n,
-                             r_tile, Pw_row, stride_pr, fq, Fk_row, extent, MASKED, CAUSAL,
+                             r_tile, Pw_row, stride_pr, band_col0, fq, Fk_row, extent, MASKED,
+                             CAUSAL,
                              WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION,
                              UNIFORM, HAS_BAND, HAS_GATE, R_PAD)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -655,7 +679,8 @@ def attn_fwd(Q, K, V, Out, Lse, Table, TableEnds, Slopes, DocStart, DocEnd, Kpm,
              Rq, Pw, Fq, Fk,
              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, stride_t,
-             stride_ph, stride_pr, Hq, group, Nq, Nk, T, lo, q_offset, window, rank, extent,
+             stride_ph, stride_pr, band_col0, Hq, group, Nq, Nk, T, lo, q_offset, window, rank,
+             extent,
              qk_scale, seq_bucket,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
              WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
@@ -665,8 +690,8 @@ def attn_fwd(Q, K, V, Out, Lse, Table, TableEnds, Slopes, DocStart, DocEnd, Kpm,
     """One program per (query block, head, batch): out (B, Hq, Nq, D) and lse (B, Hq, Nq).
 
     With HAS_BAND / HAS_GATE: r (Rq, (B, Hq, Nq, rank)), the padded weight (Pw, head h at
-    ``h·stride_ph``, rows ``stride_pr`` apart), fq (Fq, (B, Hq, Nq)) and fk (Fk, (B, Hq, Nk)),
-    float32 contiguous."""
+    ``h·stride_ph``, rows ``stride_pr`` apart, offset 0 at column ``band_col0``), fq (Fq,
+    (B, Hq, Nq)) and fk (Fk, (B, Hq, Nk)), float32 contiguous."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -697,7 +722,8 @@ def attn_fwd(Q, K, V, Out, Lse, Table, TableEnds, Slopes, DocStart, DocEnd, Kpm,
                 acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, first, last, offs_m,
                 offs_d, Table + h * stride_t, slope, doc_lo, doc_hi, Kpm + b * Nk, Nq, Nk, T, lo,
                 q_offset, window, qk_scale, pid_m * BLOCK_M, r_tile, Pw + h * stride_ph,
-                stride_pr, fq, Fk + bh * Nk, extent, HEAD_DIM, stage == 0 or stage == 4, CAUSAL,
+                stride_pr, band_col0, fq, Fk + bh * Nk, extent, HEAD_DIM, stage == 0 or stage == 4,
+                CAUSAL,
                 WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
                 (stage == 1) + 2 * (stage == 3), HAS_BAND, HAS_GATE, R_PAD)
 
@@ -715,7 +741,7 @@ def attn_fwd(Q, K, V, Out, Lse, Table, TableEnds, Slopes, DocStart, DocEnd, Kpm,
 def attn_fwd_splitkv(Q, K, V, PartialOut, PartialLse, Table, Slopes, DocStart, DocEnd, Kpm,
                      KvBounds, Rq, Pw, Fq, Fk, stride_qb, stride_qh, stride_qn, stride_kb,
                      stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_t, stride_ph,
-                     stride_pr, Hq, group, Nq, Nk, T, lo, q_offset, window, rank, extent,
+                     stride_pr, band_col0, Hq, group, Nq, Nk, T, lo, q_offset, window, rank, extent,
                      qk_scale, num_splits, split_blocks,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                      WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
@@ -748,7 +774,8 @@ def attn_fwd_splitkv(Q, K, V, PartialOut, PartialLse, Table, Slopes, DocStart, D
         acc, l_i, m_i, q, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
         stride_kn, stride_vn, first, last, offs_m, offs_d, Table + h * stride_t, slope, doc_lo,
         doc_hi, Kpm + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale, 0, r_tile,
-        Pw + h * stride_ph, stride_pr, fq, Fk + (b * Hq + h) * Nk, extent, HEAD_DIM, True, CAUSAL,
+        Pw + h * stride_ph, stride_pr, band_col0, fq, Fk + (b * Hq + h) * Nk, extent, HEAD_DIM,
+        True, CAUSAL,
         WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N, 0, HAS_BAND,
         HAS_GATE, R_PAD)
     empty = l_i == 0.0
@@ -781,9 +808,11 @@ def bwd_preprocess(Out, dOut, DeltaOut, stride_ob, stride_oh, stride_on,
 
 
 @triton.jit
-def _dq_blocks(dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b, q, do, lse, di, K_base, V_base, stride_kn, stride_vn,
+def _dq_blocks(dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b, q, do, lse, di, K_base, V_base, stride_kn,
+               stride_vn,
                block_begin, block_end, offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
                Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, r_tile, Pw_row, stride_pr,
+               band_col0,
                fq, Fk_row, extent,
                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
@@ -796,7 +825,8 @@ def _dq_blocks(dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b, q, do, lse, di, K_base, V
         v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, MASKED)
         s = _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm_row,
                              Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, start_n,
-                             r_tile, Pw_row, stride_pr, fq, Fk_row, extent, MASKED, CAUSAL,
+                             r_tile, Pw_row, stride_pr, band_col0, fq, Fk_row, extent, MASKED,
+                             CAUSAL,
                              WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION,
                              0, HAS_BAND, HAS_GATE, R_PAD)
         p = tl.math.exp2(s - lse[:, None] * LOG2E)
@@ -814,13 +844,11 @@ def _dq_blocks(dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b, q, do, lse, di, K_base, V
         if HAS_BAND:  # dr = Σ_j dS·P[:, Δ] = G·P_sliceᵀ, G = dS laid out by offset
             BM: tl.constexpr = ds.shape[0]
             if _band_active(row_first, start_n, q_offset, extent, BM, BLOCK_N):
-                pslice, sh = _band_slice(Pw_row, stride_pr, row_first, start_n, q_offset, R_PAD,
-                                         BM, BLOCK_N)
-                VEC: tl.constexpr = pslice.shape[1]
-                g_a = _band_unshear(p * dp, sh, VEC)
-                g_b = _band_unshear(p, sh, VEC)
-                dr_a += tl.dot(g_a, tl.trans(pslice), input_precision=PRECISION)
-                dr_b += tl.dot(g_b, tl.trans(pslice), input_precision=PRECISION)
+                pslice = _band_slice(Pw_row, stride_pr, band_col0, row_first, start_n, q_offset,
+                                     R_PAD, BM, BLOCK_N)
+                G: tl.constexpr = pslice.shape[0]
+                dr_a += _band_grad_rows(_band_unshear(p * dp, G), pslice, PRECISION)
+                dr_b += _band_grad_rows(_band_unshear(p, G), pslice, PRECISION)
     return dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b
 
 
@@ -830,7 +858,8 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
                 Kpm, KvBounds, Rq, Pw, Fq, Fk, dR, dFq,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
-                stride_ph, stride_pr, Hq, group, Nq, Nk, T, lo, q_offset, window, rank, extent,
+                stride_ph, stride_pr, band_col0, Hq, group, Nq, Nk, T, lo, q_offset, window, rank,
+                extent,
                 qk_scale, scale, seq_bucket,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
@@ -885,7 +914,8 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
             dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b, q, do, lse, di, K_base, V_base, stride_kn,
             stride_vn, first, last, offs_m, offs_d, Table + h * stride_t, slope, doc_lo, doc_hi,
             Kpm + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale, pid_m * BLOCK_M, r_tile,
-            Pw + h * stride_ph, stride_pr, fq, Fk + bh * Nk, extent, HEAD_DIM, stage != 1,
+            Pw + h * stride_ph, stride_pr, band_col0, fq, Fk + bh * Nk, extent, HEAD_DIM,
+            stage != 1,
             CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
             HAS_BAND, HAS_GATE, R_PAD)
     # lse is float32, so exp(s - lse) carries its rounding (|lse|·2^-24, 1e-3 at scores of 1e4)
@@ -913,7 +943,7 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
 def _dkdv_blocks(dk, dv, dfk, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, Delta_row,
                  Inv_row, block_begin, block_end, start_n, offs_n, offs_d, kp, table_row,
                  DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset, window,
-                 qk_scale, Rq_row, Pw_row, stride_pr, Fq_row, fk, rank, extent,
+                 qk_scale, Rq_row, Pw_row, stride_pr, band_col0, Fq_row, fk, rank, extent,
                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                  WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                  HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
@@ -941,7 +971,8 @@ def _dkdv_blocks(dk, dv, dfk, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_r
                 r_tile = _load_latent(Rq_row, offs_m, Nq, rank, R_PAD) * LOG2E
             if HAS_GATE:
                 fq = _load_gate(Fq_row, offs_m, Nq, MASKED)
-            s = _token_score(s, delta, start_m, start_n, r_tile, Pw_row, stride_pr, fq, fk,
+            s = _token_score(s, delta, start_m, start_n, r_tile, Pw_row, stride_pr, band_col0, fq,
+                             fk,
                              q_offset, extent, CAUSAL, HAS_BAND, HAS_GATE, R_PAD, PRECISION)
         if NEED_MASK:
             doc_lo, doc_hi = _doc_range(DocStart_row, DocEnd_row, q_offset, offs_m, Nq, HAS_DOC)
@@ -975,7 +1006,8 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
                   DocStart, DocEnd, Kpm, KvBounds, Rq, Pw, Fq, Fk, dFk,
                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
-                  stride_ph, stride_pr, Hq, group, Nq, Nk, T, lo, q_offset, window, rank, extent,
+                  stride_ph, stride_pr, band_col0, Hq, group, Nq, Nk, T, lo, q_offset, window,
+                  rank, extent,
                   qk_scale, scale, seq_bucket,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                   WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
@@ -1034,7 +1066,8 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
             Delta + bh * Nq, Inv + bh * Nq, first, last, start_n, offs_n, offs_d, kp,
             Table + h * stride_t, DTable + h * T, slope, DocStart + b * Nk, DocEnd + b * Nk, Nq,
             Nk, T, lo, q_offset, window, qk_scale, Rq + bh * Nq * rank, Pw + h * stride_ph,
-            stride_pr, Fq + bh * Nq, fk, rank, extent, HEAD_DIM, stage != 1, CAUSAL, WINDOW,
+            stride_pr, band_col0, Fq + bh * Nq, fk, rank, extent, HEAD_DIM, stage != 1, CAUSAL,
+            WINDOW,
             HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M,
             BLOCK_N, HAS_BAND, HAS_GATE, R_PAD)
     if HAS_GATE:
@@ -1049,7 +1082,8 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
                          Rq, Pw, Fq, Fk,
                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
-                         stride_t, stride_ph, stride_pr, Hq, group, Nq, Nk, T, lo, q_offset,
+                         stride_t, stride_ph, stride_pr, band_col0, Hq, group, Nq, Nk, T, lo,
+                         q_offset,
                          window, rank, extent, qk_scale, num_bands, band_min,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                          WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr,
@@ -1100,7 +1134,8 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
             if HAS_GATE:
                 fk = _load_gate(Fk + bh * Nk, offs_n, Nk, True)
             s = _token_score(s, delta, (n + d) * BLOCK, n * BLOCK, r_tile, Pw + h * stride_ph,
-                             stride_pr, fq, fk, q_offset, extent, CAUSAL, HAS_BAND, HAS_GATE,
+                             stride_pr, band_col0, fq, fk, q_offset, extent, CAUSAL, HAS_BAND,
+                             HAS_GATE,
                              R_PAD, PRECISION)
         doc_lo, doc_hi = _doc_range(DocStart + b * Nk, DocEnd + b * Nk, q_offset, offs_m, Nq,
                                     HAS_DOC)
@@ -1120,7 +1155,8 @@ def attn_bwd_band_dp(Q, K, V, dOut, Lse, Delta, Inv, Table, Slopes, DocStart, Do
                      Rq, Pw, Fq, Fk, PartialP,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
-                     stride_t, stride_ph, stride_pr, Hq, group, Nq, Nk, T, lo, q_offset, window,
+                     stride_t, stride_ph, stride_pr, band_col0, Hq, group, Nq, Nk, T, lo, q_offset,
+                     window,
                      rank, extent, qk_scale, num_bands, band_min,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                      WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
@@ -1133,7 +1169,7 @@ def attn_bwd_band_dp(Q, K, V, dOut, Lse, Delta, Inv, Table, Slopes, DocStart, Do
     Every tile (rows (n + d)·BLOCK.., keys n·BLOCK..) on a block diagonal has the same offsets
     ``Δ = q_offset + d·BLOCK + r - c``, so the same P slice and the same unshear: the program
     recomputes each tile's dS (every term of the score, as the dk/dv kernel does), lays it out
-    by offset (G, BLOCK × 4·BLOCK) and adds ``rᵀ·G`` (R_PAD × 4·BLOCK) in a fixed order, then
+    by offset (X, BLOCK × 2·BLOCK) and adds ``rᵀ·X`` (R_PAD × 2·BLOCK) in a fixed order, then
     writes it to ``PartialP[b, h, band]``; the host sums batches, heads sharing a weight and the
     diagonals' overlapping columns. Recomputes p and dp (two extra dots a tile, on the band's
     tiles only).
@@ -1147,14 +1183,15 @@ def attn_bwd_band_dp(Q, K, V, dOut, Lse, Delta, Inv, Table, Slopes, DocStart, Do
     n_begin = tl.maximum(0, -d)
     n_end = tl.minimum(tl.cdiv(Nk, BLOCK), tl.cdiv(Nq, BLOCK) - d)
     offs_d = tl.arange(0, BLOCK_D)
-    VEC: tl.constexpr = 4 * BLOCK
+    VEC: tl.constexpr = 2 * BLOCK
     Q_base = Q + b * stride_qb + h * stride_qh
     dO_base = dOut + b * stride_db + h * stride_dh
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
     Pw_row = Pw + h * stride_ph
     # The slice and shift of every tile here: those of the diagonal's first tile position.
-    pslice, sh = _band_slice(Pw_row, stride_pr, d * BLOCK, 0, q_offset, R_PAD, BLOCK, BLOCK)
+    pslice = _band_slice(Pw_row, stride_pr, band_col0, d * BLOCK, 0, q_offset, R_PAD, BLOCK,
+                         BLOCK)
     slope = 0.0
     if HAS_SLOPES:
         slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
@@ -1173,7 +1210,7 @@ def attn_bwd_band_dp(Q, K, V, dOut, Lse, Delta, Inv, Table, Slopes, DocStart, Do
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], Table + h * stride_t, slope,
                           q_offset, lo, T, qk_scale, HAS_TABLE, HAS_SLOPES, 0)
-        s += _band_term(r * LOG2E, pslice, sh, BLOCK, PRECISION)
+        s += _band_term(r * LOG2E, pslice, BLOCK, PRECISION)
         if HAS_GATE:
             g = _load_gate(Fq + bh * Nq, offs_m, Nq, True)[:, None]
             g -= _load_gate(Fk + bh * Nk, offs_n, Nk, True)[None, :]
@@ -1188,7 +1225,8 @@ def attn_bwd_band_dp(Q, K, V, dOut, Lse, Delta, Inv, Table, Slopes, DocStart, Do
         p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
         ds = p * (dp - di[:, None])
-        acc += tl.dot(tl.trans(r), _band_unshear(ds, sh, VEC), input_precision=PRECISION)
+        x = tl.reshape(_band_unshear(ds, 1), (BLOCK, VEC))
+        acc += tl.dot(tl.trans(r), x, input_precision=PRECISION)
     c = tl.arange(0, R_PAD)
     t = tl.arange(0, VEC)
     tile = PartialP + (bh * num_bands + pid) * (R_PAD * VEC)
