@@ -78,8 +78,9 @@ POINTERS = {
 FLOATS = {"qk_scale", "scale"}
 LAUNCH_OPTIONS = {"num_warps", "num_stages"}
 # Integer arguments that are multiples of 16 in a typical call (contiguous (B, H, N, D) tensors
-# with D and N multiples of 16); Triton's launcher gives them the same divisibility hint.
-DIVISIBLE = re.compile(r"^(stride_\w+|Nq|Nk)$")
+# with D and N multiples of 16, the band's rank 16); Triton's launcher gives them the same
+# divisibility hint.
+DIVISIBLE = re.compile(r"^(stride_\w+|Nq|Nk|rank)$")
 
 
 @dataclasses.dataclass(frozen=True)
