@@ -190,7 +190,9 @@ def jobs(full: bool) -> list[Job]:
                     for i, v in enumerate(chosen):
                         has_table = v.get("HAS_TABLE", True)
                         limit = ARCHS[arch]["smem_block"]
-                        configs = K.kept_configs(kernel, d, elt, limit, has_table)
+                        configs = K.kept_configs(
+                            kernel, d, elt, limit, has_table, v.get("HAS_BAND", False)
+                        )
                         if not full or i >= 2:
                             configs = configs[:1]
                         masks = v.get("WINDOW") or v.get("HAS_DOC") or v.get("HAS_KPM")
@@ -430,7 +432,10 @@ def problems(results: list[dict], estimate) -> list[str]:
         if r["config"] is not None:
             block_d = max(16, 1 << (r["head_dim"] - 1).bit_length())
             has_table = dict(r["variant"]).get("HAS_TABLE", True)
-            est = estimate(r["kernel"], r["config"], block_d, DTYPES[r["dtype"]], has_table)
+            has_band = dict(r["variant"]).get("HAS_BAND", False)
+            est = estimate(
+                r["kernel"], r["config"], block_d, DTYPES[r["dtype"]], has_table, has_band
+            )
             if r["shared"] > est:
                 out.append(
                     f"{r['label']}: shared memory {r['shared']} B > pruning's estimate "

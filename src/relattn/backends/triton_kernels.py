@@ -100,13 +100,16 @@ def config_constexprs(kernel: str, config: tuple[int, int, int, int]) -> dict[st
     return {"BLOCK_M": config[0], "BLOCK_N": config[1]}
 
 
-def shared_memory_estimate(kernel: str, config, block_d: int, elt: int, has_table: bool) -> int:
+def shared_memory_estimate(kernel: str, config, block_d: int, elt: int, has_table: bool,
+                           has_band: bool = False) -> int:
     """Bytes of shared memory a config needs, from what Triton's pipeliner stages: each stage's
     streamed tiles (k, v; q, dO for dk/dv), the table tile (float32, one stage fewer), the
-    resident tiles and layout conversions, plus 2 KiB. An upper bound, checked against every
+    band's per-tile product and its shear (a BLOCK_M × 2·BLOCK_N float32 tile), the resident
+    tiles and layout conversions, plus 2 KiB. An upper bound, checked against every
     ahead-of-time compile."""
     m, n, _, stages = config
     table = (stages - 1) * m * n * 4 if has_table else 0
+    table += m * 2 * n * 4 if has_band else 0
     if kernel == "attn_fwd":  # + p converted for the p·v dot
         size = stages * 2 * n * block_d * elt + m * block_d * elt + m * n * elt
     elif kernel == "attn_bwd_dq":
@@ -117,7 +120,7 @@ def shared_memory_estimate(kernel: str, config, block_d: int, elt: int, has_tabl
 
 
 def kept_configs(kernel: str, head_dim: int, elt: int, smem_limit: int | None,
-                 has_table: bool = True) -> list:
+                 has_table: bool = True, has_band: bool = False) -> list:
     """The candidates of an autotuned kernel that pruning keeps for this head dim, element size
     and per-block shared memory limit (all of them when the limit is None); [None] for a kernel
     that is not autotuned. Never empty: the smallest candidate stays if none fits."""
@@ -127,7 +130,7 @@ def kept_configs(kernel: str, head_dim: int, elt: int, smem_limit: int | None,
     candidates = CANDIDATES[kernel][64 if block_d <= 64 else 128]
     if smem_limit is None:
         return list(candidates)
-    size = lambda c: shared_memory_estimate(kernel, c, block_d, elt, has_table)
+    size = lambda c: shared_memory_estimate(kernel, c, block_d, elt, has_table, has_band)
     kept = [c for c in candidates if size(c) <= smem_limit]
     return kept or [min(candidates, key=size)]
 
@@ -166,7 +169,8 @@ def _prune(kernel: str):
         else:
             limit = device_shared_memory(q.device.index)
             wanted = kept_configs(kernel, args["HEAD_DIM"], q.element_size(), limit,
-                                  bool(args.get("HAS_TABLE", True)))
+                                  bool(args.get("HAS_TABLE", True)),
+                                  bool(args.get("HAS_BAND", False)))
             if not AUTOTUNE:
                 wanted = wanted[:1]
         by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
