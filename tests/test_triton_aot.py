@@ -53,6 +53,16 @@ def test_every_kernel_compiles_for_a100_and_h100(tmp_path):
     compiled = {(r["kernel"], r["arch"]) for r in results if "error" not in r}
     assert compiled == {(k, a) for k in kernels for a in tool.ARCHS}
     assert all(r["regs"] and r["regs"] <= 255 for r in results)
+    # the token terms' variants: the band and the gate of every kernel that computes them
+    token = {
+        (r["kernel"], r["arch"], term)
+        for r in results
+        for term in ("HAS_BAND", "HAS_GATE")
+        if dict(r["variant"]).get(term) and "error" not in r
+    }
+    assert token == {
+        (k, a, t) for k in tool.TOKEN_KERNELS for a in tool.ARCHS for t in ("HAS_BAND", "HAS_GATE")
+    }
 
 
 def test_problems_are_reported():
@@ -99,7 +109,13 @@ def test_sass_gate_on_the_key_loops(tmp_path):
     names = {p.name for p in sass.iterdir()}
     assert "attn_fwd-sm_90a-table-bf16-d128-64x32-w4-s2.sass" in names
     assert "attn_bwd_dkdv-sm_90a-table-det-bf16-d128-32x32-w4-s2.sass" in names
-    assert {n.split("-sm_90a-")[1].split("-")[0] for n in names} == {"table", "slopes", "none"}
+    assert {n.split("-sm_90a-")[1].split("-")[0] for n in names} == {
+        "table", "slopes", "none", "band", "gate",
+    }  # fmt: skip
+    # the token terms' key loops: no 4-byte per-score loads, no atomics (gated), counts reported
+    for enc in ("band", "gate"):
+        for kernel in _tool().GATE_KERNELS:
+            assert f"| {kernel} | {enc} | 1 | plain |" in res.stdout, (kernel, enc)
 
 
 def test_gate_catches_each_rule():
@@ -145,6 +161,16 @@ def test_gate_catches_each_rule():
     ]
     bad, text = tool.gate_problems(dkdv)
     assert bad == [] and "no (open)" in text
+    # the token terms: M3 is reported only; 4-byte loads (not 16-byte ones) count for M1
+    band = [{**x, "total": 3 * x["total"], "ldg": 4} for x in none]
+    bad, text = tool.gate_problems([ok[0], result("attn_fwd", {"HAS_BAND": True}, band)])
+    assert bad == [] and "M1, M2, M4" in text
+    band[1].update(ldg=20, ldg_4=16)
+    bad, _ = tool.gate_problems([ok[0], result("attn_fwd", {"HAS_BAND": True}, band)])
+    assert " ".join(bad).startswith("M1")
+    band[1].update(ldg_4=0, atomic=2)
+    bad, _ = tool.gate_problems([ok[0], result("attn_fwd", {"HAS_BAND": True}, band)])
+    assert " ".join(bad).startswith("M2")
 
 
 def test_occupancy_estimate():

@@ -4,7 +4,8 @@ Offline and with the machine's own Python (torch with CUDA, triton, pytest, hypo
 installed, ``src/`` goes on ``PYTHONPATH``. It runs, with CUDA tensors, the conformance suite and
 the Triton suites (including the GPU-only cases of ``tests/test_triton_gpu.py``: N up to 16k,
 D = 128, every kept autotune config, torch.compile, deterministic mode, chunked on CUDA), the
-layer, cache and model tests, and then ``benchmarks/gpu_attention.py --check``. Test steps run in
+layer, cache and model tests, and then ``benchmarks/gpu_attention.py --check`` and the band's
+``benchmarks/gpu_token.py``. Test steps run in
 parallel processes (each compiles its own kernels); the benchmark runs alone afterwards.
 
 Logs, the benchmark's tables and ``summary.md`` go to ``$OUT`` when it is set, else to
@@ -26,6 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Seconds of the budget left to benchmarks/gpu_token.py (one shape: FlexAttention's compile with
+# r and P captured takes most of it).
+TOKEN_BENCH_SECONDS = 120
 
 # name: pytest arguments. Autotuning is off in the test steps (each distinct variant would
 # otherwise compile every candidate config); test_every_kept_config covers the configs. The
@@ -40,6 +44,7 @@ TEST_STEPS = {
         "tests/test_triton.py",
         "tests/test_triton_precision.py",
         "tests/test_triton_decode.py",
+        "tests/test_triton_token.py",
         "tests/test_validation.py",
     ],
     "layers, cache, models": [
@@ -180,8 +185,23 @@ def main(argv: list[str] | None = None) -> int:
             str(out / "gpu-benchmark.json"),
         ]
         bench_env = {k: v for k, v in env.items() if k != "RELATTN_TRITON_AUTOTUNE"}
-        r = run_step("benchmark", cmd, out, max(left, 60), bench_env, junit)
+        # The band benchmark (issue 24) keeps TOKEN_BENCH_SECONDS of the budget for itself.
+        r = run_step("benchmark", cmd, out, max(left - TOKEN_BENCH_SECONDS, 60), bench_env, junit)
         print(f"[gpu-check] benchmark: rc={r['rc']} in {r['seconds']:.0f}s", flush=True)
+        results.append(r)
+        # Its log stays beside the JUnit files and its table joins gpu-benchmark.md: $OUT keeps
+        # to the 8 files the device tool brings back.
+        token_md = junit / "gpu-token.md"
+        cmd = [sys.executable, "benchmarks/gpu_token.py", "--out", str(token_md)]
+        left = args.budget - (time.perf_counter() - begin)
+        r = run_step("band benchmark", cmd, junit, max(left, 60), bench_env, junit)
+        print(f"[gpu-check] band benchmark: rc={r['rc']} in {r['seconds']:.0f}s", flush=True)
+        if token_md.exists():
+            text = token_md.read_text()
+        else:  # its log's tail says why
+            text = "(no table)\n\n```\n" + (junit / r["log"]).read_text()[-3000:] + "\n```\n"
+        with bench_md.open("a") as f:
+            f.write("\n## Band (query-conditioned bias, benchmarks/gpu_token.py)\n\n" + text)
         results.append(r)
 
     text = summary(results, info, bench_md)

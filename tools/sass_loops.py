@@ -11,8 +11,9 @@ The classes are the ones the offline gate of ``tools/gpu_compile.py --gate`` rea
 
 - ``cp_async_4``: 4-byte ``cp.async`` (``LDGSTS.E`` without a width suffix): one per score is
   what a per-score table read compiles to; ``cp_async``: every ``LDGSTS``;
-- ``ldg``: global loads (``LDG``); ``atomic``: global or shared atomics (``RED``, ``ATOM``;
-  not ``REDUX``, a warp's register reduction);
+- ``ldg``: global loads (``LDG``); ``ldg_4``: 4-byte ones (no width suffix), what a
+  per-score read of a token term compiles to; ``atomic``: global or shared atomics (``RED``,
+  ``ATOM``; not ``REDUX``, a warp's register reduction);
 - ``wgmma`` (``HGMMA``), ``mma_sync`` (``HMMA``), ``spill`` (``LDL``/``STL``), ``ex2``
   (``MUFU.EX2``), ``total``.
 """
@@ -30,7 +31,10 @@ _TARGET = re.compile(r"\bBRA\b[^`]*`\((\.L_x_\d+)\)")
 # Loop bodies shorter than this are wait loops (mbarrier polling), not key loops.
 MIN_BODY = 8
 
-CLASSES = ("total", "wgmma", "mma_sync", "cp_async", "cp_async_4", "ldg", "atomic", "spill", "ex2")
+CLASSES = (
+    "total", "wgmma", "mma_sync", "cp_async", "cp_async_4", "ldg", "ldg_4", "atomic", "spill",
+    "ex2",
+)  # fmt: skip
 
 
 def classify(opcode: str) -> list[str]:
@@ -47,6 +51,8 @@ def classify(opcode: str) -> list[str]:
             out.append("cp_async_4")
     elif base == "LDG":
         out.append("ldg")
+        if not re.search(r"\.(64|128)\b", opcode) and not re.search(r"\.(U8|S8|U16|S16)\b", opcode):
+            out.append("ldg_4")
     elif base in ("RED", "REDG", "ATOM", "ATOMG", "ATOMS"):
         out.append("atomic")
     elif base in ("LDL", "STL"):

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..masks import doc_bounds
 from ..problem import Problem
-from .base import Backend, Call, Layout, fits
+from .base import Backend, Call, Layout, TokenTerms, fits
 
 __all__ = ["BACKEND", "TritonBackend"]
 
@@ -99,17 +99,45 @@ def _key_bounds(key_padding_mask: Tensor) -> Tensor:
     return torch.stack([first, last], 1).to(torch.int32).contiguous()
 
 
+def _band_col0(K: ModuleType, q_offset: int) -> int:
+    """The padded weight's column of offset 0: BAND_PAD zero columns or up to 3 more, so that
+    each tile's smallest offset ``q_offset + 16·x - (BLOCK_N - 1)`` lands on a multiple of 4."""
+    return int(K.BAND_PAD) + (3 - q_offset) % 4
+
+
+def _band_weight(K: ModuleType, weight: Tensor, r_pad: int, col0: int) -> Tensor:
+    """The band's weight ``(Hw, R, W)`` as the kernels read it: float32 ``(Hw, r_pad, WP)``,
+    rows past R zero, offset 0 at column ``col0`` (zeros before it), at least BAND_PAD zero
+    columns after offset W - 1, WP a multiple of 16 (each tile reads its offsets as aligned
+    vectors, unmasked: see ``triton_kernels._band_slice``)."""
+    hw, rank, extent = weight.shape
+    width = _cdiv(col0 + extent + int(K.BAND_PAD), 16) * 16
+    out = weight.new_zeros((hw, r_pad, width), dtype=torch.float32)
+    out[:, :rank, col0 : col0 + extent] = weight
+    return out
+
+
 class _Launch:
     """Arguments shared by every kernel of one call."""
 
-    def __init__(self, K: ModuleType, q, k, v, table, slopes, problem: Problem):
+    def __init__(
+        self,
+        K: ModuleType,
+        q,
+        k,
+        v,
+        table,
+        slopes,
+        problem: Problem,
+        token: TokenTerms | None = None,
+    ):
         self.q, self.k, self.v = _unit_stride("q", q), _unit_stride("k", k), _unit_stride("v", v)
         self.b, self.hq, self.nq, self.d = q.shape
         self.hkv, self.nk = k.shape[1], k.shape[2]
         self.lo, self.scale = problem.lo, problem.scale
         self.q_offset, self.window = problem.q_offset, problem.window
         dev = q.device
-        dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
+        self.dummy_f = dummy_f = torch.zeros(1, dtype=torch.float32, device=dev)
         self.dummy_i = dummy_i = torch.zeros(2, dtype=torch.int32, device=dev)
         self.table = table.contiguous() if table is not None else dummy_f
         self.slopes = slopes.contiguous() if slopes is not None else dummy_f
@@ -136,6 +164,22 @@ class _Launch:
             PRECISION="tf32" if tf32 else "ieee",
         )
         self.encoding = {"HAS_TABLE": table is not None, "HAS_SLOPES": slopes is not None}
+        token = token or TokenTerms(None, None, None, None)
+        self.token = token
+        self.has_band, self.has_gate = token.r is not None, token.fq is not None
+        self.rank = token.r.shape[-1] if self.has_band else 1
+        self.r_pad = max(16, _pow2_at_least(self.rank)) if self.has_band else 16
+        self.extent = token.weight.shape[-1] if self.has_band else 1
+        self.hw = token.weight.shape[0] if self.has_band else 1
+        f32 = lambda t: t.to(torch.float32).contiguous() if t is not None else dummy_f
+        self.band_col0 = _band_col0(K, self.q_offset)
+        if self.has_band:
+            self.pw = _band_weight(K, token.weight, self.r_pad, self.band_col0)
+        else:
+            self.pw = dummy_f
+        # Heads sharing one weight read it at stride 0.
+        stride_ph = self.pw.stride(0) if self.has_band and self.hw > 1 else 0
+        stride_pr = self.pw.stride(1) if self.has_band else 0
         self.seq_bucket = _pow2_at_least(max(self.nq, self.nk))  # part of the autotune key
         # What every kernel of the call may read, by the kernels' parameter names; each launch
         # adds its own outputs (see _run, which hands a kernel the names it declares).
@@ -147,6 +191,10 @@ class _Launch:
             Nk=self.nk, T=self.t, lo=self.lo, q_offset=self.q_offset, window=self.window,
             qk_scale=self.scale * _LOG2E, scale=self.scale, seq_bucket=self.seq_bucket,
             **self.encoding, **self.flags,
+            Rq=f32(token.r), Pw=self.pw, Fq=f32(token.fq), Fk=f32(token.fk),
+            stride_ph=stride_ph, stride_pr=stride_pr, band_col0=self.band_col0, rank=self.rank,
+            extent=self.extent,
+            HAS_BAND=self.has_band, HAS_GATE=self.has_gate, R_PAD=self.r_pad,
         )  # fmt: skip
 
     def table_ends(self, K: ModuleType) -> Tensor:
@@ -192,6 +240,7 @@ class TritonBackend(Backend):
     devices = ("cuda",)  # where auto picks it (TRITON_INTERPRET=1 runs it on the CPU)
     dtypes = _DTYPES
     top_priority = 20.0
+    token_terms = True
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         """20 for CUDA tensors when triton is installed; never picked automatically elsewhere
@@ -244,7 +293,7 @@ class TritonBackend(Backend):
         """
         q, k, v, table, slopes, problem = call[:6]
         K = _kernels()
-        a = _Launch(K, q, k, v, table, slopes, problem)
+        a = _Launch(K, q, k, v, table, slopes, problem, call.token)
         splits = _decode_splits(K, a)
         if splits > 1:
             return _forward_splitkv(K, a, splits)
@@ -257,15 +306,18 @@ class TritonBackend(Backend):
 
     def backward(
         self, call: Call, grad_out: Tensor, out: Tensor, lse: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``(dq, dk, dv, dtable)`` shaped like q, k, v and table (dtable None without one).
+    ) -> tuple[Tensor | None, ...]:
+        """``(dq, dk, dv, dtable)`` shaped like q, k, v and table (dtable None without one);
+        with ``call.token`` followed by ``(dr, dweight, dfq, dfk)`` shaped like its tensors
+        (None for an absent pair), each gradient in its tensor's dtype.
 
         Under ``torch.use_deterministic_algorithms(True)`` no kernel uses atomics and the
-        gradients are bit-identical across runs.
+        gradients are bit-identical across runs (the band's weight gradient never uses them:
+        per-diagonal partials summed by the host).
         """
         q, k, v, table, slopes, problem = call[:6]
         K = _kernels()
-        a = _Launch(K, q, k, v, table, slopes, problem)
+        a = _Launch(K, q, k, v, table, slopes, problem, call.token)
         out, grad_out = _unit_stride("out", out), _unit_stride("grad_out", grad_out)
         lse = lse.contiguous()
         dev = q.device
@@ -289,20 +341,42 @@ class TritonBackend(Backend):
         # and D = Σ_j P·dP in delta, both in float32 from the recomputed weights.
         inv, delta = torch.empty_like(delta_out), torch.empty_like(delta_out)
         grads.update(Delta=delta, Inv=inv)
+        dummy = a.dummy_f
+        dr = torch.empty((a.b, a.hq, a.nq, a.rank), dtype=torch.float32, device=dev)
+        dfq = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
+        dfk = torch.empty((a.b, a.hq, a.nk), dtype=torch.float32, device=dev)
+        if not a.has_band:
+            dr = dummy
+        if not a.has_gate:
+            dfq = dfk = dummy
         grid_q = lambda meta: (_cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
-        _run(K.attn_bwd_dq, grid_q, {**a.args, **grads, "dQ": dq})
+        _run(K.attn_bwd_dq, grid_q, {**a.args, **grads, "dQ": dq, "dR": dr, "dFq": dfq})
         grid_kv = lambda meta: (_cdiv(a.nk, meta["BLOCK_N"]), a.hq, a.b)
-        outputs = {"dK": dk, "dV": dv, "DTable": dtable, "ATOMIC_TABLE": atomic}
+        outputs = {"dK": dk, "dV": dv, "DTable": dtable, "ATOMIC_TABLE": atomic, "dFk": dfk}
         _run(K.attn_bwd_dkdv, grid_kv, {**a.args, **grads, **outputs})
         if a.hq != a.hkv:
             group = (a.b, a.hkv, a.hq // a.hkv, a.nk, a.d)
             dk = dk.view(group).sum(2).to(k.dtype)
             dv = dv.view(group).sum(2).to(v.dtype)
-        if table is None:
-            return dq, dk, dv, None
-        if deterministic:
-            dtable = _table_grad_bands(K, a, grads)
-        return dq, dk, dv, dtable.to(table.dtype)
+        dtable_out = None
+        if table is not None:
+            if deterministic:
+                dtable = _table_grad_bands(K, a, grads)
+            dtable_out = dtable.to(table.dtype)
+        if call.token is None:
+            return dq, dk, dv, dtable_out
+        t = call.token
+        if a.has_band:
+            assert t.r is not None and t.weight is not None
+            band = (dr.to(t.r.dtype), _band_weight_grad(K, a, grads).to(t.weight.dtype))
+        else:
+            band = (None, None)
+        if a.has_gate:
+            assert t.fq is not None and t.fk is not None
+            gate = (dfq.to(t.fq.dtype), dfk.to(t.fk.dtype))
+        else:
+            gate = (None, None)
+        return dq, dk, dv, dtable_out, *band, *gate
 
 
 def _decode_splits(K: ModuleType, a: _Launch) -> int:
@@ -334,6 +408,42 @@ def _forward_splitkv(K: ModuleType, a: _Launch, splits: int) -> tuple[Tensor, Te
     weight = torch.exp(part_lse - lse.unsqueeze(2)).nan_to_num(0.0)
     out = (weight.unsqueeze(-1) * part_out).sum(2)
     return out.to(a.q.dtype), lse
+
+
+def _band_weight_grad(K: ModuleType, a: _Launch, grads: dict) -> Tensor:
+    """dP ``(Hw, R, W)`` float32 without atomics: per (block diagonal that meets 0 <= Δ < W,
+    head, batch) the kernel's ``rᵀ·X`` over the diagonal's tiles (R_PAD × 2·BLOCK, from the
+    padded column ``base_0 + i·BLOCK`` for the i-th diagonal), then, in a fixed order, the sum
+    over batches, the diagonals' overlapping columns and the heads that share a weight."""
+    config = K.band_config(a.d, a.q.element_size())
+    block = config["BLOCK"]
+    col0, extent, r_pad = a.band_col0, a.extent, a.r_pad
+    # Diagonal d holds Δ in [q_offset + d·block - (block - 1), q_offset + d·block + block - 1].
+    n_q, n_k = _cdiv(a.nq, block), _cdiv(a.nk, block)
+    d_lo = max(-(n_k - 1), -((a.q_offset + block - 1) // block))  # ceil((-q_offset-block+1)/b)
+    d_hi = min(n_q - 1, (extent - 2 + block - a.q_offset) // block)
+    if d_hi < d_lo:
+        return torch.zeros((a.hw, a.rank, extent), dtype=torch.float32, device=a.q.device)
+    num = d_hi - d_lo + 1
+    vec = 2 * block
+    shape = (a.b, a.hq, num, r_pad, vec)
+    partial = torch.empty(shape, dtype=torch.float32, device=a.q.device)
+    args = {"PartialP": partial, "num_bands": num, "band_min": d_lo, **config}
+    _run(K.attn_bwd_band_dp, (num, a.hq, a.b), {**a.args, **grads, **args})
+    part = partial.sum(0).view(a.hq, num, r_pad, 2, block)
+    cols = part.new_zeros((a.hq, r_pad, num + 1, block))
+    for j in range(2):  # diagonal i's j-th half covers chunk i + j
+        cols[:, :, j : j + num] += part[:, :, :, j].transpose(1, 2)
+    cols = cols.flatten(2)  # column x: padded column base_0 + x
+    base0 = a.q_offset + d_lo * block - (block - 1) + col0
+    start = col0 - base0  # offset 0's column in cols
+    grad = cols.new_zeros((a.hq, a.rank, extent))
+    x0, x1 = max(start, 0), min(start + extent, cols.shape[-1])
+    if x1 > x0:
+        grad[:, :, x0 - start : x1 - start] = cols[:, : a.rank, x0:x1]
+    if a.hw == 1:
+        return grad.sum(0, keepdim=True)
+    return grad
 
 
 def _table_grad_bands(K: ModuleType, a: _Launch, grads: dict) -> Tensor:

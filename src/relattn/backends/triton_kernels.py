@@ -26,6 +26,9 @@ import triton.language as tl
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+# Zero columns on each side of the band's padded weight (see _band_slice): at least the widest
+# tile's BAND_VEC, so a tile that touches 0 <= Δ < W reads inside the padded rows unmasked.
+BAND_PAD: tl.constexpr = tl.constexpr(256)
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -88,6 +91,7 @@ AOT_KERNELS = {
     "attn_bwd_dq": {},
     "attn_bwd_dkdv": {},
     "attn_bwd_table_bands": {"options": band_config},
+    "attn_bwd_band_dp": {"options": band_config},
     "table_ends": {"options": lambda d, e: {"BLOCK": TABLE_ENDS_BLOCK}},
 }
 
@@ -96,13 +100,16 @@ def config_constexprs(kernel: str, config: tuple[int, int, int, int]) -> dict[st
     return {"BLOCK_M": config[0], "BLOCK_N": config[1]}
 
 
-def shared_memory_estimate(kernel: str, config, block_d: int, elt: int, has_table: bool) -> int:
+def shared_memory_estimate(kernel: str, config, block_d: int, elt: int, has_table: bool,
+                           has_band: bool = False) -> int:
     """Bytes of shared memory a config needs, from what Triton's pipeliner stages: each stage's
     streamed tiles (k, v; q, dO for dk/dv), the table tile (float32, one stage fewer), the
-    resident tiles and layout conversions, plus 2 KiB. An upper bound, checked against every
+    band's per-tile product and its shear (a BLOCK_M × 2·BLOCK_N float32 tile), the resident
+    tiles and layout conversions, plus 2 KiB. An upper bound, checked against every
     ahead-of-time compile."""
     m, n, _, stages = config
     table = (stages - 1) * m * n * 4 if has_table else 0
+    table += m * 2 * n * 4 if has_band else 0
     if kernel == "attn_fwd":  # + p converted for the p·v dot
         size = stages * 2 * n * block_d * elt + m * block_d * elt + m * n * elt
     elif kernel == "attn_bwd_dq":
@@ -113,7 +120,7 @@ def shared_memory_estimate(kernel: str, config, block_d: int, elt: int, has_tabl
 
 
 def kept_configs(kernel: str, head_dim: int, elt: int, smem_limit: int | None,
-                 has_table: bool = True) -> list:
+                 has_table: bool = True, has_band: bool = False) -> list:
     """The candidates of an autotuned kernel that pruning keeps for this head dim, element size
     and per-block shared memory limit (all of them when the limit is None); [None] for a kernel
     that is not autotuned. Never empty: the smallest candidate stays if none fits."""
@@ -123,7 +130,7 @@ def kept_configs(kernel: str, head_dim: int, elt: int, smem_limit: int | None,
     candidates = CANDIDATES[kernel][64 if block_d <= 64 else 128]
     if smem_limit is None:
         return list(candidates)
-    size = lambda c: shared_memory_estimate(kernel, c, block_d, elt, has_table)
+    size = lambda c: shared_memory_estimate(kernel, c, block_d, elt, has_table, has_band)
     kept = [c for c in candidates if size(c) <= smem_limit]
     return kept or [min(candidates, key=size)]
 
@@ -162,7 +169,8 @@ def _prune(kernel: str):
         else:
             limit = device_shared_memory(q.device.index)
             wanted = kept_configs(kernel, args["HEAD_DIM"], q.element_size(), limit,
-                                  bool(args.get("HAS_TABLE", True)))
+                                  bool(args.get("HAS_TABLE", True)),
+                                  bool(args.get("HAS_BAND", False)))
             if not AUTOTUNE:
                 wanted = wanted[:1]
         by_shape = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c
@@ -190,7 +198,7 @@ def _autotune(kernel: str, **kwargs):
     # seq_bucket (the next power of two of the longer sequence) makes the sequence length part of
     # the key without retuning for every length.
     key = ["BLOCK_D", "CAUSAL", "WINDOW", "HAS_TABLE", "HAS_SLOPES", "HAS_DOC", "HAS_KPM",
-           "seq_bucket"]
+           "HAS_BAND", "HAS_GATE", "R_PAD", "seq_bucket"]
     return triton.autotune(configs=_configs(kernel), key=key,
                            prune_configs_by={"early_config_prune": _prune(kernel)}, **kwargs)
 
@@ -473,22 +481,163 @@ def table_ends(Table, TableEnds, T, stride_t, BLOCK: tl.constexpr):
     tl.store(TableEnds + 2 * h + 1, tail_start)
 
 
+# ----------------------------------------------------------------------------- token terms
+#
+# The query-conditioned band ``Σ_c r[i, c]·P[c, Δ]`` (0 <= Δ < W) and the forget gate
+# ``±(fq_i - fk_j)`` (sign of Δ), both in base-2 units: r, fq and fk are scaled by log2 e where
+# they are loaded. The band of a tile, per group of BG = min(BM, BN) rows: one dot,
+# RP = r_g (BG × R_PAD) @ P[:, span_g] (R_PAD × 2·BN, the group's BG + BN - 1 offsets), and a
+# shear, a gather along RP's rows: term[m, n] = RP[m, m + BN - 1 - n]. P arrives padded
+# (launcher: ``_band_weight``): rows to R_PAD, at least BAND_PAD zero columns on each side,
+# offset 0 at ``band_col0`` (so every span starts at a multiple of 4), row length a multiple of
+# 16: a tile reads its spans as aligned vectors with no mask, and columns outside 0 <= Δ < W
+# are zeros. Key blocks whose offsets all miss [0, W) skip the band (a uniform branch).
+
+
+@triton.jit
+def _load_latent(Rq_row, offs_m, Nq, rank, R_PAD: tl.constexpr):
+    """r of rows ``offs_m`` (BM × R_PAD, zero past Nq and past the rank), in float32."""
+    c = tl.arange(0, R_PAD)
+    mask = (offs_m[:, None] < Nq) & (c[None, :] < rank)
+    return tl.load(Rq_row + offs_m[:, None] * rank + c[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_gate(F_row, offs, n, CHECK: tl.constexpr):
+    """F at positions ``offs`` in base-2 units (0 past n when CHECK)."""
+    if CHECK:
+        f = tl.load(F_row + offs, mask=offs < n, other=0.0)
+    else:
+        f = tl.load(F_row + offs)
+    return f * LOG2E
+
+
+@triton.jit
+def _band_active(row_first, col_first, q_offset, extent, BM: tl.constexpr, BN: tl.constexpr):
+    """Whether the tile of rows row_first.. and keys col_first.. has an offset in [0, W)."""
+    dmax = q_offset + row_first + BM - 1 - col_first
+    dmin = q_offset + row_first - (col_first + BN - 1)
+    return (dmax >= 0) & (dmin < extent)
+
+
+@triton.jit
+def _band_slice(Pw_row, stride_pr, band_col0, row_first, col_first, q_offset,
+                R_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """P's columns for a (BM × BN) tile by groups of BG = min(BM, BN) rows: (G, R_PAD, 2·BN),
+    group g's from the padded column of its smallest offset ``dmin + g·BG``. The launcher puts
+    offset 0 at ``band_col0`` so that this column is a multiple of 4 (blocks start at multiples
+    of 16): aligned vectors."""
+    BG: tl.constexpr = BM if BM < BN else BN
+    G: tl.constexpr = BM // BG
+    VG: tl.constexpr = 2 * BN  # >= BG + BN - 1
+    col = q_offset + row_first - (col_first + BN - 1) + band_col0  # > 0 for an active tile
+    base = (col // 4) * 4  # == col; says so to the compiler
+    g = tl.arange(0, G)
+    c = tl.arange(0, R_PAD)
+    t = tl.arange(0, VG)
+    return tl.load(Pw_row + base + g[:, None, None] * BG + c[None, :, None] * stride_pr
+                   + t[None, None, :])
+
+
+@triton.jit
+def _band_term(r_tile, pslice, BN: tl.constexpr, PRECISION: tl.constexpr):
+    """The band of a (BM × BN) tile from its rows' r (BM × R_PAD) and its P slice: per row
+    group, RP = r_g @ P_g (BG × 2·BN), then the shear term[m, n] = RP[m, m + BN - 1 - n]."""
+    G: tl.constexpr = pslice.shape[0]
+    R_PAD: tl.constexpr = pslice.shape[1]
+    BM: tl.constexpr = r_tile.shape[0]
+    BG: tl.constexpr = BM // G
+    rp = tl.dot(tl.reshape(r_tile, (G, BG, R_PAD)), pslice, input_precision=PRECISION)
+    m = tl.arange(0, BG)
+    n = tl.arange(0, BN)
+    idx = tl.broadcast_to((m[:, None] - n[None, :] + (BN - 1))[None, :, :], (G, BG, BN))
+    return tl.reshape(tl.gather(rp, idx, 2), (BM, BN))
+
+
+@triton.jit
+def _band_unshear(ds, G: tl.constexpr):
+    """dS (BM × BN) laid out by offset per row group: X[g, m, t] = dS[g·BG + m, n] for the n
+    with m + BN - 1 - n = t, 0 where there is none (G × BG × 2·BN)."""
+    BM: tl.constexpr = ds.shape[0]
+    BN: tl.constexpr = ds.shape[1]
+    BG: tl.constexpr = BM // G
+    m = tl.arange(0, BG)
+    t = tl.arange(0, 2 * BN)
+    n = tl.broadcast_to((m[:, None] - t[None, :] + (BN - 1))[None, :, :], (G, BG, 2 * BN))
+    inside = (n >= 0) & (n < BN)
+    x = tl.gather(tl.reshape(ds, (G, BG, BN)), tl.minimum(tl.maximum(n, 0), BN - 1), 2)
+    return tl.where(inside, x, 0.0)
+
+
+@triton.jit
+def _band_grad_rows(x, pslice, PRECISION: tl.constexpr):
+    """Σ_t X[g, m, t]·P_g[c, t] as (BM × R_PAD): the rows' share of dr."""
+    G: tl.constexpr = pslice.shape[0]
+    R_PAD: tl.constexpr = pslice.shape[1]
+    BG: tl.constexpr = x.shape[1]
+    y = tl.dot(x, tl.permute(pslice, (0, 2, 1)), input_precision=PRECISION)
+    return tl.reshape(y, (G * BG, R_PAD))
+
+
+@triton.jit
+def _row_token_terms(Rq, Fq, bh, offs_m, Nq, rank, HAS_BAND: tl.constexpr,
+                     HAS_GATE: tl.constexpr, R_PAD: tl.constexpr):
+    """A query block's r (BM × R_PAD) and fq (BM), base 2; placeholders for absent terms."""
+    r_tile = 0.0
+    fq = 0.0
+    if HAS_BAND:
+        r_tile = _load_latent(Rq + bh * Nq * rank, offs_m, Nq, rank, R_PAD) * LOG2E
+    if HAS_GATE:
+        fq = _load_gate(Fq + bh * Nq, offs_m, Nq, True)
+    return r_tile, fq
+
+
+@triton.jit
+def _token_score(s, delta, row_first, col_first, r_tile, Pw_row, stride_pr, band_col0, fq, fk,
+                 q_offset, extent, CAUSAL: tl.constexpr, HAS_BAND: tl.constexpr,
+                 HAS_GATE: tl.constexpr,
+                 R_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """Scores (base 2) plus the gate (rows' fq, keys' fk, both base 2) and, on tiles that
+    touch 0 <= Δ < W, the band."""
+    if HAS_GATE:
+        g = fq[:, None] - fk[None, :]
+        if not CAUSAL:
+            g = tl.where(delta >= 0, g, -g)
+        s += g
+    if HAS_BAND:
+        BM: tl.constexpr = s.shape[0]
+        BN: tl.constexpr = s.shape[1]
+        if _band_active(row_first, col_first, q_offset, extent, BM, BN):
+            pslice = _band_slice(Pw_row, stride_pr, band_col0, row_first, col_first, q_offset,
+                                 R_PAD, BM, BN)
+            s += _band_term(r_tile, pslice, BN, PRECISION)
+    return s
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
 def _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                     Nq, Nk, T, lo, q_offset, window, qk_scale,
+                     Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, start_n, r_tile,
+                     Pw_row, stride_pr, band_col0, fq, Fk_row, extent,
                      MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                      HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr, HAS_DOC: tl.constexpr,
                      HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                     UNIFORM: tl.constexpr):
+                     UNIFORM: tl.constexpr, HAS_BAND: tl.constexpr, HAS_GATE: tl.constexpr,
+                     R_PAD: tl.constexpr):
     """The scores (base 2) of a (query rows × keys) tile in the key loop of the forward and dq
-    kernels, hidden pairs at -inf: the rows carry their document range, the keys their
-    padding."""
+    kernels, hidden pairs at -inf: the rows carry their document range (and r, fq for the
+    token terms), the keys their padding."""
     qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
     s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
                       T, qk_scale, HAS_TABLE, HAS_SLOPES, UNIFORM)
+    if HAS_BAND or HAS_GATE:
+        fk = 0.0
+        if HAS_GATE:
+            fk = _load_gate(Fk_row, offs_n, Nk, MASKED)
+        s = _token_score(s, delta, row_first, start_n, r_tile, Pw_row, stride_pr, band_col0, fq, fk,
+                         q_offset, extent, CAUSAL, HAS_BAND, HAS_GATE, R_PAD, PRECISION)
     if MASKED or HAS_DOC or HAS_KPM:
         kp = _key_padding(Kpm_row, offs_n, Nk, HAS_KPM)
         s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
@@ -499,17 +648,23 @@ def _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_begin, block_end,
                 offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                Nq, Nk, T, lo, q_offset, window, qk_scale,
+                Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, r_tile, Pw_row, stride_pr,
+                band_col0,
+                fq, Fk_row, extent,
                 HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, UNIFORM: tl.constexpr):
+                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, UNIFORM: tl.constexpr,
+                HAS_BAND: tl.constexpr, HAS_GATE: tl.constexpr, R_PAD: tl.constexpr):
     for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
         s = _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                             Nq, Nk, T, lo, q_offset, window, qk_scale, MASKED, CAUSAL, WINDOW,
-                             HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, UNIFORM)
+                             Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, start_n,
+                             r_tile, Pw_row, stride_pr, band_col0, fq, Fk_row, extent, MASKED,
+                             CAUSAL,
+                             WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION,
+                             UNIFORM, HAS_BAND, HAS_GATE, R_PAD)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; subtracting 0 keeps p = 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -525,14 +680,22 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_be
 @_autotune("attn_fwd")
 @triton.jit
 def attn_fwd(Q, K, V, Out, Lse, Table, TableEnds, Slopes, DocStart, DocEnd, Kpm, KvBounds,
+             Rq, Pw, Fq, Fk,
              stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
              stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on, stride_t,
-             Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, seq_bucket,
+             stride_ph, stride_pr, band_col0, Hq, group, Nq, Nk, T, lo, q_offset, window, rank,
+             extent,
+             qk_scale, seq_bucket,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
              WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
              HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-             PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (query block, head, batch): out (B, Hq, Nq, D) and lse (B, Hq, Nq)."""
+             PRECISION: tl.constexpr, HAS_BAND: tl.constexpr, HAS_GATE: tl.constexpr,
+             R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (query block, head, batch): out (B, Hq, Nq, D) and lse (B, Hq, Nq).
+
+    With HAS_BAND / HAS_GATE: r (Rq, (B, Hq, Nq, rank)), the padded weight (Pw, head h at
+    ``h·stride_ph``, rows ``stride_pr`` apart, offset 0 at column ``band_col0``), fq (Fq,
+    (B, Hq, Nq)) and fk (Fk, (B, Hq, Nk)), float32 contiguous."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -552,6 +715,7 @@ def attn_fwd(Q, K, V, Out, Lse, Table, TableEnds, Slopes, DocStart, DocEnd, Kpm,
                                            mid_begin, mid_end, HAS_TABLE, not CAUSAL, BLOCK_M,
                                            BLOCK_N)
 
+    r_tile, fq = _row_token_terms(Rq, Fq, bh, offs_m, Nq, rank, HAS_BAND, HAS_GATE, R_PAD)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -561,9 +725,11 @@ def attn_fwd(Q, K, V, Out, Lse, Table, TableEnds, Slopes, DocStart, DocEnd, Kpm,
             acc, l_i, m_i = _fwd_blocks(
                 acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, first, last, offs_m,
                 offs_d, Table + h * stride_t, slope, doc_lo, doc_hi, Kpm + b * Nk, Nq, Nk, T, lo,
-                q_offset, window, qk_scale, HEAD_DIM, stage == 0 or stage == 4, CAUSAL, WINDOW,
-                HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
-                (stage == 1) + 2 * (stage == 3))
+                q_offset, window, qk_scale, pid_m * BLOCK_M, r_tile, Pw + h * stride_ph,
+                stride_pr, band_col0, fq, Fk + bh * Nk, extent, HEAD_DIM, stage == 0 or stage == 4,
+                CAUSAL,
+                WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
+                (stage == 1) + 2 * (stage == 3), HAS_BAND, HAS_GATE, R_PAD)
 
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -577,13 +743,15 @@ def attn_fwd(Q, K, V, Out, Lse, Table, TableEnds, Slopes, DocStart, DocEnd, Kpm,
 
 @triton.jit
 def attn_fwd_splitkv(Q, K, V, PartialOut, PartialLse, Table, Slopes, DocStart, DocEnd, Kpm,
-                     KvBounds, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                     stride_vb, stride_vh, stride_vn, stride_t, Hq, group, Nq, Nk, T, lo,
-                     q_offset, window, qk_scale, num_splits, split_blocks,
+                     KvBounds, Rq, Pw, Fq, Fk, stride_qb, stride_qh, stride_qn, stride_kb,
+                     stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_t, stride_ph,
+                     stride_pr, band_col0, Hq, group, Nq, Nk, T, lo, q_offset, window, rank, extent,
+                     qk_scale, num_splits, split_blocks,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                      WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                      HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     PRECISION: tl.constexpr, HAS_BAND: tl.constexpr, HAS_GATE: tl.constexpr,
+                     R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Split-KV forward for a few query rows (Nq <= BLOCK_M) against many keys: one program per
     (key split, head, batch) runs the forward's key loop over ``split_blocks`` key blocks and
     writes that split's normalized output and log-sum-exp, PartialOut (B, Hq, splits, Nq, D)
@@ -601,6 +769,7 @@ def attn_fwd_splitkv(Q, K, V, PartialOut, PartialLse, Table, Slopes, DocStart, D
         CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)
     first = tl.maximum(begin, split * split_blocks)
     last = tl.minimum(end, (split + 1) * split_blocks)
+    r_tile, fq = _row_token_terms(Rq, Fq, b * Hq + h, offs_m, Nq, rank, HAS_BAND, HAS_GATE, R_PAD)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -608,8 +777,11 @@ def attn_fwd_splitkv(Q, K, V, PartialOut, PartialLse, Table, Slopes, DocStart, D
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
         stride_kn, stride_vn, first, last, offs_m, offs_d, Table + h * stride_t, slope, doc_lo,
-        doc_hi, Kpm + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale, HEAD_DIM, True, CAUSAL,
-        WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N, 0)
+        doc_hi, Kpm + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale, 0, r_tile,
+        Pw + h * stride_ph, stride_pr, band_col0, fq, Fk + (b * Hq + h) * Nk, extent, HEAD_DIM,
+        True, CAUSAL,
+        WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N, 0, HAS_BAND,
+        HAS_GATE, R_PAD)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
@@ -640,42 +812,67 @@ def bwd_preprocess(Out, dOut, DeltaOut, stride_ob, stride_oh, stride_on,
 
 
 @triton.jit
-def _dq_blocks(dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn,
+def _dq_blocks(dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b, q, do, lse, di, K_base, V_base, stride_kn,
+               stride_vn,
                block_begin, block_end, offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
-               Nq, Nk, T, lo, q_offset, window, qk_scale,
+               Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, r_tile, Pw_row, stride_pr,
+               band_col0,
+               fq, Fk_row, extent,
                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+               PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BAND: tl.constexpr,
+               HAS_GATE: tl.constexpr, R_PAD: tl.constexpr):
     for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
         v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, MASKED)
         s = _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm_row,
-                             Nq, Nk, T, lo, q_offset, window, qk_scale, MASKED, CAUSAL, WINDOW,
-                             HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, 0)
+                             Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, start_n,
+                             r_tile, Pw_row, stride_pr, band_col0, fq, Fk_row, extent, MASKED,
+                             CAUSAL,
+                             WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION,
+                             0, HAS_BAND, HAS_GATE, R_PAD)
         p = tl.math.exp2(s - lse[:, None] * LOG2E)
         l_i += tl.sum(p, 1)
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
         pdp_i += tl.sum(p * dp, 1)
         ds = p * (dp - di[:, None])
         dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
-    return dq, l_i, pdp_i
+        # The token terms' gradients take the exact D_i (known after the loop): the sums of
+        # p·dP and of p are kept apart, dS = inv·(p·dP - D·p) (see attn_bwd_dq).
+        if HAS_GATE and not CAUSAL:  # dfq = Σ_j sign(Δ)·dS; 0 when every Δ >= 0
+            sp = tl.where(q_offset + offs_m[:, None] - offs_n[None, :] >= 0, p, -p)
+            gq_a += tl.sum(sp * dp, 1)
+            gq_b += tl.sum(sp, 1)
+        if HAS_BAND:  # dr = Σ_j dS·P[:, Δ] = G·P_sliceᵀ, G = dS laid out by offset
+            BM: tl.constexpr = ds.shape[0]
+            if _band_active(row_first, start_n, q_offset, extent, BM, BLOCK_N):
+                pslice = _band_slice(Pw_row, stride_pr, band_col0, row_first, start_n, q_offset,
+                                     R_PAD, BM, BLOCK_N)
+                G: tl.constexpr = pslice.shape[0]
+                dr_a += _band_grad_rows(_band_unshear(p * dp, G), pslice, PRECISION)
+                dr_b += _band_grad_rows(_band_unshear(p, G), pslice, PRECISION)
+    return dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b
 
 
 @_autotune("attn_bwd_dq")
 @triton.jit
 def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, DocStart, DocEnd,
-                Kpm, KvBounds,
+                Kpm, KvBounds, Rq, Pw, Fq, Fk, dR, dFq,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
-                Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale, seq_bucket,
+                stride_ph, stride_pr, band_col0, Hq, group, Nq, Nk, T, lo, q_offset, window, rank,
+                extent,
+                qk_scale, scale, seq_bucket,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                PRECISION: tl.constexpr, HAS_BAND: tl.constexpr, HAS_GATE: tl.constexpr,
+                R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query block, head, batch); the key loop mirrors the forward's.
-    dQ is contiguous (B, Hq, Nq, D)."""
+    dQ is contiguous (B, Hq, Nq, D); with the token terms also dR (B, Hq, Nq, rank) and, with
+    the gate, dFq (B, Hq, Nq), float32."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -698,38 +895,65 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
         b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
         CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)
 
+    r_tile, fq = _row_token_terms(Rq, Fq, bh, offs_m, Nq, rank, HAS_BAND, HAS_GATE, R_PAD)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     pdp_i = tl.zeros([BLOCK_M], tl.float32)
+    dr_a = 0.0
+    dr_b = 0.0
+    if HAS_BAND:
+        dr_a = tl.zeros([BLOCK_M, R_PAD], tl.float32)
+        dr_b = tl.zeros([BLOCK_M, R_PAD], tl.float32)
+    gq_a = 0.0
+    gq_b = 0.0
+    if HAS_GATE and not CAUSAL:
+        gq_a = tl.zeros([BLOCK_M], tl.float32)
+        gq_b = tl.zeros([BLOCK_M], tl.float32)
     # Three stages, per-score table loads throughout: the forward's constant-run stages cost
     # this kernel register spills at D = 128 (tools/gpu_compile.py).
     for stage in tl.static_range(3):
         # three stages: the five of _key_stage without the constant runs
         first, last = _key_stage(begin, mid_begin, mid_begin, mid_end, mid_end, end, 2 * stage)
-        dq, l_i, pdp_i = _dq_blocks(
-            dq, l_i, pdp_i, q, do, lse, di, K_base, V_base, stride_kn, stride_vn, first, last,
-            offs_m, offs_d, Table + h * stride_t, slope, doc_lo, doc_hi, Kpm + b * Nk, Nq, Nk, T,
-            lo, q_offset, window, qk_scale, HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE,
-            HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N)
+        dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b = _dq_blocks(
+            dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b, q, do, lse, di, K_base, V_base, stride_kn,
+            stride_vn, first, last, offs_m, offs_d, Table + h * stride_t, slope, doc_lo, doc_hi,
+            Kpm + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale, pid_m * BLOCK_M, r_tile,
+            Pw + h * stride_ph, stride_pr, band_col0, fq, Fk + bh * Nk, extent, HEAD_DIM,
+            stage != 1,
+            CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
+            HAS_BAND, HAS_GATE, R_PAD)
     # lse is float32, so exp(s - lse) carries its rounding (|lse|·2^-24, 1e-3 at scores of 1e4)
     # as a per-row scale error that does not average out: rescale each row of p to sum to 1.
     # Inv is that factor for the dk/dv and band kernels, which do not see whole rows.
     inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
     tl.store(Inv + bh * Nq + offs_m, inv, mask=offs_m < Nq)
-    tl.store(Delta + bh * Nq + offs_m, pdp_i * inv, mask=offs_m < Nq)
+    d_exact = pdp_i * inv
+    tl.store(Delta + bh * Nq + offs_m, d_exact, mask=offs_m < Nq)
+    if HAS_BAND:  # r was scaled by log2 e in the scores; dS·P is not
+        dr = (dr_a - d_exact[:, None] * dr_b) * inv[:, None]
+        c = tl.arange(0, R_PAD)
+        tl.store(dR + (bh * Nq + offs_m[:, None]) * rank + c[None, :], dr,
+                 mask=(offs_m[:, None] < Nq) & (c[None, :] < rank))
+    if HAS_GATE:
+        dfq = tl.zeros([BLOCK_M], tl.float32)
+        if not CAUSAL:
+            dfq = (gq_a - d_exact * gq_b) * inv
+        tl.store(dFq + bh * Nq + offs_m, dfq, mask=offs_m < Nq)
     dq = dq * (inv * scale)[:, None]
     _store_rows(dQ + bh * Nq * HEAD_DIM, offs_m, HEAD_DIM, Nq, offs_d, dq, HEAD_DIM)
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, Delta_row, Inv_row,
-                 block_begin, block_end, start_n, offs_n, offs_d, kp, table_row, DTable_row, slope,
-                 DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset, window, qk_scale,
+def _dkdv_blocks(dk, dv, dfk, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, Delta_row,
+                 Inv_row, block_begin, block_end, start_n, offs_n, offs_d, kp, table_row,
+                 DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset, window,
+                 qk_scale, Rq_row, Pw_row, stride_pr, band_col0, Fq_row, fk, rank, extent,
                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                  WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                  HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BAND: tl.constexpr,
+                 HAS_GATE: tl.constexpr, R_PAD: tl.constexpr):
     NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
     for start_m in tl.range(block_begin * BLOCK_M, block_end * BLOCK_M, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -744,6 +968,16 @@ def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, D
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
                           T, qk_scale, HAS_TABLE, HAS_SLOPES, 0)
+        if HAS_BAND or HAS_GATE:
+            r_tile = 0.0
+            fq = 0.0
+            if HAS_BAND:
+                r_tile = _load_latent(Rq_row, offs_m, Nq, rank, R_PAD) * LOG2E
+            if HAS_GATE:
+                fq = _load_gate(Fq_row, offs_m, Nq, MASKED)
+            s = _token_score(s, delta, start_m, start_n, r_tile, Pw_row, stride_pr, band_col0, fq,
+                             fk,
+                             q_offset, extent, CAUSAL, HAS_BAND, HAS_GATE, R_PAD, PRECISION)
         if NEED_MASK:
             doc_lo, doc_hi = _doc_range(DocStart_row, DocEnd_row, q_offset, offs_m, Nq, HAS_DOC)
             s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
@@ -753,6 +987,11 @@ def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, D
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
         ds = p * (dp - di[:, None])  # ∂L/∂score, queries × keys
         dk += _dot(tl.trans(ds).to(q.dtype), q, UPCAST, PRECISION)
+        if HAS_GATE:  # dfk = -Σ_i sign(Δ)·dS
+            if CAUSAL:
+                dfk -= tl.sum(ds, 0)
+            else:
+                dfk -= tl.sum(tl.where(delta >= 0, ds, -ds), 0)
         if ATOMIC_TABLE:
             # One relaxed atomic add per score into T's gradient at column Δ - lo. Reducing the
             # tile along its diagonals first needs a gather that compiles to local memory on
@@ -762,25 +1001,30 @@ def _dkdv_blocks(dk, dv, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, D
                 tl.atomic_add(DTable_row + col, ds, mask=(col >= 0) & (col < T), sem="relaxed")
             else:
                 tl.atomic_add(DTable_row + col, ds, sem="relaxed")
-    return dk, dv
+    return dk, dv, dfk
 
 
 @_autotune("attn_bwd_dkdv", reset_to_zero=["DTable"])
 @triton.jit
 def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
-                  DocStart, DocEnd, Kpm, KvBounds,
+                  DocStart, DocEnd, Kpm, KvBounds, Rq, Pw, Fq, Fk, dFk,
                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
-                  Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale, scale, seq_bucket,
+                  stride_ph, stride_pr, band_col0, Hq, group, Nq, Nk, T, lo, q_offset, window,
+                  rank, extent,
+                  qk_scale, scale, seq_bucket,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                   WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                   HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_BAND: tl.constexpr,
+                  HAS_GATE: tl.constexpr, R_PAD: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (key block, query head, batch): that head's share of dk, dv, and, unless
     deterministic, of the table gradient (atomics). dK, dV are contiguous (B, Hq, Nk, D); with
     GQA the host sums each kv head's group (a loop over the group here would keep every stage's
-    hoisted values live across it and spill registers at D = 128)."""
+    hoisted values live across it and spill registers at D = 128). With the gate also dFk
+    (B, Hq, Nk) float32, the column sums of dS (the band's weight gradient is
+    attn_bwd_band_dp's)."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -812,16 +1056,26 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
     slope = 0.0
     if HAS_SLOPES:
         slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
+    fk = 0.0
+    dfk = 0.0
+    if HAS_GATE:
+        fk = _load_gate(Fk + bh * Nk, offs_n, Nk, True)
+        dfk = tl.zeros([BLOCK_N], tl.float32)
     for stage in tl.static_range(3):
         # three stages: the five of _key_stage without the constant runs
         first, last = _key_stage(begin, mid_begin, mid_begin, mid_end, mid_end, end, 2 * stage)
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, Q + b * stride_qb + h * stride_qh, dOut + b * stride_db + h * stride_dh,
-            stride_qn, stride_dn, Lse + bh * Nq, Delta + bh * Nq, Inv + bh * Nq, first, last,
-            start_n, offs_n, offs_d, kp, Table + h * stride_t, DTable + h * T, slope,
-            DocStart + b * Nk, DocEnd + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale,
-            HEAD_DIM, stage != 1, CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES,
-            HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        dk, dv, dfk = _dkdv_blocks(
+            dk, dv, dfk, k, v, Q + b * stride_qb + h * stride_qh,
+            dOut + b * stride_db + h * stride_dh, stride_qn, stride_dn, Lse + bh * Nq,
+            Delta + bh * Nq, Inv + bh * Nq, first, last, start_n, offs_n, offs_d, kp,
+            Table + h * stride_t, DTable + h * T, slope, DocStart + b * Nk, DocEnd + b * Nk, Nq,
+            Nk, T, lo, q_offset, window, qk_scale, Rq + bh * Nq * rank, Pw + h * stride_ph,
+            stride_pr, band_col0, Fq + bh * Nq, fk, rank, extent, HEAD_DIM, stage != 1, CAUSAL,
+            WINDOW,
+            HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M,
+            BLOCK_N, HAS_BAND, HAS_GATE, R_PAD)
+    if HAS_GATE:
+        tl.store(dFk + bh * Nk + offs_n, dfk, mask=offs_n < Nk)
 
     _store_rows(dK + bh * Nk * HEAD_DIM, offs_n, HEAD_DIM, Nk, offs_d, dk * scale, HEAD_DIM)
     _store_rows(dV + bh * Nk * HEAD_DIM, offs_n, HEAD_DIM, Nk, offs_d, dv, HEAD_DIM)
@@ -829,13 +1083,16 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
 
 @triton.jit
 def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStart, DocEnd, Kpm,
+                         Rq, Pw, Fq, Fk,
                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
-                         stride_t, Hq, group, Nq, Nk, T, lo, q_offset, window, qk_scale,
-                         num_bands, band_min,
+                         stride_t, stride_ph, stride_pr, band_col0, Hq, group, Nq, Nk, T, lo,
+                         q_offset,
+                         window, rank, extent, qk_scale, num_bands, band_min,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                          WINDOW: tl.constexpr, HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr,
-                         UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK: tl.constexpr):
+                         UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_BAND: tl.constexpr,
+                         HAS_GATE: tl.constexpr, R_PAD: tl.constexpr, BLOCK: tl.constexpr):
     """Deterministic table gradient: one program per (block diagonal d = m - n, head, batch).
 
     Pair (r, c) of every tile on a block diagonal has the same offset
@@ -874,6 +1131,16 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], Table + h * stride_t, 0.0,
                           q_offset, lo, T, qk_scale, True, False, 0)
+        if HAS_BAND or HAS_GATE:
+            r_tile, fq = _row_token_terms(Rq, Fq, bh, offs_m, Nq, rank, HAS_BAND, HAS_GATE,
+                                          R_PAD)
+            fk = 0.0
+            if HAS_GATE:
+                fk = _load_gate(Fk + bh * Nk, offs_n, Nk, True)
+            s = _token_score(s, delta, (n + d) * BLOCK, n * BLOCK, r_tile, Pw + h * stride_ph,
+                             stride_pr, band_col0, fq, fk, q_offset, extent, CAUSAL, HAS_BAND,
+                             HAS_GATE,
+                             R_PAD, PRECISION)
         doc_lo, doc_hi = _doc_range(DocStart + b * Nk, DocEnd + b * Nk, q_offset, offs_m, Nq,
                                     HAS_DOC)
         kp = _key_padding(Kpm + b * Nk, offs_n, Nk, HAS_KPM)
@@ -885,3 +1152,86 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
     r = tl.arange(0, BLOCK)
     tile = Partial + (bh * num_bands + pid) * (BLOCK * BLOCK)
     tl.store(tile + r[:, None] * BLOCK + r[None, :], acc)
+
+
+@triton.jit
+def attn_bwd_band_dp(Q, K, V, dOut, Lse, Delta, Inv, Table, Slopes, DocStart, DocEnd, Kpm,
+                     Rq, Pw, Fq, Fk, PartialP,
+                     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+                     stride_t, stride_ph, stride_pr, band_col0, Hq, group, Nq, Nk, T, lo, q_offset,
+                     window,
+                     rank, extent, qk_scale, num_bands, band_min,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                     WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+                     HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+                     PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, R_PAD: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """The band's weight gradient without atomics: one program per (block diagonal d, head,
+    batch) for the diagonals whose offsets meet 0 <= Δ < W (``band_min``, ``num_bands``).
+
+    Every tile (rows (n + d)·BLOCK.., keys n·BLOCK..) on a block diagonal has the same offsets
+    ``Δ = q_offset + d·BLOCK + r - c``, so the same P slice and the same unshear: the program
+    recomputes each tile's dS (every term of the score, as the dk/dv kernel does), lays it out
+    by offset (X, BLOCK × 2·BLOCK) and adds ``rᵀ·X`` (R_PAD × 2·BLOCK) in a fixed order, then
+    writes it to ``PartialP[b, h, band]``; the host sums batches, heads sharing a weight and the
+    diagonals' overlapping columns. Recomputes p and dp (two extra dots a tile, on the band's
+    tiles only).
+    """
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * Hq + h
+    hk = h // group
+    d = band_min + pid
+    n_begin = tl.maximum(0, -d)
+    n_end = tl.minimum(tl.cdiv(Nk, BLOCK), tl.cdiv(Nq, BLOCK) - d)
+    offs_d = tl.arange(0, BLOCK_D)
+    VEC: tl.constexpr = 2 * BLOCK
+    Q_base = Q + b * stride_qb + h * stride_qh
+    dO_base = dOut + b * stride_db + h * stride_dh
+    K_base = K + b * stride_kb + hk * stride_kh
+    V_base = V + b * stride_vb + hk * stride_vh
+    Pw_row = Pw + h * stride_ph
+    # The slice and shift of every tile here: those of the diagonal's first tile position.
+    pslice = _band_slice(Pw_row, stride_pr, band_col0, d * BLOCK, 0, q_offset, R_PAD, BLOCK,
+                         BLOCK)
+    slope = 0.0
+    if HAS_SLOPES:
+        slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
+    acc = tl.zeros([R_PAD, VEC], tl.float32)
+    for n in range(n_begin, n_end):
+        offs_m = (n + d) * BLOCK + tl.arange(0, BLOCK)
+        offs_n = n * BLOCK + tl.arange(0, BLOCK)
+        q = _load_rows(Q_base, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, True)
+        do = _load_rows(dO_base, offs_m, stride_dn, Nq, offs_d, HEAD_DIM, True)
+        k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, True)
+        v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, True)
+        lse = _load_lse(Lse + bh * Nq, offs_m, Nq, True)
+        di = _load_row_stat(Delta + bh * Nq, offs_m, Nq, True)
+        inv = _load_row_stat(Inv + bh * Nq, offs_m, Nq, True)
+        r = _load_latent(Rq + bh * Nq * rank, offs_m, Nq, rank, R_PAD)
+        qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
+        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], Table + h * stride_t, slope,
+                          q_offset, lo, T, qk_scale, HAS_TABLE, HAS_SLOPES, 0)
+        s += _band_term(r * LOG2E, pslice, BLOCK, PRECISION)
+        if HAS_GATE:
+            g = _load_gate(Fq + bh * Nq, offs_m, Nq, True)[:, None]
+            g -= _load_gate(Fk + bh * Nk, offs_n, Nk, True)[None, :]
+            if not CAUSAL:
+                g = tl.where(delta >= 0, g, -g)
+            s += g
+        doc_lo, doc_hi = _doc_range(DocStart + b * Nk, DocEnd + b * Nk, q_offset, offs_m, Nq,
+                                    HAS_DOC)
+        kp = _key_padding(Kpm + b * Nk, offs_n, Nk, HAS_KPM)
+        s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
+                  True, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
+        p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
+        dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+        ds = p * (dp - di[:, None])
+        x = tl.reshape(_band_unshear(ds, 1), (BLOCK, VEC))
+        acc += tl.dot(tl.trans(r), x, input_precision=PRECISION)
+    c = tl.arange(0, R_PAD)
+    t = tl.arange(0, VEC)
+    tile = PartialP + (bh * num_bands + pid) * (R_PAD * VEC)
+    tl.store(tile + c[:, None] * VEC + t[None, :], acc)
