@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 # The demo's default selection (any composition of registered names works).
-DEFAULT_ENCODINGS = ("none", "rope", "alibi", "t5", "kerple")
+DEFAULT_ENCODINGS = ("none", "rope", "alibi", "t5", "kerple", "fox", "inkling")
 
 
 @dataclass
