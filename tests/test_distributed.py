@@ -551,7 +551,10 @@ def _training_worker(rank: int, world: int) -> None:
     from relattn.models import TinyLM, TinyLMConfig
 
     for strategy, layout, pe, rope in (("ring", "zigzag", "t5", True),
-                                       ("all_to_all", "contiguous", "kerple", False)):  # fmt: skip
+                                       ("all_to_all", "contiguous", "kerple", False),
+                                       ("ring", "zigzag", "fox", False),
+                                       ("all_to_all", "contiguous", "inkling", True),
+                                       ("ring", "contiguous", "inkling", False)):  # fmt: skip
         torch.manual_seed(0)
         cfg = TinyLMConfig(vocab_size=32, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
                            pe=pe, rope=rope)  # fmt: skip
@@ -586,7 +589,8 @@ def _training_worker(rank: int, world: int) -> None:
 
 def test_training_step_gives_the_whole_sequence_gradients(pool2):
     """TinyLM with RoPE, GQA and packed documents: every parameter's gradient (embedding,
-    projections, norms, the encodings) equals one process on the whole sequence."""
+    projections, norms, the encodings, the forget gate's and the band's projections and P)
+    equals one process on the whole sequence."""
     pool2.run(_training_worker)
 
 

@@ -273,11 +273,6 @@ class RelativeSelfAttention(nn.Module):
             raise ValueError(f"doc_ids must have shape (B, N) = ({b}, {n}); got {got}")
         if context_parallel is not None and layer_cache is not None:
             raise ValueError("cache and context_parallel cannot be combined (a cache decodes)")
-        if context_parallel is not None and isinstance(self.pe, _TOKEN_PE):
-            raise NotImplementedError(
-                f"context_parallel does not take pe={type(self.pe).__name__} (a term the "
-                "tokens set) yet; run the layer on one process"
-            )
         if self.rope is not None:
             pos: Tensor | int
             if context_parallel is not None:
