@@ -313,7 +313,7 @@ class Backend:
 
     def backward(
         self, call: Call, grad_out: Tensor, out: Tensor, lse: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    ) -> tuple[Tensor | None, ...]:
         """``(dq, dk, dv, dtable)`` shaped like q, k, v and table (None without a table);
         with ``call.token``, followed by ``(dr, dweight, dfq, dfk)`` (None for absent ones)."""
         raise NotImplementedError

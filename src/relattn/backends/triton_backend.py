@@ -166,15 +166,16 @@ class _Launch:
         self.encoding = {"HAS_TABLE": table is not None, "HAS_SLOPES": slopes is not None}
         token = token or TokenTerms(None, None, None, None)
         self.token = token
-        self.has_band, self.has_gate = token.r is not None, token.fq is not None
-        self.rank = token.r.shape[-1] if self.has_band else 1
-        self.r_pad = max(16, _pow2_at_least(self.rank)) if self.has_band else 16
-        self.extent = token.weight.shape[-1] if self.has_band else 1
-        self.hw = token.weight.shape[0] if self.has_band else 1
+        r, weight = token.r, token.weight
+        self.has_band, self.has_gate = r is not None, token.fq is not None
+        self.rank = r.shape[-1] if r is not None else 1
+        self.r_pad = max(16, _pow2_at_least(self.rank)) if r is not None else 16
+        self.extent = weight.shape[-1] if weight is not None else 1
+        self.hw = weight.shape[0] if weight is not None else 1
         f32 = lambda t: t.to(torch.float32).contiguous() if t is not None else dummy_f
         self.band_col0 = _band_col0(K, self.q_offset)
-        if self.has_band:
-            self.pw = _band_weight(K, token.weight, self.r_pad, self.band_col0)
+        if weight is not None:
+            self.pw = _band_weight(K, weight, self.r_pad, self.band_col0)
         else:
             self.pw = dummy_f
         # Heads sharing one weight read it at stride 0.
@@ -366,16 +367,14 @@ class TritonBackend(Backend):
         if call.token is None:
             return dq, dk, dv, dtable_out
         t = call.token
+        band: tuple[Tensor | None, Tensor | None] = (None, None)
+        gate: tuple[Tensor | None, Tensor | None] = (None, None)
         if a.has_band:
             assert t.r is not None and t.weight is not None
             band = (dr.to(t.r.dtype), _band_weight_grad(K, a, grads).to(t.weight.dtype))
-        else:
-            band = (None, None)
         if a.has_gate:
             assert t.fq is not None and t.fk is not None
             gate = (dfq.to(t.fq.dtype), dfk.to(t.fk.dtype))
-        else:
-            gate = (None, None)
         return dq, dk, dv, dtable_out, *band, *gate
 
 
