@@ -22,7 +22,7 @@ from relattn.benchmarking.common import format_machine, machine_info, write_repo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nks", type=int, nargs="+", default=[128, 1024, 4096, 16384])
-    parser.add_argument("--encodings", nargs="+", default=["t5", "alibi"])
+    parser.add_argument("--encodings", nargs="+", default=["t5", "alibi"], choices=decode.ENCODINGS)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--kv-heads", type=int, default=decode.H, help="Hkv (GQA below 8)")

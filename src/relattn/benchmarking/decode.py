@@ -4,7 +4,9 @@ and SDPA with no position term (the limit); the per-call overhead at a short cac
 cost of a fresh process's first call.
 
 Workload: fp32, B = 1, H = 8, D = 64, ``q_offset = Nk - 1``, no autograd, a T5 bias
-(``T5Bias(8)``, weights not requiring grad, as in inference) or fixed ALiBi.
+(``T5Bias(8)``, weights not requiring grad, as in inference), fixed ALiBi, or a term the tokens
+set: ``inkling`` (the new query's r against ``QueryConditionedBias(8, 16, 1024)``) or ``fox``
+(the cache's F at every key, as ``KVCache`` keeps it: ``GateTerm.from_cumulative``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 import relattn
 from relattn._machine import CPU
-from relattn.pe import ALiBi, T5Bias
+from relattn.pe import ALiBi, GateTerm, QueryConditionedBias, T5Bias
 
 from .common import markdown_table, medians, round_ratios, time_rounds
 
@@ -37,12 +39,22 @@ CONTENDERS = {
 }
 
 
-def _encoding(name: str) -> T5Bias | ALiBi:
+ENCODINGS = ("t5", "alibi", "inkling", "fox")
+
+
+def _encoding(name: str, nk: int, g: torch.Generator, dtype: torch.dtype):
+    """What the step passes as ``pe`` (a table encoding, or this step's token term)."""
     if name == "t5":
-        return T5Bias(H).requires_grad_(False)
+        return T5Bias(H).requires_grad_(False).to(dtype)
     if name == "alibi":
-        return ALiBi(H)
-    raise ValueError(f"encoding must be 't5' or 'alibi'; got {name!r}")
+        return ALiBi(H).to(dtype)
+    if name == "inkling":
+        qcb = QueryConditionedBias(H, 16, 1024).requires_grad_(False)
+        return qcb(torch.randn(B, H, 1, 16, generator=g) / 4)
+    if name == "fox":
+        log_f = torch.nn.functional.logsigmoid(torch.randn(B, H, nk, generator=g) + 4)
+        return GateTerm.from_cumulative(log_f.cumsum(-1))
+    raise ValueError(f"encoding must be one of {ENCODINGS}; got {name!r}")
 
 
 def _contenders(
@@ -51,7 +63,7 @@ def _contenders(
     g = torch.Generator().manual_seed(nk)
     q = torch.randn(B, H, 1, D, generator=g).to(dtype)
     k, v = (torch.randn(B, hkv, nk, D, generator=g).to(dtype) for _ in range(2))
-    pe = _encoding(encoding).to(dtype)
+    pe = _encoding(encoding, nk, g, dtype)
     gqa = hkv != H
 
     def ours():
@@ -60,7 +72,8 @@ def _contenders(
 
     def sdpa_bias():
         with torch.no_grad():
-            bias = pe.bias(1, nk, nk - 1)[None]  # (1, H, 1, Nk), built per call as users do
+            bias = pe.bias(1, nk, nk - 1)  # (1, H, 1, Nk), built per call as users do
+            bias = (bias if bias.dim() == 4 else bias[None]).to(dtype)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
 
     def sdpa():
