@@ -292,13 +292,24 @@ class _FusedBackend(Backend):
         return (*grads, *token_gradients(call.token, delta, ds))
 
 
-def test_sinks_through_a_fused_backward(monkeypatch):
-    """Inkling2's sinks on a backend whose backward takes lse and out as given (the fused
-    kernels' contract): logits and every gradient match the eager model's."""
-    registry = relattn.backends._REGISTRY
-    monkeypatch.setitem(registry, _FusedBackend.name, _FusedBackend())  # removed afterwards
-    relattn.backends._CANDIDATES.clear()
-    monkeypatch.setattr(_inkling, "BACKEND", _FusedBackend.name)
+def _cpu_token_backends() -> list[str]:
+    from relattn.backends import cpu_kernel
+
+    names = ["chunked", "decode"]
+    return names + (["cpu_kernel"] if cpu_kernel.available() else [])
+
+
+@pytest.mark.parametrize("backend", [_FusedBackend.name, *_cpu_token_backends()])
+def test_sinks_through_a_fused_backward(monkeypatch, backend):
+    """Inkling2's sinks through each fused backend's backward (one whose backward takes lse and
+    out as given, as flash kernels do; the CPU kernel, which does too; chunked and decode, which
+    recompute their own softmax and row term): logits and every gradient match the eager
+    model's."""
+    if backend == _FusedBackend.name:
+        registry = relattn.backends._REGISTRY
+        monkeypatch.setitem(registry, _FusedBackend.name, _FusedBackend())  # removed afterwards
+        relattn.backends._CANDIDATES.clear()
+    monkeypatch.setattr(_inkling, "BACKEND", backend)
     model = build("inkling2")
     applied = apply(copy.deepcopy(model))
     used = []
@@ -315,7 +326,7 @@ def test_sinks_through_a_fused_backward(monkeypatch):
         m.zero_grad()
         loss_of(m, batch).backward()
         grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
-    assert used and set(used) == {_FusedBackend.name}
+    assert used and set(used) == {backend}
     want, got = grads
     assert got.keys() == want.keys()
     for name in want:

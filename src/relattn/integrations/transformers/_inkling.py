@@ -138,7 +138,16 @@ class _SinkAttention(torch.autograd.Function):
         out, lse, full = ctx.saved_tensors
         call = ctx.call
         grad_out = grad_out.contiguous()
-        grads = call.backend.backward(call, grad_out, out, full.contiguous())
+        # The sink softmax's backward is the keys' softmax backward with P' = w·P (w = σ(lse -
+        # s), P the keys' own softmax) and the row term rowsum(dO ∘ out): context
+        # parallelism's contract for a block (grad_out = w·dO, out = the whole output, lse the
+        # block's own), which every backend meets there (the CPU kernel itself; chunked and
+        # triton, which recompute their own row term, through the blockwise stand-in).
+        from ...distributed._block import _block_backward
+
+        w = torch.exp(lse - full)[..., None]
+        scaled = (grad_out.to(w.dtype) * w).to(grad_out.dtype)
+        grads = _block_backward(call, scaled, out, lse.contiguous(), partial=True)
         dq, dk, dv, _dtable, dr, dweight = grads[:6]
         row = (grad_out.to(full.dtype) * out.to(full.dtype)).sum(-1)
         dsinks = -(1.0 - torch.exp(lse - full)) * row
