@@ -29,8 +29,9 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # Zero columns on each side of the band's padded weight (see _band_slice): at least the widest
 # tile's BAND_VEC, so a tile that touches 0 <= Δ < W reads inside the padded rows unmasked.
 BAND_PAD: tl.constexpr = tl.constexpr(256)
-# Most rows of a tile the band computes with one product r_g·P_g (see _band_slice).
-BAND_GROUP: tl.constexpr = tl.constexpr(int(os.environ.get("RELATTN_BAND_GROUP", "32")))
+# Rows per group of the band's products r_g·P_g (see _band_slice) in the dq kernel's gradient
+# (its scores' groups are those of the other kernels: half a tile's rows, at least 16).
+BAND_GROUP_DR: tl.constexpr = tl.constexpr(16)
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -616,7 +617,7 @@ def _token_score(s, delta, row_first, col_first, r_tile, Pw_row, stride_pr, band
         BM: tl.constexpr = s.shape[0]
         BN: tl.constexpr = s.shape[1]
         if _band_active(row_first, col_first, q_offset, extent, BM, BN):
-            BG: tl.constexpr = BM if BM < BAND_GROUP else BAND_GROUP
+            BG: tl.constexpr = BM // 2 if BM >= 32 else BM
             pslice = _band_slice(Pw_row, stride_pr, band_col0, row_first, col_first, q_offset,
                                  R_PAD, BM, BN, BG)
             s += _band_term(r_tile, pslice, BN, PRECISION)
@@ -857,7 +858,7 @@ def _dq_blocks(dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b, q, do, lse, di, K_base, V
         if HAS_BAND:  # dr = Σ_j dS·P[:, Δ] = G·P_sliceᵀ, G = dS laid out by offset
             BM: tl.constexpr = ds.shape[0]
             if _band_active(row_first, start_n, q_offset, extent, BM, BLOCK_N):
-                BG: tl.constexpr = BM if BM < BAND_GROUP else BAND_GROUP
+                BG: tl.constexpr = BM if BM < BAND_GROUP_DR else BAND_GROUP_DR
                 pslice = _band_slice(Pw_row, stride_pr, band_col0, row_first, start_n, q_offset,
                                      R_PAD, BM, BLOCK_N, BG)
                 G: tl.constexpr = pslice.shape[0]
