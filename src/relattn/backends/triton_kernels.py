@@ -30,7 +30,8 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # tile's BAND_VEC, so a tile that touches 0 <= Δ < W reads inside the padded rows unmasked.
 BAND_PAD: tl.constexpr = tl.constexpr(256)
 # Rows per group of the band's products r_g·P_g (see _band_slice) in the dq kernel's gradient
-# (its scores' groups are those of the other kernels: half a tile's rows, at least 16).
+# (its scores' groups are those of the other kernels: half a tile's rows, at least 16). Fewer
+# rows hold fewer registers there: groups of 32 spilled 548 / 624 B (sm_90a, bf16, D = 128).
 BAND_GROUP_DR: tl.constexpr = tl.constexpr(16)
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
@@ -488,9 +489,14 @@ def table_ends(Table, TableEnds, T, stride_t, BLOCK: tl.constexpr):
 #
 # The query-conditioned band ``Σ_c r[i, c]·P[c, Δ]`` (0 <= Δ < W) and the forget gate
 # ``±(fq_i - fk_j)`` (sign of Δ), both in base-2 units: r, fq and fk are scaled by log2 e where
-# they are loaded. The band of a tile, per group of BG = min(BM, BN) rows: one dot,
-# RP = r_g (BG × R_PAD) @ P[:, span_g] (R_PAD × 2·BN, the group's BG + BN - 1 offsets), and a
-# shear, a gather along RP's rows: term[m, n] = RP[m, m + BN - 1 - n]. P arrives padded
+# they are loaded. The band of a tile, per group of BG rows (half the tile's, at least 16; 16
+# for dq's gradient): one dot, RP = r_g (BG × R_PAD) @ P[:, span_g] (R_PAD × VG, VG a power of 2
+# >= the group's BG + BN - 1 offsets), and a shear term[m, n] = RP[m, m + BN - 1 - n], a 1-D
+# gather on RP flattened (and the unshear of dS, its adjoint, one on dS flattened). A 1-D
+# gather's source spans the warps, so Triton lowers it through shared memory (one store per
+# source element, one load per output, the output in the score tile's layout); a gather along
+# RP's rows would be warp-local: per output one shuffle per register of its row, and the score
+# tile in the gather's layout (tools/gpu_compile.py --gate; BENCHMARKS.md). P arrives padded
 # (launcher: ``_band_weight``): rows to R_PAD, at least BAND_PAD zero columns on each side,
 # offset 0 at ``band_col0`` (so every span starts at a multiple of 4), row length a multiple of
 # 16: a tile reads its spans as aligned vectors with no mask, and columns outside 0 <= Δ < W
