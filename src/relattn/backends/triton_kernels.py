@@ -29,6 +29,10 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # Zero columns on each side of the band's padded weight (see _band_slice): at least the widest
 # tile's BAND_VEC, so a tile that touches 0 <= Δ < W reads inside the padded rows unmasked.
 BAND_PAD: tl.constexpr = tl.constexpr(256)
+# Rows per group of the band's products r_g·P_g (see _band_slice) in the dq kernel's gradient
+# (its scores' groups are those of the other kernels: half a tile's rows, at least 16). Fewer
+# rows hold fewer registers there: groups of 32 spilled 548 / 624 B (sm_90a, bf16, D = 128).
+BAND_GROUP_DR: tl.constexpr = tl.constexpr(16)
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -485,9 +489,14 @@ def table_ends(Table, TableEnds, T, stride_t, BLOCK: tl.constexpr):
 #
 # The query-conditioned band ``Σ_c r[i, c]·P[c, Δ]`` (0 <= Δ < W) and the forget gate
 # ``±(fq_i - fk_j)`` (sign of Δ), both in base-2 units: r, fq and fk are scaled by log2 e where
-# they are loaded. The band of a tile, per group of BG = min(BM, BN) rows: one dot,
-# RP = r_g (BG × R_PAD) @ P[:, span_g] (R_PAD × 2·BN, the group's BG + BN - 1 offsets), and a
-# shear, a gather along RP's rows: term[m, n] = RP[m, m + BN - 1 - n]. P arrives padded
+# they are loaded. The band of a tile, per group of BG rows (half the tile's, at least 16; 16
+# for dq's gradient): one dot, RP = r_g (BG × R_PAD) @ P[:, span_g] (R_PAD × VG, VG a power of 2
+# >= the group's BG + BN - 1 offsets), and a shear term[m, n] = RP[m, m + BN - 1 - n], a 1-D
+# gather on RP flattened (and the unshear of dS, its adjoint, one on dS flattened). A 1-D
+# gather's source spans the warps, so Triton lowers it through shared memory (one store per
+# source element, one load per output, the output in the score tile's layout); a gather along
+# RP's rows would be warp-local: per output one shuffle per register of its row, and the score
+# tile in the gather's layout (tools/gpu_compile.py --gate; BENCHMARKS.md). P arrives padded
 # (launcher: ``_band_weight``): rows to R_PAD, at least BAND_PAD zero columns on each side,
 # offset 0 at ``band_col0`` (so every span starts at a multiple of 4), row length a multiple of
 # 16: a tile reads its spans as aligned vectors with no mask, and columns outside 0 <= Δ < W
@@ -522,14 +531,13 @@ def _band_active(row_first, col_first, q_offset, extent, BM: tl.constexpr, BN: t
 
 @triton.jit
 def _band_slice(Pw_row, stride_pr, band_col0, row_first, col_first, q_offset,
-                R_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    """P's columns for a (BM × BN) tile by groups of BG = min(BM, BN) rows: (G, R_PAD, 2·BN),
-    group g's from the padded column of its smallest offset ``dmin + g·BG``. The launcher puts
-    offset 0 at ``band_col0`` so that this column is a multiple of 4 (blocks start at multiples
-    of 16): aligned vectors."""
-    BG: tl.constexpr = BM if BM < BN else BN
+                R_PAD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BG: tl.constexpr):
+    """P's columns for a (BM × BN) tile by groups of BG rows:
+    (G, R_PAD, VG), VG a power of 2 >= BG + BN - 1, group g's from the padded column of its
+    smallest offset ``dmin + g·BG``. The launcher puts offset 0 at ``band_col0`` so that this
+    column is a multiple of 4 (blocks start at multiples of 16): aligned vectors."""
     G: tl.constexpr = BM // BG
-    VG: tl.constexpr = 2 * BN  # >= BG + BN - 1
+    VG: tl.constexpr = 2 * BN if BG <= BN else 2 * BG  # >= BG + BN - 1
     col = q_offset + row_first - (col_first + BN - 1) + band_col0  # > 0 for an active tile
     base = (col // 4) * 4  # == col; says so to the compiler
     g = tl.arange(0, G)
@@ -542,31 +550,38 @@ def _band_slice(Pw_row, stride_pr, band_col0, row_first, col_first, q_offset,
 @triton.jit
 def _band_term(r_tile, pslice, BN: tl.constexpr, PRECISION: tl.constexpr):
     """The band of a (BM × BN) tile from its rows' r (BM × R_PAD) and its P slice: per row
-    group, RP = r_g @ P_g (BG × 2·BN), then the shear term[m, n] = RP[m, m + BN - 1 - n]."""
+    group, RP = r_g @ P_g (BG × VG), then the shear term[m, n] = RP[m, m + BN - 1 - n]."""
     G: tl.constexpr = pslice.shape[0]
     R_PAD: tl.constexpr = pslice.shape[1]
+    VG: tl.constexpr = pslice.shape[2]
     BM: tl.constexpr = r_tile.shape[0]
     BG: tl.constexpr = BM // G
-    rp = tl.dot(tl.reshape(r_tile, (G, BG, R_PAD)), pslice, input_precision=PRECISION)
-    m = tl.arange(0, BG)
+    if G == 1:
+        rp = tl.dot(r_tile, tl.reshape(pslice, (R_PAD, VG)), input_precision=PRECISION)
+    else:
+        rp = tl.dot(tl.reshape(r_tile, (G, BG, R_PAD)), pslice, input_precision=PRECISION)
+    m = tl.arange(0, BM)
     n = tl.arange(0, BN)
-    idx = tl.broadcast_to((m[:, None] - n[None, :] + (BN - 1))[None, :, :], (G, BG, BN))
-    return tl.reshape(tl.gather(rp, idx, 2), (BM, BN))
+    idx = m[:, None] * VG + (m[:, None] % BG) - n[None, :] + (BN - 1)
+    flat = tl.reshape(rp, (BM * VG,))
+    return tl.reshape(tl.gather(flat, tl.reshape(idx, (BM * BN,)), 0), (BM, BN))
 
 
 @triton.jit
-def _band_unshear(ds, G: tl.constexpr):
+def _band_unshear(ds, G: tl.constexpr, VG: tl.constexpr):
     """dS (BM × BN) laid out by offset per row group: X[g, m, t] = dS[g·BG + m, n] for the n
-    with m + BN - 1 - n = t, 0 where there is none (G × BG × 2·BN)."""
+    with m + BN - 1 - n = t, 0 where there is none (G × BG × VG)."""
     BM: tl.constexpr = ds.shape[0]
     BN: tl.constexpr = ds.shape[1]
     BG: tl.constexpr = BM // G
-    m = tl.arange(0, BG)
-    t = tl.arange(0, 2 * BN)
-    n = tl.broadcast_to((m[:, None] - t[None, :] + (BN - 1))[None, :, :], (G, BG, 2 * BN))
+    g = tl.arange(0, G)[:, None, None]
+    m = tl.arange(0, BG)[None, :, None]
+    t = tl.arange(0, VG)[None, None, :]
+    n = m - t + (BN - 1)
     inside = (n >= 0) & (n < BN)
-    x = tl.gather(tl.reshape(ds, (G, BG, BN)), tl.minimum(tl.maximum(n, 0), BN - 1), 2)
-    return tl.where(inside, x, 0.0)
+    idx = (g * BG + m) * BN + tl.minimum(tl.maximum(n, 0), BN - 1)
+    x = tl.gather(tl.reshape(ds, (BM * BN,)), tl.reshape(idx, (G * BG * VG,)), 0)
+    return tl.where(inside, tl.reshape(x, (G, BG, VG)), 0.0)
 
 
 @triton.jit
@@ -608,8 +623,9 @@ def _token_score(s, delta, row_first, col_first, r_tile, Pw_row, stride_pr, band
         BM: tl.constexpr = s.shape[0]
         BN: tl.constexpr = s.shape[1]
         if _band_active(row_first, col_first, q_offset, extent, BM, BN):
+            BG: tl.constexpr = BM // 2 if BM >= 32 else BM
             pslice = _band_slice(Pw_row, stride_pr, band_col0, row_first, col_first, q_offset,
-                                 R_PAD, BM, BN)
+                                 R_PAD, BM, BN, BG)
             s += _band_term(r_tile, pslice, BN, PRECISION)
     return s
 
@@ -848,11 +864,13 @@ def _dq_blocks(dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b, q, do, lse, di, K_base, V
         if HAS_BAND:  # dr = Σ_j dS·P[:, Δ] = G·P_sliceᵀ, G = dS laid out by offset
             BM: tl.constexpr = ds.shape[0]
             if _band_active(row_first, start_n, q_offset, extent, BM, BLOCK_N):
+                BG: tl.constexpr = BM if BM < BAND_GROUP_DR else BAND_GROUP_DR
                 pslice = _band_slice(Pw_row, stride_pr, band_col0, row_first, start_n, q_offset,
-                                     R_PAD, BM, BLOCK_N)
+                                     R_PAD, BM, BLOCK_N, BG)
                 G: tl.constexpr = pslice.shape[0]
-                dr_a += _band_grad_rows(_band_unshear(p * dp, G), pslice, PRECISION)
-                dr_b += _band_grad_rows(_band_unshear(p, G), pslice, PRECISION)
+                VG: tl.constexpr = pslice.shape[2]
+                dr_a += _band_grad_rows(_band_unshear(p * dp, G, VG), pslice, PRECISION)
+                dr_b += _band_grad_rows(_band_unshear(p, G, VG), pslice, PRECISION)
     return dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b
 
 
@@ -1195,7 +1213,7 @@ def attn_bwd_band_dp(Q, K, V, dOut, Lse, Delta, Inv, Table, Slopes, DocStart, Do
     Pw_row = Pw + h * stride_ph
     # The slice and shift of every tile here: those of the diagonal's first tile position.
     pslice = _band_slice(Pw_row, stride_pr, band_col0, d * BLOCK, 0, q_offset, R_PAD, BLOCK,
-                         BLOCK)
+                         BLOCK, BLOCK)
     slope = 0.0
     if HAS_SLOPES:
         slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
@@ -1229,7 +1247,7 @@ def attn_bwd_band_dp(Q, K, V, dOut, Lse, Delta, Inv, Table, Slopes, DocStart, Do
         p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
         ds = p * (dp - di[:, None])
-        x = tl.reshape(_band_unshear(ds, 1), (BLOCK, VEC))
+        x = tl.reshape(_band_unshear(ds, 1, VEC), (BLOCK, VEC))
         acc += tl.dot(tl.trans(r), x, input_precision=PRECISION)
     c = tl.arange(0, R_PAD)
     t = tl.arange(0, VEC)
