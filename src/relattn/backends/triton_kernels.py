@@ -496,7 +496,7 @@ def table_ends(Table, TableEnds, T, stride_t, BLOCK: tl.constexpr):
 # gather's source spans the warps, so Triton lowers it through shared memory (one store per
 # source element, one load per output, the output in the score tile's layout); a gather along
 # RP's rows would be warp-local: per output one shuffle per register of its row, and the score
-# tile in the gather's layout (tools/gpu_compile.py --gate; BENCHMARKS.md). P arrives padded
+# tile in the gather's layout (tools/gpu_compile.py's gate, BENCHMARKS.md). P arrives padded
 # (launcher: ``_band_weight``): rows to R_PAD, at least BAND_PAD zero columns on each side,
 # offset 0 at ``band_col0`` (so every span starts at a multiple of 4), row length a multiple of
 # 16: a tile reads its spans as aligned vectors with no mask, and columns outside 0 <= Δ < W
