@@ -260,3 +260,26 @@ def test_compile_fullgraph_with_token_terms(backend):
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
     for a, e in zip(g_got, g_eager, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_shapes(backend):
+    """An empty batch, one query against one key, rank 1 and a band of one offset, a window of
+    one, a query offset past every key: values and gradients as the float64 math."""
+    shapes = [  # (name, B, Hq, Hkv, Nq, Nk, D, q_offset, masks), rank, width
+        (("empty", 0, 2, 1, 5, 5, 8, 0, {}), 2, 3),
+        (("one", 1, 2, 1, 1, 1, 8, 0, {}), 1, 1),
+        (("window1", 1, 2, 2, 9, 9, 8, 0, {"window": 1}), 2, 4),
+        (("far", 2, 2, 1, 6, 40, 8, 1000, {}), 3, 5),
+    ]
+    for case, rank, width in shapes:
+        q, k, v, r, weight, log_f, grad_out, kw = _inputs(case, torch.float32, rank, width)
+        use = {"r": r, "weight": weight}
+        if kw["q_offset"] + q.shape[2] <= k.shape[2]:
+            use["log_f"] = log_f
+        got = run_token_relattn(q, k, v, grad_out, backend, **use, **kw)
+        truth = run_token_math(q, k, v, grad_out, **use, **kw)
+        if q.numel() == 0:  # nothing to compare but the shapes (and that it ran)
+            assert {n: t.shape for n, t in got.items()} == {n: t.shape for n, t in truth.items()}
+            continue
+        assert_close_f64(got, truth, rtol=1e-5, label=f"{backend} {case[0]}: ")

@@ -199,7 +199,8 @@ class _Setup:
         self.tok = None
         if token is not None:
             tok = token_bias(token, problem, nq, c0, c1, self.compute)
-            self.tok = (tok.flip(2) if nq > 1 else tok).reshape(b, hkv, self.group * nq, -1)
+            rows = tok.flip(2) if nq > 1 else tok
+            self.tok = rows.reshape(b, hkv, self.group * nq, rows.shape[-1])
         # A row can see nothing only at the ends of the span or under doc/padding masks.
         self.maybe_empty = self.hidden is not None or (
             nq > 1 and (_no_key(qo, nk, causal, window) or _no_key(qo + nq - 1, nk, causal, window))
