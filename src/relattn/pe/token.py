@@ -305,7 +305,7 @@ class ForgetGate(nn.Module):
         """The term of one call.
 
         Args:
-            log_f: ``(B, Hq, Nk)``, ``log f <= 0`` for every key position (query row ``i``
+            log_f: ``(B, Hq, Nk)``, finite and ``<= 0`` for every key position (query row ``i``
                 sits at key position ``q_offset + i``).
 
         Returns:
