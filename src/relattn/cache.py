@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ._validate import check_int, check_optional_int, is_integer_dtype, shape_str, show
 from .masks import within_doc_positions
+from .pe.token import check_log_f_values
 
 __all__ = ["CacheView", "KVCache", "LayerCache"]
 
@@ -248,6 +249,7 @@ class LayerCache:
                 raise ValueError(
                     f"log_f must be on the cache's device {self.device}; got {log_f.device}"
                 )
+            check_log_f_values(log_f)
             if self.length > 0 and self._gate is not None and self._gate.shape[1] != log_f.shape[1]:
                 raise ValueError(
                     f"log_f must have the {self._gate.shape[1]} heads of the earlier calls on this "
