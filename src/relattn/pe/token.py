@@ -296,8 +296,8 @@ class ForgetGate(nn.Module):
     log f_t``, the log of the product of the gates between key and query.
 
     The module learns nothing itself (the gate ``log f = log σ(w·x + b)`` is the model's
-    projection); calling it with ``log f`` takes the cumulative sum ``F`` (in float32, float64
-    for float64) and gives the term :func:`relattn.attention` takes as ``pe``; the gradient
+    projection); calling it with ``log f`` takes the cumulative sum ``F`` (in float64, whatever
+    log f's dtype) and gives the term :func:`relattn.attention` takes as ``pe``; the gradient
     reaches ``log f`` through it.
     """
 
@@ -320,5 +320,7 @@ class ForgetGate(nn.Module):
         if not log_f.is_floating_point():
             raise TypeError(f"log_f must be a floating-point tensor; got dtype {log_f.dtype}")
         check_log_f_values(log_f)
-        dt = torch.promote_types(log_f.dtype, torch.float32)
-        return GateTerm(torch.cumsum(log_f.to(dt), dim=-1))
+        # float64: F grows without bound over a long sequence, and the call subtracts its
+        # trend before the kernels' float32 (relattn.call.token_terms); a float32 F would
+        # already have lost the digits a nearby key's term needs.
+        return GateTerm(torch.cumsum(log_f.to(torch.float64), dim=-1))
