@@ -313,8 +313,9 @@ class TritonBackend(Backend):
         (None for an absent pair), each gradient in its tensor's dtype.
 
         Under ``torch.use_deterministic_algorithms(True)`` no kernel uses atomics and the
-        gradients are bit-identical across runs (the band's weight gradient never uses them:
-        per-diagonal partials summed by the host).
+        gradients are bit-identical across runs (the band's gradients never use them: dr per
+        row from one program, dP from partials per group of rows and diagonal summed by the
+        host).
         """
         q, k, v, table, slopes, problem = call[:6]
         K = _kernels()
