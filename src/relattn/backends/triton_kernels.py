@@ -1203,7 +1203,6 @@ def attn_bwd_band_dp(Q, K, V, dOut, Lse, Delta, Inv, Table, Slopes, DocStart, Do
         di = _load_row_stat(Delta + bh * Nq, offs_m, Nq, True)
         inv = _load_row_stat(Inv + bh * Nq, offs_m, Nq, True)
         r = _load_latent(Rq + bh * Nq * rank, offs_m, Nq, rank, R_PAD)
-        fq = 0.0
         if HAS_GATE:
             fq = _load_gate(Fq + bh * Nq, offs_m, Nq, True)
         doc_lo, doc_hi = _doc_range(DocStart + b * Nk, DocEnd + b * Nk, q_offset, offs_m, Nq,
