@@ -457,7 +457,11 @@ def problems(results: list[dict], estimate) -> list[str]:
 GATE_KERNELS = ("attn_fwd", "attn_bwd_dq", "attn_bwd_dkdv")
 # What each key loop of a causal kernel is, in program order: masked blocks, the blocks in the
 # table's constant tail (one value per tile), the plain unmasked blocks.
-_STAGES = {("attn_fwd", "table"): ("masked", "constant", "plain", "masked")}
+_STAGES = {
+    ("attn_fwd", "table"): ("masked", "constant", "plain", "masked"),
+    # dk/dv walks query blocks downwards: offsets grow, so the constant tail comes last
+    ("attn_bwd_dkdv", "table"): ("masked", "plain", "constant", "masked"),
+}
 _DEFAULT_STAGES = ("masked", "plain", "masked")
 M3_LIMIT = 1.15
 M3_CONSTANT_LIMIT = 1.02
