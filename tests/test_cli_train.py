@@ -153,7 +153,7 @@ def test_explain_checkpoint_shows_token_terms(tmp_path, text_file, capsys, pe):
         q, k, _ = attn.project(x)
         terms = attn.position_terms(x)
         expected = relattn.attention_weights(q, k, terms)[0, 0]
-        pe_dense = terms[-1].bias(5, 5)[0, 0]
+        pe_dense = terms[-1].bias(5, 5)[0, 0].float()
     for i in range(5):
         torch.testing.assert_close(torch.tensor(obj["weights"][i][0]), expected[i, : i + 1])
         torch.testing.assert_close(torch.tensor(obj["pe"][i][0]), pe_dense[i, : i + 1])

@@ -3,8 +3,8 @@ forget gate) against float64 math written here: out, lse and every gradient (q, 
 P, fq, fk), through the kernels' own calls (``Call``), in Triton's interpreter on CPU.
 
 Shapes cross several 16 × 16 tiles with ragged edges, so the masked and unmasked stages, the
-skipped band blocks (W smaller than N), the band's weight-gradient diagonals and the split-KV
-decoding kernel all run.
+skipped band blocks (W smaller than N), the band's gradient kernel (its diagonals and its groups
+of query blocks) and the split-KV decoding kernel all run.
 """
 
 from __future__ import annotations
@@ -158,6 +158,12 @@ CASES = {
     "band_window_q_offset": {"window": 23, "q_offset": 9, "nq": 30, "nk": 45},
     "band_gqa_per_head": {"hq": 4, "hkv": 2, "shared": False, "rank": 16, "extent": 9},
     "band_wide_rank": {"rank": 20, "extent": 50, "nq": 34, "nk": 34},
+    # several groups of query blocks in the band's gradient kernel (two 16-row blocks a group in
+    # the interpreter), W across three key blocks, a query offset, GQA, a weight per head
+    "band_groups_gqa_q_offset": {
+        "b": 2, "hq": 4, "hkv": 2, "shared": False, "nq": 70, "nk": 90, "q_offset": 20,
+        "extent": 40, "gate": True,
+    },
     "gate_causal": {"band": False, "gate": True, "hq": 4, "hkv": 2},
     "gate_bidirectional": {"band": False, "gate": True, "causal": False, "q_offset": 5},
     "band_gate_table": {"gate": True, "table": True, "b": 2, "extent": 13},

@@ -10,8 +10,9 @@ buffer, so column order stays position order, which the offset tables rely on). 
 then grow past the stored size; ``capacity`` still bounds the total length unless it is None.
 
 A forget gate (``pe="fox"``) needs its cumulative log gate ``F`` at every key: the cache keeps
-it beside the keys, per query head, ``(B, Hq, slots)`` in float32 (float64 for a float64
-model), appended as ``F_last + cumsum(log f)`` of the new tokens (see :meth:`LayerCache.update`).
+it beside the keys, per query head, ``(B, Hq, slots)`` in float64 (F grows without bound
+over a long stream; each call subtracts its trend before the kernels), appended as
+``F_last + cumsum(log f)`` of the new tokens (see :meth:`LayerCache.update`).
 The banded bias (``pe="inkling"``) needs only the new queries' latents, nothing cached.
 """
 
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from ._validate import check_int, check_optional_int, is_integer_dtype, shape_str, show
 from .masks import within_doc_positions
+from .pe.token import check_log_f_values
 
 __all__ = ["CacheView", "KVCache", "LayerCache"]
 
@@ -36,7 +38,7 @@ class CacheView(NamedTuple):
         of key column 0).
     doc_ids: ``(B, Nk)`` or None. key_padding_mask: ``(B, Nk)`` bool or None.
     gate: ``(B, Hq, Nk)`` the forget gate's cumulative log F at the kept keys and the new ones
-        (float32, float64 for float64 ``log_f``), when :meth:`LayerCache.update` was given
+        (float64), when :meth:`LayerCache.update` was given
         ``log_f``; else None.
     """
 
@@ -216,9 +218,10 @@ class LayerCache:
 
     def _gate_from(self, log_f: Tensor) -> Tensor:
         """F at the new positions, ``(B, Hq, n)``: the last position's F plus the cumulative sum
-        of ``log_f`` (in float32, float64 for float64), keeping ``log_f``'s graph; the storage
-        is allocated at the first call."""
-        dtype = torch.promote_types(log_f.dtype, torch.float32)
+        of ``log_f`` (in float64, as :class:`~relattn.pe.ForgetGate` takes it: F grows without
+        bound over a long stream), keeping ``log_f``'s graph; the storage is allocated at the
+        first call."""
+        dtype = torch.float64
         b, hq = log_f.shape[0], log_f.shape[1]
         if self._gate is None or self._gate.shape[1] != hq or self._gate.dtype != dtype:
             self._gate = torch.zeros((b, hq, self.slots), dtype=dtype, device=self.device)
@@ -248,6 +251,7 @@ class LayerCache:
                 raise ValueError(
                     f"log_f must be on the cache's device {self.device}; got {log_f.device}"
                 )
+            check_log_f_values(log_f)
             if self.length > 0 and self._gate is not None and self._gate.shape[1] != log_f.shape[1]:
                 raise ValueError(
                     f"log_f must have the {self._gate.shape[1]} heads of the earlier calls on this "

@@ -129,9 +129,12 @@ def prepare(
     problem = Problem(lo, scale, causal, q_offset, w, doc_ids, key_padding_mask)
     compiling = _compiling()
     if terms:
-        token = token_terms(terms, q, nk, q_offset)
+        token, decay = token_terms(terms, q, nk, q_offset)
         impl = backends.choose(backend, q, k, problem, compiling=compiling, token=True)
         table, slopes = encoding_terms(additive, lo, hi, q, impl.closed_form)
+        if decay is not None:
+            closed = impl.closed_form and q.dtype != torch.float64  # slopes are float32
+            table, slopes = with_decay(table, slopes, decay, lo, hi, closed)
         return Call(q, k, v, table, slopes, problem, impl, lse, None, token).conformed()
     impl = backends.choose(backend, q, k, problem, compiling=compiling)
     if (
@@ -341,13 +344,26 @@ def split_pe(
     return rope, additive, terms
 
 
-def token_terms(terms: Sequence[TokenTerm], q: Tensor, nk: int, q_offset: int) -> TokenTerms:
-    """The call's :class:`~relattn.backends.base.TokenTerms` from the terms in ``pe``, checked
-    against q ``(B, Hq, Nq, D)``, the ``nk`` keys and ``q_offset``, in the compute dtype
-    (float32; float64 for float64 q)."""
+def token_terms(
+    terms: Sequence[TokenTerm], q: Tensor, nk: int, q_offset: int, detrend: bool = True
+) -> tuple[TokenTerms, Tensor | None]:
+    """``(the call's TokenTerms, decay)`` from the terms in ``pe``, checked against q
+    ``(B, Hq, Nq, D)``, the ``nk`` keys and ``q_offset``, in the compute dtype (float32;
+    float64 for float64 q).
+
+    The forget gate's F is handed over *detrended*: with ``m_h`` its mean slope per head over
+    the keys (``-(F[Nk-1] - F[0]) / (Nk - 1)``, averaged over the batch, no gradient),
+    ``fk[j] = F[j] + m_h·j`` and ``fq`` likewise at the queries' positions, and ``decay =
+    m (Hq,)``, which the caller adds as the ALiBi term ``-m_h·|Δ|`` (:func:`with_decay`). The
+    sum is exactly ``F_i - F_j`` (``F_j - F_i`` for keys after the query), but the kernels'
+    float32 operands stay small where F itself grows without bound (a long sequence of gates
+    below 1: ``|F|`` in the thousands), so a nearby key's term keeps its digits. The
+    subtraction runs in float64 on F as the encoding gives it. ``detrend=False`` (context
+    parallelism, whose shards' F are made global afterwards): F as it is, decay None."""
     b, hq, nq = q.shape[0], q.shape[1], q.shape[2]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     r = weight = fq = fk = None
+    decay: Tensor | None = None
     for term in terms:
         if isinstance(term, BandTerm):
             r, weight = term.r, term.weight
@@ -376,11 +392,42 @@ def token_terms(terms: Sequence[TokenTerm], q: Tensor, nk: int, q_offset: int) -
                 )
             if f.device != q.device:
                 raise ValueError(f"log_f must be on q's device {q.device}; got {f.device}")
-            fk = f.to(dt)
+            wide = f.to(torch.float64)
+            if nk > 1 and detrend:
+                with torch.no_grad():
+                    span = (wide[:, :, -1] - wide[:, :, 0]).mean(0)  # (Hq,), <= 0
+                    decay = (-span / (nk - 1)).clamp(min=0.0)
+                positions = torch.arange(nk, dtype=torch.float64, device=f.device)
+                wide = wide + decay[:, None] * positions
+            fk = wide.to(dt)
             fq = fk[:, :, q_offset : q_offset + nq]
         else:
             raise TypeError(f"pe {type(term).__name__} is a token term no backend knows")
-    return TokenTerms(r, weight, fq, fk)
+    return TokenTerms(r, weight, fq, fk), decay
+
+
+def with_decay(
+    table: Tensor | None,
+    slopes: Tensor | None,
+    decay: Tensor,
+    lo: int,
+    hi: int,
+    closed_form: bool,
+) -> tuple[Tensor | None, Tensor | None]:
+    """The call's table or slopes with ``-decay_h·|Δ|`` added (the forget gate's trend, see
+    :func:`token_terms`): as slopes (float32) where ``closed_form`` (the backend computes them
+    and the inputs are not float64), added to fixed ALiBi slopes or on their own; else added
+    to the table over ``lo .. hi`` (a new float64 one if there is none: backends read tables in
+    their compute dtype)."""
+    if closed_form and table is None:
+        return None, decay.to(torch.float32) + (slopes if slopes is not None else 0.0)
+    offsets = torch.arange(lo, hi + 1, dtype=torch.float64, device=decay.device)
+    trend = -decay[:, None] * offsets.abs()  # (Hq, T)
+    if slopes is not None:  # fixed ALiBi slopes for a backend that reads tables
+        trend = trend - slopes.to(torch.float64)[:, None] * offsets.abs()
+    if table is None:
+        return trend, None
+    return table + trend.to(table.dtype), None
 
 
 def encoding_terms(

@@ -313,8 +313,9 @@ class TritonBackend(Backend):
         (None for an absent pair), each gradient in its tensor's dtype.
 
         Under ``torch.use_deterministic_algorithms(True)`` no kernel uses atomics and the
-        gradients are bit-identical across runs (the band's weight gradient never uses them:
-        per-diagonal partials summed by the host).
+        gradients are bit-identical across runs (the band's gradients never use them: dr per
+        row from one program, dP from partials per group of rows and diagonal summed by the
+        host).
         """
         q, k, v, table, slopes, problem = call[:6]
         K = _kernels()
@@ -343,15 +344,12 @@ class TritonBackend(Backend):
         inv, delta = torch.empty_like(delta_out), torch.empty_like(delta_out)
         grads.update(Delta=delta, Inv=inv)
         dummy = a.dummy_f
-        dr = torch.empty((a.b, a.hq, a.nq, a.rank), dtype=torch.float32, device=dev)
         dfq = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
         dfk = torch.empty((a.b, a.hq, a.nk), dtype=torch.float32, device=dev)
-        if not a.has_band:
-            dr = dummy
         if not a.has_gate:
             dfq = dfk = dummy
         grid_q = lambda meta: (_cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
-        _run(K.attn_bwd_dq, grid_q, {**a.args, **grads, "dQ": dq, "dR": dr, "dFq": dfq})
+        _run(K.attn_bwd_dq, grid_q, {**a.args, **grads, "dQ": dq, "dFq": dfq})
         grid_kv = lambda meta: (_cdiv(a.nk, meta["BLOCK_N"]), a.hq, a.b)
         # dk/dv splits its query blocks at the table's constant runs, as the forward does.
         outputs = {"dK": dk, "dV": dv, "DTable": dtable, "ATOMIC_TABLE": atomic, "dFk": dfk,
@@ -373,7 +371,8 @@ class TritonBackend(Backend):
         gate: tuple[Tensor | None, Tensor | None] = (None, None)
         if a.has_band:
             assert t.r is not None and t.weight is not None
-            band = (dr.to(t.r.dtype), _band_weight_grad(K, a, grads).to(t.weight.dtype))
+            dr, dweight = _band_grads(K, a, grads)
+            band = (dr.to(t.r.dtype), dweight.to(t.weight.dtype))
         if a.has_gate:
             assert t.fq is not None and t.fk is not None
             gate = (dfq.to(t.fq.dtype), dfk.to(t.fk.dtype))
@@ -411,11 +410,25 @@ def _forward_splitkv(K: ModuleType, a: _Launch, splits: int) -> tuple[Tensor, Te
     return out.to(a.q.dtype), lse
 
 
-def _band_weight_grad(K: ModuleType, a: _Launch, grads: dict) -> Tensor:
-    """dP ``(Hw, R, W)`` float32 without atomics: per (block diagonal that meets 0 <= Δ < W,
-    head, batch) the kernel's ``rᵀ·X`` over the diagonal's tiles (R_PAD × 2·BLOCK, from the
-    padded column ``base_0 + i·BLOCK`` for the i-th diagonal), then, in a fixed order, the sum
-    over batches, the diagonals' overlapping columns and the heads that share a weight."""
+def _band_groups(K: ModuleType, a: _Launch, num_q_blocks: int) -> tuple[int, int]:
+    """(groups, query blocks per group) of the band's gradient kernel: about
+    ``K.BAND_GRAD_PROGRAMS`` programs in all (each group's partial dP is R_PAD × 2·BLOCK per
+    diagonal: ~4 KiB · diagonals per program); the interpreter takes two blocks a group, so
+    the tests cross group boundaries."""
+    if K.INTERPRET:
+        per = 2
+    else:
+        per = _cdiv(num_q_blocks, max(1, _cdiv(K.BAND_GRAD_PROGRAMS, a.b * a.hq)))
+    return _cdiv(num_q_blocks, per), per
+
+
+def _band_grads(K: ModuleType, a: _Launch, grads: dict) -> tuple[Tensor, Tensor]:
+    """dr ``(B, Hq, Nq, R)`` and dP ``(Hw, R, W)``, float32, without atomics, from the band's
+    tiles only: per (group of query blocks, head, batch) the kernel writes its rows' dr and,
+    per block diagonal that meets 0 <= Δ < W, the group's ``rᵀ·X`` (R_PAD × 2·BLOCK, from the
+    padded column ``base_0 + i·BLOCK`` for the i-th diagonal); then, in a fixed order, the sum
+    over groups, batches, the diagonals' overlapping columns and the heads that share a
+    weight."""
     config = K.band_config(a.d, a.q.element_size())
     block = config["BLOCK"]
     col0, extent, r_pad = a.band_col0, a.extent, a.r_pad
@@ -423,15 +436,19 @@ def _band_weight_grad(K: ModuleType, a: _Launch, grads: dict) -> Tensor:
     n_q, n_k = _cdiv(a.nq, block), _cdiv(a.nk, block)
     d_lo = max(-(n_k - 1), -((a.q_offset + block - 1) // block))  # ceil((-q_offset-block+1)/b)
     d_hi = min(n_q - 1, (extent - 2 + block - a.q_offset) // block)
+    dev = a.q.device
     if d_hi < d_lo:
-        return torch.zeros((a.hw, a.rank, extent), dtype=torch.float32, device=a.q.device)
+        return (torch.zeros((a.b, a.hq, a.nq, a.rank), dtype=torch.float32, device=dev),
+                torch.zeros((a.hw, a.rank, extent), dtype=torch.float32, device=dev))  # fmt: skip
     num = d_hi - d_lo + 1
     vec = 2 * block
-    shape = (a.b, a.hq, num, r_pad, vec)
-    partial = torch.empty(shape, dtype=torch.float32, device=a.q.device)
-    args = {"PartialP": partial, "num_bands": num, "band_min": d_lo, **config}
-    _run(K.attn_bwd_band_dp, (num, a.hq, a.b), {**a.args, **grads, **args})
-    part = partial.sum(0).view(a.hq, num, r_pad, 2, block)
+    groups, per = _band_groups(K, a, n_q)
+    partial = torch.zeros((a.b, a.hq, groups, num, r_pad, vec), dtype=torch.float32, device=dev)
+    dr = torch.empty((a.b, a.hq, a.nq, a.rank), dtype=torch.float32, device=dev)
+    args = {"PartialP": partial, "dR": dr, "num_bands": num, "band_min": d_lo,
+            "num_groups": groups, "group_blocks": per, **config}  # fmt: skip
+    _run(K.attn_bwd_band_dp, (groups, a.hq, a.b), {**a.args, **grads, **args})
+    part = partial.sum((0, 2)).view(a.hq, num, r_pad, 2, block)
     cols = part.new_zeros((a.hq, r_pad, num + 1, block))
     for j in range(2):  # diagonal i's j-th half covers chunk i + j
         cols[:, :, j : j + num] += part[:, :, :, j].transpose(1, 2)
@@ -443,8 +460,8 @@ def _band_weight_grad(K: ModuleType, a: _Launch, grads: dict) -> Tensor:
     if x1 > x0:
         grad[:, :, x0 - start : x1 - start] = cols[:, : a.rank, x0:x1]
     if a.hw == 1:
-        return grad.sum(0, keepdim=True)
-    return grad
+        return dr, grad.sum(0, keepdim=True)
+    return dr, grad
 
 
 def _table_grad_bands(K: ModuleType, a: _Launch, grads: dict) -> Tensor:

@@ -29,12 +29,11 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # Zero columns on each side of the band's padded weight (see _band_slice): at least the widest
 # tile's BAND_VEC, so a tile that touches 0 <= Δ < W reads inside the padded rows unmasked.
 BAND_PAD: tl.constexpr = tl.constexpr(256)
-# Rows per group of the band's products r_g·P_g (see _band_slice) in the dq kernel's gradient
-# (its scores' groups are those of the other kernels: half a tile's rows, at least 16). Fewer
-# rows hold fewer registers there: groups of 32 spilled 548 / 624 B (sm_90a, bf16, D = 128).
-BAND_GROUP_DR: tl.constexpr = tl.constexpr(16)
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
+# Programs the band's gradient kernel (attn_bwd_band_dp) aims for: query blocks are grouped so
+# that groups × batch × heads is about this many (each group keeps a partial dP per diagonal).
+BAND_GRAD_PROGRAMS = 1024
 
 
 # ----------------------------------------------------------------------------- configs
@@ -611,16 +610,6 @@ def _band_unshear(ds, G: tl.constexpr, VG: tl.constexpr):
 
 
 @triton.jit
-def _band_grad_rows(x, pslice, PRECISION: tl.constexpr):
-    """Σ_t X[g, m, t]·P_g[c, t] as (BM × R_PAD): the rows' share of dr."""
-    G: tl.constexpr = pslice.shape[0]
-    R_PAD: tl.constexpr = pslice.shape[1]
-    BG: tl.constexpr = x.shape[1]
-    y = tl.dot(x, tl.permute(pslice, (0, 2, 1)), input_precision=PRECISION)
-    return tl.reshape(y, (G * BG, R_PAD))
-
-
-@triton.jit
 def _row_token_terms(Rq, Fq, bh, offs_m, Nq, rank, HAS_BAND: tl.constexpr,
                      HAS_GATE: tl.constexpr, R_PAD: tl.constexpr):
     """A query block's r (BM × R_PAD) and fq (BM), base 2; placeholders for absent terms."""
@@ -854,7 +843,7 @@ def bwd_preprocess(Out, dOut, DeltaOut, stride_ob, stride_oh, stride_on,
 
 
 @triton.jit
-def _dq_blocks(dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b, q, do, lse, di, K_base, V_base, stride_kn,
+def _dq_blocks(dq, l_i, pdp_i, gq_a, gq_b, q, do, lse, di, K_base, V_base, stride_kn,
                stride_vn,
                block_begin, block_end, offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
                Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, r_tile, Pw_row, stride_pr,
@@ -881,29 +870,21 @@ def _dq_blocks(dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b, q, do, lse, di, K_base, V
         pdp_i += tl.sum(p * dp, 1)
         ds = p * (dp - di[:, None])
         dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
-        # The token terms' gradients take the exact D_i (known after the loop): the sums of
-        # p·dP and of p are kept apart, dS = inv·(p·dP - D·p) (see attn_bwd_dq).
+        # The gate's dfq takes the exact D_i (known after the loop): the sums of sign·p·dP
+        # and of sign·p are kept apart, dS = inv·(p·dP - D·p) (see attn_bwd_dq).
         if HAS_GATE and not CAUSAL:  # dfq = Σ_j sign(Δ)·dS; 0 when every Δ >= 0
             sp = tl.where(q_offset + offs_m[:, None] - offs_n[None, :] >= 0, p, -p)
             gq_a += tl.sum(sp * dp, 1)
             gq_b += tl.sum(sp, 1)
-        if HAS_BAND:  # dr = Σ_j dS·P[:, Δ] = G·P_sliceᵀ, G = dS laid out by offset
-            BM: tl.constexpr = ds.shape[0]
-            if _band_active(row_first, start_n, q_offset, extent, BM, BLOCK_N):
-                BG: tl.constexpr = BM if BM < BAND_GROUP_DR else BAND_GROUP_DR
-                pslice = _band_slice(Pw_row, stride_pr, band_col0, row_first, start_n, q_offset,
-                                     R_PAD, BM, BLOCK_N, BG)
-                G: tl.constexpr = pslice.shape[0]
-                VG: tl.constexpr = pslice.shape[2]
-                dr_a += _band_grad_rows(_band_unshear(p * dp, G, VG), pslice, PRECISION)
-                dr_b += _band_grad_rows(_band_unshear(p, G, VG), pslice, PRECISION)
-    return dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b
+        # The band's gradients (dr and dP) are attn_bwd_band_dp's: here the band only adds to
+        # the scores, as in the forward.
+    return dq, l_i, pdp_i, gq_a, gq_b
 
 
 @_autotune("attn_bwd_dq")
 @triton.jit
 def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, DocStart, DocEnd,
-                Kpm, KvBounds, Rq, Pw, Fq, Fk, dR, dFq,
+                Kpm, KvBounds, Rq, Pw, Fq, Fk, dFq,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
                 stride_ph, stride_pr, band_col0, Hq, group, Nq, Nk, T, lo, q_offset, window, rank,
@@ -915,8 +896,8 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
                 PRECISION: tl.constexpr, HAS_BAND: tl.constexpr, HAS_GATE: tl.constexpr,
                 R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (query block, head, batch); the key loop mirrors the forward's.
-    dQ is contiguous (B, Hq, Nq, D); with the token terms also dR (B, Hq, Nq, rank) and, with
-    the gate, dFq (B, Hq, Nq), float32."""
+    dQ is contiguous (B, Hq, Nq, D); with the gate also dFq (B, Hq, Nq), float32 (the band's
+    gradients are attn_bwd_band_dp's)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -943,11 +924,6 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     pdp_i = tl.zeros([BLOCK_M], tl.float32)
-    dr_a = 0.0
-    dr_b = 0.0
-    if HAS_BAND:
-        dr_a = tl.zeros([BLOCK_M, R_PAD], tl.float32)
-        dr_b = tl.zeros([BLOCK_M, R_PAD], tl.float32)
     gq_a = 0.0
     gq_b = 0.0
     if HAS_GATE and not CAUSAL:
@@ -958,8 +934,8 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
     for stage in tl.static_range(3):
         # three stages: the five of _key_stage without the constant runs
         first, last = _key_stage(begin, mid_begin, mid_begin, mid_end, mid_end, end, 2 * stage)
-        dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b = _dq_blocks(
-            dq, l_i, pdp_i, dr_a, dr_b, gq_a, gq_b, q, do, lse, di, K_base, V_base, stride_kn,
+        dq, l_i, pdp_i, gq_a, gq_b = _dq_blocks(
+            dq, l_i, pdp_i, gq_a, gq_b, q, do, lse, di, K_base, V_base, stride_kn,
             stride_vn, first, last, offs_m, offs_d, Table + h * stride_t, slope, doc_lo, doc_hi,
             Kpm + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale, pid_m * BLOCK_M, r_tile,
             Pw + h * stride_ph, stride_pr, band_col0, fq, Fk + bh * Nk, extent, HEAD_DIM,
@@ -973,11 +949,6 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
     tl.store(Inv + bh * Nq + offs_m, inv, mask=offs_m < Nq)
     d_exact = pdp_i * inv
     tl.store(Delta + bh * Nq + offs_m, d_exact, mask=offs_m < Nq)
-    if HAS_BAND:  # r was scaled by log2 e in the scores; dS·P is not
-        dr = (dr_a - d_exact[:, None] * dr_b) * inv[:, None]
-        c = tl.arange(0, R_PAD)
-        tl.store(dR + (bh * Nq + offs_m[:, None]) * rank + c[None, :], dr,
-                 mask=(offs_m[:, None] < Nq) & (c[None, :] < rank))
     if HAS_GATE:
         dfq = tl.zeros([BLOCK_M], tl.float32)
         if not CAUSAL:
@@ -1237,36 +1208,40 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
 
 @triton.jit
 def attn_bwd_band_dp(Q, K, V, dOut, Lse, Delta, Inv, Table, Slopes, DocStart, DocEnd, Kpm,
-                     Rq, Pw, Fq, Fk, PartialP,
+                     Rq, Pw, Fq, Fk, PartialP, dR,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
                      stride_t, stride_ph, stride_pr, band_col0, Hq, group, Nq, Nk, T, lo, q_offset,
                      window,
-                     rank, extent, qk_scale, num_bands, band_min,
+                     rank, extent, qk_scale, num_bands, band_min, num_groups, group_blocks,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                      WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                      HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
                      PRECISION: tl.constexpr, HAS_GATE: tl.constexpr, R_PAD: tl.constexpr,
                      BLOCK: tl.constexpr):
-    """The band's weight gradient without atomics: one program per (block diagonal d, head,
-    batch) for the diagonals whose offsets meet 0 <= Δ < W (``band_min``, ``num_bands``).
+    """The band's gradients dr and dP without atomics, from the tiles that meet 0 <= Δ < W only:
+    one program per (group of ``group_blocks`` query blocks, head, batch), walking each of its
+    query blocks' tiles on the block diagonals ``band_min .. band_min + num_bands - 1``.
 
-    Every tile (rows (n + d)·BLOCK.., keys n·BLOCK..) on a block diagonal has the same offsets
-    ``Δ = q_offset + d·BLOCK + r - c``, so the same P slice and the same unshear: the program
-    recomputes each tile's dS (every term of the score, as the dk/dv kernel does), lays it out
-    by offset (X, BLOCK × 2·BLOCK) and adds ``rᵀ·X`` (R_PAD × 2·BLOCK) in a fixed order, then
-    writes it to ``PartialP[b, h, band]``; the host sums batches, heads sharing a weight and the
-    diagonals' overlapping columns. Recomputes p and dp (two extra dots a tile, on the band's
-    tiles only).
+    Every tile on block diagonal d (rows (n + d)·BLOCK.., keys n·BLOCK..) has the offsets
+    ``Δ = q_offset + d·BLOCK + r - c``, so one P slice (R_PAD × 2·BLOCK) and one unshear: the
+    program recomputes the tile's dS (every term of the score, as the dk/dv kernel does, with
+    the exact D_i and the rows' 1/l from the dq kernel), lays it out by offset (X, BLOCK ×
+    2·BLOCK), adds ``X·P_sliceᵀ`` to its rows' dr (kept in registers over the row's diagonals,
+    written once to dR (B, Hq, Nq, rank) float32) and ``rᵀ·X`` to the group's partial of
+    diagonal d in ``PartialP[b, h, group, d]`` (R_PAD × 2·BLOCK, zeroed by the host; only this
+    program touches it, in a fixed order); the host sums groups, batches, heads sharing a weight
+    and the diagonals' overlapping columns. Recomputes p and dp (two extra dots a tile, on the
+    band's tiles only).
     """
     pid = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
     bh = b * Hq + h
     hk = h // group
-    d = band_min + pid
-    n_begin = tl.maximum(0, -d)
-    n_end = tl.minimum(tl.cdiv(Nk, BLOCK), tl.cdiv(Nq, BLOCK) - d)
+    n_kb = tl.cdiv(Nk, BLOCK)
+    m_begin = pid * group_blocks
+    m_end = tl.minimum(m_begin + group_blocks, tl.cdiv(Nq, BLOCK))
     offs_d = tl.arange(0, BLOCK_D)
     VEC: tl.constexpr = 2 * BLOCK
     Q_base = Q + b * stride_qb + h * stride_qh
@@ -1274,45 +1249,57 @@ def attn_bwd_band_dp(Q, K, V, dOut, Lse, Delta, Inv, Table, Slopes, DocStart, Do
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
     Pw_row = Pw + h * stride_ph
-    # The slice and shift of every tile here: those of the diagonal's first tile position.
-    pslice = _band_slice(Pw_row, stride_pr, band_col0, d * BLOCK, 0, q_offset, R_PAD, BLOCK,
-                         BLOCK, BLOCK)
+    c = tl.arange(0, R_PAD)
+    t = tl.arange(0, VEC)
+    part = PartialP + (bh * num_groups + pid) * num_bands * (R_PAD * VEC) + c[:, None] * VEC \
+        + t[None, :]
     slope = 0.0
     if HAS_SLOPES:
         slope = tl.load(Slopes + h).to(tl.float32) * LOG2E
-    acc = tl.zeros([R_PAD, VEC], tl.float32)
-    for n in range(n_begin, n_end):
-        offs_m = (n + d) * BLOCK + tl.arange(0, BLOCK)
-        offs_n = n * BLOCK + tl.arange(0, BLOCK)
+    for m in range(m_begin, m_end):
+        # The previous row block's partial stores (other threads' elements) before these loads.
+        tl.debug_barrier()
+        offs_m = m * BLOCK + tl.arange(0, BLOCK)
         q = _load_rows(Q_base, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, True)
         do = _load_rows(dO_base, offs_m, stride_dn, Nq, offs_d, HEAD_DIM, True)
-        k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, True)
-        v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, True)
         lse = _load_lse(Lse + bh * Nq, offs_m, Nq, True)
         di = _load_row_stat(Delta + bh * Nq, offs_m, Nq, True)
         inv = _load_row_stat(Inv + bh * Nq, offs_m, Nq, True)
         r = _load_latent(Rq + bh * Nq * rank, offs_m, Nq, rank, R_PAD)
-        qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
-        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], Table + h * stride_t, slope,
-                          q_offset, lo, T, qk_scale, HAS_TABLE, HAS_SLOPES, 0)
-        s += _band_term(r * LOG2E, pslice, BLOCK, PRECISION)
+        fq = 0.0
         if HAS_GATE:
-            g = _load_gate(Fq + bh * Nq, offs_m, Nq, True)[:, None]
-            g -= _load_gate(Fk + bh * Nk, offs_n, Nk, True)[None, :]
-            if not CAUSAL:
-                g = tl.where(delta >= 0, g, -g)
-            s += g
+            fq = _load_gate(Fq + bh * Nq, offs_m, Nq, True)
         doc_lo, doc_hi = _doc_range(DocStart + b * Nk, DocEnd + b * Nk, q_offset, offs_m, Nq,
                                     HAS_DOC)
-        kp = _key_padding(Kpm + b * Nk, offs_n, Nk, HAS_KPM)
-        s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
-                  True, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
-        p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
-        dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
-        ds = p * (dp - di[:, None])
-        x = tl.reshape(_band_unshear(ds, 1, VEC), (BLOCK, VEC))
-        acc += tl.dot(tl.trans(r), x, input_precision=PRECISION)
-    c = tl.arange(0, R_PAD)
-    t = tl.arange(0, VEC)
-    tile = PartialP + (bh * num_bands + pid) * (R_PAD * VEC)
-    tl.store(tile + c[:, None] * VEC + t[None, :], acc)
+        dr = tl.zeros([BLOCK, R_PAD], tl.float32)
+        # diagonal d = band_min + i meets key block n = m - d in [0, n_kb)
+        i_begin = tl.maximum(0, m - (n_kb - 1) - band_min)
+        i_end = tl.minimum(num_bands, m - band_min + 1)
+        for i in range(i_begin, i_end):
+            d = band_min + i
+            offs_n = (m - d) * BLOCK + tl.arange(0, BLOCK)
+            k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, True)
+            v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, True)
+            pslice = tl.reshape(_band_slice(Pw_row, stride_pr, band_col0, d * BLOCK, 0, q_offset,
+                                            R_PAD, BLOCK, BLOCK, BLOCK), (R_PAD, VEC))
+            qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
+            s, delta = _score(qk, offs_m[:, None], offs_n[None, :], Table + h * stride_t, slope,
+                              q_offset, lo, T, qk_scale, HAS_TABLE, HAS_SLOPES, 0)
+            s += _band_term(r * LOG2E, tl.reshape(pslice, (1, R_PAD, VEC)), BLOCK, PRECISION)
+            if HAS_GATE:
+                g = fq[:, None] - _load_gate(Fk + bh * Nk, offs_n, Nk, True)[None, :]
+                if not CAUSAL:
+                    g = tl.where(delta >= 0, g, -g)
+                s += g
+            kp = _key_padding(Kpm + b * Nk, offs_n, Nk, HAS_KPM)
+            s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
+                      True, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
+            p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
+            dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
+            ds = p * (dp - di[:, None])
+            x = tl.reshape(_band_unshear(ds, 1, VEC), (BLOCK, VEC))
+            dr += tl.dot(x, tl.trans(pslice), input_precision=PRECISION)
+            part_i = part + i * (R_PAD * VEC)
+            tl.store(part_i, tl.load(part_i) + tl.dot(tl.trans(r), x, input_precision=PRECISION))
+        tl.store(dR + (bh * Nq + offs_m[:, None]) * rank + c[None, :], dr,
+                 mask=(offs_m[:, None] < Nq) & (c[None, :] < rank))

@@ -120,7 +120,8 @@ def context_parallel_attention(
     table, slopes = encoding_terms(additive, lo, hi, q, impl.closed_form)
     r = weight = f = None
     if terms:
-        r, weight, f, _ = token_terms(terms, q, n, 0)  # checked in _parse; compute dtype
+        # checked in _parse; compute dtype; F not detrended (made global below)
+        (r, weight, f, _), _ = token_terms(terms, q, n, 0, detrend=False)
         if f is not None:
             f = global_cumulative(f, group, layout)  # a collective (and in the backward)
     rank = dist.get_rank(group)

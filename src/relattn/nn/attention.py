@@ -310,7 +310,8 @@ class RelativeSelfAttention(nn.Module):
             k, v, q_offset = view.k, view.v, view.q_offset
             doc_ids, key_padding_mask = view.doc_ids, view.key_padding_mask
             if view.gate is not None:
-                pe = GateTerm.from_cumulative(view.gate)  # F at every kept and new key
+                # F at every kept and new key, from log_f the cache checked (no second check)
+                pe = GateTerm(view.gate)
 
         if context_parallel is not None:
             y = context_parallel.attention(

@@ -49,6 +49,39 @@ class TokenTerm:
         raise NotImplementedError
 
 
+def _check_bias_args(nq: object, nk: object, q_offset: object) -> tuple[int, int, int]:
+    """``bias``'s arguments as ints (``nq, nk >= 0``), else a TypeError / ValueError naming one."""
+    return (
+        check_int("nq", nq, min=0),
+        check_int("nk", nk, min=0),
+        check_int("q_offset", q_offset, min=-(1 << 62), max=1 << 62),
+    )
+
+
+def check_log_f_values(log_f: Tensor) -> None:
+    """Raise a ValueError unless every ``log f`` is finite and ``<= 0`` (eager calls; under
+    torch.compile the check is skipped, on accelerators it is asynchronous).
+
+    A gate of exactly 0 (``log f = -inf``, e.g. ``log(sigmoid(x))`` underflowing) is refused:
+    ``F`` would be ``-inf`` from there on and ``F_i - F_j = -inf - (-inf)`` NaN on every
+    backend. ``logsigmoid(x)`` gives the same gates without the underflow.
+    """
+    if not log_f.numel() or torch.compiler.is_compiling():
+        return
+    ok = ((log_f <= 0) & (log_f > float("-inf"))).all()  # NaN fails it too
+    message = (
+        "log_f must be <= 0 and finite everywhere (the log of a forget gate f in (0, 1]; "
+        "a gate of exactly 0 gives -inf: use logsigmoid(x), not log(sigmoid(x)))"
+    )
+    if log_f.device.type == "cpu":
+        if not bool(ok):
+            bad = log_f.detach()
+            bad = bad[~((bad <= 0) & (bad > float("-inf")))]
+            raise ValueError(f"{message}; got a value {bad[0].item():g}")
+    else:
+        torch._assert_async(ok, message)  # no host sync on accelerators
+
+
 def _grid(nq: int, nk: int, q_offset: int, device: torch.device) -> Tensor:
     rows = torch.arange(nq, device=device).view(-1, 1)
     return q_offset + rows - torch.arange(nk, device=device)
@@ -97,6 +130,7 @@ class BandTerm(TokenTerm):
         self.rank, self.extent = rank, extent
 
     def bias(self, nq: int, nk: int, q_offset: int = 0) -> Tensor:
+        nq, nk, q_offset = _check_bias_args(nq, nk, q_offset)
         r, w = self.r, self.weight
         if r.shape[2] != nq:
             raise ValueError(f"r has {r.shape[2]} query rows; bias asked for nq={nq}")
@@ -140,10 +174,24 @@ class GateTerm(TokenTerm):
 
     @classmethod
     def from_cumulative(cls, cumulative: Tensor) -> GateTerm:
-        """The term from ``F`` ``(B, Hq, Nk)`` already summed (non-increasing along keys)."""
-        return cls(cumulative)
+        """The term from ``F`` ``(B, Hq, Nk)`` already summed (non-increasing along keys).
+
+        ``F`` must be finite (checked in eager calls: a NaN or an infinity would make every
+        score of its row or column NaN)."""
+        term = cls(cumulative)
+        if cumulative.numel() and not torch.compiler.is_compiling():
+            ok = torch.isfinite(cumulative).all()
+            message = "the forget gate's F must be finite everywhere"
+            if cumulative.device.type == "cpu":
+                if not bool(ok):
+                    bad = cumulative.detach()
+                    raise ValueError(f"{message}; got a value {bad[~torch.isfinite(bad)][0]:g}")
+            else:
+                torch._assert_async(ok, message)
+        return term
 
     def bias(self, nq: int, nk: int, q_offset: int = 0) -> Tensor:
+        nq, nk, q_offset = _check_bias_args(nq, nk, q_offset)
         f = self.cumulative
         if f.shape[2] != nk or q_offset < 0 or q_offset + nq > nk:
             raise ValueError(
@@ -248,8 +296,8 @@ class ForgetGate(nn.Module):
     log f_t``, the log of the product of the gates between key and query.
 
     The module learns nothing itself (the gate ``log f = log σ(w·x + b)`` is the model's
-    projection); calling it with ``log f`` takes the cumulative sum ``F`` (in float32, float64
-    for float64) and gives the term :func:`relattn.attention` takes as ``pe``; the gradient
+    projection); calling it with ``log f`` takes the cumulative sum ``F`` (in float64, whatever
+    log f's dtype) and gives the term :func:`relattn.attention` takes as ``pe``; the gradient
     reaches ``log f`` through it.
     """
 
@@ -257,7 +305,7 @@ class ForgetGate(nn.Module):
         """The term of one call.
 
         Args:
-            log_f: ``(B, Hq, Nk)``, ``log f <= 0`` for every key position (query row ``i``
+            log_f: ``(B, Hq, Nk)``, finite and ``<= 0`` for every key position (query row ``i``
                 sits at key position ``q_offset + i``).
 
         Returns:
@@ -271,14 +319,8 @@ class ForgetGate(nn.Module):
             )
         if not log_f.is_floating_point():
             raise TypeError(f"log_f must be a floating-point tensor; got dtype {log_f.dtype}")
-        if log_f.numel() and not torch.compiler.is_compiling():
-            ok = (log_f <= 0).all()  # NaN fails it too
-            message = "log_f must be <= 0 everywhere (log of a forget gate f in (0, 1])"
-            if log_f.device.type == "cpu":
-                if not bool(ok):
-                    worst = log_f.detach().nan_to_num(nan=float("inf")).max().item()
-                    raise ValueError(f"{message}; got a value {worst:g}")
-            else:
-                torch._assert_async(ok, message)  # no host sync on accelerators
-        dt = torch.promote_types(log_f.dtype, torch.float32)
-        return GateTerm(torch.cumsum(log_f.to(dt), dim=-1))
+        check_log_f_values(log_f)
+        # float64: F grows without bound over a long sequence, and the call subtracts its
+        # trend before the kernels' float32 (relattn.call.token_terms); a float32 F would
+        # already have lost the digits a nearby key's term needs.
+        return GateTerm(torch.cumsum(log_f.to(torch.float64), dim=-1))
