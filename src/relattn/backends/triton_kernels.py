@@ -1031,19 +1031,20 @@ def _dkdv_blocks(dk, dv, dfk, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_r
 @triton.jit
 def _diagonal_sums(ds):
     """The sums of a (BM × BN) tile along its diagonals without a gather of BM + BN - 1 columns
-    per row: row m rotated left by m (a 1-D gather on dS flattened, one element per score:
-    X[m, j] = dS[m, (m + j) mod BN]) puts in column j the pairs of offset m - n + BN - 1 =
+    per row: row m rotated left by m (a gather along the keys, within each row, one element per
+    score: X[m, j] = dS[m, (m + j) mod BN]) puts in column j the pairs of offset m - n + BN - 1 =
     BN - 1 - j + w·BN, w = (m + j) // BN; the rows of each class w are summed. Returns (W, BN),
-    W the next power of 2 >= the number of classes (empty classes sum to 0)."""
+    W the next power of 2 >= the number of classes (empty classes sum to 0). The gather along
+    axis 1 (12 SHFL a loop at 32×32, 4 warps) holds fewer registers than a 1-D gather on the
+    flattened tile (shared memory, 8 hoisted addresses a thread), which spilled at D = 128 on
+    sm_90a."""
     BM: tl.constexpr = ds.shape[0]
     BN: tl.constexpr = ds.shape[1]
     CLASSES: tl.constexpr = (BM + BN - 2) // BN + 1
     W: tl.constexpr = 2 if CLASSES <= 2 else (4 if CLASSES <= 4 else 8)
     m = tl.arange(0, BM)[:, None]
     j = tl.arange(0, BN)[None, :]
-    idx = m * BN + ((m + j) % BN)
-    x = tl.reshape(tl.gather(tl.reshape(ds, (BM * BN,)), tl.reshape(idx, (BM * BN,)), 0),
-                   (BM, BN))
+    x = tl.gather(ds, (m + j) % BN, 1)
     cls = (m + j) // BN
     w = tl.arange(0, W)[:, None, None]
     return tl.sum(tl.where(cls[None, :, :] == w, x[None, :, :], 0.0), 1)
