@@ -1022,8 +1022,8 @@ def _dkdv_blocks(dk, dv, dfk, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_r
             t = BLOCK_N - 1 - j + w * BLOCK_N
             col = q_offset + start_m - (start_n + BLOCK_N - 1) - lo + t
             keep = t < BLOCK_M + BLOCK_N - 1
-            if MASKED:
-                keep = keep & (col >= 0) & (col < T)
+            if MASKED:  # 0 <= col < T as one unsigned comparison (T >= 1)
+                keep = keep & (col.to(tl.uint32, bitcast=True) < T)
             tl.atomic_add(DTable_row + col, sums, mask=keep, sem="relaxed")
     return dk, dv, dfk
 
