@@ -535,7 +535,7 @@ def gate_problems(results: list[dict]) -> tuple[list[str], str]:
         gated = True
         # dk/dv's table gradient by atomics: at most one atomic per offset of a tile (BLOCK_M +
         # BLOCK_N - 1 spread over the threads), none per score (M2); M3 is reported, not gated
-        # (the per-tile diagonal sums cost 1.35-1.45x the no-term loop: BENCHMARKS.md).
+        # (the per-tile diagonal sums cost 1.32-1.43x the no-term loop: BENCHMARKS.md).
         atomics = enc == "table+atomics"
         allowed = -(-(m + n - 1) // (32 * warps)) if atomics else 0
         # The token terms read vectors per tile (P's span as aligned 16-byte loads, fk per key
