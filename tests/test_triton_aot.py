@@ -152,15 +152,23 @@ def test_gate_catches_each_rule():
     assert "expected 4" in " ".join(
         tool.gate_problems([ok[0], result("attn_fwd", {"HAS_TABLE": True}, none)])[0]
     )
-    # the dk/dv path with atomics is reported, not gated (the open step)
+    # dk/dv's table gradient by atomics: one atomic per offset of a 32×32 tile (63 offsets over
+    # 128 threads: 1 a thread) passes, one per score (8) fails M2; M3 is reported only
     plain = [{**x, "wgmma": 0} for x in none]
-    atomics = [{**x, "atomic": 8} for x in plain]
-    dkdv = [
-        result("attn_bwd_dkdv", {"HAS_TABLE": False, "ATOMIC_TABLE": False}, plain, (32, 32, 4, 2)),
-        result("attn_bwd_dkdv", {"HAS_TABLE": True, "ATOMIC_TABLE": True}, atomics, (32, 32, 4, 2)),
-    ]
-    bad, text = tool.gate_problems(dkdv)
-    assert bad == [] and "no (open)" in text
+    loops4 = [plain[0], plain[1], dict(plain[1]), plain[2]]  # masked, plain, constant, masked
+
+    def dkdv(atomic):
+        tiles = [{**x, "atomic": atomic, "total": 2 * x["total"]} for x in loops4]
+        return tool.gate_problems([
+            result("attn_bwd_dkdv", {"HAS_TABLE": False, "ATOMIC_TABLE": False}, plain,
+                   (32, 32, 4, 2)),
+            result("attn_bwd_dkdv", {"HAS_TABLE": True, "ATOMIC_TABLE": True}, tiles,
+                   (32, 32, 4, 2)),
+        ])  # fmt: skip
+
+    bad, text = dkdv(1)
+    assert bad == [] and "M1, M2 |" in text
+    assert dkdv(8)[0][0].startswith("M2")
     # the token terms: M3 is reported only; 4-byte loads (not 16-byte ones) count for M1
     band = [{**x, "total": 3 * x["total"], "ldg": 4} for x in none]
     bad, text = tool.gate_problems([ok[0], result("attn_fwd", {"HAS_BAND": True}, band)])

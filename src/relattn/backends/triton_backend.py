@@ -351,7 +351,9 @@ class TritonBackend(Backend):
         grid_q = lambda meta: (_cdiv(a.nq, meta["BLOCK_M"]), a.hq, a.b)
         _run(K.attn_bwd_dq, grid_q, {**a.args, **grads, "dQ": dq, "dFq": dfq})
         grid_kv = lambda meta: (_cdiv(a.nk, meta["BLOCK_N"]), a.hq, a.b)
-        outputs = {"dK": dk, "dV": dv, "DTable": dtable, "ATOMIC_TABLE": atomic, "dFk": dfk}
+        # dk/dv splits its query blocks at the table's constant runs, as the forward does.
+        outputs = {"dK": dk, "dV": dv, "DTable": dtable, "ATOMIC_TABLE": atomic, "dFk": dfk,
+                   "TableEnds": a.table_ends(K)}  # fmt: skip
         _run(K.attn_bwd_dkdv, grid_kv, {**a.args, **grads, **outputs})
         if a.hq != a.hkv:
             group = (a.b, a.hkv, a.hq // a.hkv, a.nk, a.d)

@@ -442,6 +442,32 @@ def _uniform_blocks(TableEnds, h, row_first, q_offset, lo, mid_begin, mid_end,
 
 
 @triton.jit
+def _uniform_rows(TableEnds, h, col_first, q_offset, lo, mid_begin, mid_end,
+                  HAS_TABLE: tl.constexpr, HEAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """The dk/dv kernel's counterpart of :func:`_uniform_blocks`: split the unmasked query
+    blocks [mid_begin, mid_end) of the keys from ``col_first`` at (head_end, tail_begin):
+    blocks before head_end see only the table's constant head, blocks from tail_begin only its
+    constant tail (rows further down have larger offsets). Without a table (or without HEAD,
+    for the head) the runs are empty."""
+    head_end = mid_begin
+    tail_begin = mid_end
+    if HAS_TABLE:
+        ends_lo = tl.load(TableEnds + 2 * h)
+        ends_hi = tl.load(TableEnds + 2 * h + 1)
+        # query block i: smallest column q_offset + i·BLOCK_M - (col_first + BLOCK_N - 1) - lo,
+        # largest q_offset + i·BLOCK_M + BLOCK_M - 1 - col_first - lo
+        x = ends_hi + lo + col_first + BLOCK_N - 1 - q_offset  # i·BLOCK_M >= x: tail
+        y = ends_lo + lo + col_first - (BLOCK_M - 1) - q_offset  # i·BLOCK_M <= y: head
+        tail = (tl.maximum(x, 0) + BLOCK_M - 1) // BLOCK_M
+        tail_begin = tl.minimum(tl.maximum(tail, mid_begin), mid_end)
+        if HEAD:
+            head = tl.where(y >= 0, y // BLOCK_M + 1, 0)
+            head_end = tl.minimum(tl.maximum(head, mid_begin), tail_begin)
+    return head_end, tail_begin
+
+
+@triton.jit
 def _key_stage(begin, mid_begin, tail_end, head_begin, mid_end, end, STAGE: tl.constexpr):
     """The key blocks of one of five stages: 0 and 4 masked, 1 the unmasked blocks in the
     table's constant tail, 2 the other unmasked blocks, 3 those in its constant head."""
@@ -942,7 +968,13 @@ def _dkdv_blocks(dk, dv, dfk, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_r
                  HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, ATOMIC_TABLE: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BAND: tl.constexpr,
-                 HAS_GATE: tl.constexpr, R_PAD: tl.constexpr):
+                 HAS_GATE: tl.constexpr, R_PAD: tl.constexpr, UNIFORM: tl.constexpr):
+    """The query blocks [block_begin, block_end) of one stage of the dk/dv kernel. UNIFORM (1:
+    tail, 2: head) says every pair's table column lies in the table's constant tail or head:
+    the scores add one value, not a gathered vector. With ATOMIC_TABLE each tile's dS is summed
+    along its diagonals (:func:`_diagonal_sums`) and added by one atomic per offset, BLOCK_M +
+    BLOCK_N - 1 a tile, none per score (in a constant run too: equal columns still have their
+    own gradients)."""
     NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
     for start_m in tl.range(block_begin * BLOCK_M, block_end * BLOCK_M, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -956,7 +988,7 @@ def _dkdv_blocks(dk, dv, dfk, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_r
         # of 1e4 a transposed dot's rounding alone would move p by 1e-3).
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
         s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, HAS_TABLE, HAS_SLOPES, 0)
+                          T, qk_scale, HAS_TABLE, HAS_SLOPES, UNIFORM)
         if HAS_BAND or HAS_GATE:
             r_tile = 0.0
             fq = 0.0
@@ -981,21 +1013,46 @@ def _dkdv_blocks(dk, dv, dfk, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_r
                 dfk -= tl.sum(ds, 0)
             else:
                 dfk -= tl.sum(tl.where(delta >= 0, ds, -ds), 0)
-        if ATOMIC_TABLE:
-            # One relaxed atomic add per score into T's gradient at column Δ - lo. Reducing the
-            # tile along its diagonals first needs a gather that compiles to local memory on
-            # sm_80/sm_90 (tools/gpu_compile.py); hidden and ragged pairs have ds = 0.
-            col = delta - lo
-            if MASKED:
-                tl.atomic_add(DTable_row + col, ds, mask=(col >= 0) & (col < T), sem="relaxed")
-            else:
-                tl.atomic_add(DTable_row + col, ds, sem="relaxed")
+        if HAS_TABLE and ATOMIC_TABLE:
+            # (W, BN) sums, sums[w, j] at offset Δ = d0 + BN - 1 - j + w·BN (d0 the tile's
+            # smallest); hidden and ragged pairs have ds = 0. One relaxed atomic per offset.
+            sums = _diagonal_sums(ds)
+            w = tl.arange(0, sums.shape[0])[:, None]
+            j = tl.arange(0, BLOCK_N)[None, :]
+            t = BLOCK_N - 1 - j + w * BLOCK_N
+            col = q_offset + start_m - (start_n + BLOCK_N - 1) - lo + t
+            keep = t < BLOCK_M + BLOCK_N - 1
+            if MASKED:  # 0 <= col < T as one unsigned comparison (T >= 1)
+                keep = keep & (col.to(tl.uint32, bitcast=True) < T)
+            tl.atomic_add(DTable_row + col, sums, mask=keep, sem="relaxed")
     return dk, dv, dfk
+
+
+@triton.jit
+def _diagonal_sums(ds):
+    """The sums of a (BM × BN) tile along its diagonals without a gather of BM + BN - 1 columns
+    per row: row m rotated left by m (a gather along the keys, within each row, one element per
+    score: X[m, j] = dS[m, (m + j) mod BN]) puts in column j the pairs of offset m - n + BN - 1 =
+    BN - 1 - j + w·BN, w = (m + j) // BN; the rows of each class w are summed. Returns (W, BN),
+    W the next power of 2 >= the number of classes (empty classes sum to 0). The gather along
+    axis 1 (12 SHFL a loop at 32×32, 4 warps) holds fewer registers than a 1-D gather on the
+    flattened tile (shared memory, 8 hoisted addresses a thread), which spilled at D = 128 on
+    sm_90a."""
+    BM: tl.constexpr = ds.shape[0]
+    BN: tl.constexpr = ds.shape[1]
+    CLASSES: tl.constexpr = (BM + BN - 2) // BN + 1
+    W: tl.constexpr = 2 if CLASSES <= 2 else (4 if CLASSES <= 4 else 8)
+    m = tl.arange(0, BM)[:, None]
+    j = tl.arange(0, BN)[None, :]
+    x = tl.gather(ds, (m + j) % BN, 1)
+    cls = (m + j) // BN
+    w = tl.arange(0, W)[:, None, None]
+    return tl.sum(tl.where(cls[None, :, :] == w, x[None, :, :], 0.0), 1)
 
 
 @_autotune("attn_bwd_dkdv", reset_to_zero=["DTable"])
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
+def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, TableEnds, DTable, Slopes,
                   DocStart, DocEnd, Kpm, KvBounds, Rq, Pw, Fq, Fk, dFk,
                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
@@ -1009,7 +1066,9 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
                   HAS_GATE: tl.constexpr, R_PAD: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (key block, query head, batch): that head's share of dk, dv, and, unless
-    deterministic, of the table gradient (atomics). dK, dV are contiguous (B, Hq, Nk, D); with
+    deterministic, of the table gradient (atomics: one per offset of a tile whose table columns
+    vary, one per program and constant run of the table, :func:`table_ends`; none per score).
+    dK, dV are contiguous (B, Hq, Nk, D); with
     GQA the host sums each kv head's group (a loop over the group here would keep every stage's
     hoisted values live across it and spill registers at D = 128). With the gate also dFk
     (B, Hq, Nk) float32, the column sums of dS (the band's weight gradient is
@@ -1050,19 +1109,24 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, DTable, Slopes,
     if HAS_GATE:
         fk = _load_gate(Fk + bh * Nk, offs_n, Nk, True)
         dfk = tl.zeros([BLOCK_N], tl.float32)
-    for stage in tl.static_range(3):
-        # three stages: the five of _key_stage without the constant runs
-        first, last = _key_stage(begin, mid_begin, mid_begin, mid_end, mid_end, end, 2 * stage)
-        dk, dv, dfk = _dkdv_blocks(
-            dk, dv, dfk, k, v, Q + b * stride_qb + h * stride_qh,
-            dOut + b * stride_db + h * stride_dh, stride_qn, stride_dn, Lse + bh * Nq,
-            Delta + bh * Nq, Inv + bh * Nq, first, last, start_n, offs_n, offs_d, kp,
-            Table + h * stride_t, DTable + h * T, slope, DocStart + b * Nk, DocEnd + b * Nk, Nq,
-            Nk, T, lo, q_offset, window, qk_scale, Rq + bh * Nq * rank, Pw + h * stride_ph,
-            stride_pr, band_col0, Fq + bh * Nq, fk, rank, extent, HEAD_DIM, stage != 1, CAUSAL,
-            WINDOW,
-            HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M,
-            BLOCK_N, HAS_BAND, HAS_GATE, R_PAD)
+    # Five stages over the query blocks (rows ascending, so offsets ascending): masked, the
+    # table's constant head (bidirectional only: causal offsets start at 0), varying columns,
+    # its constant tail, masked; without a table the runs are empty and not compiled.
+    head_end, tail_begin = _uniform_rows(TableEnds, h, start_n, q_offset, lo, mid_begin, mid_end,
+                                         HAS_TABLE, not CAUSAL, BLOCK_M, BLOCK_N)
+    for stage in tl.static_range(5):
+        if (HAS_TABLE or stage % 2 == 0) and not (CAUSAL and stage == 1):
+            first, last = _key_stage(begin, mid_begin, head_end, tail_begin, mid_end, end, stage)
+            dk, dv, dfk = _dkdv_blocks(
+                dk, dv, dfk, k, v, Q + b * stride_qb + h * stride_qh,
+                dOut + b * stride_db + h * stride_dh, stride_qn, stride_dn, Lse + bh * Nq,
+                Delta + bh * Nq, Inv + bh * Nq, first, last, start_n, offs_n, offs_d, kp,
+                Table + h * stride_t, DTable + h * T, slope, DocStart + b * Nk, DocEnd + b * Nk,
+                Nq, Nk, T, lo, q_offset, window, qk_scale, Rq + bh * Nq * rank,
+                Pw + h * stride_ph, stride_pr, band_col0, Fq + bh * Nq, fk, rank, extent,
+                HEAD_DIM, stage == 0 or stage == 4, CAUSAL, WINDOW,
+                HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, ATOMIC_TABLE, UPCAST, PRECISION, BLOCK_M,
+                BLOCK_N, HAS_BAND, HAS_GATE, R_PAD, (stage == 3) + 2 * (stage == 1))
     if HAS_GATE:
         tl.store(dFk + bh * Nk + offs_n, dfk, mask=offs_n < Nk)
 
