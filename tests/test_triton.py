@@ -322,12 +322,12 @@ def test_tables_with_long_constant_runs_match_float64(causal, shape):
 
 
 # name: (encoding, (B, Hq, Hkv, Nq, Nk, D), attention kwargs); 70 rows: several 16-row tiles.
+_BIDIR_WINDOW = {"causal": False, "window": 21}
 TABLE_GRAD_CASES = {
     "t5_tail_gqa": ("t5", (2, 4, 2, 70, 70, 16), {}),  # T5(8, 12): a constant tail
     "offset_everywhere": ("offset_wide", (1, 2, 1, 50, 50, 16), {}),  # no constant run
     "t5_bidir": ("t5_bidir", (1, 2, 2, 45, 45, 16), {"causal": False}),
-    "offset_bidir_window": ("offset_bidir", (1, 2, 2, 48, 48, 16), {"causal": False,
-                                                                   "window": 21}),
+    "offset_bidir_window": ("offset_bidir", (1, 2, 2, 48, 48, 16), _BIDIR_WINDOW),
 }
 
 
