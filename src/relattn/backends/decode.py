@@ -279,6 +279,21 @@ def _token_delta(problem: Problem, nq: int, c0: int, c1: int, device: torch.devi
     return rows[:, None] - torch.arange(c0, c1, device=device)
 
 
+def _band_offsets(problem: Problem, nq: int, c0: int, c1: int, width: int) -> tuple[int, int]:
+    """``(d_lo, d_hi)``: the band's offsets that the rows meet on keys ``c0 .. c1 - 1``
+    (``0 <= Δ < width``), so the band's product covers only them (``O(Nq·(Nq + L))``, not
+    ``O(Nq·W)``: a training step's 128 rows against an extent of 1024). When no pair is in the
+    band it returns one column ``(d, d)`` that no pair's offset equals (every Δ lies beyond
+    ``width - 1``, or below 0), so the mask ``d_lo <= Δ <= d_hi`` keeps nothing."""
+    q0 = problem.q_offset
+    d_lo = max(0, q0 - (c1 - 1))
+    d_hi = min(width - 1, q0 + nq - 1 - c0)
+    if d_lo > d_hi:
+        d = min(d_lo, width - 1)
+        return d, d
+    return d_lo, d_hi
+
+
 def token_bias(
     token: TokenTerms, problem: Problem, nq: int, c0: int, c1: int, dtype: torch.dtype
 ) -> Tensor:
@@ -292,11 +307,12 @@ def token_bias(
     delta = _token_delta(problem, nq, c0, c1, device)
     out: Tensor | None = None
     if r is not None and weight is not None:
-        width = weight.shape[-1]
-        rp = torch.matmul(_as(r, dtype), _as(weight, dtype).unsqueeze(0))  # (B, Hq, Nq, W)
-        column = delta.clamp(0, width - 1).expand(*rp.shape[:2], nq, c1 - c0)
+        d_lo, d_hi = _band_offsets(problem, nq, c0, c1, weight.shape[-1])
+        cols = _as(weight, dtype)[:, :, d_lo : d_hi + 1]  # the offsets the span reaches
+        rp = torch.matmul(_as(r, dtype), cols.unsqueeze(0))  # (B, Hq, Nq, d_hi - d_lo + 1)
+        column = (delta - d_lo).clamp(0, d_hi - d_lo).expand(*rp.shape[:2], nq, c1 - c0)
         band = rp.gather(-1, column)
-        out = band.masked_fill_(~((delta >= 0) & (delta < width)), 0.0)
+        out = band.masked_fill_(~((delta >= d_lo) & (delta <= d_hi)), 0.0)
     if fq is not None and fk is not None:
         gap = _as(fq, dtype)[..., :, None] - _as(fk, dtype)[..., None, c0:c1]  # F_i - F_j
         gate = torch.where(delta >= 0, gap, -gap)
@@ -318,18 +334,19 @@ def token_grads(
     delta = _token_delta(problem, nq, c0, c1, ds.device)
     dr = dweight = dfq = dfk = None
     if r is not None and weight is not None:
-        width = weight.shape[-1]
-        inside = (delta >= 0) & (delta < width)
+        d_lo, d_hi = _band_offsets(problem, nq, c0, c1, weight.shape[-1])
+        inside = (delta >= d_lo) & (delta <= d_hi)
         g = torch.where(inside, ds, 0.0)
-        column = delta.clamp(0, width - 1).expand(b, hq, nq, c1 - c0)
-        drp = torch.zeros(b, hq, nq, width, dtype=ds.dtype, device=ds.device)
+        column = (delta - d_lo).clamp(0, d_hi - d_lo).expand(b, hq, nq, c1 - c0)
+        drp = torch.zeros(b, hq, nq, d_hi - d_lo + 1, dtype=ds.dtype, device=ds.device)
         drp.scatter_add_(-1, column, g)
-        w = _as(weight, ds.dtype)
+        w = _as(weight, ds.dtype)[:, :, d_lo : d_hi + 1]
         dr = _as(torch.matmul(drp, w.transpose(-1, -2).unsqueeze(0)), r.dtype)
-        per_head = torch.einsum("bhic,bhiw->hcw", _as(r, ds.dtype), drp)  # (Hq, R, W)
+        per_head = torch.einsum("bhic,bhiw->hcw", _as(r, ds.dtype), drp)  # (Hq, R, span)
         if weight.shape[0] == 1:
             per_head = per_head.sum(0, keepdim=True)
-        dweight = _as(per_head, weight.dtype)
+        dweight = torch.zeros(weight.shape, dtype=weight.dtype, device=ds.device)
+        dweight[:, :, d_lo : d_hi + 1] = per_head
     if fq is not None and fk is not None:
         signed = torch.where(delta >= 0, ds, -ds)
         dfq = _as(signed.sum(-1), fq.dtype)
