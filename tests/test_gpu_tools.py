@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -72,3 +73,30 @@ def test_gpu_benchmark_script_is_relattn_bench():
     assert res.stderr.strip().splitlines() == [
         "relattn: error: --device gpu needs CUDA; torch.cuda.is_available() is False here"
     ]
+
+
+def test_gpu_check_budget_shares():
+    """Each benchmark step has its own share of the budget (a slow step cannot eat the
+    others'); the shares before the last (which takes what is left) fit in the budget."""
+    gc = _gpu_check()
+    steps = gc.bench_steps(Path("out"), Path("junit"), Path("out/bench.md"))
+    names = [s["name"] for s in steps]
+    assert names[0] == "benchmark" and {"TMA vs pointers", "hf models", "tile sweep"} <= set(names)
+    assert gc.TEST_SHARE + sum(s["share"] for s in steps[:-1]) <= 1.0
+    for step in steps:
+        script = next(a for a in step["cmd"] if a.startswith("benchmarks/"))
+        assert (ROOT / script).is_file(), script
+
+
+def test_tma_benchmark_runs_in_the_interpreter(tmp_path):
+    """benchmarks/gpu_tma.py end to end on tiny shapes (its --smoke mode): both paths of every
+    encoding and the table; on a GPU it times the targets' shape."""
+    out = tmp_path / "tma.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_tma.py"), "--smoke", "--ns", "32",
+           "--repeats", "1", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| 32 |")]
+    assert [r.split(" | ")[1] for r in rows] == ["t5", "kerple", "alibi"]
+    assert all("–" not in r for r in rows), rows  # every contender ran

@@ -88,7 +88,10 @@ def test_problems_are_reported():
     assert "per block" in " ".join(problems([{**base, "shared": 200 * 1024}]))
     assert "estimate" in " ".join(problems([{**base, "shared": 150 * 1024}]))
     assert "spill" in problems([{**base, "spill_stores": 4}])[0]
+    assert "spill" in problems([{**base, "spill_stores": 4, "loop_spills": 2}])[0]
     assert problems([{**base, "spill_stores": 4, "gated": False}]) == []
+    # a spill outside every loop (stored once, loaded once a program) is reported only
+    assert problems([{**base, "spill_stores": 4, "spill_loads": 4, "loop_spills": 0}]) == []
 
 
 def test_sass_gate_on_the_key_loops(tmp_path):
@@ -102,20 +105,33 @@ def test_sass_gate_on_the_key_loops(tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     failures = [line for line in res.stderr.splitlines() if line.startswith("FAIL")]
     assert res.returncode == 0, "\n".join(failures) or res.stderr[-3000:]
-    assert "| attn_fwd | table | 2 | plain |" in res.stdout
+    assert "| attn_fwd | 64×32 w4 s2 | table | 2 | plain |" in res.stdout
     results = json.loads(out.read_text())
-    assert {r["kernel"] for r in results} == set(_tool().GATE_KERNELS)
+    assert {r["kernel"] for r in results} == {*_tool().GATE_KERNELS, _tool().YARDSTICK}
     assert all(r["loops"] for r in results)
     names = {p.name for p in sass.iterdir()}
     assert "attn_fwd-sm_90a-table-bf16-d128-64x32-w4-s2.sass" in names
     assert "attn_bwd_dkdv-sm_90a-table-det-bf16-d128-32x32-w4-s2.sass" in names
+    assert "yardstick_fwd-sm_90a-none-bf16-d128-128x64-w8-s3.sass" in names
     assert {n.split("-sm_90a-")[1].split("-")[0] for n in names} == {
         "table", "slopes", "none", "band", "gate",
     }  # fmt: skip
     # the token terms' key loops: no 4-byte per-score loads, no atomics (gated), counts reported
     for enc in ("band", "gate"):
         for kernel in _tool().GATE_KERNELS:
-            assert f"| {kernel} | {enc} | 1 | plain |" in res.stdout, (kernel, enc)
+            assert f" | {enc} | 1 | plain |" in res.stdout, (kernel, enc)
+    # every autotune candidate of the targets' shape is gated, the yardstick is compiled and the
+    # forward's loops are compared with it
+    for kernel in _tool().GATE_KERNELS:
+        kept = K.kept_configs(kernel, 128, 2, _tool().ARCHS[90]["smem_block"], True)
+        got = {tuple(r["config"]) for r in results if r["kernel"] == kernel}
+        assert got == set(kept), kernel
+    ys = [r for r in results if r["kernel"] == _tool().YARDSTICK]
+    assert {tuple(r["config"]) for r in ys} == set(_tool().YARDSTICK_CONFIGS)
+    assert all(len(r["loops"]) == 2 and r["loops"][0]["wgmma"] for r in ys)
+    assert "| yardstick_fwd | 128×64 w8 s3 | none | 0 | plain |" in res.stdout
+    # the predicted forward time against the yardstick's, per encoding
+    assert "| T5Bias(16), learnable table | " in res.stdout
 
 
 def test_gate_catches_each_rule():
@@ -144,6 +160,8 @@ def test_gate_catches_each_rule():
     assert fails({"atomic": 8}).startswith("M2")
     assert fails({"total": 93}).startswith("M3")  # 1.16x the plain loop
     assert fails({"wgmma": 0}).startswith("M4")
+    serialized = {**result("attn_fwd", {"HAS_TABLE": True}, table), "wgmma_serialized": True}
+    assert tool.gate_problems([ok[0], serialized])[0][0].startswith("M4")
     constant = [dict(x) for x in table]
     constant[1]["total"] = 82  # the constant-run loop: 2.5 % more
     assert (
@@ -152,6 +170,14 @@ def test_gate_catches_each_rule():
     assert "expected 4" in " ".join(
         tool.gate_problems([ok[0], result("attn_fwd", {"HAS_TABLE": True}, none)])[0]
     )
+    # the forward's loops against the yardstick's in the same config (plain: its unmasked
+    # loop, masked: its diagonal one), reported
+    ys = {"label": "ys", "kernel": tool.YARDSTICK, "config": [64, 32, 4, 2], "variant": [],
+          "loops": [{"total": 40, "wgmma": 10}, {"total": 50, "wgmma": 10}]}  # fmt: skip
+    bad, text = tool.gate_problems([*ok, ys])
+    assert bad == []
+    assert "| attn_fwd | 64×32 w4 s2 | table | 2 | plain | 80 | 5.0 | 1.00 | 2.00 |" in text
+    assert "| attn_fwd | 64×32 w4 s2 | table | 0 | masked | 100 | 6.2 | 1.00 | 2.00 |" in text
     # dk/dv's table gradient by atomics: one atomic per offset of a 32×32 tile (63 offsets over
     # 128 threads: 1 a thread) passes, one per score (8) fails M2; M3 is reported only
     plain = [{**x, "wgmma": 0} for x in none]

@@ -4,9 +4,11 @@ Offline and with the machine's own Python (torch with CUDA, triton, pytest, hypo
 installed, ``src/`` goes on ``PYTHONPATH``. It runs, with CUDA tensors, the conformance suite and
 the Triton suites (including the GPU-only cases of ``tests/test_triton_gpu.py``: N up to 16k,
 D = 128, every kept autotune config, torch.compile, deterministic mode, chunked on CUDA), the
-layer, cache and model tests, and then ``benchmarks/gpu_attention.py --check`` and the band's
-``benchmarks/gpu_token.py``. Test steps run in
-parallel processes (each compiles its own kernels); the benchmark runs alone afterwards.
+layer, cache and model tests, and then, one at a time, the benchmark steps of
+:func:`bench_steps`: ``benchmarks/gpu_attention.py --check`` (the targets), ``gpu_tma.py``
+(tensor descriptors against pointers), the band's ``gpu_token.py``, ``hf_models.py --device
+cuda`` (BLOOM-560m) and ``triton_configs.py`` (the tile sweep), each with its own share of the
+budget. Test steps run in parallel processes (each compiles its own kernels).
 
 Logs, the benchmark's tables and ``summary.md`` go to ``$OUT`` when it is set, else to
 ``./gpu-check/`` (JUnit XML to a temporary folder). Exit status 0 only when every step passed.
@@ -27,9 +29,55 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Seconds of the budget left to benchmarks/gpu_token.py (one shape: FlexAttention's compile with
-# r and P captured takes most of it).
-TOKEN_BENCH_SECONDS = 120
+# Shares of the budget: the test steps together (in parallel), then each benchmark step in
+# order (bench_steps); a step gets its share or what is left, and none starts with less than
+# MIN_STEP_SECONDS.
+TEST_SHARE = 0.45
+MIN_STEP_SECONDS = 30
+
+
+def bench_steps(out: Path, junit: Path, bench_md: Path) -> list[dict]:
+    """The benchmark steps in order of importance: name, command, share of the budget, and the
+    Markdown table (with its title) each appends to ``bench_md`` (the first writes it)."""
+    py = sys.executable
+    return [
+        {  # the targets: relattn, FlexAttention and SDPA in one run
+            "name": "benchmark",
+            "cmd": [py, "benchmarks/gpu_attention.py", "--check", "--out", str(bench_md),
+                    "--json", str(out / "gpu-benchmark.json")],
+            "share": 0.2,
+        },
+        {  # what issue 21's tensor descriptors buy: the same kernels with and without them
+            "name": "TMA vs pointers",
+            "cmd": [py, "benchmarks/gpu_tma.py", "--out", str(junit / "gpu-tma.md")],
+            "share": 0.12,
+            "table": junit / "gpu-tma.md",
+            "title": "Tensor descriptors against pointers (benchmarks/gpu_tma.py)",
+        },
+        {  # the query-conditioned band (FlexAttention's compile with r and P takes most)
+            "name": "band benchmark",
+            "cmd": [py, "benchmarks/gpu_token.py", "--out", str(junit / "gpu-token.md")],
+            "share": 0.12,
+            "table": junit / "gpu-token.md",
+            "title": "Band (query-conditioned bias, benchmarks/gpu_token.py)",
+        },
+        {  # issue 13's remaining target: BLOOM-560m's training step against eager, >= 2x
+            "name": "hf models",
+            "cmd": [py, "benchmarks/hf_models.py", "--device", "cuda", "--models", "bloom",
+                    "--ns", "2048", "--out", str(junit / "gpu-hf.md")],
+            "share": 0.08,
+            "table": junit / "gpu-hf.md",
+            "title": "Hugging Face BLOOM-560m training step (benchmarks/hf_models.py)",
+        },
+        {  # every tile config of the three kernels at the targets' shape
+            "name": "tile sweep",
+            "cmd": [py, "benchmarks/triton_configs.py", "--out", str(junit / "gpu-tiles.md")],
+            "share": 1.0,  # what is left
+            "table": junit / "gpu-tiles.md",
+            "title": "Tile configs (benchmarks/triton_configs.py)",
+        },
+    ]  # fmt: skip
+
 
 # name: pytest arguments. Autotuning is off in the test steps (each distinct variant would
 # otherwise compile every candidate config); test_every_kept_config covers the configs. The
@@ -45,6 +93,7 @@ TEST_STEPS = {
         "tests/test_triton_precision.py",
         "tests/test_triton_decode.py",
         "tests/test_triton_token.py",
+        "tests/test_triton_tma.py",
         "tests/test_validation.py",
     ],
     "layers, cache, models": [
@@ -148,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(env)
     print(f"[gpu-check] {info}\n[gpu-check] results in {out}", flush=True)
 
-    # Tests get 55% of the budget, in parallel; the benchmark gets what is left.
-    test_timeout = 0.55 * args.budget
+    # Tests get TEST_SHARE of the budget, in parallel; each benchmark step then gets its own
+    # share (BENCH_STEPS), capped by what is left, so a slow step cannot eat the others'.
+    test_timeout = TEST_SHARE * args.budget
     jobs = []
     for name, files in TEST_STEPS.items():
         slug = "".join(c if c.isalnum() else "-" for c in name).strip("-")
@@ -173,36 +223,31 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_md = None
     if not args.skip_bench:
-        left = args.budget - (time.perf_counter() - begin)
         bench_md = out / "gpu-benchmark.md"
-        cmd = [
-            sys.executable,
-            "benchmarks/gpu_attention.py",
-            "--check",
-            "--out",
-            str(bench_md),
-            "--json",
-            str(out / "gpu-benchmark.json"),
-        ]
         bench_env = {k: v for k, v in env.items() if k != "RELATTN_TRITON_AUTOTUNE"}
-        # The band benchmark (issue 24) keeps TOKEN_BENCH_SECONDS of the budget for itself.
-        r = run_step("benchmark", cmd, out, max(left - TOKEN_BENCH_SECONDS, 60), bench_env, junit)
-        print(f"[gpu-check] benchmark: rc={r['rc']} in {r['seconds']:.0f}s", flush=True)
-        results.append(r)
-        # Its log stays beside the JUnit files and its table joins gpu-benchmark.md: $OUT keeps
-        # to the 8 files the device tool brings back.
-        token_md = junit / "gpu-token.md"
-        cmd = [sys.executable, "benchmarks/gpu_token.py", "--out", str(token_md)]
-        left = args.budget - (time.perf_counter() - begin)
-        r = run_step("band benchmark", cmd, junit, max(left, 60), bench_env, junit)
-        print(f"[gpu-check] band benchmark: rc={r['rc']} in {r['seconds']:.0f}s", flush=True)
-        if token_md.exists():
-            text = token_md.read_text()
-        else:  # its log's tail says why
-            text = "(no table)\n\n```\n" + (junit / r["log"]).read_text()[-3000:] + "\n```\n"
-        with bench_md.open("a") as f:
-            f.write("\n## Band (query-conditioned bias, benchmarks/gpu_token.py)\n\n" + text)
-        results.append(r)
+        for step in bench_steps(out, junit, bench_md):
+            left = args.budget - (time.perf_counter() - begin)
+            budget = min(step["share"] * args.budget, left)
+            if budget < MIN_STEP_SECONDS:
+                r = {"step": step["name"], "rc": "no time left", "seconds": 0.0, "log": "-"}
+            else:
+                # Logs of the appended steps stay beside the JUnit files: $OUT keeps to the
+                # 8 files the device tool brings back.
+                where = out if step["name"] == "benchmark" else junit
+                r = run_step(step["name"], step["cmd"], where, budget, bench_env, junit)
+            print(f"[gpu-check] {r['step']}: rc={r['rc']} in {r['seconds']:.0f}s", flush=True)
+            results.append(r)
+            table = step.get("table")
+            if table is None:
+                continue
+            if table.exists():
+                text = table.read_text()
+            elif r["log"] != "-":  # its log's tail says why
+                text = "(no table)\n\n```\n" + (junit / r["log"]).read_text()[-3000:] + "\n```\n"
+            else:
+                text = "(not run: no time left in the budget)\n"
+            with bench_md.open("a") as f:
+                f.write(f"\n## {step['title']}\n\n" + text)
 
     text = summary(results, info, bench_md)
     (out / "summary.md").write_text(text)

@@ -12,7 +12,9 @@ records registers, spills (``ptxas -v``), shared memory and the occupancy those 
 
 It fails (exit 1) on a compile error, on shared memory above the architecture's per-block limit
 (or above pruning's estimate) for a config that pruning keeps, and on register spills in bf16,
-D = 128 without extra masks (every kernel and every config that autotuning may pick). Results are
+D = 128 without extra masks in the config used without autotuning, when any spill instruction
+lies inside a loop (the SASS says where; a value stored once before the loops and loaded once
+after them is reported, not failed). Results are
 cached per job, keyed on the kernel source and the triton version, under ``$RELATTN_AOT_CACHE``
 (default ``~/.cache/relattn/triton-aot``).
 
@@ -21,18 +23,22 @@ cached per job, keyed on the kernel source and the triton version, under ``$RELA
 
 ``--sass DIR`` disassembles each compiled job with the triton wheel's ``nvdisasm`` into
 ``DIR/<kernel>-sm_90a-<table|slopes|none>[-det]-<dtype>-d<D>-<config>[-masks][-bidir].sass``.
-``--gate`` compiles the forward, dq and dk/dv kernels for sm_90a (bf16, D = 128, causal, the
-default config) with a table, with closed-form slopes and with no position term, counts each key
-loop's instructions (``tools/sass_loops.py``) and fails when a loop with a position term
-issues global loads or 4-byte ``cp.async`` per score (M1: more than a quarter of the scores
-each thread holds beyond the no-term loop), issues an atomic (M2), exceeds its no-term loop's
-instructions by more than 15 % (2 % for the constant-run stage) (M3), or, for the forward and
-dq, has no wgmma (M4). The dk/dv variant that adds the table gradient by atomics is gated on
-M1 and on M2 as one atomic per offset of a tile (per-tile diagonal sums), none per score; its
-instruction ratio is reported (M3 is not applied to it). The token
-terms' variants (the band, the gate; causal, no table) are gated on M2, M4 and on 4-byte
-loads beyond the no-term loop (M1: their tiles read P's span and fk as vectors), and their
-instruction counts against the no-term loop are reported (M3 is not applied to them).
+``--gate`` compiles the forward, dq and dk/dv kernels for sm_90a (bf16, D = 128, causal, every
+config pruning keeps for that shape, the default first) with a table, with closed-form slopes
+and with no position term, counts each key loop's instructions (``tools/sass_loops.py``) and
+fails when a loop with a position term issues global loads or 4-byte ``cp.async`` per score
+(M1: more than a quarter of the scores each thread holds beyond the no-term loop), issues an
+atomic (M2), exceeds its no-term loop's instructions by more than 15 % (2 % for the constant-run
+stage) (M3; in dq and dk/dv the no-term loop plus one instruction per score: there the row's
+-lse·log2 e joins the scale's FFMA only without a term), or, for the forward and dq, has no
+wgmma or has it serialized by ptxas (warning C7515) (M4). It also compiles a bias-free forward
+in the tutorial's structure (``tools/yardstick_kernel.py``) and prints the forward's loops
+against it, and the forward time that the counts predict per encoding. The dk/dv variant that
+adds the table gradient by atomics is gated on M1 and on M2 as one atomic per offset of a tile
+(per-tile diagonal sums), none per score; its instruction ratio is reported (M3 is not applied
+to it). The token terms' variants (the band, the gate; causal, no table) are gated on M2, M4
+and on 4-byte loads beyond the no-term loop (M1: their tiles read P's span and fk as vectors),
+and their instruction counts against the no-term loop are reported (M3 is not applied to them).
 """
 
 from __future__ import annotations
@@ -70,7 +76,9 @@ DTYPES = {"fp16": 2, "bf16": 2, "fp32": 4}
 # Pointer arguments: "x" is the input dtype; the rest are fixed.
 POINTERS = {
     **dict.fromkeys(["Q", "K", "V", "Out", "dOut", "dQ", "dK", "dV"], "x"),
-    **dict.fromkeys(["Lse", "Delta", "DeltaOut", "Inv", "Table", "DTable", "Slopes"], "fp32"),
+    **dict.fromkeys(
+        ["Lse", "NegLse2", "Delta", "DeltaOut", "Inv", "Table", "DTable", "Slopes"], "fp32"
+    ),
     **dict.fromkeys(["Partial", "PartialOut", "PartialLse", "PartialP"], "fp32"),
     **dict.fromkeys(["Rq", "Pw", "Fq", "Fk", "dR", "dFq", "dFk"], "fp32"),
     **dict.fromkeys(["DocStart", "DocEnd", "KvBounds", "TableEnds"], "i32"),
@@ -81,7 +89,7 @@ LAUNCH_OPTIONS = {"num_warps", "num_stages"}
 # Integer arguments that are multiples of 16 in a typical call (contiguous (B, H, N, D) tensors
 # with D and N multiples of 16, the band's rank 16); Triton's launcher gives them the same
 # divisibility hint.
-DIVISIBLE = re.compile(r"^(stride_\w+|Nq|Nk|rank)$")
+DIVISIBLE = re.compile(r"^(stride_\w+|Nq|Nk|N|rank)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +115,25 @@ class Job:
 
 
 # ----------------------------------------------------------------------------- the kernels
+
+
+YARDSTICK_FILE = Path(__file__).resolve().parent / "yardstick_kernel.py"
+YARDSTICK = "yardstick_fwd"
+
+
+def yardstick() -> ModuleType:
+    """tools/yardstick_kernel.py (compiled mode), the gate's bias-free reference forward."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+
+    triton.knobs.runtime.interpret = False
+    name = "relattn_yardstick_aot"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, YARDSTICK_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def load_kernels() -> ModuleType:
@@ -221,6 +248,8 @@ def _signature(fn, job: Job, K: ModuleType) -> tuple[dict, dict, dict]:
         "HAS_BAND": False,
         "HAS_GATE": False,
         "R_PAD": 16,
+        # Tensor descriptors (TMA) where the backend uses them: Hopper and later.
+        "TMA": job.arch >= 90,
         **dict(job.variant),
     }
     if job.config is not None:
@@ -282,6 +311,8 @@ def sass_name(job: Job) -> str:
     v = dict(job.variant)
     arch = f"sm_{job.arch}{'a' if job.arch == 90 else ''}"
     enc = "table" if v.get("HAS_TABLE", True) else ("slopes" if v.get("HAS_SLOPES") else "none")
+    if job.kernel == YARDSTICK:  # no position term, by construction
+        enc = "none"
     if v.get("ATOMIC_TABLE") is False and v.get("HAS_TABLE"):
         enc += "-det"
     token = "+".join(t for t in ("band", "gate") if v.get(f"HAS_{t.upper()}"))
@@ -319,7 +350,7 @@ def compile_job(job: Job) -> dict:
     from triton.compiler import ASTSource
 
     K = load_kernels()
-    fn = getattr(K, job.kernel)
+    fn = getattr(yardstick() if job.kernel == YARDSTICK else K, job.kernel)
     if job.kernel in K.AUTOTUNED:
         fn = fn.fn  # the Autotuner's JITFunction
     start = time.perf_counter()
@@ -341,10 +372,19 @@ def compile_job(job: Job) -> dict:
             compiled = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=options)
         md = compiled.metadata
         result.update(_ptxas_numbers(log.getvalue()))
+        # ptxas C7515: "wgmma.mma_async instructions are serialized" (a pipeline stall per dot)
+        result["wgmma_serialized"] = "C7515" in log.getvalue()
         sass_dir = os.environ.get("RELATTN_AOT_SASS")
+        sass = None
         if sass_dir:
             sass = _disassemble(compiled.asm["cubin"], Path(sass_dir) / sass_name(job))
             result["loops"] = [dict(c) for c in _sass_loops().loops(sass)]
+        if (result.get("spill_stores") or 0) + (result.get("spill_loads") or 0):
+            # Where the spills are: inside a loop they cost per iteration, outside once a program.
+            if sass is None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    sass = _disassemble(compiled.asm["cubin"], Path(tmp) / "job.sass")
+            result["loop_spills"] = sum(c["spill"] for c in _sass_loops().loops(sass))
         result["shared"] = int(md.shared)
         result["warps"] = int(md.num_warps)
         if result["regs"] is not None:
@@ -365,6 +405,7 @@ def cache_key() -> str:
 
     h = hashlib.sha256(KERNEL_FILE.read_bytes())
     h.update(Path(__file__).read_bytes())
+    h.update(YARDSTICK_FILE.read_bytes())
     h.update(triton.__version__.encode())
     return h.hexdigest()[:16]
 
@@ -444,10 +485,13 @@ def problems(results: list[dict], estimate) -> list[str]:
         if r.get("regs") is None:
             out.append(f"{r['label']}: no ptxas -v report")
         spills = (r.get("spill_stores") or 0) + (r.get("spill_loads") or 0)
-        if r["gated"] and spills:
+        # A spill fails where a loop runs it; one outside every loop (a value the epilogue
+        # reuses, stored once and loaded once a program) is reported, not failed.
+        if r["gated"] and spills and r.get("loop_spills", 1):
             out.append(
                 f"{r['label']}: {r['spill_stores']} B spill stores, "
-                f"{r['spill_loads']} B spill loads"
+                f"{r['spill_loads']} B spill loads ({r.get('loop_spills', '?')} spill "
+                "instructions inside loops)"
             )
     return out
 
@@ -478,64 +522,97 @@ def _encoding(variant) -> str:
     return enc
 
 
+# The yardstick's configs: relattn's forward default (like for like) and the tutorial's Hopper
+# tile (128 × 64, 8 warps, 3 stages), which relattn's forward also has among its candidates.
+YARDSTICK_CONFIGS = ((64, 32, 4, 2), (128, 64, 8, 3))
+
+
 def gate_jobs() -> list[Job]:
-    """sm_90a, bf16, D = 128, causal, no extra mask, the default config: each gated kernel
-    with a table, with slopes, with no position term (dk/dv: the table's gradient by its
-    deterministic path, and by atomics, reported only)."""
+    """sm_90a, bf16, D = 128, causal, no extra mask: each gated kernel in every config pruning
+    keeps for that shape (the default first) with a table, with slopes and with no position term
+    (dk/dv: the table's gradient by its deterministic path, and by atomics); the token terms'
+    variants in the default config; the yardstick (:mod:`yardstick_kernel`) in its configs."""
     K = load_kernels()
     out = []
     for kernel in GATE_KERNELS:
-        config = K.kept_configs(kernel, 128, 2, ARCHS[90]["smem_block"], True)[0]
-        for has_table, has_slopes, atomic in (
-            (True, False, False),
-            (True, False, True),
-            (False, True, False),
-            (False, False, False),
-        ):
-            if atomic and kernel != "attn_bwd_dkdv":
-                continue
-            v = {"CAUSAL": True, "WINDOW": False, "HAS_DOC": False, "HAS_KPM": False}
-            v.update(HAS_TABLE=has_table, HAS_SLOPES=has_slopes)
-            if kernel == "attn_bwd_dkdv":
-                v["ATOMIC_TABLE"] = atomic
-            out.append(Job(kernel, 90, "bf16", 128, config, tuple(sorted(v.items()))))
-        for v in token_variants(kernel):
-            out.append(Job(kernel, 90, "bf16", 128, config, tuple(sorted(v.items()))))
+        configs = K.kept_configs(kernel, 128, 2, ARCHS[90]["smem_block"], True)
+        for i, config in enumerate(configs):
+            for has_table, has_slopes, atomic in (
+                (True, False, False),
+                (True, False, True),
+                (False, True, False),
+                (False, False, False),
+            ):
+                if atomic and kernel != "attn_bwd_dkdv":
+                    continue
+                v = {"CAUSAL": True, "WINDOW": False, "HAS_DOC": False, "HAS_KPM": False}
+                v.update(HAS_TABLE=has_table, HAS_SLOPES=has_slopes)
+                if kernel == "attn_bwd_dkdv":
+                    v["ATOMIC_TABLE"] = atomic
+                out.append(Job(kernel, 90, "bf16", 128, config, tuple(sorted(v.items()))))
+            if i == 0:
+                for v in token_variants(kernel):
+                    out.append(Job(kernel, 90, "bf16", 128, config, tuple(sorted(v.items()))))
+    out += [Job(YARDSTICK, 90, "bf16", 128, c, ()) for c in YARDSTICK_CONFIGS]
     return out
 
 
+def _config_name(config) -> str:
+    return "{}×{} w{} s{}".format(*config)
+
+
 def gate_problems(results: list[dict]) -> tuple[list[str], str]:
-    """(what fails M1-M4, one line each; the per-loop table) for :func:`gate_jobs`' results."""
-    by = {(r["kernel"], _encoding(r["variant"])): r for r in results}
+    """(what fails M1-M4, one line each; the per-loop table) for :func:`gate_jobs`' results.
+    Each loop is compared with the same kernel's loop without a position term in the same
+    config, and the forward's with the yardstick's (its unmasked loop, or its diagonal one for
+    a masked loop) where the yardstick has that config."""
+    key = lambda r: (r["kernel"], tuple(r["config"]), _encoding(r["variant"]))
+    by = {key(r): r for r in results}
     bad, rows = (
         [],
         [
-            "| kernel | term | loop | stage | instructions | ÷ no term | cp.async 4 B + "
-            "ldg (token terms: 4 B ldg) beyond no term | atomics | wgmma | gated |",
-            "|" + "---|" * 10,
+            "| kernel | config | term | loop | stage | instructions | per score | ÷ no term (M3) "
+            "| ÷ yardstick | cp.async 4 B + ldg (token terms: 4 B ldg) beyond no term "
+            "| shared loads | exp2 | atomics | wgmma | spill | registers | gated |",
+            "|" + "---|" * 17,
         ],
     )
-    for (kernel, enc), r in sorted(by.items()):
+    for (kernel, config, enc), r in sorted(by.items()):
         if "error" in r or "loops" not in r:
             bad.append(f"{r['label']}: no SASS ({r.get('error', 'not disassembled')})")
             continue
-        base = by.get((kernel, "none"))
+        m, n, warps, _ = r["config"]
+        per_thread = m * n // (32 * warps)  # scores each thread holds
+        if kernel == YARDSTICK:
+            for i, loop in enumerate(r["loops"]):
+                stage = ("plain", "masked")[min(i, 1)]
+                rows.append(
+                    f"| {kernel} | {_config_name(config)} | none | {i} | {stage} | "
+                    f"{loop['total']} | {loop['total'] / per_thread:.1f} | – | 1.00 | – | "
+                    f"{loop.get('lds', 0)} | {loop.get('ex2', 0)} | "
+                    f"{loop.get('atomic', 0)} | {loop.get('wgmma', 0)} | "
+                    f"{loop.get('spill', 0)} | {r.get('regs')} | reference |"
+                )
+            if len(r["loops"]) != 2:
+                bad.append(f"{r['label']}: {len(r['loops'])} key loops, expected 2")
+            continue
+        base = by.get((kernel, config, "none"))
         stages = _STAGES.get((kernel, enc.split("+")[0]), _DEFAULT_STAGES)
         loops = r["loops"]
         if len(loops) != len(stages) or base is None or "loops" not in base:
             bad.append(f"{r['label']}: {len(loops)} key loops, expected {len(stages)}")
             continue
+        ys = by.get((YARDSTICK, config, "none")) if kernel == "attn_fwd" else None
+        ys_loops = ys.get("loops") if ys else None
         # each loop's counterpart in the no-term kernel: the k-th masked loop the k-th masked
         # one, the constant-run and plain loops its plain loop
         masked = iter(i for i, s in enumerate(_DEFAULT_STAGES) if s == "masked")
         plain = _DEFAULT_STAGES.index("plain")
         base_of = [next(masked) if s == "masked" else plain for s in stages]
-        m, n, warps, _ = r["config"]
-        per_thread = m * n // (32 * warps)  # scores each thread holds
         gated = True
         # dk/dv's table gradient by atomics: at most one atomic per offset of a tile (BLOCK_M +
         # BLOCK_N - 1 spread over the threads), none per score (M2); M3 is reported, not gated
-        # (the per-tile diagonal sums cost 1.32-1.43x the no-term loop: BENCHMARKS.md).
+        # (the per-tile diagonal sums cost 1.3-1.5x the no-term loop: BENCHMARKS.md).
         atomics = enc == "table+atomics"
         allowed = -(-(m + n - 1) // (32 * warps)) if atomics else 0
         # The token terms read vectors per tile (P's span as aligned 16-byte loads, fk per key
@@ -543,11 +620,18 @@ def gate_problems(results: list[dict]) -> tuple[list[str], str]:
         # adds a dot and a gather per tile by design).
         token = "band" in enc or "gate" in enc
         loads = ("cp_async_4", "ldg_4") if token else ("cp_async_4", "ldg")
+        # The backward kernels' no-term loop merges the row's -lse·log2 e into the scale's
+        # FFMA; with a term, that add is its own FADD a score (folding it into the term would
+        # round each score differently from the forward and the other backward kernels, whose
+        # p must agree bit for bit), so M3 holds their loops to the no-term loop plus one
+        # instruction per score a thread holds.
+        allowance = per_thread if kernel in ("attn_bwd_dq", "attn_bwd_dkdv") else 0
         for i, (loop, stage) in enumerate(zip(loops, stages, strict=True)):
             ref = base["loops"][base_of[i]]
             ratio = loop["total"] / ref["total"]
+            judged = loop["total"] / (ref["total"] + allowance)
             extra = sum(loop.get(k, 0) - ref.get(k, 0) for k in loads)
-            label = f"{kernel} {enc} loop {i} ({stage})"
+            label = f"{kernel} {_config_name(config)} {enc} loop {i} ({stage})"
             if gated and enc != "none":
                 if extra > per_thread // 4:  # M1
                     bad.append(
@@ -555,20 +639,110 @@ def gate_problems(results: list[dict]) -> tuple[list[str], str]:
                         f"no-term loop, {per_thread} scores per thread"
                     )
                 limit = M3_CONSTANT_LIMIT if stage == "constant" else M3_LIMIT
-                if ratio > limit and not token and not atomics:  # M3
+                if judged > limit and not token and not atomics:  # M3
                     bad.append(
-                        f"M3 {label}: {ratio:.3f}× the no-term loop's instructions (limit {limit})"
+                        f"M3 {label}: {judged:.3f}× the no-term loop's instructions"
+                        + (f" + {allowance}" if allowance else "")
+                        + f" (limit {limit})"
                     )
             if gated and loop.get("atomic", 0) > allowed:  # M2
                 bad.append(f"M2 {label}: {loop['atomic']} atomics (at most {allowed})")
             if kernel != "attn_bwd_dkdv" and not loop.get("wgmma", 0):  # M4
                 bad.append(f"M4 {label}: no wgmma")
+            if kernel != "attn_bwd_dkdv" and r.get("wgmma_serialized"):  # M4
+                bad.append(f"M4 {label}: ptxas serializes its wgmma (C7515)")
+            vs = "–"
+            if ys_loops and len(ys_loops) == 2:
+                vs = f"{loop['total'] / ys_loops[1 if stage == 'masked' else 0]['total']:.2f}"
             rows.append(
-                f"| {kernel} | {enc} | {i} | {stage} | {loop['total']} | {ratio:.2f} | "
-                f"{extra} | {loop.get('atomic', 0)} | {loop.get('wgmma', 0)} | "
+                f"| {kernel} | {_config_name(config)} | {enc} | {i} | {stage} | {loop['total']} | "
+                f"{loop['total'] / per_thread:.1f} | {ratio:.2f}"
+                + (f" ({judged:.2f})" if allowance and enc != "none" else "")
+                + f" | {vs} | {extra} | {loop.get('lds', 0)} | {loop.get('ex2', 0)} | "
+                f"{loop.get('atomic', 0)} | {loop.get('wgmma', 0)} | {loop.get('spill', 0)} | "
+                f"{r.get('regs')} | "
                 f"{'M1, M2, M4' if token else ('M1, M2' if atomics else 'yes')} |"
             )
     return bad, "\n".join(rows)
+
+
+def _tile_shares(n: int, bm: int, bn: int, tail: int | None) -> dict[str, float]:
+    """Shares of a causal N × N forward's tiles (BM × BN) that run each key loop: "masked" (cut
+    by the diagonal), "constant" (every offset >= ``tail``, the table's constant run) and
+    "plain" (the rest)."""
+    counts = {"masked": 0, "constant": 0, "plain": 0}
+    for i in range(n // bm):
+        r0, r1 = i * bm, i * bm + bm - 1
+        for j in range(min(n // bn, r1 // bn + 1)):
+            c0, c1 = j * bn, j * bn + bn - 1
+            if c1 > r0:
+                counts["masked"] += c0 <= r1
+            elif tail is not None and r0 - c1 >= tail:
+                counts["constant"] += 1
+            else:
+                counts["plain"] += 1
+    total = sum(counts.values())
+    return {k: v / total for k, v in counts.items()}
+
+
+def predictions(results: list[dict], tails: dict[str, int | None], ns=(1024, 8192, 16384)) -> str:
+    """Predicted forward time ÷ the yardstick's, from the per-loop instruction counts weighted
+    by the share of tiles each loop runs (causal, N × N), in the tutorial's tile (128 × 64,
+    8 warps, 3 stages); ``tails``: encoding name -> the offset where its table's constant run
+    starts (None: no constant run), per gated term (table, slopes, none). A proxy for time
+    that holds where a loop's issue rate, not memory, bounds it."""
+    cfg = YARDSTICK_CONFIGS[1]
+    loops = {(r["kernel"], _encoding(r["variant"])): r.get("loops") for r in results
+             if tuple(r["config"]) == cfg and "error" not in r}  # fmt: skip
+    ys = loops.get((YARDSTICK, "none"))
+    if not ys or len(ys) != 2:
+        return ""
+    rows = ["| encoding | " + " | ".join(f"N = {n}: ÷ yardstick (tiles const/plain/masked)"
+                                          for n in ns) + " |",
+            "|---|" + "---|" * len(ns)]  # fmt: skip
+    for name, (enc, tail) in tails.items():
+        fl = loops.get(("attn_fwd", enc))
+        if not fl:
+            continue
+        stages = _STAGES.get(("attn_fwd", enc), _DEFAULT_STAGES)
+        cost = {}
+        for stage, loop in zip(stages, fl, strict=True):
+            cost.setdefault(stage, loop["total"])  # the first masked loop for "masked"
+        cells = []
+        for n in ns:
+            share = _tile_shares(n, cfg[0], cfg[1], tail if "constant" in cost else None)
+            mine = sum(share[k] * cost.get(k, cost["plain"]) for k in share)
+            ref = (share["constant"] + share["plain"]) * ys[0]["total"] + share["masked"] * ys[1][
+                "total"
+            ]
+            cells.append(
+                f"{mine / ref:.2f} ({share['constant']:.0%}/{share['plain']:.0%}/"
+                f"{share['masked']:.0%})"
+            )
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _encoding_tails() -> dict[str, tuple[str, int | None]]:
+    """The encodings the predictions weigh: T5Bias(16)'s constant run (from relattn, when it
+    imports here), a table that varies everywhere (KERPLE), closed-form slopes, no term."""
+    out: dict[str, tuple[str, int | None]] = {}
+    try:
+        sys.path.insert(0, str(KERNEL_FILE.parents[2]))
+        from relattn.pe import T5Bias
+
+        table = T5Bias(16).table(0, 4095)[0]  # offsets 0..4095, head 0
+        last = table[-1]
+        start = len(table)
+        while start > 0 and bool(table[start - 1] == last):
+            start -= 1
+        out["T5Bias(16), learnable table"] = ("table", start)
+    except Exception:  # noqa: BLE001  (no torch here: the other rows still stand)
+        pass
+    out["KERPLE (a table that varies at every offset)"] = ("table", None)
+    out["closed-form ALiBi"] = ("slopes", None)
+    out["no position term"] = ("none", None)
+    return out
 
 
 def variant_name(variant) -> str:
@@ -621,6 +795,10 @@ def main(argv: list[str] | None = None) -> int:
             results = run(gate_jobs(), args.jobs, progress=say, sass=args.sass or Path(tmp))
         bad, text = gate_problems(results)
         print(text)
+        predicted = predictions(results, _encoding_tails())
+        if predicted:
+            print("\nPredicted forward time ÷ the yardstick's (instructions per tile class):\n")
+            print(predicted)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
         for line in bad:

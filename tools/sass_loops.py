@@ -15,7 +15,8 @@ The classes are the ones the offline gate of ``tools/gpu_compile.py --gate`` rea
   per-score read of a token term compiles to; ``atomic``: global or shared atomics (``RED``,
   ``ATOM``; not ``REDUX``, a warp's register reduction);
 - ``wgmma`` (``HGMMA``), ``mma_sync`` (``HMMA``), ``spill`` (``LDL``/``STL``), ``ex2``
-  (``MUFU.EX2``), ``total``.
+  (``MUFU.EX2``), ``tma`` (bulk tensor copies, ``UTMALDG``), ``lds`` (shared-memory loads,
+  ``LDS``/``LDSM``), ``total``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ MIN_BODY = 8
 
 CLASSES = (
     "total", "wgmma", "mma_sync", "cp_async", "cp_async_4", "ldg", "ldg_4", "atomic", "spill",
-    "ex2",
+    "ex2", "tma", "lds",
 )  # fmt: skip
 
 
@@ -59,6 +60,10 @@ def classify(opcode: str) -> list[str]:
         out.append("spill")
     elif opcode.startswith("MUFU.EX2"):
         out.append("ex2")
+    elif base in ("UTMALDG", "UBLKCP"):
+        out.append("tma")
+    elif base in ("LDS", "LDSM"):
+        out.append("lds")
     return out
 
 

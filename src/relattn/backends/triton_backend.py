@@ -117,6 +117,60 @@ def _band_weight(K: ModuleType, weight: Tensor, r_pad: int, col0: int) -> Tensor
     return out
 
 
+def _tma_rows(x: Tensor) -> bool:
+    """Whether a tensor descriptor can stream ``x (B, H, N, D)``'s rows: TMA needs a 16-byte
+    aligned base for every (b, h) and row strides that are nonzero multiples of 16 bytes."""
+    elt = x.element_size()
+    sb, sh, sn = x.stride()[:3]
+    return (
+        x.data_ptr() % 16 == 0
+        and (sb * elt) % 16 == 0
+        and (sh * elt) % 16 == 0
+        and sn > 0
+        and (sn * elt) % 16 == 0
+    )
+
+
+def _tma(K: ModuleType, *tensors: Tensor) -> bool:
+    """The TMA constexpr of a kernel that streams these tensors' rows (``K.TMA_MODE``): on a GPU
+    of compute capability 9.0 or later under "auto", anywhere under "on", when each tensor's
+    alignment allows (the pointer path otherwise)."""
+    mode = K.TMA_MODE
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"RELATTN_TRITON_TMA must be auto, on or off; got {mode!r}")
+    if mode == "off" or not all(_tma_rows(t) for t in tensors):
+        return False
+    if mode == "on":
+        return True
+    x = tensors[0]
+    return (
+        not K.INTERPRET
+        and x.device.type == "cuda"
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _descriptor_scratch() -> None:
+    """Kernels that build tensor descriptors on the device ask Triton for a global scratch
+    buffer at each launch, from the allocator ``triton.set_allocator`` set (per thread: the
+    autograd engine's threads start without one). Sets one that allocates with torch unless
+    one is set."""
+    import triton
+
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # another triton layout: set ours each time
+        pass
+    triton.set_allocator(_scratch)
+
+
 class _Launch:
     """Arguments shared by every kernel of one call."""
 
@@ -182,6 +236,9 @@ class _Launch:
         stride_ph = self.pw.stride(0) if self.has_band and self.hw > 1 else 0
         stride_pr = self.pw.stride(1) if self.has_band else 0
         self.seq_bucket = _pow2_at_least(max(self.nq, self.nk))  # part of the autotune key
+        # The forward and dq stream k and v through tensor descriptors where TMA can take them
+        # (dk/dv streams q and dO through pointers: see triton_kernels.attn_bwd_dkdv).
+        self.tma_kv = _tma(K, self.k, self.v)
         # What every kernel of the call may read, by the kernels' parameter names; each launch
         # adds its own outputs (see _run, which hands a kernel the names it declares).
         self.args: dict = dict(
@@ -195,7 +252,7 @@ class _Launch:
             Rq=f32(token.r), Pw=self.pw, Fq=f32(token.fq), Fk=f32(token.fk),
             stride_ph=stride_ph, stride_pr=stride_pr, band_col0=self.band_col0, rank=self.rank,
             extent=self.extent,
-            HAS_BAND=self.has_band, HAS_GATE=self.has_gate, R_PAD=self.r_pad,
+            HAS_BAND=self.has_band, HAS_GATE=self.has_gate, R_PAD=self.r_pad, TMA=self.tma_kv,
         )  # fmt: skip
 
     def table_ends(self, K: ModuleType) -> Tensor:
@@ -222,6 +279,8 @@ def _run(kernel, grid, args: dict) -> None:
     parameter to a kernel is one entry in :attr:`_Launch.args` or at its launch. Launch
     options (``num_warps``, ``num_stages``) in ``args`` pass too."""
     names = (*kernel.arg_names, *_LAUNCH_OPTIONS)
+    if args.get("TMA") and "TMA" in kernel.arg_names:
+        _descriptor_scratch()
     kernel[grid](**{name: args[name] for name in names if name in args})
 
 
@@ -325,7 +384,12 @@ class TritonBackend(Backend):
         dev = q.device
         delta_out = torch.empty((a.b, a.hq, a.nq), dtype=torch.float32, device=dev)
         pre = K.PREPROCESS_BLOCK
-        grads = {"dOut": grad_out, "Lse": lse, "DeltaOut": delta_out, **_strides("d", grad_out)}
+        # Every backward kernel adds -lse·log2 e to its scores (p = exp2(s)): one float per row,
+        # computed here once so that the kernels' p agree bit for bit; -inf where no key is seen.
+        lse = lse.to(torch.float32)
+        neg_lse2 = torch.where(lse == float("-inf"), float("-inf"), lse * -_LOG2E)
+        grads = {"dOut": grad_out, "NegLse2": neg_lse2, "DeltaOut": delta_out,
+                 **_strides("d", grad_out)}  # fmt: skip
         args = {**a.args, **grads, "Out": out, **_strides("o", out), "BLOCK_M": pre}
         _run(K.bwd_preprocess, (_cdiv(a.nq, pre), a.hq, a.b), args)
 

@@ -44,14 +44,17 @@ BAND_GRAD_PROGRAMS = 1024
 # sm_80 and sm_90a (tools/gpu_compile.py, triton 3.6 and 3.9); larger backward tiles spill there.
 # D = 128 was timed on an H100 (benchmarks/triton_configs.py, BENCHMARKS.md, 2026-11-27): the
 # forward's larger tiles (128×64 with 8 warps: 414 TFLOP/s with closed-form ALiBi against 375 for
-# 64×32) joined the list; the backward's did not beat the first by more than 4 %. D <= 64 is
-# not yet timed on a GPU.
+# 64×32) joined the list, and 128×128 with 8 warps since the forward streams k and v through
+# tensor descriptors (222 registers, no spill on sm_90a: 9 instructions a score against 12 at
+# 128×64; not yet timed); the backward's did not beat the first by more than 4 %. D <= 64 is
+# not yet timed on a GPU. dq keeps 64-row tiles only: a 32-row tile cannot use wgmma (rule M4
+# of tools/gpu_compile.py --gate).
 CANDIDATES = {
     "attn_fwd": {64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2)],
                  128: [(64, 32, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3),
-                       (64, 64, 4, 3)]},
+                       (64, 64, 4, 3), (128, 128, 8, 2)]},
     "attn_bwd_dq": {64: [(64, 32, 4, 2)],
-                    128: [(64, 32, 4, 2), (32, 32, 4, 2)]},
+                    128: [(64, 32, 4, 2)]},
     "attn_bwd_dkdv": {64: [(32, 64, 4, 2)],
                       128: [(32, 32, 4, 2), (16, 64, 4, 2)]},
 }
@@ -62,6 +65,11 @@ TABLE_ENDS_BLOCK = 16 if INTERPRET else 1024
 # SPLITKV_MIN_BLOCKS of its key blocks; below that one query block already has enough work.
 SPLITKV_MAX_ROWS = 16
 SPLITKV_MIN_BLOCKS = 4
+# Tensor descriptors (TMA: one bulk copy per tile instead of a cp.async per 16 bytes, no address
+# arithmetic in the loops) for the tiles the key and query loops stream: "auto" uses them on
+# Hopper and later when the tensors' alignment allows (never in the interpreter), "on" wherever
+# the alignment allows (the interpreter included: how the tests run that path), "off" never.
+TMA_MODE = os.environ.get("RELATTN_TRITON_TMA", "auto")
 # Autotuning on (the default) or off (RELATTN_TRITON_AUTOTUNE=0: the first kept config, as the
 # GPU check's test steps use so that each compile-time variant compiles one config).
 AUTOTUNE = os.environ.get("RELATTN_TRITON_AUTOTUNE", "1") != "0"
@@ -106,12 +114,12 @@ def config_constexprs(kernel: str, config: tuple[int, int, int, int]) -> dict[st
 def shared_memory_estimate(kernel: str, config, block_d: int, elt: int, has_table: bool,
                            has_band: bool = False) -> int:
     """Bytes of shared memory a config needs, from what Triton's pipeliner stages: each stage's
-    streamed tiles (k, v; q, dO for dk/dv), the table tile (float32, one stage fewer), the
-    band's per-tile product and its shear (a BLOCK_M × 2·BLOCK_N float32 tile), the resident
-    tiles and layout conversions, plus 2 KiB. An upper bound, checked against every
-    ahead-of-time compile."""
+    streamed tiles (k, v; q, dO for dk/dv), the table's per-tile vector (float32, 2·max(BM, BN)
+    a stage, and its gather), the band's per-tile product and its shear (a BLOCK_M × 2·BLOCK_N
+    float32 tile), the resident tiles and layout conversions, plus 2 KiB. An upper bound,
+    checked against every ahead-of-time compile."""
     m, n, _, stages = config
-    table = (stages - 1) * m * n * 4 if has_table else 0
+    table = (stages + 1) * 2 * max(m, n) * 4 if has_table else 0
     table += m * 2 * n * 4 if has_band else 0
     if kernel == "attn_fwd":  # + p converted for the p·v dot
         size = stages * 2 * n * block_d * elt + m * block_d * elt + m * n * elt
@@ -202,6 +210,8 @@ def _autotune(kernel: str, **kwargs):
     # the key without retuning for every length.
     key = ["BLOCK_D", "CAUSAL", "WINDOW", "HAS_TABLE", "HAS_SLOPES", "HAS_DOC", "HAS_KPM",
            "HAS_BAND", "HAS_GATE", "R_PAD", "seq_bucket"]
+    if kernel != "attn_bwd_dkdv":
+        key.insert(-1, "TMA")
     return triton.autotune(configs=_configs(kernel), key=key,
                            prune_configs_by={"early_config_prune": _prune(kernel)}, **kwargs)
 
@@ -236,13 +246,40 @@ def _store_rows(base, offs, stride, n_rows, offs_d, x, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _load_lse(Lse_row, offs_m, Nq, CHECK: tl.constexpr):
-    """Rows' log-sum-exp with +inf for rows past Nq and rows that see no key, so their p is 0."""
-    if CHECK:
-        lse = tl.load(Lse_row + offs_m, mask=offs_m < Nq, other=float("inf"))
+def _row_source(base, n_rows, stride, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """What a key or query loop reads its (BLOCK_ROWS × BLOCK_D) tiles of ``base``'s rows
+    from: with TMA a tensor descriptor over the (n_rows × HEAD_DIM) matrix (one bulk copy per
+    tile, rows and columns outside it read 0), else ``base`` (:func:`_load_rows`)."""
+    if TMA:
+        return tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[stride, 1],
+                                         block_shape=[BLOCK_ROWS, BLOCK_D])
     else:
-        lse = tl.load(Lse_row + offs_m)
-    return tl.where(lse == float("-inf"), float("inf"), lse)
+        return base
+
+
+@triton.jit
+def _load_tile(src, start, offs, stride, n_rows, offs_d, HEAD_DIM: tl.constexpr,
+               CHECK: tl.constexpr, TMA: tl.constexpr):
+    """Rows ``offs`` (``start + arange``) of a :func:`_row_source`; rows >= n_rows read 0 when
+    CHECK (always, with TMA)."""
+    if TMA:
+        x = src.load([start, 0])
+    else:
+        x = _load_rows(src, offs, stride, n_rows, offs_d, HEAD_DIM, CHECK)
+    return x
+
+
+@triton.jit
+def _load_row_term(NegLse2_row, offs_m, Nq, CHECK: tl.constexpr):
+    """The backward kernels' per-row term of the scores, (len(offs_m), 1): -lse·log2 e (the
+    host's, so every kernel adds the same float), -inf for rows past Nq and rows that see no
+    key, so their p = exp2(s) is 0."""
+    if CHECK:
+        t = tl.load(NegLse2_row + offs_m, mask=offs_m < Nq, other=float("-inf"))
+    else:
+        t = tl.load(NegLse2_row + offs_m)
+    return t[:, None]
 
 
 @triton.jit
@@ -275,26 +312,43 @@ def _key_padding(Kpm_row, offs_n, Nk, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def _score(qk, r, c, table_row, slope, q_offset, lo, T, qk_scale,
-           HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr, UNIFORM: tl.constexpr):
-    """Scores in base-2 units for query indices ``r`` and key indices ``c`` (broadcastable to
-    qk's shape, either orientation), and the offsets Δ. UNIFORM (1: tail, 2: head) says every
-    pair's table column lies in the table's constant tail or head (:func:`table_ends`): the
-    tile adds one value, loaded once, instead of one load per score; 0: no such promise."""
-    delta = q_offset + r - c
-    s = qk * qk_scale
+def _uniform_value(table_row, T, HAS_TABLE: tl.constexpr, UNIFORM: tl.constexpr):
+    """The one table value (base 2) of a stage whose tiles lie in the table's constant tail
+    (UNIFORM 1) or head (2), loaded once before the stage's loop; 0.0 otherwise."""
+    c = 0.0
     if HAS_TABLE and UNIFORM == 1:
-        s += tl.load(table_row + T - 1).to(tl.float32) * LOG2E
+        c = tl.load(table_row + T - 1).to(tl.float32) * LOG2E
     elif HAS_TABLE and UNIFORM == 2:
-        s += tl.load(table_row).to(tl.float32) * LOG2E
+        c = tl.load(table_row).to(tl.float32) * LOG2E
+    return c
+
+
+@triton.jit
+def _score(qk, offs_m, offs_n, row_first, col_first, table_row, slope, q_offset, lo, T, qk_scale,
+           uniform, row_term, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
+           UNIFORM: tl.constexpr, ROW_TERM: tl.constexpr):
+    """Scores in base-2 units of a (query rows × keys) tile, rows ``offs_m = row_first +
+    arange``, keys ``offs_n = col_first + arange``, and the offsets Δ. UNIFORM (1: tail, 2:
+    head) says every pair's table column lies in the table's constant tail or head
+    (:func:`table_ends`): the tile adds ``uniform`` (:func:`_uniform_value`, loaded once a
+    stage) instead of a gathered vector; 0: no such promise. With ROW_TERM the (BM, 1)
+    ``row_term`` is added after: the backward kernels' -lse·log2 e, so p = exp2(s). It is not
+    folded into the scale's FFMA: each score must round as the forward's and the other
+    backward kernels' do, or their p differ by a rounding of |s| (1e-3 at scores of 1e4)."""
+    delta = q_offset + offs_m[:, None] - offs_n[None, :]
+    # Scale and position term as one FFMA per score (log2 e is in qk_scale and the term).
+    if HAS_TABLE and UNIFORM != 0:
+        s = tl.fma(qk, qk_scale, uniform)
     elif HAS_TABLE or HAS_SLOPES:
         # The term at the tile's BM + BN - 1 offsets from d0 on as one vector (one table load,
         # or BM + BN - 1 closed-form values, per tile, not per score), expanded to the tile by
         # a 1-D gather on the flattened offset: the same value per score as computing it there.
+        # d0 from the tile's first row and key (scalars), not a reduction over the tile. (An
+        # index written as the loop-invariant m - n + BN - 1 made ptxas serialize dq's wgmma.)
         BM: tl.constexpr = qk.shape[0]
         BN: tl.constexpr = qk.shape[1]
         VEC: tl.constexpr = 2 * BM if BM >= BN else 2 * BN  # a power of 2 >= BM + BN - 1
-        d0 = q_offset + tl.min(r) - tl.max(c)
+        d0 = q_offset + row_first - col_first - (BN - 1)
         d = d0 + tl.arange(0, VEC)
         if HAS_TABLE:
             # Masked pairs may fall off the table: clamp, they are discarded by the mask.
@@ -302,8 +356,12 @@ def _score(qk, r, c, table_row, slope, q_offset, lo, T, qk_scale,
             vec = tl.load(table_row + col).to(tl.float32) * LOG2E
         else:
             vec = -(slope * tl.abs(d).to(tl.float32))
-        idx = tl.reshape(delta - d0, (BM * BN,))
-        s += tl.reshape(tl.gather(vec, idx, 0), (BM, BN))
+        term = tl.reshape(tl.gather(vec, tl.reshape(delta - d0, (BM * BN,)), 0), (BM, BN))
+        s = tl.fma(qk, qk_scale, term)
+    else:
+        s = qk * qk_scale
+    if ROW_TERM:
+        s += row_term
     return s, delta
 
 
@@ -651,8 +709,9 @@ def _token_score(s, delta, row_first, col_first, r_tile, Pw_row, stride_pr, band
 @triton.jit
 def _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm_row,
                      Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, start_n, r_tile,
-                     Pw_row, stride_pr, band_col0, fq, Fk_row, extent,
-                     MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                     Pw_row, stride_pr, band_col0, fq, Fk_row, extent, uniform, row_term,
+                     ROW_TERM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                     WINDOW: tl.constexpr,
                      HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr, HAS_DOC: tl.constexpr,
                      HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                      UNIFORM: tl.constexpr, HAS_BAND: tl.constexpr, HAS_GATE: tl.constexpr,
@@ -661,8 +720,8 @@ def _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm
     kernels, hidden pairs at -inf: the rows carry their document range (and r, fq for the
     token terms), the keys their padding."""
     qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
-    s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                      T, qk_scale, HAS_TABLE, HAS_SLOPES, UNIFORM)
+    s, delta = _score(qk, offs_m, offs_n, row_first, start_n, table_row, slope, q_offset, lo,
+                      T, qk_scale, uniform, row_term, HAS_TABLE, HAS_SLOPES, UNIFORM, ROW_TERM)
     if HAS_BAND or HAS_GATE:
         fk = 0.0
         if HAS_GATE:
@@ -686,14 +745,16 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_be
                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, UNIFORM: tl.constexpr,
-                HAS_BAND: tl.constexpr, HAS_GATE: tl.constexpr, R_PAD: tl.constexpr):
+                HAS_BAND: tl.constexpr, HAS_GATE: tl.constexpr, R_PAD: tl.constexpr,
+                TMA: tl.constexpr):
+    uniform = _uniform_value(table_row, T, HAS_TABLE, UNIFORM)
     for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
+        k = _load_tile(K_base, start_n, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED, TMA)
         s = _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm_row,
                              Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, start_n,
-                             r_tile, Pw_row, stride_pr, band_col0, fq, Fk_row, extent, MASKED,
-                             CAUSAL,
+                             r_tile, Pw_row, stride_pr, band_col0, fq, Fk_row, extent, uniform,
+                             0.0, False, MASKED, CAUSAL,
                              WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION,
                              UNIFORM, HAS_BAND, HAS_GATE, R_PAD)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -702,7 +763,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K_base, V_base, stride_kn, stride_vn, block_be
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, MASKED)
+        v = _load_tile(V_base, start_n, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, MASKED, TMA)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -721,7 +782,8 @@ def attn_fwd(Q, K, V, Out, Lse, Table, TableEnds, Slopes, DocStart, DocEnd, Kpm,
              WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
              HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
              PRECISION: tl.constexpr, HAS_BAND: tl.constexpr, HAS_GATE: tl.constexpr,
-             R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+             R_PAD: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr):
     """One program per (query block, head, batch): out (B, Hq, Nq, D) and lse (B, Hq, Nq).
 
     With HAS_BAND / HAS_GATE: r (Rq, (B, Hq, Nq, rank)), the padded weight (Pw, head h at
@@ -735,8 +797,10 @@ def attn_fwd(Q, K, V, Out, Lse, Table, TableEnds, Slopes, DocStart, DocEnd, Kpm,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, True)
-    K_base = K + b * stride_kb + hk * stride_kh
-    V_base = V + b * stride_vb + hk * stride_vh
+    K_base = _row_source(K + b * stride_kb + hk * stride_kh, Nk, stride_kn, HEAD_DIM, BLOCK_N,
+                         BLOCK_D, TMA)
+    V_base = _row_source(V + b * stride_vb + hk * stride_vh, Nk, stride_vn, HEAD_DIM, BLOCK_N,
+                         BLOCK_D, TMA)
     slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end = _query_block(
         b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
         CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)
@@ -760,7 +824,7 @@ def attn_fwd(Q, K, V, Out, Lse, Table, TableEnds, Slopes, DocStart, DocEnd, Kpm,
                 stride_pr, band_col0, fq, Fk + bh * Nk, extent, HEAD_DIM, stage == 0 or stage == 4,
                 CAUSAL,
                 WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
-                (stage == 1) + 2 * (stage == 3), HAS_BAND, HAS_GATE, R_PAD)
+                (stage == 1) + 2 * (stage == 3), HAS_BAND, HAS_GATE, R_PAD, TMA)
 
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -812,7 +876,7 @@ def attn_fwd_splitkv(Q, K, V, PartialOut, PartialLse, Table, Slopes, DocStart, D
         Pw + h * stride_ph, stride_pr, band_col0, fq, Fk + (b * Hq + h) * Nk, extent, HEAD_DIM,
         True, CAUSAL,
         WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N, 0, HAS_BAND,
-        HAS_GATE, R_PAD)
+        HAS_GATE, R_PAD, False)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
@@ -843,7 +907,7 @@ def bwd_preprocess(Out, dOut, DeltaOut, stride_ob, stride_oh, stride_on,
 
 
 @triton.jit
-def _dq_blocks(dq, l_i, pdp_i, gq_a, gq_b, q, do, lse, di, K_base, V_base, stride_kn,
+def _dq_blocks(dq, l_i, pdp_i, gq_a, gq_b, q, do, row_term, di, K_base, V_base, stride_kn,
                stride_vn,
                block_begin, block_end, offs_m, offs_d, table_row, slope, doc_lo, doc_hi, Kpm_row,
                Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, r_tile, Pw_row, stride_pr,
@@ -853,18 +917,18 @@ def _dq_blocks(dq, l_i, pdp_i, gq_a, gq_b, q, do, lse, di, K_base, V_base, strid
                WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
                PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BAND: tl.constexpr,
-               HAS_GATE: tl.constexpr, R_PAD: tl.constexpr):
+               HAS_GATE: tl.constexpr, R_PAD: tl.constexpr, TMA: tl.constexpr):
     for start_n in tl.range(block_begin * BLOCK_N, block_end * BLOCK_N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED)
-        v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, MASKED)
+        k = _load_tile(K_base, start_n, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, MASKED, TMA)
+        v = _load_tile(V_base, start_n, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, MASKED, TMA)
         s = _row_tile_scores(q, k, offs_m, offs_n, table_row, slope, doc_lo, doc_hi, Kpm_row,
                              Nq, Nk, T, lo, q_offset, window, qk_scale, row_first, start_n,
-                             r_tile, Pw_row, stride_pr, band_col0, fq, Fk_row, extent, MASKED,
-                             CAUSAL,
+                             r_tile, Pw_row, stride_pr, band_col0, fq, Fk_row, extent, 0.0,
+                             row_term, True, MASKED, CAUSAL,
                              WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION,
                              0, HAS_BAND, HAS_GATE, R_PAD)
-        p = tl.math.exp2(s - lse[:, None] * LOG2E)
+        p = tl.math.exp2(s)
         l_i += tl.sum(p, 1)
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
         pdp_i += tl.sum(p * dp, 1)
@@ -883,8 +947,8 @@ def _dq_blocks(dq, l_i, pdp_i, gq_a, gq_b, q, do, lse, di, K_base, V_base, strid
 
 @_autotune("attn_bwd_dq")
 @triton.jit
-def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, DocStart, DocEnd,
-                Kpm, KvBounds, Rq, Pw, Fq, Fk, dFq,
+def attn_bwd_dq(Q, K, V, dOut, NegLse2, DeltaOut, Delta, Inv, dQ, Table, Slopes, DocStart,
+                DocEnd, Kpm, KvBounds, Rq, Pw, Fq, Fk, dFq,
                 stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
                 stride_ph, stride_pr, band_col0, Hq, group, Nq, Nk, T, lo, q_offset, window, rank,
@@ -894,7 +958,8 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
                 WINDOW: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_SLOPES: tl.constexpr,
                 HAS_DOC: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr, HAS_BAND: tl.constexpr, HAS_GATE: tl.constexpr,
-                R_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                R_PAD: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     """One program per (query block, head, batch); the key loop mirrors the forward's.
     dQ is contiguous (B, Hq, Nq, D); with the gate also dFq (B, Hq, Nq), float32 (the band's
     gradients are attn_bwd_band_dp's)."""
@@ -908,14 +973,16 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, True)
     do = _load_rows(dOut + b * stride_db + h * stride_dh, offs_m, stride_dn, Nq, offs_d,
                     HEAD_DIM, True)
-    lse = _load_lse(Lse + bh * Nq, offs_m, Nq, True)
+    row_term = _load_row_term(NegLse2 + bh * Nq, offs_m, Nq, True)
     # D_i from the stored low-precision output: its rounding moves dq by about one unit of q's
     # dtype (as rounding ds does). The table gradient cannot take that: there each row's dS must
     # sum to zero, or the residue lands on every offset the row sees, so this kernel also sums
     # the exact D_i = Σ_j P·dP in float32 and leaves it in Delta for the dk/dv and band kernels.
     di = _load_row_stat(DeltaOut + bh * Nq, offs_m, Nq, True)
-    K_base = K + b * stride_kb + hk * stride_kh
-    V_base = V + b * stride_vb + hk * stride_vh
+    K_base = _row_source(K + b * stride_kb + hk * stride_kh, Nk, stride_kn, HEAD_DIM, BLOCK_N,
+                         BLOCK_D, TMA)
+    V_base = _row_source(V + b * stride_vb + hk * stride_vh, Nk, stride_vn, HEAD_DIM, BLOCK_N,
+                         BLOCK_D, TMA)
     slope, doc_lo, doc_hi, begin, mid_begin, mid_end, end = _query_block(
         b, h, pid_m, offs_m, Slopes, DocStart, DocEnd, KvBounds, Nq, Nk, q_offset, window,
         CAUSAL, WINDOW, HAS_SLOPES, HAS_DOC, HAS_KPM, BLOCK_M, BLOCK_N)
@@ -935,13 +1002,13 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
         # three stages: the five of _key_stage without the constant runs
         first, last = _key_stage(begin, mid_begin, mid_begin, mid_end, mid_end, end, 2 * stage)
         dq, l_i, pdp_i, gq_a, gq_b = _dq_blocks(
-            dq, l_i, pdp_i, gq_a, gq_b, q, do, lse, di, K_base, V_base, stride_kn,
+            dq, l_i, pdp_i, gq_a, gq_b, q, do, row_term, di, K_base, V_base, stride_kn,
             stride_vn, first, last, offs_m, offs_d, Table + h * stride_t, slope, doc_lo, doc_hi,
             Kpm + b * Nk, Nq, Nk, T, lo, q_offset, window, qk_scale, pid_m * BLOCK_M, r_tile,
             Pw + h * stride_ph, stride_pr, band_col0, fq, Fk + bh * Nk, extent, HEAD_DIM,
             stage != 1,
             CAUSAL, WINDOW, HAS_TABLE, HAS_SLOPES, HAS_DOC, HAS_KPM, UPCAST, PRECISION, BLOCK_N,
-            HAS_BAND, HAS_GATE, R_PAD)
+            HAS_BAND, HAS_GATE, R_PAD, TMA)
     # lse is float32, so exp(s - lse) carries its rounding (|lse|·2^-24, 1e-3 at scores of 1e4)
     # as a per-row scale error that does not average out: rescale each row of p to sum to 1.
     # Inv is that factor for the dk/dv and band kernels, which do not see whole rows.
@@ -959,8 +1026,8 @@ def attn_bwd_dq(Q, K, V, dOut, Lse, DeltaOut, Delta, Inv, dQ, Table, Slopes, Doc
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, dfk, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_row, Delta_row,
-                 Inv_row, block_begin, block_end, start_n, offs_n, offs_d, kp, table_row,
+def _dkdv_blocks(dk, dv, dfk, k, v, Q_base, dO_base, stride_qn, stride_dn, NegLse2_row,
+                 Delta_row, Inv_row, block_begin, block_end, start_n, offs_n, offs_d, kp, table_row,
                  DTable_row, slope, DocStart_row, DocEnd_row, Nq, Nk, T, lo, q_offset, window,
                  qk_scale, Rq_row, Pw_row, stride_pr, band_col0, Fq_row, fk, rank, extent,
                  HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
@@ -976,19 +1043,20 @@ def _dkdv_blocks(dk, dv, dfk, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_r
     BLOCK_N - 1 a tile, none per score (in a constant run too: equal columns still have their
     own gradients)."""
     NEED_MASK: tl.constexpr = MASKED or HAS_DOC or HAS_KPM
+    uniform = _uniform_value(table_row, T, HAS_TABLE, UNIFORM)
     for start_m in tl.range(block_begin * BLOCK_M, block_end * BLOCK_M, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_rows(Q_base, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, MASKED)
         do = _load_rows(dO_base, offs_m, stride_dn, Nq, offs_d, HEAD_DIM, MASKED)
-        lse = _load_lse(Lse_row, offs_m, Nq, MASKED)
+        row_term = _load_row_term(NegLse2_row, offs_m, Nq, MASKED)
         di = _load_row_stat(Delta_row, offs_m, Nq, MASKED)
         inv = _load_row_stat(Inv_row, offs_m, Nq, MASKED)
         # Scores in the (queries × keys) orientation of the forward and dq kernels: the same
         # dot gives the same rounding, so p here matches the p that inv normalizes (with scores
         # of 1e4 a transposed dot's rounding alone would move p by 1e-3).
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
-        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], table_row, slope, q_offset, lo,
-                          T, qk_scale, HAS_TABLE, HAS_SLOPES, UNIFORM)
+        s, delta = _score(qk, offs_m, offs_n, start_m, start_n, table_row, slope, q_offset, lo,
+                          T, qk_scale, uniform, row_term, HAS_TABLE, HAS_SLOPES, UNIFORM, True)
         if HAS_BAND or HAS_GATE:
             r_tile = 0.0
             fq = 0.0
@@ -1003,7 +1071,7 @@ def _dkdv_blocks(dk, dv, dfk, k, v, Q_base, dO_base, stride_qn, stride_dn, Lse_r
             doc_lo, doc_hi = _doc_range(DocStart_row, DocEnd_row, q_offset, offs_m, Nq, HAS_DOC)
             s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
                       MASKED, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
-        p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
+        p = tl.math.exp2(s) * inv[:, None]
         dv += _dot(tl.trans(p).to(do.dtype), do, UPCAST, PRECISION)
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
         ds = p * (dp - di[:, None])  # ∂L/∂score, queries × keys
@@ -1052,7 +1120,7 @@ def _diagonal_sums(ds):
 
 @_autotune("attn_bwd_dkdv", reset_to_zero=["DTable"])
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, TableEnds, DTable, Slopes,
+def attn_bwd_dkdv(Q, K, V, dOut, NegLse2, Delta, Inv, dK, dV, Table, TableEnds, DTable, Slopes,
                   DocStart, DocEnd, Kpm, KvBounds, Rq, Pw, Fq, Fk, dFk,
                   stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                   stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn, stride_t,
@@ -1114,12 +1182,16 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, TableEnds, DTab
     # its constant tail, masked; without a table the runs are empty and not compiled.
     head_end, tail_begin = _uniform_rows(TableEnds, h, start_n, q_offset, lo, mid_begin, mid_end,
                                          HAS_TABLE, not CAUSAL, BLOCK_M, BLOCK_N)
+    # q and dO stream through pointers: tensor descriptors here cost 40 registers and spilled
+    # with the table gradient's atomics (sm_90a, D = 128, 32×32 tiles) for no fewer
+    # instructions a loop (tools/gpu_compile.py; BENCHMARKS.md).
+    Q_base = Q + b * stride_qb + h * stride_qh
+    dO_base = dOut + b * stride_db + h * stride_dh
     for stage in tl.static_range(5):
         if (HAS_TABLE or stage % 2 == 0) and not (CAUSAL and stage == 1):
             first, last = _key_stage(begin, mid_begin, head_end, tail_begin, mid_end, end, stage)
             dk, dv, dfk = _dkdv_blocks(
-                dk, dv, dfk, k, v, Q + b * stride_qb + h * stride_qh,
-                dOut + b * stride_db + h * stride_dh, stride_qn, stride_dn, Lse + bh * Nq,
+                dk, dv, dfk, k, v, Q_base, dO_base, stride_qn, stride_dn, NegLse2 + bh * Nq,
                 Delta + bh * Nq, Inv + bh * Nq, first, last, start_n, offs_n, offs_d, kp,
                 Table + h * stride_t, DTable + h * T, slope, DocStart + b * Nk, DocEnd + b * Nk,
                 Nq, Nk, T, lo, q_offset, window, qk_scale, Rq + bh * Nq * rank,
@@ -1135,8 +1207,8 @@ def attn_bwd_dkdv(Q, K, V, dOut, Lse, Delta, Inv, dK, dV, Table, TableEnds, DTab
 
 
 @triton.jit
-def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStart, DocEnd, Kpm,
-                         Rq, Pw, Fq, Fk,
+def attn_bwd_table_bands(Q, K, V, dOut, NegLse2, Delta, Inv, Table, Partial, DocStart, DocEnd,
+                         Kpm, Rq, Pw, Fq, Fk,
                          stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                          stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
                          stride_t, stride_ph, stride_pr, band_col0, Hq, group, Nq, Nk, T, lo,
@@ -1178,12 +1250,13 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
         do = _load_rows(dO_base, offs_m, stride_dn, Nq, offs_d, HEAD_DIM, True)
         k = _load_rows(K_base, offs_n, stride_kn, Nk, offs_d, HEAD_DIM, True)
         v = _load_rows(V_base, offs_n, stride_vn, Nk, offs_d, HEAD_DIM, True)
-        lse = _load_lse(Lse + bh * Nq, offs_m, Nq, True)
+        row_term = _load_row_term(NegLse2 + bh * Nq, offs_m, Nq, True)
         di = _load_row_stat(Delta + bh * Nq, offs_m, Nq, True)
         inv = _load_row_stat(Inv + bh * Nq, offs_m, Nq, True)
         qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
-        s, delta = _score(qk, offs_m[:, None], offs_n[None, :], Table + h * stride_t, 0.0,
-                          q_offset, lo, T, qk_scale, True, False, 0)
+        s, delta = _score(qk, offs_m, offs_n, (n + d) * BLOCK, n * BLOCK, Table + h * stride_t,
+                          0.0, q_offset, lo, T, qk_scale, 0.0, row_term, True, False,
+                          0, True)
         if HAS_BAND or HAS_GATE:
             r_tile, fq = _row_token_terms(Rq, Fq, bh, offs_m, Nq, rank, HAS_BAND, HAS_GATE,
                                           R_PAD)
@@ -1199,7 +1272,7 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
         kp = _key_padding(Kpm + b * Nk, offs_n, Nk, HAS_KPM)
         s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
                   True, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
-        p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
+        p = tl.math.exp2(s) * inv[:, None]
         dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
         acc += p * (dp - di[:, None])
     r = tl.arange(0, BLOCK)
@@ -1208,7 +1281,7 @@ def attn_bwd_table_bands(Q, K, V, dOut, Lse, Delta, Inv, Table, Partial, DocStar
 
 
 @triton.jit
-def attn_bwd_band_dp(Q, K, V, dOut, Lse, Delta, Inv, Table, Slopes, DocStart, DocEnd, Kpm,
+def attn_bwd_band_dp(Q, K, V, dOut, NegLse2, Delta, Inv, Table, Slopes, DocStart, DocEnd, Kpm,
                      Rq, Pw, Fq, Fk, PartialP, dR,
                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
@@ -1263,7 +1336,7 @@ def attn_bwd_band_dp(Q, K, V, dOut, Lse, Delta, Inv, Table, Slopes, DocStart, Do
         offs_m = m * BLOCK + tl.arange(0, BLOCK)
         q = _load_rows(Q_base, offs_m, stride_qn, Nq, offs_d, HEAD_DIM, True)
         do = _load_rows(dO_base, offs_m, stride_dn, Nq, offs_d, HEAD_DIM, True)
-        lse = _load_lse(Lse + bh * Nq, offs_m, Nq, True)
+        row_term = _load_row_term(NegLse2 + bh * Nq, offs_m, Nq, True)
         di = _load_row_stat(Delta + bh * Nq, offs_m, Nq, True)
         inv = _load_row_stat(Inv + bh * Nq, offs_m, Nq, True)
         r = _load_latent(Rq + bh * Nq * rank, offs_m, Nq, rank, R_PAD)
@@ -1283,8 +1356,9 @@ def attn_bwd_band_dp(Q, K, V, dOut, Lse, Delta, Inv, Table, Slopes, DocStart, Do
             pslice = tl.reshape(_band_slice(Pw_row, stride_pr, band_col0, d * BLOCK, 0, q_offset,
                                             R_PAD, BLOCK, BLOCK, BLOCK), (R_PAD, VEC))
             qk = _dot(q, tl.trans(k), UPCAST, PRECISION)
-            s, delta = _score(qk, offs_m[:, None], offs_n[None, :], Table + h * stride_t, slope,
-                              q_offset, lo, T, qk_scale, HAS_TABLE, HAS_SLOPES, 0)
+            s, delta = _score(qk, offs_m, offs_n, m * BLOCK, (m - d) * BLOCK,
+                              Table + h * stride_t, slope, q_offset, lo, T, qk_scale, 0.0,
+                              row_term, HAS_TABLE, HAS_SLOPES, 0, True)
             s += _band_term(r * LOG2E, tl.reshape(pslice, (1, R_PAD, VEC)), BLOCK, PRECISION)
             if HAS_GATE:
                 g = fq[:, None] - _load_gate(Fk + bh * Nk, offs_n, Nk, True)[None, :]
@@ -1294,7 +1368,7 @@ def attn_bwd_band_dp(Q, K, V, dOut, Lse, Delta, Inv, Table, Slopes, DocStart, Do
             kp = _key_padding(Kpm + b * Nk, offs_n, Nk, HAS_KPM)
             s = _hide(s, delta, offs_m, offs_n, kp, doc_lo, doc_hi, Nq, Nk, window,
                       True, CAUSAL, WINDOW, HAS_DOC, HAS_KPM)
-            p = tl.math.exp2(s - lse[:, None] * LOG2E) * inv[:, None]
+            p = tl.math.exp2(s) * inv[:, None]
             dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
             ds = p * (dp - di[:, None])
             x = tl.reshape(_band_unshear(ds, 1, VEC), (BLOCK, VEC))
