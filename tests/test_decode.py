@@ -176,7 +176,15 @@ def test_auto_dispatch():
     assert _chosen(1, 8) == "decode"
     assert _chosen(decode.MAX_ROWS, 4096) == "decode"
     assert _chosen(decode.MAX_ROWS + 1, 4096) == blocks
-    assert _chosen(1, 4096, grad=True) == "decode"
+    # a training step: the fused kernel where it can be built (faster at every few-row shape
+    # measured), else the reference for tiny ones, decode up to TRAIN_ROWS rows, chunked beyond
+    fused = cpu_kernel.available()
+    assert _chosen(1, 4096, grad=True) == ("cpu_kernel" if fused else "reference")
+    assert _chosen(2, 4096, grad=True) == ("cpu_kernel" if fused else "decode")
+    assert _chosen(decode.TRAIN_ROWS, 4096, grad=True) == ("cpu_kernel" if fused else "decode")
+    assert _chosen(decode.TRAIN_ROWS + 1, 4096, grad=True) == blocks
+    with torch.no_grad():  # no gradient to take: decoding again
+        assert _chosen(1, 4096, grad=True) == "decode"
     # beyond the live-score budget with autograd or an extra mask, a blocked backend
     big = decode.MAX_LIVE_SCORES // (8 * decode.MAX_ROWS) + 1
     assert _chosen(decode.MAX_ROWS, big) == "decode"

@@ -48,6 +48,9 @@ MAX_ROWS = 128
 # ... and only while the scores (B·Hq·Nq·L) it may write out (the backward's, or a mask with
 # doc_ids / key_padding_mask) stay below this many; beyond, chunked works block by block.
 MAX_LIVE_SCORES = 1 << 24
+# Query rows up to which auto gives a training step (a gradient to take) to this backend when
+# the fused CPU kernel is not available: chunked took less time from 128 rows on (priority).
+TRAIN_ROWS = 64
 # Devices where the forward pass is ATen's fused CPU kernel; elsewhere, batched matmuls.
 _FUSED_DEVICES = ("cpu",)
 
@@ -668,16 +671,27 @@ class DecodeBackend(Backend):
     top_priority = 40.0
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
+        """40 (first) for up to MAX_ROWS query rows on the CPU without autograd: decoding and
+        scoring against a cache. With a gradient to take (a training step), 15: below the
+        fused CPU kernel (20), above chunked (10), and only up to TRAIN_ROWS rows; the fused
+        kernel's forward and backward were faster at every few-row shape measured (fp32, 1
+        thread, T5, fwd+bwd, ms, decode / cpu_kernel / chunked: B 16, H 4, D 16, Nq = Nk 1:
+        0.81 / 0.58 / 1.25; 16: 1.13 / 0.73 / 1.77; 64: 6.3 / 2.7 / 9.9; 128: 21.2 / 6.4 /
+        11.3; B 4, H 8, D 64, Nk 1024, Nq 16: 31 / 22 / 57; Nq 128: 93 / 50 / 105). None past
+        the live-score budget when autograd or a document / padding mask keeps every score."""
         b, hq, nq, _ = q.shape
         if not q.is_cpu or nq > MAX_ROWS:
             return None
         masks = problem.doc_ids is not None or problem.key_padding_mask is not None
-        if masks or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        if grad and nq > TRAIN_ROWS:
+            return None
+        if masks or grad:
             qo = problem.q_offset
             c0, c1 = key_span(qo, qo + nq - 1, k.shape[2], problem.causal, problem.window)
             if b * hq * nq * max(0, c1 - c0) > MAX_LIVE_SCORES:
                 return None
-        return 40.0
+        return 15.0 if grad else 40.0
 
     def forward(self, call: Call) -> tuple[Tensor, Tensor]:
         if call.token is not None:
