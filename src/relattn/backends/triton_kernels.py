@@ -1340,8 +1340,6 @@ def attn_bwd_band_dp(Q, K, V, dOut, NegLse2, Delta, Inv, Table, Slopes, DocStart
         di = _load_row_stat(Delta + bh * Nq, offs_m, Nq, True)
         inv = _load_row_stat(Inv + bh * Nq, offs_m, Nq, True)
         r = _load_latent(Rq + bh * Nq * rank, offs_m, Nq, rank, R_PAD)
-        if HAS_GATE:
-            fq = _load_gate(Fq + bh * Nq, offs_m, Nq, True)
         doc_lo, doc_hi = _doc_range(DocStart + b * Nk, DocEnd + b * Nk, q_offset, offs_m, Nq,
                                     HAS_DOC)
         dr = tl.zeros([BLOCK, R_PAD], tl.float32)
@@ -1361,7 +1359,9 @@ def attn_bwd_band_dp(Q, K, V, dOut, NegLse2, Delta, Inv, Table, Slopes, DocStart
                               row_term, HAS_TABLE, HAS_SLOPES, 0, True)
             s += _band_term(r * LOG2E, tl.reshape(pslice, (1, R_PAD, VEC)), BLOCK, PRECISION)
             if HAS_GATE:
-                g = fq[:, None] - _load_gate(Fk + bh * Nk, offs_n, Nk, True)[None, :]
+                # fq reloaded per tile (cached): held across the diagonals it spilled (sm_90a)
+                fq_t = _load_gate(Fq + bh * Nq, offs_m, Nq, True)
+                g = fq_t[:, None] - _load_gate(Fk + bh * Nk, offs_n, Nk, True)[None, :]
                 if not CAUSAL:
                     g = tl.where(delta >= 0, g, -g)
                 s += g
