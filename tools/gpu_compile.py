@@ -36,9 +36,11 @@ in the tutorial's structure (``tools/yardstick_kernel.py``) and prints the forwa
 against it, and the forward time that the counts predict per encoding. The dk/dv variant that
 adds the table gradient by atomics is gated on M1 and on M2 as one atomic per offset of a tile
 (per-tile diagonal sums), none per score; its instruction ratio is reported (M3 is not applied
-to it). The token terms' variants (the band, the gate; causal, no table) are gated on M2, M4
-and on 4-byte loads beyond the no-term loop (M1: their tiles read P's span and fk as vectors),
-and their instruction counts against the no-term loop are reported (M3 is not applied to them).
+to it: it runs only for tables without a tied tail, such as KERPLE's; T5 and OffsetBias take
+the deterministic variant and the band kernel over their untied diagonals). The token terms'
+variants (the band, the gate; causal, no table) are gated on M2, M4 and on 4-byte loads beyond
+the no-term loop (M1: their tiles read P's span and fk as vectors), and their instruction
+counts against the no-term loop are reported (M3 is not applied to them).
 """
 
 from __future__ import annotations

@@ -71,6 +71,7 @@ def _attention(
     q_offset: int,
     window: int,
     backend: str,
+    tied: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``Call.as_args()`` and the backend's name: ``(out, lse)``. The op checks the backend
     can run the call (under torch.compile dispatch weighs priorities only); :func:`run` calls
@@ -84,8 +85,9 @@ def _attention(
 
 
 def _call(args: list) -> Call:
-    """The conformed call from the op's arguments (``Call.as_args()`` and the backend name)."""
-    return Call.from_args(args[:-1], backends.get(args[-1])).conformed()
+    """The conformed call from the op's arguments (``Call.as_args()``, the backend's name and
+    ``Call.tied``)."""
+    return Call.from_args(args[:-2], backends.get(args[-2]), args[-1]).conformed()
 
 
 @torch.library.register_fake("relattn::attention", lib=_LIB)
@@ -117,6 +119,7 @@ def _attention_backward(
     q_offset: int,
     window: int,
     backend: str,
+    tied: int | None = None,
 ) -> list[Tensor]:
     """``grad_out, out, lse``, then the forward's arguments: ``[dq, dk, dv, dtable, dr,
     dweight, dfq, dfk]``; each gradient of an absent tensor is an empty tensor."""
@@ -137,7 +140,7 @@ def _(grad_out, out, lse, q, k, v, table, slopes, r, weight, fq, fk, *args):
 
 
 # q, k, v, table, slopes, r, weight, fq, fk, doc_ids, key_padding_mask: saved; then
-# lo, scale, causal, q_offset, window, backend.
+# lo, scale, causal, q_offset, window, backend, tied.
 _TENSORS = 11
 
 
@@ -158,7 +161,7 @@ def _backward(ctx, grad_out, grad_lse):
     return (
         dq, dk, dv, given(dtable, table), None,
         given(dr, r), given(dweight, weight), given(dfq, fq), given(dfk, fk),
-        *[None] * 8,
+        *[None] * 9,
     )  # fmt: skip
 
 
@@ -175,7 +178,7 @@ def _no_double_backward(ctx, *grads):
 
 
 def _setup_backward_context(ctx, inputs, output):
-    ctx.backend = inputs[-1]
+    ctx.backend = inputs[-2]
 
 
 torch.library.register_autograd(
@@ -189,4 +192,4 @@ torch.library.register_autograd(
 def fused_attention(call: Call) -> tuple[Tensor, Tensor]:
     """``(out (B, Hq, Nq, D), lse (B, Hq, Nq))`` of ``call`` through the custom op,
     differentiable in q, k, v, table and the token terms."""
-    return _attention(*call.as_args(), call.backend.name)
+    return _attention(*call.as_args(), call.backend.name, call.tied)

@@ -166,7 +166,10 @@ def prepare(
             reversed_table = rows, start + hi - lo, hi - lo + 1  # the column of offset lo, T
             return Call(q, k, v, None, None, problem, impl, lse, reversed_table).conformed()
     table, slopes = encoding_terms(additive, lo, hi, q, impl.closed_form)
-    return Call(q, k, v, table, slopes, problem, impl, lse).conformed()
+    tied = None
+    if impl.tied_runs and table is not None and torch.is_grad_enabled():
+        tied = tied_offset(additive, lo, hi)
+    return Call(q, k, v, table, slopes, problem, impl, lse, None, None, tied).conformed()
 
 
 def run(call: Call) -> tuple[Tensor, Tensor | None]:
@@ -445,6 +448,28 @@ def encoding_terms(
         t = checked_table(enc, enc.cached_table(lo, hi), lo, hi, q)
         table = t if table is None else table + t
     return table, None
+
+
+def tied_offset(additive: Sequence[PositionEncoding], lo: int, hi: int) -> int | None:
+    """The offset from which the summed table's columns are one parameter per head in every
+    encoding whose parameters need a gradient (the largest of their
+    :meth:`~relattn.pe.PositionEncoding.tied_from`), or None: None as soon as one such
+    encoding promises nothing, or when none needs a gradient."""
+    tied = None
+    for enc in additive:
+        if not any(p.requires_grad for p in enc.parameters()):
+            continue  # its gradient is never read
+        t = enc.tied_from(lo, hi)
+        if t is None:
+            return None
+        if type(t) is not int or not lo <= t <= hi:
+            name = type(enc).__name__
+            raise ValueError(
+                f"pe {name}.tied_from({lo}, {hi}) must return None or an int offset in "
+                f"[{lo}, {hi}]; got {t!r}"
+            )
+        tied = t if tied is None else max(tied, t)
+    return tied
 
 
 def checked_table(enc: PositionEncoding, t: object, lo: int, hi: int, q: Tensor) -> Tensor:

@@ -155,6 +155,10 @@ class Call(NamedTuple):
             (which is then None), so a decoding step neither narrows nor flips the table per
             token. None otherwise.
         token: the terms that depend on the tokens (:class:`TokenTerms`), or None.
+        tied: the offset from which the table's columns are one parameter per head to the
+            end (:meth:`relattn.pe.PositionEncoding.tied_from` of every encoding that needs a
+            gradient), given to a backend with ``tied_runs``: it may return those columns'
+            gradient summed into that offset's column and zero after it. None otherwise.
     """
 
     q: Tensor
@@ -167,6 +171,7 @@ class Call(NamedTuple):
     lse: bool = True
     reversed: tuple[Tensor, int, int] | None = None
     token: TokenTerms | None = None
+    tied: int | None = None
 
     def with_table(self) -> Call:
         """This call with ``table`` given (derived from ``reversed`` when that stands in for
@@ -178,7 +183,8 @@ class Call(NamedTuple):
     def as_args(self) -> tuple:
         """The call as the custom op's flat arguments (tensors, ints, floats, bools), in the one
         order :meth:`from_args` reads: ``q, k, v, table, slopes, r, weight, fq, fk, doc_ids,
-        key_padding_mask, lo, scale, causal, q_offset, window``; the backend travels by name
+        key_padding_mask, lo, scale, causal, q_offset, window``; the backend (by name) and
+        ``tied`` travel after them (:func:`relattn._custom_op.fused_attention`), the backend by name
         beside them (a ``reversed`` table travels as ``table``, see :meth:`with_table`)."""
         c = self.with_table()
         p = c.problem
@@ -189,15 +195,15 @@ class Call(NamedTuple):
         )  # fmt: skip
 
     @staticmethod
-    def from_args(args: tuple | list, backend: Backend) -> Call:
-        """The call :meth:`as_args` flattened (``args``), run by ``backend``."""
+    def from_args(args: tuple | list, backend: Backend, tied: int | None = None) -> Call:
+        """The call :meth:`as_args` flattened (``args``), run by ``backend``, with ``tied``."""
         q, k, v, table, slopes, r, weight, fq, fk = args[:9]
         doc_ids, kpm, lo, scale, causal, q_offset, window = args[9:]
         problem = Problem(lo, scale, causal, q_offset, window, doc_ids, kpm)
         token = None
         if r is not None or fq is not None:
             token = TokenTerms(r, weight, fq, fk)
-        return Call(q, k, v, table, slopes, problem, backend, True, None, token)
+        return Call(q, k, v, table, slopes, problem, backend, True, None, token, tied)
 
     def conformed(self) -> Call:
         """This call with q, k, v, table and slopes in ``backend.layout`` (see :func:`conform`)
@@ -282,6 +288,7 @@ class Backend:
         token_terms: True if it computes the terms that depend on the tokens
             (``call.token``: the query-conditioned banded bias and the forget gate) and
             returns their gradients; dispatch gives calls with them to no other backend.
+        tied_runs: True if it reads ``call.tied`` (the prepared call computes it only then).
     """
 
     name: str = ""
@@ -295,6 +302,7 @@ class Backend:
     top_priority: ClassVar[float] = float("inf")
     reads_reversed: ClassVar[bool] = False
     token_terms: ClassVar[bool] = False
+    tied_runs: ClassVar[bool] = False
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         """How much ``backend="auto"`` prefers this backend here (higher wins), from static

@@ -301,6 +301,7 @@ class TritonBackend(Backend):
     dtypes = _DTYPES
     top_priority = 20.0
     token_terms = True
+    tied_runs = True  # a tied tail's gradient comes from the other columns' (backward)
 
     def priority(self, q: Tensor, k: Tensor, problem: Problem) -> float | None:
         """20 for CUDA tensors when triton is installed; never picked automatically elsewhere
@@ -371,7 +372,12 @@ class TritonBackend(Backend):
         with ``call.token`` followed by ``(dr, dweight, dfq, dfk)`` shaped like its tensors
         (None for an absent pair), each gradient in its tensor's dtype.
 
-        Under ``torch.use_deterministic_algorithms(True)`` no kernel uses atomics and the
+        With ``call.tied`` (a table whose columns from that offset on are one parameter per
+        head: T5, a clipped OffsetBias) the table gradient never uses atomics: dk/dv adds no
+        table gradient, the band kernel walks the block diagonals of the untied columns only,
+        and the tied run's sum is minus theirs (each row's ∂L/∂score sums to zero); that
+        column holds the sum, the run's later ones 0. Otherwise, under
+        ``torch.use_deterministic_algorithms(True)`` no kernel uses atomics and the
         gradients are bit-identical across runs (the band's gradients never use them: dr per
         row from one program, dP from partials per group of rows and diagonal summed by the
         host).
@@ -394,7 +400,11 @@ class TritonBackend(Backend):
         _run(K.bwd_preprocess, (_cdiv(a.nq, pre), a.hq, a.b), args)
 
         deterministic = torch.are_deterministic_algorithms_enabled()
-        atomic = table is not None and not deterministic
+        # A tied tail (T5 past max_distance, a clipped OffsetBias: call.tied) needs only its
+        # sum, which the other columns give (below): no table gradient in dk/dv then, and the
+        # band kernel walks only the block diagonals that meet the untied columns.
+        tied = call.tied if table is not None else None
+        atomic = table is not None and not deterministic and tied is None
         # Without atomics DTable is a placeholder; it must not alias the table (autotuning
         # zeroes it).
         dtable = torch.zeros((a.hq, a.t) if atomic else (1,), dtype=torch.float32, device=dev)
@@ -425,7 +435,9 @@ class TritonBackend(Backend):
             dv = dv.view(group).sum(2).to(v.dtype)
         dtable_out = None
         if table is not None:
-            if deterministic:
+            if tied is not None:
+                dtable = _table_grad_tied(K, a, grads, tied)
+            elif deterministic:
                 dtable = _table_grad_bands(K, a, grads)
             dtable_out = dtable.to(table.dtype)
         if call.token is None:
@@ -528,14 +540,41 @@ def _band_grads(K: ModuleType, a: _Launch, grads: dict) -> tuple[Tensor, Tensor]
     return dr, grad
 
 
-def _table_grad_bands(K: ModuleType, a: _Launch, grads: dict) -> Tensor:
+def _table_grad_tied(K: ModuleType, a: _Launch, grads: dict, tied: int) -> Tensor:
+    """The table gradient when the columns of offsets ``tied .. hi`` are one parameter per head:
+    every column before ``tied`` exactly (the band kernel over the block diagonals that meet
+    them only), and their sum into column ``tied``, zeros after it. Each row's ∂L/∂score sums
+    to zero (p sums to 1 with inv, and D_i is the exact Σ_j p·dP), so over the batch and rows
+    the tied columns' sum is minus the others': no tile in the tied tail is walked. Without
+    atomics, so deterministic."""
+    col = tied - a.lo  # the tied run's first column
+    if col == 0:  # every visible offset tied: a constant added to every score, no gradient
+        return torch.zeros((a.hq, a.t), dtype=torch.float32, device=a.q.device)
+    block = K.band_config(a.d, a.q.element_size())["BLOCK"]
+    # Block diagonal d holds the offsets q_offset + d·block - (block - 1) .. + block - 1:
+    # those up to the one whose smallest offset is below `tied`.
+    last = (tied - 1 - a.q_offset + block - 1) // block  # floor division: exact for < 0
+    dtable = _table_grad_bands(K, a, grads, last)
+    dtable[:, col] = -dtable[:, :col].sum(1)
+    dtable[:, col + 1 :] = 0.0
+    return dtable
+
+
+def _table_grad_bands(K: ModuleType, a: _Launch, grads: dict, last: int | None = None) -> Tensor:
     """The table gradient without atomics: per block diagonal, the elementwise sum of its tiles'
     ∂L/∂score (every tile pair (r, c) there has offset ``q_offset + d·BLOCK + r - c``), then
-    that sum's diagonals and the overlapping neighbours added in a fixed order."""
+    that sum's diagonals and the overlapping neighbours added in a fixed order. ``last``: the
+    last block diagonal to walk (the columns only it and later ones meet are left partial)."""
     config = K.band_config(a.d, a.q.element_size())
     block = config["BLOCK"]
     n_q, n_k = _cdiv(a.nq, block), _cdiv(a.nk, block)
-    band_min, num_bands = -(n_k - 1), n_q + n_k - 1
+    # Block diagonal d holds the offsets q_offset + d·block - (block - 1) .. + (block - 1): only
+    # those that meet the table's lo .. lo + T - 1 (every visible offset) are walked.
+    band_min = max(-(n_k - 1), -((a.q_offset + block - 1 - a.lo) // block))
+    band_max = min(n_q - 1, (a.lo + a.t - 1 - a.q_offset + block - 1) // block)
+    if last is not None:
+        band_max = min(band_max, last)
+    num_bands = max(1, band_max - band_min + 1)
     shape = (a.b, a.hq, num_bands, block, block)
     partial = torch.empty(shape, dtype=torch.float32, device=a.q.device)
     args = {"Partial": partial, "num_bands": num_bands, "band_min": band_min, **config}

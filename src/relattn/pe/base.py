@@ -47,6 +47,15 @@ class PositionEncoding(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement table(lo, hi)")
 
+    def tied_from(self, lo: int, hi: int) -> int | None:
+        """Where the table's tied tail begins: the smallest offset ``t`` (``lo <= t < hi``) such
+        that every column for the offsets ``t .. hi`` is the same parameter in each head (T5's
+        last bucket, a clipped :class:`~relattn.pe.OffsetBias`), or None (the default: no such
+        promise). A backend may then return those columns' gradient summed into column ``t``
+        and zero after it: the parameter's gradient is the same. Declare it only for columns
+        that are one parameter by construction, never for columns equal by chance."""
+        return None
+
     def cached_table(self, lo: int, hi: int) -> Tensor:
         """:meth:`table`, reused between calls while nothing it depends on has changed.
 
@@ -283,6 +292,15 @@ def offsets_grid(nq: int, nk: int, q_offset: int = 0, device=None) -> Tensor:
     r = torch.arange(nq, device=device).unsqueeze(1)
     c = torch.arange(nk, device=device).unsqueeze(0)
     return q_offset + r - c
+
+
+def tied_run_start(index: Tensor, lo: int) -> int | None:
+    """The first offset of the run at the table's end whose parameter columns (``index``, one
+    per offset ``lo .. hi``) all equal the last one's; None when that run is one column."""
+    last = index[-1]
+    differ = torch.nonzero(index != last)
+    start = int(differ[-1]) + 1 if differ.numel() else 0
+    return lo + start if start < index.numel() - 1 else None
 
 
 def offsets(lo: int, hi: int, device=None) -> Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import check_bool, check_int
-from .base import PositionEncoding, offsets
+from .base import PositionEncoding, offsets, tied_run_start
 from .registry import Param, register
 
 
@@ -47,6 +47,10 @@ class OffsetBias(PositionEncoding):
 
     def table(self, lo: int, hi: int) -> Tensor:
         return self.weight[:, self.index(offsets(lo, hi, device=self.weight.device))]
+
+    def tied_from(self, lo: int, hi: int) -> int | None:
+        """The offsets past ``max_offset`` share its parameter: where that run starts."""
+        return tied_run_start(self.index(offsets(lo, hi)), lo)
 
     def extra_repr(self) -> str:
         return (

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validate import check_bool, check_int
-from .base import PositionEncoding, offsets
+from .base import PositionEncoding, offsets, tied_run_start
 from .registry import Param, register
 
 
@@ -92,6 +92,10 @@ class T5Bias(PositionEncoding):
     def table(self, lo: int, hi: int) -> Tensor:
         idx = self.buckets(offsets(lo, hi)).to(self.weight.device)
         return self.weight[:, idx]
+
+    def tied_from(self, lo: int, hi: int) -> int | None:
+        """The offsets past ``max_distance`` share the last bucket: where that run starts."""
+        return tied_run_start(self.buckets(offsets(lo, hi)), lo)
 
     def extra_repr(self) -> str:
         return (
