@@ -181,3 +181,18 @@ def test_equal_columns_without_the_promise_keep_their_own_gradients(spy_tied):
     wide = [t.double() for t in (q, k, v, grad_out)]
     truth = run_relattn(*wide[:3], copy.deepcopy(enc).double(), wide[3], "reference")
     assert_close_f64({n: t.detach().cpu() for n, t in got.items()}, truth, label="free: ")
+
+
+def test_prepared_call_carries_the_tied_offset(monkeypatch):
+    """prepare() gives the tied offset to a backend that reads it, when a gradient is needed,
+    outside torch.compile (finding the run reads index values); None otherwise."""
+    from relattn.call import prepare
+
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE) for _ in range(3))
+    pe = OffsetBias(2, max_offset=9).to(DEVICE)
+    assert prepare(q, k, v, pe, backend="triton").tied == 9
+    assert prepare(q, k, v, pe, backend="reference").tied is None  # reads no tied runs
+    with torch.no_grad():
+        assert prepare(q, k, v, pe, backend="triton").tied is None
+    monkeypatch.setattr(relattn.call, "_compiling", lambda: True)
+    assert prepare(q, k, v, pe, backend="triton").tied is None

@@ -167,7 +167,9 @@ def prepare(
             return Call(q, k, v, None, None, problem, impl, lse, reversed_table).conformed()
     table, slopes = encoding_terms(additive, lo, hi, q, impl.closed_form)
     tied = None
-    if impl.tied_runs and table is not None and torch.is_grad_enabled():
+    # Not under torch.compile: finding the run reads index values (a data-dependent branch);
+    # compiled calls take the backend's general path.
+    if impl.tied_runs and table is not None and torch.is_grad_enabled() and not compiling:
         tied = tied_offset(additive, lo, hi)
     return Call(q, k, v, table, slopes, problem, impl, lse, None, None, tied).conformed()
 
