@@ -123,34 +123,29 @@ YARDSTICK_FILE = Path(__file__).resolve().parent / "yardstick_kernel.py"
 YARDSTICK = "yardstick_fwd"
 
 
-def yardstick() -> ModuleType:
-    """tools/yardstick_kernel.py (compiled mode), the gate's bias-free reference forward."""
+def _compiled_module(name: str, path: Path) -> ModuleType:
+    """The kernels of ``path`` in compiled mode (never the interpreter's), imported once as
+    ``name``, without importing torch."""
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
 
     triton.knobs.runtime.interpret = False
-    name = "relattn_yardstick_aot"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, YARDSTICK_FILE)
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def yardstick() -> ModuleType:
+    """tools/yardstick_kernel.py, the gate's bias-free reference forward."""
+    return _compiled_module("relattn_yardstick_aot", YARDSTICK_FILE)
 
 
 def load_kernels() -> ModuleType:
-    """The kernel module in compiled mode (never the interpreter's), without importing torch."""
-    os.environ.pop("TRITON_INTERPRET", None)
-    import triton
-
-    triton.knobs.runtime.interpret = False
-    name = "relattn_triton_kernels_aot"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, KERNEL_FILE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """relattn's kernel module (src/relattn/backends/triton_kernels.py)."""
+    return _compiled_module("relattn_triton_kernels_aot", KERNEL_FILE)
 
 
 TOKEN_KERNELS = ("attn_fwd", "attn_fwd_splitkv", "attn_bwd_dq", "attn_bwd_dkdv")
