@@ -196,3 +196,26 @@ def test_prepared_call_carries_the_tied_offset(monkeypatch):
         assert prepare(q, k, v, pe, backend="triton").tied is None
     monkeypatch.setattr(relattn.call, "_compiling", lambda: True)
     assert prepare(q, k, v, pe, backend="triton").tied is None
+
+
+def test_tied_path_only_where_it_walks_few_diagonals():
+    """Causal: the untied columns sit next to the diagonal (a handful of block diagonals);
+    bidirectional: the negative offsets cover half of them, and the per-tile atomics of dk/dv
+    stay cheaper than walking them again."""
+    from types import SimpleNamespace
+
+    K = triton_backend._kernels()
+    n = 8192
+
+    def launch(lo, t):
+        q = torch.zeros(1, dtype=torch.bfloat16)
+        return SimpleNamespace(d=128, q=q, nq=n, nk=n, q_offset=0, lo=lo, t=t)
+
+    causal = launch(0, n)
+    assert triton_backend._few_bands(K, causal, 113)
+    band_min, walked, total = triton_backend._band_range(
+        K, causal, triton_backend._last_untied_band(K, causal, 113)
+    )
+    assert band_min == 0 and walked <= 9 and total == 2 * (n // 16 if K.INTERPRET else n // 32) - 1
+    bidirectional = launch(-(n - 1), 2 * n - 1)
+    assert not triton_backend._few_bands(K, bidirectional, 91)
